@@ -1,0 +1,178 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/*
+ * lb_abi.h - the ONLY definitions shared between the BPF programs and Rust.
+ *
+ * Every struct has fixed-width fields, explicit padding and a static size
+ * assertion. The Rust mirror (src/abi.rs) is checked against the BTF of the
+ * compiled object by tests/abi_layout.rs, field by field, so a change here
+ * that is not made in Rust fails the build's tests, not production.
+ */
+#ifndef LB_ABI_H
+#define LB_ABI_H
+
+#include <linux/types.h>
+
+#define LB_ABI_VERSION 1
+
+/* Address families as stored in keys (not AF_* which differ per OS). */
+#define LB_FAMILY_V4 4
+#define LB_FAMILY_V6 6
+
+/* Backend states. 0 means "no backend in this slot" (removed). */
+#define LB_BACKEND_EMPTY 0
+#define LB_BACKEND_ACTIVE 1
+#define LB_BACKEND_DRAINING 2
+
+/* Maglev slot value meaning "no backend": the service has no active backend. */
+#define LB_NO_BACKEND 0xFFFFFFFFu
+
+/* Conntrack entry flags (lb_ct_val.flags). */
+#define LB_CT_F_CLOSING 0x0001 /* client sent FIN or RST: a SYN may start a new connection */
+#define LB_CT_F_REMOTE 0x0002  /* written by a peer's replication, not by this datapath */
+
+/*
+ * Service key: (VIP, port, protocol). An IPv4 address uses addr[0..4] and
+ * leaves the rest zero. port is in network byte order; port 0 matches every
+ * port of the VIP.
+ */
+struct lb_svc_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+_Static_assert(sizeof(struct lb_svc_key) == 20, "lb_svc_key size");
+
+/*
+ * Service value. ring_base/ring_size locate the service's current Maglev
+ * table inside the shared `maglev` array; a new table is written into the
+ * service's other region and switched by one update of this value.
+ */
+struct lb_svc {
+	__u32 id; /* index into per-service stats; < max services */
+	__u32 flags;
+	__u32 ring_base;
+	__u32 ring_size;
+};
+_Static_assert(sizeof(struct lb_svc) == 16, "lb_svc size");
+
+/* Backend, indexed by its cluster-wide id in the `backends` array. */
+struct lb_backend {
+	__u8 addr[16];
+	__u32 flags;
+	__u8 family;
+	__u8 state;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_backend) == 24, "lb_backend size");
+
+/* Conntrack key: the full 5-tuple of the client -> VIP direction. */
+struct lb_ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_ct_key) == 40, "lb_ct_key size");
+
+/*
+ * Conntrack value. Times are CLOCK_MONOTONIC nanoseconds of this host
+ * (bpf_ktime_get_ns); replication converts them on the wire.
+ */
+struct lb_ct_val {
+	__u32 backend_id;
+	__u16 flags;
+	__u16 origin; /* node id (low 16 bits) of the LB node that created it */
+	__u64 created_ns;
+	__u64 last_seen_ns;
+};
+_Static_assert(sizeof(struct lb_ct_val) == 24, "lb_ct_val size");
+_Static_assert(sizeof(struct lb_ct_key) + sizeof(struct lb_ct_val) <= 64, "ct entry budget");
+
+/* New-flow event written to the ring buffer for the replication layer. */
+struct lb_flow_event {
+	struct lb_ct_key key;
+	struct lb_ct_val val;
+};
+_Static_assert(sizeof(struct lb_flow_event) == 64, "lb_flow_event size");
+
+/*
+ * Loader metadata (not read by the datapath): lets a restarted agent check
+ * that pinned maps match this ABI and know which config epoch they hold.
+ */
+struct lb_meta {
+	__u64 epoch;
+	__u32 abi_version;
+	__u32 max_table;
+};
+_Static_assert(sizeof(struct lb_meta) == 16, "lb_meta size");
+
+/* Global per-CPU counters: index into lb_stats.c. */
+enum lb_stat {
+	LB_STAT_FWD_PACKETS = 0,  /* packets encapsulated towards a backend */
+	LB_STAT_FWD_BYTES,        /* their L3 bytes before encapsulation */
+	LB_STAT_NEW_FLOWS,        /* conntrack entries created */
+	LB_STAT_CT_HITS,          /* packets that followed an existing entry */
+	LB_STAT_MIDFLOW_MISS,     /* TCP non-SYN of a VIP with no entry: a flow that may break */
+	LB_STAT_REPICK_GONE,      /* entry's backend was removed: re-picked */
+	LB_STAT_REPICK_STALE,     /* SYN/new UDP flow on a stale entry: re-picked */
+	LB_STAT_RING_LOST,        /* new-flow events lost because the ring was full */
+	LB_STAT_FIB_NO_NEIGH,     /* next hop unresolved: passed encapsulated to the kernel */
+	LB_STAT_FIB_FAIL,         /* no route to the backend: dropped */
+	LB_STAT_ICMP_TOO_BIG,     /* ICMP frag-needed / packet-too-big sent to a client */
+	LB_STAT_ICMP_ERR_FWD,     /* ICMP errors about a VIP flow forwarded to its backend */
+	LB_STAT_PASS_MALFORMED,   /* L2/L3 too short or invalid: left to the kernel */
+	LB_STAT_PASS_VIP_OTHER,   /* VIP traffic we do not balance (ICMP echo...): to the kernel */
+	LB_STAT_DROP_MALFORMED,   /* VIP packet with a truncated/invalid L4 header */
+	LB_STAT_DROP_FRAGMENT,    /* IP fragment addressed to a VIP */
+	LB_STAT_DROP_NO_BACKEND,  /* service has no active backend */
+	LB_STAT_DROP_UNSUPPORTED, /* e.g. IPv6 client to an IPv4-only backend */
+	LB_STAT_DROP_ADJUST,      /* bpf_xdp_adjust_head/tail failed */
+	LB_STAT_MAX = 24,
+};
+
+struct lb_stats {
+	__u64 c[LB_STAT_MAX];
+};
+_Static_assert(sizeof(struct lb_stats) == 192, "lb_stats size");
+
+/* Per-service per-CPU counters: index into lb_svc_stats.c. */
+enum lb_svc_stat {
+	LB_SVC_PACKETS = 0,
+	LB_SVC_BYTES,
+	LB_SVC_NEW_FLOWS,
+	LB_SVC_CT_HITS,
+	LB_SVC_MIDFLOW_MISS,
+	LB_SVC_DROPS,
+	LB_SVC_STAT_MAX = 8,
+};
+
+struct lb_svc_stats {
+	__u64 c[LB_SVC_STAT_MAX];
+};
+_Static_assert(sizeof(struct lb_svc_stats) == 64, "lb_svc_stats size");
+
+/* Decap program: VIPs it accepts (value is unused flags). */
+struct lb_decap_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct lb_decap_key) == 20, "lb_decap_key size");
+
+enum lb_decap_stat {
+	LB_DECAP_OK = 0,    /* IPIP packets decapsulated */
+	LB_DECAP_NOT_VIP,   /* IPIP whose inner destination is not a configured VIP: passed */
+	LB_DECAP_MALFORMED, /* truncated inner header: passed untouched */
+	LB_DECAP_STAT_MAX = 4,
+};
+
+struct lb_decap_stats {
+	__u64 c[LB_DECAP_STAT_MAX];
+};
+_Static_assert(sizeof(struct lb_decap_stats) == 32, "lb_decap_stats size");
+
+#endif /* LB_ABI_H */

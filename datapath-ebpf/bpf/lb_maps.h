@@ -1,0 +1,87 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* lb_maps.h - the maps of the load balancer program. */
+#ifndef LB_MAPS_H
+#define LB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "include/lb_abi.h"
+#include "lb_consts.h"
+
+/* (VIP, port, proto) -> service. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc);
+} lb_services SEC(".maps");
+
+/*
+ * VIP addresses (key with port 0 and proto 0) -> number of services on it.
+ * Only consulted on rare paths: fragments and unbalanced protocols to a VIP.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, struct lb_svc_key);
+	__type(value, __u32);
+} lb_vips SEC(".maps");
+
+/* Backend id -> backend. An array: ids are dense cluster-wide ids. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+} lb_backends SEC(".maps");
+
+/*
+ * All Maglev tables: two regions of LB_MAX_TABLE slots per service
+ * (2 * LB_MAX_SERVICES * LB_MAX_TABLE entries). A slot holds a backend id.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * LB_MAX_SERVICES * LB_MAX_TABLE);
+	__type(key, __u32);
+	__type(value, __u32);
+} lb_maglev SEC(".maps");
+
+/*
+ * Conntrack. Shared (not per-CPU): replication writes peers' entries into
+ * it, and ECMP may move a flow between CPUs' queues.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LB_CT_SIZE);
+	__type(key, struct lb_ct_key);
+	__type(value, struct lb_ct_val);
+} lb_conntrack SEC(".maps");
+
+/* New-flow events for the replication layer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, LB_RING_BYTES);
+} lb_flow_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_stats);
+} lb_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct lb_svc_stats);
+} lb_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_meta);
+} lb_meta SEC(".maps");
+
+#endif /* LB_MAPS_H */

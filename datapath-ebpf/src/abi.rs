@@ -1,0 +1,278 @@
+//! Rust mirror of `bpf/include/lb_abi.h`.
+//!
+//! Every struct is `#[repr(C)]` with the same fields, names and explicit
+//! padding as the C header. `tests/abi_layout.rs` compares sizes, field
+//! offsets and enum values against the BTF of the compiled object, so the two
+//! sides cannot drift silently. Multi-byte fields documented as network order
+//! hold the big-endian bytes (use [`u16::to_be`] / [`u16::from_be`]).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const ABI_VERSION: u32 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const BACKEND_EMPTY: u8 = 0;
+pub const BACKEND_ACTIVE: u8 = 1;
+pub const BACKEND_DRAINING: u8 = 2;
+
+/// Maglev slot value meaning "no backend".
+pub const NO_BACKEND: u32 = 0xFFFF_FFFF;
+
+pub const CT_F_CLOSING: u16 = 0x0001;
+pub const CT_F_REMOTE: u16 = 0x0002;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Address bytes as stored in keys: IPv4 in the first four bytes.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Inverse of [`addr_bytes`]; `None` for an unknown family.
+pub fn addr_from_bytes(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SvcKey {
+    pub addr: [u8; 16],
+    /// Network byte order; 0 matches every port.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl SvcKey {
+    pub fn new(vip: IpAddr, port: u16, proto: u8) -> Self {
+        let (addr, family) = addr_bytes(vip);
+        Self {
+            addr,
+            port: port.to_be(),
+            proto,
+            family,
+        }
+    }
+
+    /// The key of the VIP address alone (the `lb_vips` map).
+    pub fn vip_only(&self) -> Self {
+        Self {
+            addr: self.addr,
+            port: 0,
+            proto: 0,
+            family: self.family,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Svc {
+    pub id: u32,
+    pub flags: u32,
+    pub ring_base: u32,
+    pub ring_size: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub flags: u32,
+    pub family: u8,
+    pub state: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+impl CtKey {
+    /// The key of the flow `client:sport -> vip:dport`. Both addresses must be
+    /// of one family (the IPv4 family is used if either is IPv4).
+    pub fn new(client: IpAddr, sport: u16, vip: IpAddr, dport: u16, proto: u8) -> Self {
+        let (saddr, family) = addr_bytes(client);
+        let (daddr, _) = addr_bytes(vip);
+        Self {
+            saddr,
+            daddr,
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            family,
+            pad: 0,
+        }
+    }
+
+    pub fn client(&self) -> Option<IpAddr> {
+        addr_from_bytes(&self.saddr, self.family)
+    }
+
+    pub fn vip(&self) -> Option<IpAddr> {
+        addr_from_bytes(&self.daddr, self.family)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtVal {
+    pub backend_id: u32,
+    pub flags: u16,
+    pub origin: u16,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub key: CtKey,
+    pub val: CtVal,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub epoch: u64,
+    pub abi_version: u32,
+    pub max_table: u32,
+}
+
+pub const STAT_MAX: usize = 24;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub c: [u64; STAT_MAX],
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self { c: [0; STAT_MAX] }
+    }
+}
+
+pub const SVC_STAT_MAX: usize = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    pub c: [u64; SVC_STAT_MAX],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+impl DecapKey {
+    pub fn new(vip: IpAddr) -> Self {
+        let (addr, family) = addr_bytes(vip);
+        Self {
+            addr,
+            family,
+            pad: [0; 3],
+        }
+    }
+}
+
+pub const DECAP_STAT_MAX: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapStats {
+    pub c: [u64; DECAP_STAT_MAX],
+}
+
+// SAFETY: all of these are #[repr(C)] structs of integers and integer arrays
+// with explicit padding fields, so every bit pattern is valid and no byte is
+// uninitialised padding.
+unsafe impl aya::Pod for SvcKey {}
+unsafe impl aya::Pod for Svc {}
+unsafe impl aya::Pod for Backend {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtVal {}
+unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for Meta {}
+unsafe impl aya::Pod for Stats {}
+unsafe impl aya::Pod for SvcStats {}
+unsafe impl aya::Pod for DecapKey {}
+unsafe impl aya::Pod for DecapStats {}
+
+/// Declares counter indices as constants plus a table of (C name, index)
+/// that the layout test checks against the C enum in BTF.
+macro_rules! counters {
+    ($mod:ident, $table:ident, $($name:ident = $c:literal => $v:literal),+ $(,)?) => {
+        pub mod $mod {
+            $(pub const $name: usize = $v;)+
+        }
+        pub const $table: &[(&str, usize)] = &[$(($c, $v)),+];
+    };
+}
+
+counters!(stat, STAT_NAMES,
+    FWD_PACKETS = "LB_STAT_FWD_PACKETS" => 0,
+    FWD_BYTES = "LB_STAT_FWD_BYTES" => 1,
+    NEW_FLOWS = "LB_STAT_NEW_FLOWS" => 2,
+    CT_HITS = "LB_STAT_CT_HITS" => 3,
+    MIDFLOW_MISS = "LB_STAT_MIDFLOW_MISS" => 4,
+    REPICK_GONE = "LB_STAT_REPICK_GONE" => 5,
+    REPICK_STALE = "LB_STAT_REPICK_STALE" => 6,
+    RING_LOST = "LB_STAT_RING_LOST" => 7,
+    FIB_NO_NEIGH = "LB_STAT_FIB_NO_NEIGH" => 8,
+    FIB_FAIL = "LB_STAT_FIB_FAIL" => 9,
+    ICMP_TOO_BIG = "LB_STAT_ICMP_TOO_BIG" => 10,
+    ICMP_ERR_FWD = "LB_STAT_ICMP_ERR_FWD" => 11,
+    PASS_MALFORMED = "LB_STAT_PASS_MALFORMED" => 12,
+    PASS_VIP_OTHER = "LB_STAT_PASS_VIP_OTHER" => 13,
+    DROP_MALFORMED = "LB_STAT_DROP_MALFORMED" => 14,
+    DROP_FRAGMENT = "LB_STAT_DROP_FRAGMENT" => 15,
+    DROP_NO_BACKEND = "LB_STAT_DROP_NO_BACKEND" => 16,
+    DROP_UNSUPPORTED = "LB_STAT_DROP_UNSUPPORTED" => 17,
+    DROP_ADJUST = "LB_STAT_DROP_ADJUST" => 18,
+);
+
+counters!(svc_stat, SVC_STAT_NAMES,
+    PACKETS = "LB_SVC_PACKETS" => 0,
+    BYTES = "LB_SVC_BYTES" => 1,
+    NEW_FLOWS = "LB_SVC_NEW_FLOWS" => 2,
+    CT_HITS = "LB_SVC_CT_HITS" => 3,
+    MIDFLOW_MISS = "LB_SVC_MIDFLOW_MISS" => 4,
+    DROPS = "LB_SVC_DROPS" => 5,
+);
+
+counters!(decap_stat, DECAP_STAT_NAMES,
+    OK = "LB_DECAP_OK" => 0,
+    NOT_VIP = "LB_DECAP_NOT_VIP" => 1,
+    MALFORMED = "LB_DECAP_MALFORMED" => 2,
+);

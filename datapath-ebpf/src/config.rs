@@ -1,0 +1,311 @@
+//! What the datapath is programmed with: load-time options and the per-epoch
+//! service/backend configuration, both validated before anything is written.
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    abi::{IPPROTO_TCP, IPPROTO_UDP},
+    error::{Error, Result},
+    maglev::{is_prime, DEFAULT_TABLE_SIZE},
+};
+
+/// Load-time settings: map sizes and datapath tunables.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Services (VIP, port, protocol) the maps hold.
+    pub max_services: u32,
+    /// Backend ids must be below this.
+    pub max_backends: u32,
+    /// Largest Maglev table a service may use (a prime).
+    pub max_table_size: u32,
+    /// Conntrack entries (LRU).
+    pub conntrack_size: u32,
+    /// New-flow ring buffer size in bytes (a power of two, >= 4096).
+    pub ring_bytes: u32,
+    pub tcp_idle_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    /// Minimum interval between last-seen updates of one entry.
+    pub ct_refresh: Duration,
+    /// Largest outer packet towards backends (fabric MTU), 1280..=9216.
+    pub mtu: u32,
+    /// Origin id stamped into conntrack entries created here.
+    pub node_id: u16,
+    /// Flow hash seed: must be equal on every LB node of a cluster.
+    pub hash_seed: u32,
+    /// bpffs directory to pin maps and links in; `None` keeps nothing pinned.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            max_services: 64,
+            max_backends: 4096,
+            max_table_size: DEFAULT_TABLE_SIZE,
+            conntrack_size: 1 << 20,
+            ring_bytes: 1 << 22,
+            tcp_idle_timeout: Duration::from_secs(3600),
+            udp_idle_timeout: Duration::from_secs(300),
+            ct_refresh: Duration::from_secs(1),
+            mtu: 1500,
+            node_id: 0,
+            hash_seed: 0x686f_6c64,
+            pin_dir: None,
+        }
+    }
+}
+
+impl DatapathOptions {
+    /// Check every field; the error names the first bad one and why.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_services == 0 || self.max_services > 65_536 {
+            return Err(Error::invalid("max_services", "must be 1..=65536"));
+        }
+        if self.max_backends == 0 || self.max_backends > 1 << 24 {
+            return Err(Error::invalid("max_backends", "must be 1..=16777216"));
+        }
+        if !is_prime(self.max_table_size) {
+            return Err(Error::invalid(
+                "max_table_size",
+                format!("{} is not a prime number", self.max_table_size),
+            ));
+        }
+        let slots = 2u64 * u64::from(self.max_services) * u64::from(self.max_table_size);
+        if slots > u64::from(u32::MAX) / 4 {
+            return Err(Error::invalid(
+                "max_table_size",
+                format!("2 x max_services x max_table_size = {slots} slots is too large"),
+            ));
+        }
+        if self.conntrack_size < 1024 {
+            return Err(Error::invalid("conntrack_size", "must be at least 1024"));
+        }
+        if !self.ring_bytes.is_power_of_two() || self.ring_bytes < 4096 {
+            return Err(Error::invalid(
+                "ring_bytes",
+                format!("{} is not a power of two >= 4096", self.ring_bytes),
+            ));
+        }
+        if self.tcp_idle_timeout.is_zero() {
+            return Err(Error::invalid("tcp_idle_timeout", "must be positive"));
+        }
+        if self.udp_idle_timeout.is_zero() {
+            return Err(Error::invalid("udp_idle_timeout", "must be positive"));
+        }
+        if !(1280..=9216).contains(&self.mtu) {
+            return Err(Error::invalid(
+                "mtu",
+                format!("{} is outside 1280..=9216", self.mtu),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// L4 protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Proto::Tcp),
+            IPPROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Proto {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(Error::invalid(
+                "protocol",
+                format!("{other:?} is not tcp or udp"),
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendState {
+    /// Receives new flows and its existing ones.
+    Active,
+    /// Keeps its existing flows, gets no new ones.
+    Draining,
+}
+
+/// A backend of a service. `id` is the cluster-wide backend id; a backend
+/// belongs to exactly one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub id: u32,
+    pub addr: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// A service: (VIP, port, protocol); port 0 matches every port of the VIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    /// Maglev table size (a prime <= max_table_size).
+    pub table_size: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl ServiceSpec {
+    /// A service from textual input; a VIP that is not an address is an error.
+    pub fn parse(vip: &str, port: u16, proto: &str) -> Result<Self> {
+        let vip: IpAddr = vip
+            .parse()
+            .map_err(|_| Error::invalid("vip", format!("{vip:?} is not an IP address")))?;
+        Ok(Self {
+            vip,
+            port,
+            proto: proto.parse()?,
+            table_size: DEFAULT_TABLE_SIZE,
+            backends: Vec::new(),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        match self.vip {
+            IpAddr::V4(v) => format!("{v}:{}/{proto}", self.port),
+            IpAddr::V6(v) => format!("[{v}]:{}/{proto}", self.port),
+        }
+    }
+}
+
+/// Everything the datapath forwards by, as of one config epoch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub epoch: u64,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl DatapathConfig {
+    /// Validate against the load-time limits. Nothing is written on error.
+    pub fn validate(&self, opts: &DatapathOptions) -> Result<()> {
+        if self.services.len() > opts.max_services as usize {
+            return Err(Error::invalid(
+                "services",
+                format!(
+                    "{} services exceed max_services {}",
+                    self.services.len(),
+                    opts.max_services
+                ),
+            ));
+        }
+        let mut keys = HashMap::new();
+        let mut owner: HashMap<u32, usize> = HashMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let field = format!("services[{i}] ({})", svc.name());
+            if svc.vip.is_unspecified() || svc.vip.is_multicast() || svc.vip.is_loopback() {
+                return Err(Error::invalid(
+                    format!("{field}.vip"),
+                    format!("{} is not a usable VIP", svc.vip),
+                ));
+            }
+            if let Some(prev) = keys.insert((svc.vip, svc.port, svc.proto), i) {
+                return Err(Error::invalid(
+                    field,
+                    format!("duplicates services[{prev}]"),
+                ));
+            }
+            if !is_prime(svc.table_size) || svc.table_size > opts.max_table_size {
+                return Err(Error::invalid(
+                    format!("{field}.table_size"),
+                    format!(
+                        "{} must be a prime <= max_table_size {}",
+                        svc.table_size, opts.max_table_size
+                    ),
+                ));
+            }
+            if svc.backends.len() as u64 > u64::from(opts.max_backends) {
+                return Err(Error::invalid(
+                    format!("{field}.backends"),
+                    format!(
+                        "{} backends exceed max_backends {}",
+                        svc.backends.len(),
+                        opts.max_backends
+                    ),
+                ));
+            }
+            if svc.backends.len() as u64 > u64::from(svc.table_size) {
+                return Err(Error::invalid(
+                    format!("{field}.backends"),
+                    format!(
+                        "{} backends exceed the table size {}",
+                        svc.backends.len(),
+                        svc.table_size
+                    ),
+                ));
+            }
+            for b in &svc.backends {
+                let bf = format!("{field}.backend {}", b.id);
+                if b.id >= opts.max_backends {
+                    return Err(Error::invalid(
+                        format!("{bf}.id"),
+                        format!("id must be below max_backends {}", opts.max_backends),
+                    ));
+                }
+                if b.weight == 0 {
+                    return Err(Error::invalid(
+                        format!("{bf}.weight"),
+                        "weight must be at least 1",
+                    ));
+                }
+                if b.addr.is_unspecified() || b.addr.is_multicast() {
+                    return Err(Error::invalid(
+                        format!("{bf}.addr"),
+                        format!("{} is not a usable backend address", b.addr),
+                    ));
+                }
+                if svc.vip.is_ipv6() && b.addr.is_ipv4() {
+                    return Err(Error::invalid(
+                        format!("{bf}.addr"),
+                        "an IPv6 service cannot forward to an IPv4 backend",
+                    ));
+                }
+                match owner.insert(b.id, i) {
+                    Some(j) if j != i => {
+                        return Err(Error::invalid(
+                            format!("{bf}.id"),
+                            format!("backend id {} already belongs to services[{j}]", b.id),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            let mut ids: Vec<u32> = svc.backends.iter().map(|b| b.id).collect();
+            ids.sort_unstable();
+            if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::invalid(
+                    format!("{field}.backends"),
+                    format!("backend id {} appears twice", w[0]),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! The backend-side decapsulator (`bpf/decap.bpf.c`).
+
+use std::{ffi::CString, net::IpAddr};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{xdp::XdpLink, Xdp},
+    Ebpf,
+};
+
+use crate::{
+    abi::{DecapKey, DecapStats},
+    error::{Error, Result},
+    loader::AttachMode,
+};
+
+pub(crate) static DECAP_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/decap.bpf.o"));
+
+pub const DECAP_PROGRAM: &str = "holdfast_decap";
+const M_VIPS: &str = "lb_decap_vips";
+const M_STATS: &str = "lb_decap_stats";
+
+/// Strips IPIP from packets for configured VIPs on a backend.
+pub struct Decap {
+    bpf: Ebpf,
+    links: Vec<XdpLink>,
+}
+
+impl Decap {
+    pub fn load() -> Result<Self> {
+        let mut bpf = Ebpf::load(DECAP_OBJ).map_err(|e| Error::Load {
+            object: "decap.bpf.o",
+            source: Box::new(e),
+        })?;
+        let prog: &mut Xdp = bpf
+            .program_mut(DECAP_PROGRAM)
+            .ok_or(Error::MissingMap { map: DECAP_PROGRAM })?
+            .try_into()
+            .map_err(Error::program(DECAP_PROGRAM))?;
+        prog.load().map_err(Error::program(DECAP_PROGRAM))?;
+        Ok(Self {
+            bpf,
+            links: Vec::new(),
+        })
+    }
+
+    pub fn program(&self) -> &Xdp {
+        match self.bpf.program(DECAP_PROGRAM) {
+            Some(aya::programs::Program::Xdp(x)) => x,
+            _ => unreachable!("{DECAP_PROGRAM} is an XDP program, checked at load"),
+        }
+    }
+
+    /// Attach to `ifname` in the calling thread's network namespace.
+    pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
+        let c = CString::new(ifname).map_err(|_| Error::UnknownInterface {
+            name: ifname.into(),
+        })?;
+        // SAFETY: valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            return Err(Error::UnknownInterface {
+                name: ifname.into(),
+            });
+        }
+        let prog: &mut Xdp = self
+            .bpf
+            .program_mut(DECAP_PROGRAM)
+            .ok_or(Error::MissingMap { map: DECAP_PROGRAM })?
+            .try_into()
+            .map_err(Error::program(DECAP_PROGRAM))?;
+        let xdp_mode = match mode {
+            AttachMode::Native => aya::programs::XdpMode::Driver,
+            AttachMode::Generic => aya::programs::XdpMode::Skb,
+        };
+        let id = prog
+            .attach_to_if_index(ifindex, xdp_mode)
+            .map_err(Error::program(DECAP_PROGRAM))?;
+        self.links
+            .push(prog.take_link(id).map_err(Error::program(DECAP_PROGRAM))?);
+        Ok(())
+    }
+
+    /// Accept IPIP packets whose inner destination is `vip`.
+    pub fn add_vip(&mut self, vip: IpAddr) -> Result<()> {
+        let mut m: BpfHashMap<&mut MapData, DecapKey, u32> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(M_VIPS)
+                .ok_or(Error::MissingMap { map: M_VIPS })?,
+        )
+        .map_err(Error::map(M_VIPS))?;
+        m.insert(DecapKey::new(vip), 1, 0)
+            .map_err(Error::map(M_VIPS))
+    }
+
+    pub fn remove_vip(&mut self, vip: IpAddr) -> Result<()> {
+        let mut m: BpfHashMap<&mut MapData, DecapKey, u32> = BpfHashMap::try_from(
+            self.bpf
+                .map_mut(M_VIPS)
+                .ok_or(Error::MissingMap { map: M_VIPS })?,
+        )
+        .map_err(Error::map(M_VIPS))?;
+        match m.remove(&DecapKey::new(vip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(Error::map(M_VIPS)(e)),
+        }
+    }
+
+    /// Counters summed over CPUs.
+    pub fn stats(&self) -> Result<DecapStats> {
+        let arr: PerCpuArray<&MapData, DecapStats> = PerCpuArray::try_from(
+            self.bpf
+                .map(M_STATS)
+                .ok_or(Error::MissingMap { map: M_STATS })?,
+        )
+        .map_err(Error::map(M_STATS))?;
+        let per_cpu = arr.get(&0, 0).map_err(Error::map(M_STATS))?;
+        let mut sum = DecapStats::default();
+        for s in per_cpu.iter() {
+            for (acc, v) in sum.c.iter_mut().zip(s.c.iter()) {
+                *acc += v;
+            }
+        }
+        Ok(sum)
+    }
+}

@@ -1,0 +1,923 @@
+//! Loading, attaching, pinning and programming the load balancer.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    ffi::CString,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, info};
+
+use crate::{
+    abi::{
+        addr_bytes, Backend, CtKey, CtVal, Meta, Stats, Svc, SvcKey, SvcStats, ABI_VERSION,
+        BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
+    },
+    config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
+    error::{Error, Result},
+    events::FlowEvents,
+    maglev::{build_table, MaglevBackend},
+    sys,
+};
+
+pub(crate) static LB_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
+
+/// Name of the XDP program in the object.
+pub const PROGRAM: &str = "holdfast_lb";
+
+pub(crate) const M_SERVICES: &str = "lb_services";
+pub(crate) const M_VIPS: &str = "lb_vips";
+pub(crate) const M_BACKENDS: &str = "lb_backends";
+pub(crate) const M_MAGLEV: &str = "lb_maglev";
+pub(crate) const M_CONNTRACK: &str = "lb_conntrack";
+pub(crate) const M_EVENTS: &str = "lb_flow_events";
+pub(crate) const M_STATS: &str = "lb_stats";
+pub(crate) const M_SVC_STATS: &str = "lb_svc_stats";
+pub(crate) const M_META: &str = "lb_meta";
+const ALL_MAPS: [&str; 9] = [
+    M_SERVICES,
+    M_VIPS,
+    M_BACKENDS,
+    M_MAGLEV,
+    M_CONNTRACK,
+    M_EVENTS,
+    M_STATS,
+    M_SVC_STATS,
+    M_META,
+];
+
+/// bpffs magic (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (fastest; veth, most NICs).
+    Native,
+    /// In the kernel's generic path (any interface).
+    Generic,
+}
+
+impl AttachMode {
+    fn xdp(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// A service's place in the maps: its id (stats index) and which of its two
+/// Maglev regions is live.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    id: u32,
+    half: u32,
+}
+
+enum HeldLink {
+    /// Pinned under pin_dir: survives this process.
+    Pinned(PinnedLink),
+    /// Owned by this process: detached when dropped.
+    Owned(XdpLink),
+}
+
+/// What one [`Datapath::apply`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub epoch: u64,
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub tables_written: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+}
+
+/// The load balancer datapath of one node.
+pub struct Datapath {
+    bpf: Ebpf,
+    opts: DatapathOptions,
+    slots: HashMap<SvcKey, Slot>,
+    free_ids: BTreeSet<u32>,
+    /// Last config applied by this process (None after load/adopt).
+    applied: Option<DatapathConfig>,
+    /// Backend ids present in the backends map.
+    live_backends: HashSet<u32>,
+    links: HashMap<String, HeldLink>,
+    adopted: bool,
+}
+
+fn statfs_type(path: &Path) -> std::io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: c is a valid NUL-terminated path; buf is a properly sized out-param.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut buf) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(buf.f_type as i64)
+}
+
+/// Make sure `dir` exists on a bpffs (mounting /sys/fs/bpf if needed).
+pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && statfs_type(root).ok() != Some(BPF_FS_MAGIC) {
+        let src = CString::new("bpf").expect("static");
+        let target = CString::new("/sys/fs/bpf").expect("static");
+        // SAFETY: plain mount(2) with static NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Io {
+                what: "mounting bpffs at",
+                path: root.into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        what: "creating pin directory",
+        path: dir.into(),
+        source,
+    })?;
+    match statfs_type(dir) {
+        Ok(BPF_FS_MAGIC) => Ok(()),
+        Ok(_) => Err(Error::Pinned {
+            path: dir.into(),
+            reason: "not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)".into(),
+        }),
+        Err(source) => Err(Error::Io {
+            what: "statfs",
+            path: dir.into(),
+            source,
+        }),
+    }
+}
+
+pub(crate) fn map_data<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData> {
+    match bpf.map(name) {
+        Some(
+            Map::Array(d)
+            | Map::HashMap(d)
+            | Map::LruHashMap(d)
+            | Map::PerCpuArray(d)
+            | Map::RingBuf(d),
+        ) => Ok(d),
+        Some(_) | None => Err(Error::MissingMap { map: name }),
+    }
+}
+
+fn backend_value(addr: std::net::IpAddr, state: BackendState) -> Backend {
+    let (addr, family) = addr_bytes(addr);
+    Backend {
+        addr,
+        flags: 0,
+        family,
+        state: match state {
+            BackendState::Active => BACKEND_ACTIVE,
+            BackendState::Draining => BACKEND_DRAINING,
+        },
+        pad: 0,
+    }
+}
+
+impl Datapath {
+    /// Load the program and create its maps — or, with `pin_dir` set and
+    /// maps already pinned there, adopt them with their conntrack, tables and
+    /// counters intact.
+    pub fn load(opts: DatapathOptions) -> Result<Self> {
+        opts.validate()?;
+        let maglev_slots = 2 * opts.max_services * opts.max_table_size;
+        let tcp_ns = opts.tcp_idle_timeout.as_nanos() as u64;
+        let udp_ns = opts.udp_idle_timeout.as_nanos() as u64;
+        let refresh_ns = opts.ct_refresh.as_nanos() as u64;
+        let node_id = u32::from(opts.node_id);
+
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(M_SERVICES, opts.max_services)
+            .map_max_entries(M_VIPS, opts.max_services)
+            .map_max_entries(M_BACKENDS, opts.max_backends)
+            .map_max_entries(M_MAGLEV, maglev_slots)
+            .map_max_entries(M_CONNTRACK, opts.conntrack_size)
+            .map_max_entries(M_EVENTS, opts.ring_bytes)
+            .map_max_entries(M_SVC_STATS, opts.max_services)
+            .override_global("lb_tcp_timeout_ns", &tcp_ns, true)
+            .override_global("lb_udp_timeout_ns", &udp_ns, true)
+            .override_global("lb_ct_refresh_ns", &refresh_ns, true)
+            .override_global("lb_mtu", &opts.mtu, true)
+            .override_global("lb_node_id", &node_id, true)
+            .override_global("lb_hash_seed", &opts.hash_seed, true);
+        let mut adopted = false;
+        let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                ensure_bpffs_dir(dir)?;
+                adopted = dir.join(M_META).exists();
+                ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut bpf = loader.load(LB_OBJ).map_err(|e| Error::Load {
+            object: "lb.bpf.o",
+            source: Box::new(e),
+        })?;
+        {
+            let prog: &mut Xdp = bpf
+                .program_mut(PROGRAM)
+                .ok_or(Error::MissingMap { map: PROGRAM })?
+                .try_into()
+                .map_err(Error::program(PROGRAM))?;
+            prog.load().map_err(Error::program(PROGRAM))?;
+        }
+
+        let mut dp = Self {
+            bpf,
+            free_ids: (0..opts.max_services).collect(),
+            opts,
+            slots: HashMap::new(),
+            applied: None,
+            live_backends: HashSet::new(),
+            links: HashMap::new(),
+            adopted,
+        };
+        if adopted {
+            dp.check_pinned_sizes(maglev_slots)?;
+        }
+        dp.init_meta()?;
+        dp.recover_state()?;
+        info!(
+            adopted,
+            services = dp.slots.len(),
+            epoch = dp.applied_epoch().unwrap_or(0),
+            "datapath loaded"
+        );
+        Ok(dp)
+    }
+
+    /// Pinned maps must have the sizes this process was configured with.
+    fn check_pinned_sizes(&self, maglev_slots: u32) -> Result<()> {
+        let want = [
+            (M_SERVICES, self.opts.max_services),
+            (M_BACKENDS, self.opts.max_backends),
+            (M_MAGLEV, maglev_slots),
+            (M_CONNTRACK, self.opts.conntrack_size),
+            (M_EVENTS, self.opts.ring_bytes),
+        ];
+        for (name, size) in want {
+            let info = map_data(&self.bpf, name)?
+                .info()
+                .map_err(Error::map(name))?;
+            if info.max_entries() != size {
+                return Err(Error::Pinned {
+                    path: self.pin_dir().map(|d| d.join(name)).unwrap_or_default(),
+                    reason: format!(
+                        "pinned map has {} entries, config wants {size}: remove the pins \
+                         (this flushes conntrack) or restore the old sizes",
+                        info.max_entries()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn meta(&self) -> Result<Meta> {
+        let arr: Array<&MapData, Meta> = Array::try_from(
+            self.bpf
+                .map(M_META)
+                .ok_or(Error::MissingMap { map: M_META })?,
+        )
+        .map_err(Error::map(M_META))?;
+        arr.get(&0, 0).map_err(Error::map(M_META))
+    }
+
+    fn set_meta(&mut self, meta: Meta) -> Result<()> {
+        let mut arr: Array<&mut MapData, Meta> = Array::try_from(
+            self.bpf
+                .map_mut(M_META)
+                .ok_or(Error::MissingMap { map: M_META })?,
+        )
+        .map_err(Error::map(M_META))?;
+        arr.set(0, meta, 0).map_err(Error::map(M_META))
+    }
+
+    fn init_meta(&mut self) -> Result<()> {
+        let meta = self.meta()?;
+        if meta.abi_version == 0 {
+            return self.set_meta(Meta {
+                epoch: 0,
+                abi_version: ABI_VERSION,
+                max_table: self.opts.max_table_size,
+            });
+        }
+        if meta.abi_version != ABI_VERSION || meta.max_table != self.opts.max_table_size {
+            return Err(Error::Pinned {
+                path: self.pin_dir().map(Path::to_path_buf).unwrap_or_default(),
+                reason: format!(
+                    "pinned maps have ABI {} / max_table {}, this build has ABI {ABI_VERSION} / \
+                     max_table {}",
+                    meta.abi_version, meta.max_table, self.opts.max_table_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rebuild the service slots and live backends from (adopted) maps.
+    fn recover_state(&mut self) -> Result<()> {
+        let services: Vec<(SvcKey, Svc)> =
+            sys::lookup_all(self.fd(M_SERVICES)?, 256).map_err(|source| Error::Syscall {
+                call: "BPF_MAP_LOOKUP_BATCH",
+                map: M_SERVICES,
+                source,
+            })?;
+        for (key, svc) in services {
+            let region = svc.ring_base / self.opts.max_table_size;
+            let half = region.saturating_sub(2 * svc.id);
+            self.free_ids.remove(&svc.id);
+            self.slots.insert(key, Slot { id: svc.id, half });
+        }
+        let backends: Vec<(u32, Backend)> =
+            sys::lookup_all(self.fd(M_BACKENDS)?, 4096).map_err(|source| Error::Syscall {
+                call: "BPF_MAP_LOOKUP_BATCH",
+                map: M_BACKENDS,
+                source,
+            })?;
+        self.live_backends = backends
+            .into_iter()
+            .filter(|(_, b)| b.state != BACKEND_EMPTY)
+            .map(|(id, _)| id)
+            .collect();
+        Ok(())
+    }
+
+    pub(crate) fn fd(&self, map: &'static str) -> Result<BorrowedFd<'_>> {
+        Ok(map_data(&self.bpf, map)?.fd().as_fd())
+    }
+
+    pub fn options(&self) -> &DatapathOptions {
+        &self.opts
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.opts.pin_dir.as_deref()
+    }
+
+    /// True if the maps were adopted from pins left by an earlier process.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The loaded XDP program (for BPF_PROG_TEST_RUN and pinning).
+    pub fn program(&self) -> &Xdp {
+        match self.bpf.program(PROGRAM) {
+            Some(aya::programs::Program::Xdp(x)) => x,
+            _ => unreachable!("the object's {PROGRAM} is an XDP program, checked at load"),
+        }
+    }
+
+    fn program_mut(&mut self) -> Result<&mut Xdp> {
+        self.bpf
+            .program_mut(PROGRAM)
+            .ok_or(Error::MissingMap { map: PROGRAM })?
+            .try_into()
+            .map_err(Error::program(PROGRAM))
+    }
+
+    /// Attach to `ifname`. With a pin directory the link is pinned, and an
+    /// existing pinned link is taken over by atomically replacing its program
+    /// (no packet goes unprocessed during an agent restart).
+    pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
+        let c = CString::new(ifname).map_err(|_| Error::UnknownInterface {
+            name: ifname.into(),
+        })?;
+        // SAFETY: c is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if ifindex == 0 {
+            return Err(Error::UnknownInterface {
+                name: ifname.into(),
+            });
+        }
+        let link_path = self.pin_dir().map(|d| d.join(format!("link_{ifname}")));
+        let prog = self.program_mut()?;
+        let held = match link_path {
+            Some(path) if path.exists() => {
+                let fd: FdLink = PinnedLink::from_pin(&path)
+                    .map_err(|e| Error::Pinned {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .into();
+                let link = XdpLink::try_from(fd).map_err(|e| Error::Pinned {
+                    path: path.clone(),
+                    reason: format!("not an XDP link: {e}"),
+                })?;
+                let id = prog.attach_to_link(link).map_err(Error::program(PROGRAM))?;
+                // The pin keeps the link; drop our fd and hold the pin instead.
+                drop(prog.take_link(id).map_err(Error::program(PROGRAM))?);
+                let pinned = PinnedLink::from_pin(&path).map_err(|e| Error::Pinned {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                info!(ifname, "took over pinned XDP link");
+                HeldLink::Pinned(pinned)
+            }
+            Some(path) => {
+                let id = prog
+                    .attach_to_if_index(ifindex, mode.xdp())
+                    .map_err(Error::program(PROGRAM))?;
+                let link = prog.take_link(id).map_err(Error::program(PROGRAM))?;
+                let fd = FdLink::try_from(link).map_err(|e| Error::Pinned {
+                    path: path.clone(),
+                    reason: format!("kernel gave a netlink XDP attachment, cannot pin: {e}"),
+                })?;
+                let pinned = fd.pin(&path).map_err(|e| Error::Pinned {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                info!(ifname, ?mode, "attached and pinned XDP link");
+                HeldLink::Pinned(pinned)
+            }
+            None => {
+                let id = prog
+                    .attach_to_if_index(ifindex, mode.xdp())
+                    .map_err(Error::program(PROGRAM))?;
+                info!(ifname, ?mode, "attached XDP program");
+                HeldLink::Owned(prog.take_link(id).map_err(Error::program(PROGRAM))?)
+            }
+        };
+        self.links.insert(ifname.to_string(), held);
+        Ok(())
+    }
+
+    /// Detach from `ifname` (removing its pinned link if any).
+    pub fn detach(&mut self, ifname: &str) -> Result<()> {
+        match self.links.remove(ifname) {
+            Some(HeldLink::Pinned(p)) => {
+                let fd = p.unpin().map_err(|source| Error::Io {
+                    what: "unpinning link of",
+                    path: PathBuf::from(ifname),
+                    source,
+                })?;
+                drop(fd);
+            }
+            Some(HeldLink::Owned(l)) => drop(l),
+            None => {
+                // A link pinned by an earlier process that this one never attached.
+                if let Some(path) = self.pin_dir().map(|d| d.join(format!("link_{ifname}"))) {
+                    if path.exists() {
+                        std::fs::remove_file(&path).map_err(|source| Error::Io {
+                            what: "removing pinned link",
+                            path,
+                            source,
+                        })?;
+                    }
+                }
+            }
+        }
+        info!(ifname, "detached XDP program");
+        Ok(())
+    }
+
+    /// Interfaces this process holds an attachment for.
+    pub fn attached(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.links.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Detach everywhere and remove every pin: the next load starts empty.
+    pub fn teardown(mut self) -> Result<()> {
+        let names: Vec<String> = self.links.keys().cloned().collect();
+        for n in names {
+            self.detach(&n)?;
+        }
+        if let Some(dir) = self.opts.pin_dir.clone() {
+            remove_pins(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// The epoch of the last config applied to these maps (by any process).
+    pub fn applied_epoch(&self) -> Result<u64> {
+        Ok(self.meta()?.epoch)
+    }
+
+    /// Program a config epoch. The whole config is validated first (nothing
+    /// is written on error). Each service's new Maglev table is written into
+    /// its inactive region and switched live by one update of the service
+    /// entry, so no packet ever sees a half-written table. Backends are added
+    /// before the tables that use them and emptied after the tables stop
+    /// using them.
+    pub fn apply(&mut self, cfg: &DatapathConfig) -> Result<ApplyReport> {
+        cfg.validate(&self.opts)?;
+        let mut report = ApplyReport {
+            epoch: cfg.epoch,
+            ..Default::default()
+        };
+        let prev: HashMap<SvcKey, ServiceSpec> = self
+            .applied
+            .as_ref()
+            .map(|a| {
+                a.services
+                    .iter()
+                    .map(|s| (SvcKey::new(s.vip, s.port, s.proto.number()), s.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        // 1. Backends (new and changed) before any table references them.
+        let mut ids = Vec::new();
+        let mut vals = Vec::new();
+        for svc in &cfg.services {
+            for b in &svc.backends {
+                ids.push(b.id);
+                vals.push(backend_value(b.addr, b.state));
+            }
+        }
+        report.backends_written = self.write_batch(M_BACKENDS, &ids, &vals)?;
+        let new_backends: HashSet<u32> = ids.iter().copied().collect();
+
+        // 2. Tables and service entries.
+        let mut desired = HashSet::new();
+        let mut vip_count: HashMap<SvcKey, u32> = HashMap::new();
+        for svc in &cfg.services {
+            let key = SvcKey::new(svc.vip, svc.port, svc.proto.number());
+            desired.insert(key);
+            *vip_count.entry(key.vip_only()).or_default() += 1;
+            let existing = self.slots.get(&key).copied();
+            if existing.is_some() && prev.get(&key) == Some(svc) {
+                continue; // unchanged since our last apply
+            }
+            let table = build_table(
+                &svc.backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Active)
+                    .map(|b| MaglevBackend {
+                        id: b.id,
+                        weight: b.weight,
+                    })
+                    .collect::<Vec<_>>(),
+                svc.table_size,
+            )?;
+            let slot = match existing {
+                Some(s) => Slot {
+                    id: s.id,
+                    half: 1 - s.half.min(1),
+                },
+                None => {
+                    let id = self
+                        .free_ids
+                        .pop_first()
+                        .ok_or_else(|| Error::invalid("services", "no free service slot"))?;
+                    self.reset_svc_stats(id)?;
+                    report.services_added += 1;
+                    Slot { id, half: 0 }
+                }
+            };
+            let base = (2 * slot.id + slot.half) * self.opts.max_table_size;
+            let keys: Vec<u32> = (base..base + svc.table_size).collect();
+            self.write_batch(M_MAGLEV, &keys, &table)?;
+            self.services_map()?
+                .insert(
+                    key,
+                    Svc {
+                        id: slot.id,
+                        flags: 0,
+                        ring_base: base,
+                        ring_size: svc.table_size,
+                    },
+                    0,
+                )
+                .map_err(Error::map(M_SERVICES))?;
+            self.slots.insert(key, slot);
+            report.tables_written += 1;
+            debug!(service = %svc.name(), id = slot.id, half = slot.half, "maglev table switched");
+        }
+
+        // 3. VIP set (fragment / unbalanced-protocol handling).
+        {
+            let mut vips = self.vips_map()?;
+            let old: Vec<SvcKey> = vips.keys().filter_map(|k| k.ok()).collect();
+            for (k, n) in &vip_count {
+                vips.insert(*k, *n, 0).map_err(Error::map(M_VIPS))?;
+            }
+            for k in old.into_iter().filter(|k| !vip_count.contains_key(k)) {
+                vips.remove(&k).map_err(Error::map(M_VIPS))?;
+            }
+        }
+
+        // 4. Services that are gone.
+        let gone: Vec<(SvcKey, Slot)> = self
+            .slots
+            .iter()
+            .filter(|(k, _)| !desired.contains(k))
+            .map(|(k, s)| (*k, *s))
+            .collect();
+        for (key, slot) in gone {
+            self.services_map()?
+                .remove(&key)
+                .map_err(Error::map(M_SERVICES))?;
+            self.slots.remove(&key);
+            self.free_ids.insert(slot.id);
+            report.services_removed += 1;
+        }
+
+        // 5. Backends that are gone: no table references them any more.
+        let removed: Vec<u32> = self
+            .live_backends
+            .iter()
+            .copied()
+            .filter(|id| !new_backends.contains(id))
+            .collect();
+        let empties = vec![Backend::default(); removed.len()];
+        report.backends_removed = self.write_batch(M_BACKENDS, &removed, &empties)?;
+        self.live_backends = new_backends;
+
+        let mut meta = self.meta()?;
+        meta.epoch = cfg.epoch;
+        self.set_meta(meta)?;
+        self.applied = Some(cfg.clone());
+        info!(
+            epoch = cfg.epoch,
+            tables = report.tables_written,
+            added = report.services_added,
+            removed = report.services_removed,
+            "config applied to datapath"
+        );
+        Ok(report)
+    }
+
+    fn write_batch<K: aya::Pod, V: aya::Pod>(
+        &self,
+        map: &'static str,
+        keys: &[K],
+        vals: &[V],
+    ) -> Result<usize> {
+        sys::update_batch(self.fd(map)?, keys, vals, 0).map_err(|source| Error::Syscall {
+            call: "BPF_MAP_UPDATE_BATCH",
+            map,
+            source,
+        })
+    }
+
+    fn services_map(&mut self) -> Result<BpfHashMap<&mut MapData, SvcKey, Svc>> {
+        BpfHashMap::try_from(
+            self.bpf
+                .map_mut(M_SERVICES)
+                .ok_or(Error::MissingMap { map: M_SERVICES })?,
+        )
+        .map_err(Error::map(M_SERVICES))
+    }
+
+    fn vips_map(&mut self) -> Result<BpfHashMap<&mut MapData, SvcKey, u32>> {
+        BpfHashMap::try_from(
+            self.bpf
+                .map_mut(M_VIPS)
+                .ok_or(Error::MissingMap { map: M_VIPS })?,
+        )
+        .map_err(Error::map(M_VIPS))
+    }
+
+    fn reset_svc_stats(&mut self, id: u32) -> Result<()> {
+        let mut arr: PerCpuArray<&mut MapData, SvcStats> = PerCpuArray::try_from(
+            self.bpf
+                .map_mut(M_SVC_STATS)
+                .ok_or(Error::MissingMap { map: M_SVC_STATS })?,
+        )
+        .map_err(Error::map(M_SVC_STATS))?;
+        let ncpu = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
+            what: "reading",
+            path: "/sys/devices/system/cpu/possible".into(),
+            source,
+        })?;
+        let zeros = PerCpuValues::try_from(vec![SvcStats::default(); ncpu]).map_err(|source| {
+            Error::Io {
+                what: "building per-CPU values for",
+                path: M_SVC_STATS.into(),
+                source,
+            }
+        })?;
+        arr.set(id, zeros, 0).map_err(Error::map(M_SVC_STATS))
+    }
+
+    /// The service entry of (vip, port, proto) as the datapath sees it.
+    pub fn service(&self, key: &SvcKey) -> Result<Option<Svc>> {
+        let m: BpfHashMap<&MapData, SvcKey, Svc> = BpfHashMap::try_from(
+            self.bpf
+                .map(M_SERVICES)
+                .ok_or(Error::MissingMap { map: M_SERVICES })?,
+        )
+        .map_err(Error::map(M_SERVICES))?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::map(M_SERVICES)(e)),
+        }
+    }
+
+    /// The live Maglev table of a service.
+    pub fn table(&self, key: &SvcKey) -> Result<Option<Vec<u32>>> {
+        let Some(svc) = self.service(key)? else {
+            return Ok(None);
+        };
+        let arr: Array<&MapData, u32> = Array::try_from(
+            self.bpf
+                .map(M_MAGLEV)
+                .ok_or(Error::MissingMap { map: M_MAGLEV })?,
+        )
+        .map_err(Error::map(M_MAGLEV))?;
+        (svc.ring_base..svc.ring_base + svc.ring_size)
+            .map(|i| arr.get(&i, 0).map_err(Error::map(M_MAGLEV)))
+            .collect::<Result<Vec<u32>>>()
+            .map(Some)
+    }
+
+    /// The backend in slot `id` (state EMPTY if none).
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        let arr: Array<&MapData, Backend> = Array::try_from(
+            self.bpf
+                .map(M_BACKENDS)
+                .ok_or(Error::MissingMap { map: M_BACKENDS })?,
+        )
+        .map_err(Error::map(M_BACKENDS))?;
+        arr.get(&id, 0).map_err(Error::map(M_BACKENDS))
+    }
+
+    /// Look one conntrack entry up.
+    pub fn ct_get(&self, key: &CtKey) -> Result<Option<CtVal>> {
+        let m: BpfHashMap<&MapData, CtKey, CtVal> = BpfHashMap::try_from(
+            self.bpf
+                .map(M_CONNTRACK)
+                .ok_or(Error::MissingMap { map: M_CONNTRACK })?,
+        )
+        .map_err(Error::map(M_CONNTRACK))?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::map(M_CONNTRACK)(e)),
+        }
+    }
+
+    /// Insert or overwrite entries with one syscall per call.
+    pub fn ct_insert_batch(&self, entries: &[(CtKey, CtVal)]) -> Result<usize> {
+        let (keys, vals): (Vec<CtKey>, Vec<CtVal>) = entries.iter().copied().unzip();
+        self.write_batch(M_CONNTRACK, &keys, &vals)
+    }
+
+    /// Every conntrack entry, read in batches.
+    pub fn ct_dump(&self) -> Result<Vec<(CtKey, CtVal)>> {
+        sys::lookup_all(self.fd(M_CONNTRACK)?, 4096).map_err(|source| Error::Syscall {
+            call: "BPF_MAP_LOOKUP_BATCH",
+            map: M_CONNTRACK,
+            source,
+        })
+    }
+
+    /// Delete entries; returns how many existed.
+    pub fn ct_delete_batch(&self, keys: &[CtKey]) -> Result<usize> {
+        sys::delete_batch(self.fd(M_CONNTRACK)?, keys).map_err(|source| Error::Syscall {
+            call: "BPF_MAP_DELETE_BATCH",
+            map: M_CONNTRACK,
+            source,
+        })
+    }
+
+    /// Delete entries idle longer than their protocol's timeout (per this
+    /// host's CLOCK_MONOTONIC). Returns how many were removed.
+    pub fn ct_expire(&self, now_ns: u64) -> Result<usize> {
+        let tcp = self.opts.tcp_idle_timeout.as_nanos() as u64;
+        let udp = self.opts.udp_idle_timeout.as_nanos() as u64;
+        let stale: Vec<CtKey> = self
+            .ct_dump()?
+            .into_iter()
+            .filter(|(k, v)| {
+                let limit = if k.proto == crate::abi::IPPROTO_TCP {
+                    tcp
+                } else {
+                    udp
+                };
+                now_ns.saturating_sub(v.last_seen_ns) > limit
+            })
+            .map(|(k, _)| k)
+            .collect();
+        self.ct_delete_batch(&stale)
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let arr: PerCpuArray<&MapData, Stats> = PerCpuArray::try_from(
+            self.bpf
+                .map(M_STATS)
+                .ok_or(Error::MissingMap { map: M_STATS })?,
+        )
+        .map_err(Error::map(M_STATS))?;
+        let per_cpu = arr.get(&0, 0).map_err(Error::map(M_STATS))?;
+        let mut sum = Stats::default();
+        for s in per_cpu.iter() {
+            for (acc, v) in sum.c.iter_mut().zip(s.c.iter()) {
+                *acc += v;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Per-service counters summed over CPUs, by service key.
+    pub fn service_stats(&self) -> Result<Vec<(SvcKey, SvcStats)>> {
+        let arr: PerCpuArray<&MapData, SvcStats> = PerCpuArray::try_from(
+            self.bpf
+                .map(M_SVC_STATS)
+                .ok_or(Error::MissingMap { map: M_SVC_STATS })?,
+        )
+        .map_err(Error::map(M_SVC_STATS))?;
+        let mut out = Vec::new();
+        for (key, slot) in &self.slots {
+            let per_cpu = arr.get(&slot.id, 0).map_err(Error::map(M_SVC_STATS))?;
+            let mut sum = SvcStats::default();
+            for s in per_cpu.iter() {
+                for (acc, v) in sum.c.iter_mut().zip(s.c.iter()) {
+                    *acc += v;
+                }
+            }
+            out.push((*key, sum));
+        }
+        out.sort_by_key(|(k, _)| (k.family, k.addr, u16::from_be(k.port), k.proto));
+        Ok(out)
+    }
+
+    /// Take the new-flow ring buffer for asynchronous consumption (once).
+    pub fn take_flow_events(&mut self) -> Result<FlowEvents> {
+        let map = self
+            .bpf
+            .take_map(M_EVENTS)
+            .ok_or(Error::MissingMap { map: M_EVENTS })?;
+        let ring = RingBuf::try_from(map).map_err(Error::map(M_EVENTS))?;
+        FlowEvents::new(ring)
+    }
+
+    /// Pin the program itself (benchmarks and outside harnesses).
+    pub fn pin_program(&mut self, path: &Path) -> Result<()> {
+        self.program_mut()?.pin(path).map_err(|e| Error::Pinned {
+            path: path.into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Remove every pin in `dir` (maps and links) and the directory itself.
+pub fn remove_pins(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        what: "reading pin directory",
+        path: dir.into(),
+        source,
+    })?;
+    for e in entries.flatten() {
+        std::fs::remove_file(e.path()).map_err(|source| Error::Io {
+            what: "removing pin",
+            path: e.path(),
+            source,
+        })?;
+    }
+    std::fs::remove_dir(dir).map_err(|source| Error::Io {
+        what: "removing pin directory",
+        path: dir.into(),
+        source,
+    })
+}
+
+/// CLOCK_MONOTONIC now, the clock of conntrack timestamps.
+pub fn monotonic_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-param.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}

@@ -1,0 +1,143 @@
+//! BPF_PROG_TEST_RUN for XDP programs: the packet tests, the fuzz test and
+//! the benchmark all run frames through the real, verified program with it.
+
+use std::time::Duration;
+
+use aya::{
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+
+use crate::error::{Error, Result};
+
+pub(crate) static NOP_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nop.bpf.o"));
+pub const NOP_PROGRAM: &str = "holdfast_nop";
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub fn verdict_name(v: u32) -> &'static str {
+    match v {
+        XDP_ABORTED => "ABORTED",
+        XDP_DROP => "DROP",
+        XDP_PASS => "PASS",
+        XDP_TX => "TX",
+        XDP_REDIRECT => "REDIRECT",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Outcome of one test run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub verdict: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// The kernel's measured time per repetition.
+    pub duration: Duration,
+}
+
+/// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in ctx_in.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+/// Run `frame` through `prog` once, as if received on `ifindex` (in the
+/// calling thread's network namespace; 0 for none, which makes
+/// bpf_fib_lookup fail).
+pub fn run(prog: &Xdp, frame: &[u8], ifindex: u32) -> Result<RunResult> {
+    if frame.len() < 14 {
+        return Err(Error::invalid(
+            "frame",
+            "BPF_PROG_TEST_RUN needs at least an Ethernet header (14 bytes)",
+        ));
+    }
+    let mut out = vec![0u8; frame.len() + 512];
+    let ctx = XdpMd {
+        data: 0,
+        data_end: frame.len() as u32,
+        ingress_ifindex: ifindex,
+        ..Default::default()
+    };
+    // SAFETY: XdpMd is repr(C) plain integers; viewing it as bytes is sound.
+    let ctx_bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&ctx as *const XdpMd).cast::<u8>(),
+            std::mem::size_of::<XdpMd>(),
+        )
+    };
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: if ifindex != 0 { Some(ctx_bytes) } else { None },
+            ..Default::default()
+        })
+        .map_err(Error::program("test_run"))?;
+    out.truncate(res.data_size_out as usize);
+    Ok(RunResult {
+        verdict: res.return_value,
+        frame: out,
+        duration: res.duration,
+    })
+}
+
+/// A loaded trivial XDP program: the benchmark's baseline, and the program
+/// the lab attaches to veth peers so XDP_TX into them has a NAPI context.
+pub struct Nop {
+    bpf: Ebpf,
+    links: Vec<aya::programs::xdp::XdpLink>,
+}
+
+impl Nop {
+    pub fn load() -> Result<Self> {
+        let mut bpf = Ebpf::load(NOP_OBJ).map_err(|e| Error::Load {
+            object: "nop.bpf.o",
+            source: Box::new(e),
+        })?;
+        let prog: &mut Xdp = bpf
+            .program_mut(NOP_PROGRAM)
+            .ok_or(Error::MissingMap { map: NOP_PROGRAM })?
+            .try_into()
+            .map_err(Error::program(NOP_PROGRAM))?;
+        prog.load().map_err(Error::program(NOP_PROGRAM))?;
+        Ok(Self {
+            bpf,
+            links: Vec::new(),
+        })
+    }
+
+    pub fn program(&self) -> &Xdp {
+        match self.bpf.program(NOP_PROGRAM) {
+            Some(aya::programs::Program::Xdp(x)) => x,
+            _ => unreachable!("{NOP_PROGRAM} is an XDP program"),
+        }
+    }
+
+    /// Attach (native) to an interface index of the calling thread's namespace.
+    pub fn attach(&mut self, ifindex: u32) -> Result<()> {
+        let prog: &mut Xdp = self
+            .bpf
+            .program_mut(NOP_PROGRAM)
+            .ok_or(Error::MissingMap { map: NOP_PROGRAM })?
+            .try_into()
+            .map_err(Error::program(NOP_PROGRAM))?;
+        let id = prog
+            .attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)
+            .map_err(Error::program(NOP_PROGRAM))?;
+        self.links
+            .push(prog.take_link(id).map_err(Error::program(NOP_PROGRAM))?);
+        Ok(())
+    }
+}
