@@ -37,6 +37,8 @@ struct {
 	__type(value, struct lb_decap_stats);
 } lb_decap_stats SEC(".maps");
 
+LB_ABI_ANCHOR_MAP;
+
 static __always_inline int count(enum lb_decap_stat idx, int verdict)
 {
 	__u32 zero = 0;

@@ -84,4 +84,6 @@ struct {
 	__type(value, struct lb_meta);
 } lb_meta SEC(".maps");
 
+LB_ABI_ANCHOR_MAP;
+
 #endif /* LB_MAPS_H */

@@ -175,4 +175,26 @@ struct lb_decap_stats {
 };
 _Static_assert(sizeof(struct lb_decap_stats) == 32, "lb_decap_stats size");
 
+/*
+ * Types that travel through maps without being a map's key or value (ring
+ * buffer records, counter indices). Each program declares one `lb_abi_anchor`
+ * map holding this struct so clang emits their BTF and tests/abi_layout.rs can
+ * check them against Rust. The map itself is never read or written.
+ */
+struct lb_abi_anchor {
+	struct lb_flow_event ev;
+	enum lb_stat stat;
+	enum lb_svc_stat svc_stat;
+	enum lb_decap_stat decap_stat;
+	__u32 pad;
+};
+
+#define LB_ABI_ANCHOR_MAP                                                      \
+	struct {                                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                              \
+		__uint(max_entries, 1);                                        \
+		__type(key, __u32);                                            \
+		__type(value, struct lb_abi_anchor);                           \
+	} lb_abi_anchor SEC(".maps")
+
 #endif /* LB_ABI_H */
