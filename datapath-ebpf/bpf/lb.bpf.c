@@ -28,9 +28,50 @@ static __always_inline int drop(struct lb_stats *st, struct lb_svc_stats *ss, en
 	return XDP_DROP;
 }
 
+/*
+ * Next hop towards a backend: the per-CPU cache if fresh, else
+ * bpf_fib_lookup (only successful lookups are cached; an unresolved neighbour
+ * is retried on every packet so the kernel's resolution is seen at once).
+ * Returns a BPF_FIB_LKUP_RET_* code; on success *nh is filled.
+ */
+static __always_inline int next_hop(struct xdp_md *ctx, const struct pkt *p,
+				    const struct lb_backend *be, __u32 bid, __u64 now,
+				    struct lb_nh *nh)
+{
+	struct lb_nh *cached = bpf_map_lookup_elem(&lb_nh_cache, &bid);
+
+	if (cached && cached->expires_ns > now) {
+		*nh = *cached;
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = ctx->ingress_ifindex;
+	if (be->family == LB_FAMILY_V4) {
+		fib.family = AF_INET_;
+		fib.ipv4_src = encap_src_v4(p);
+		fib.ipv4_dst = *(const __u32 *)be->addr;
+	} else {
+		fib.family = AF_INET6_;
+		encap_src_v6(p, fib.ipv6_src);
+		__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
+	}
+	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return rc;
+	nh->ifindex = fib.ifindex;
+	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	nh->expires_ns = now + lb_nh_cache_ns;
+	if (cached && lb_nh_cache_ns)
+		*cached = *nh;
+	return rc;
+}
+
 static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
-				      const struct lb_backend *be, struct lb_stats *st,
-				      struct lb_svc_stats *ss, const __u32 l2)
+				      const struct lb_backend *be, __u32 bid, __u64 now,
+				      struct lb_stats *st, struct lb_svc_stats *ss,
+				      const __u32 l2)
 {
 	int overhead = encap_overhead(be);
 
@@ -50,18 +91,8 @@ static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
 		return XDP_TX;
 	}
 
-	struct bpf_fib_lookup fib = {};
-	fib.ifindex = ctx->ingress_ifindex;
-	if (be->family == LB_FAMILY_V4) {
-		fib.family = AF_INET_;
-		fib.ipv4_src = encap_src_v4(p);
-		fib.ipv4_dst = *(const __u32 *)be->addr;
-	} else {
-		fib.family = AF_INET6_;
-		encap_src_v6(p, fib.ipv6_src);
-		__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
-	}
-	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	struct lb_nh nh;
+	int rc = next_hop(ctx, p, be, bid, now, &nh);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return drop(st, ss, LB_STAT_FIB_FAIL);
 
@@ -86,11 +117,11 @@ static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return drop(st, ss, LB_STAT_DROP_ADJUST);
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	if (fib.ifindex == ctx->ingress_ifindex)
+	__builtin_memcpy(eth->h_dest, nh.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, nh.smac, ETH_ALEN);
+	if (nh.ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
-	return bpf_redirect(fib.ifindex, 0);
+	return bpf_redirect(nh.ifindex, 0);
 }
 
 /* Fragments, bad L4 headers and unbalanced protocols: drop or pass by whether a VIP is hit. */
@@ -143,13 +174,15 @@ int holdfast_lb(struct xdp_md *ctx)
 	struct lb_stats *st = stats_get();
 	__u32 sid = svc->id;
 	struct lb_svc_stats *ss = bpf_map_lookup_elem(&lb_svc_stats, &sid);
-	struct lb_backend *be = select_backend(&p, svc, st, ss);
+	__u32 bid = 0;
+	__u64 now = 0;
+	struct lb_backend *be = select_backend(&p, svc, st, ss, &bid, &now);
 	if (!be)
 		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
 
 	if (p.l3_off == ETH_HLEN)
-		return lb_forward(ctx, &p, be, st, ss, ETH_HLEN);
-	return lb_forward(ctx, &p, be, st, ss, ETH_HLEN + VLAN_HLEN);
+		return lb_forward(ctx, &p, be, bid, now, st, ss, ETH_HLEN);
+	return lb_forward(ctx, &p, be, bid, now, st, ss, ETH_HLEN + VLAN_HLEN);
 }
 
 char _license[] SEC("license") = "GPL";

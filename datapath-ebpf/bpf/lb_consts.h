@@ -20,7 +20,7 @@
 #define LB_CT_SIZE 1048576
 #endif
 #ifndef LB_RING_BYTES
-#define LB_RING_BYTES (1 << 22)
+#define LB_RING_BYTES (1 << 20)
 #endif
 
 #define ETH_P_IP_BE bpf_htons(0x0800)
@@ -75,6 +75,8 @@ volatile const __u64 lb_tcp_timeout_ns = 3600ULL * 1000000000ULL;
 volatile const __u64 lb_udp_timeout_ns = 300ULL * 1000000000ULL;
 /* Minimum interval between last-seen updates of one entry (limits cache-line writes). */
 volatile const __u64 lb_ct_refresh_ns = 1000000000ULL;
+/* How long a successful next-hop lookup is reused (0: look up every packet). */
+volatile const __u64 lb_nh_cache_ns = 100000000ULL;
 /* Largest outer L3 packet towards backends (the fabric MTU). */
 volatile const __u32 lb_mtu = 1500;
 /* Origin id stamped into the conntrack entries this node creates. */

@@ -35,6 +35,14 @@ struct {
 	__type(value, struct lb_backend);
 } lb_backends SEC(".maps");
 
+/* Backend id -> cached next hop (per CPU: no cache-line sharing). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct lb_nh);
+} lb_nh_cache SEC(".maps");
+
 /*
  * All Maglev tables: two regions of LB_MAX_TABLE slots per service
  * (2 * LB_MAX_SERVICES * LB_MAX_TABLE entries). A slot holds a backend id.

@@ -150,11 +150,28 @@ pub struct CtVal {
     pub last_seen_ns: u64,
 }
 
+/// A new flow as the datapath created it (`last_seen_ns == created_ns`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
     pub key: CtKey,
-    pub val: CtVal,
+    pub backend_id: u32,
+    pub flags: u16,
+    pub origin: u16,
+    pub created_ns: u64,
+}
+
+impl FlowEvent {
+    /// The conntrack value this event stands for.
+    pub fn val(&self) -> CtVal {
+        CtVal {
+            backend_id: self.backend_id,
+            flags: self.flags,
+            origin: self.origin,
+            created_ns: self.created_ns,
+            last_seen_ns: self.created_ns,
+        }
+    }
 }
 
 #[repr(C)]
@@ -276,3 +293,15 @@ counters!(decap_stat, DECAP_STAT_NAMES,
     NOT_VIP = "LB_DECAP_NOT_VIP" => 1,
     MALFORMED = "LB_DECAP_MALFORMED" => 2,
 );
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nh {
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+// SAFETY: repr(C) integers and byte arrays, no implicit padding (24 bytes).
+unsafe impl aya::Pod for Nh {}

@@ -43,7 +43,7 @@ impl Default for DatapathOptions {
             max_backends: 4096,
             max_table_size: DEFAULT_TABLE_SIZE,
             conntrack_size: 1 << 20,
-            ring_bytes: 1 << 22,
+            ring_bytes: 1 << 20,
             tcp_idle_timeout: Duration::from_secs(3600),
             udp_idle_timeout: Duration::from_secs(300),
             ct_refresh: Duration::from_secs(1),

@@ -18,6 +18,7 @@ pub mod loader;
 pub mod maglev;
 pub mod packet;
 pub mod sys;
+pub mod testbed;
 pub mod testrun;
 
 pub use config::{BackendSpec, BackendState, DatapathConfig, DatapathOptions, Proto, ServiceSpec};

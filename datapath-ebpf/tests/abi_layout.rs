@@ -34,7 +34,7 @@ impl Btf {
             .section_by_name(".BTF")
             .expect(".BTF section (built with -g)");
         let data = sec.data().expect("BTF bytes");
-        assert_eq!(u16::from_le_bytes([data[0], data[1]]), 0xeB9F, "BTF magic");
+        assert_eq!(u16::from_le_bytes([data[0], data[1]]), 0xEB9F, "BTF magic");
         let hdr_len = u32_at(data, 4) as usize;
         let (type_off, type_len) = (u32_at(data, 8) as usize, u32_at(data, 12) as usize);
         let (str_off, str_len) = (u32_at(data, 16) as usize, u32_at(data, 20) as usize);
@@ -155,13 +155,19 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 CtKey,
                 [saddr, daddr, sport, dport, proto, family, pad]
             ),
+            "lb_nh" => check_struct!(btf, "lb_nh", Nh, [expires_ns, ifindex, smac, dmac]),
             "lb_ct_val" => check_struct!(
                 btf,
                 "lb_ct_val",
                 CtVal,
                 [backend_id, flags, origin, created_ns, last_seen_ns]
             ),
-            "lb_flow_event" => check_struct!(btf, "lb_flow_event", FlowEvent, [key, val]),
+            "lb_flow_event" => check_struct!(
+                btf,
+                "lb_flow_event",
+                FlowEvent,
+                [key, backend_id, flags, origin, created_ns]
+            ),
             "lb_meta" => check_struct!(btf, "lb_meta", Meta, [epoch, abi_version, max_table]),
             "lb_stats" => check_struct!(btf, "lb_stats", Stats, [c]),
             "lb_svc_stats" => check_struct!(btf, "lb_svc_stats", SvcStats, [c]),

@@ -950,8 +950,8 @@ fn t06_ring_events_match_conntrack() {
     for (ev, k) in drained.iter().zip(&keys) {
         assert_eq!(&ev.key, k);
         let entry = fx.dp.ct_get(k).expect("ct").expect("entry");
-        assert_eq!(ev.val, entry, "event equals the conntrack entry");
-        assert_eq!(ev.val.origin, NODE_ID);
+        assert_eq!(ev.val(), entry, "event equals the conntrack entry");
+        assert_eq!(ev.origin, NODE_ID);
     }
     assert_eq!(fx.stat(stat::RING_LOST), 0);
 }

@@ -66,6 +66,19 @@ struct lb_backend {
 };
 _Static_assert(sizeof(struct lb_backend) == 24, "lb_backend size");
 
+/*
+ * Next-hop cache entry (per CPU, indexed by backend id): the result of the
+ * last successful bpf_fib_lookup towards that backend, valid until
+ * expires_ns. The loader zeroes the entries of backends it changes.
+ */
+struct lb_nh {
+	__u64 expires_ns;
+	__u32 ifindex;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+_Static_assert(sizeof(struct lb_nh) == 24, "lb_nh size");
+
 /* Conntrack key: the full 5-tuple of the client -> VIP direction. */
 struct lb_ct_key {
 	__u8 saddr[16];
@@ -92,12 +105,19 @@ struct lb_ct_val {
 _Static_assert(sizeof(struct lb_ct_val) == 24, "lb_ct_val size");
 _Static_assert(sizeof(struct lb_ct_key) + sizeof(struct lb_ct_val) <= 64, "ct entry budget");
 
-/* New-flow event written to the ring buffer for the replication layer. */
+/*
+ * New-flow event written to the ring buffer for the replication layer: the
+ * entry as created (last_seen_ns == created_ns, so it is not repeated).
+ * 56 bytes + the ring's 8-byte record header = one 64-byte cache line.
+ */
 struct lb_flow_event {
 	struct lb_ct_key key;
-	struct lb_ct_val val;
+	__u32 backend_id;
+	__u16 flags;
+	__u16 origin;
+	__u64 created_ns;
 };
-_Static_assert(sizeof(struct lb_flow_event) == 64, "lb_flow_event size");
+_Static_assert(sizeof(struct lb_flow_event) == 56, "lb_flow_event size");
 
 /*
  * Loader metadata (not read by the datapath): lets a restarted agent check

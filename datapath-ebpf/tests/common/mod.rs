@@ -9,6 +9,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use datapath_ebpf::testbed::{TestNet, NEIGHBOURS};
 use datapath_ebpf::{
     abi::{CtKey, SvcKey},
     hash::flow_hash,
@@ -16,7 +17,7 @@ use datapath_ebpf::{
     testrun::{self, RunResult},
     BackendSpec, BackendState, Datapath, DatapathConfig, DatapathOptions, Proto, ServiceSpec,
 };
-use netns::{NetNs, NsGuard};
+use netns::NsGuard;
 
 pub const TABLE: u32 = 251;
 pub const SEED: u32 = 0x1234_5678;
@@ -46,15 +47,7 @@ pub fn backend_addrs() -> Vec<(u32, &'static str)> {
 
 /// Static neighbours of the fixture (address -> MAC).
 pub fn neighbours() -> Vec<(&'static str, &'static str, Mac)> {
-    vec![
-        ("10.99.0.11", "f0", [0x02, 0, 0, 0, 0, 0x11]),
-        ("10.99.0.12", "f0", [0x02, 0, 0, 0, 0, 0x12]),
-        ("10.99.0.13", "f0", [0x02, 0, 0, 0, 0, 0x13]),
-        ("fd00:99::11", "f0", [0x02, 0, 0, 0, 0, 0x11]),
-        ("fd00:99::12", "f0", [0x02, 0, 0, 0, 0, 0x12]),
-        ("fd00:99::13", "f0", [0x02, 0, 0, 0, 0, 0x13]),
-        ("10.98.0.21", "f1", [0x02, 0, 0, 0, 0, 0x21]),
-    ]
+    NEIGHBOURS.to_vec()
 }
 
 fn be(id: u32, state: BackendState) -> BackendSpec {
@@ -141,7 +134,7 @@ pub struct Fixture {
     pub lb_mac_f1: Mac,
     // Field order: the guard restores the thread before the namespace goes.
     _guard: NsGuard,
-    pub ns: NetNs,
+    pub net: TestNet,
 }
 
 pub fn options() -> DatapathOptions {
@@ -164,55 +157,20 @@ impl Fixture {
 
     pub fn with_options(prefix: &str, opts: DatapathOptions) -> Self {
         require_root();
-        let ns = NetNs::new(prefix).expect("create namespace");
-        ns.sysctl("net.ipv4.ip_forward", "1").expect("sysctl");
-        ns.sysctl("net.ipv6.conf.all.forwarding", "1")
-            .expect("sysctl");
-        ns.sysctl("net.ipv6.conf.default.accept_dad", "0")
-            .expect("sysctl");
-        ns.sysctl("net.ipv6.conf.all.accept_dad", "0")
-            .expect("sysctl");
-        for (a, b) in [("f0", "p0"), ("f1", "p1")] {
-            ns.ip(&format!("link add {a} type veth peer name {b}"))
-                .expect("veth");
-            ns.ip(&format!("link set {a} up")).expect("up");
-            ns.ip(&format!("link set {b} up")).expect("up");
-        }
-        for cmd in [
-            "addr add 10.99.0.2/24 dev f0",
-            "addr add fd00:99::2/64 dev f0 nodad",
-            "addr add 10.98.0.2/24 dev f1",
-        ] {
-            ns.ip(cmd).expect("address");
-        }
-        for (addr, dev, mac) in neighbours() {
-            let mac = mac
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            ns.ip(&format!(
-                "neigh replace {addr} lladdr {mac} dev {dev} nud permanent"
-            ))
-            .expect("neighbour");
-        }
-        let ifindex = ns.ifindex("f0").expect("ifindex");
-        let ifindex_f1 = ns.ifindex("f1").expect("ifindex");
-        let lb_mac = ns.mac("f0").expect("mac");
-        let lb_mac_f1 = ns.mac("f1").expect("mac");
-        let guard = ns.enter().expect("enter namespace");
+        let net = TestNet::new(prefix).expect("test network namespace");
+        let guard = net.enter().expect("enter namespace");
         let mut dp = Datapath::load(opts).expect("load datapath");
         let cfg = base_config();
         dp.apply(&cfg).expect("apply base config");
         Self {
             dp,
             cfg,
-            ifindex,
-            ifindex_f1,
-            lb_mac,
-            lb_mac_f1,
+            ifindex: net.ifindex,
+            ifindex_f1: net.ifindex_f1,
+            lb_mac: net.mac,
+            lb_mac_f1: net.mac_f1,
             _guard: guard,
-            ns,
+            net,
         }
     }
 
