@@ -21,7 +21,7 @@ use tracing::{debug, info};
 
 use crate::{
     abi::{
-        addr_bytes, Backend, CtKey, CtVal, Meta, Stats, Svc, SvcKey, SvcStats, ABI_VERSION,
+        addr_bytes, Backend, CtKey, CtVal, Meta, Nh, Stats, Svc, SvcKey, SvcStats, ABI_VERSION,
         BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
@@ -46,6 +46,7 @@ pub(crate) const M_EVENTS: &str = "lb_flow_events";
 pub(crate) const M_STATS: &str = "lb_stats";
 pub(crate) const M_SVC_STATS: &str = "lb_svc_stats";
 pub(crate) const M_META: &str = "lb_meta";
+pub(crate) const M_NH_CACHE: &str = "lb_nh_cache";
 const ALL_MAPS: [&str; 9] = [
     M_SERVICES,
     M_VIPS,
@@ -113,8 +114,8 @@ pub struct Datapath {
     free_ids: BTreeSet<u32>,
     /// Last config applied by this process (None after load/adopt).
     applied: Option<DatapathConfig>,
-    /// Backend ids present in the backends map.
-    live_backends: HashSet<u32>,
+    /// Backends present in the backends map, by id.
+    live_backends: HashMap<u32, Backend>,
     links: HashMap<String, HeldLink>,
     adopted: bool,
 }
@@ -259,7 +260,7 @@ impl Datapath {
             opts,
             slots: HashMap::new(),
             applied: None,
-            live_backends: HashSet::new(),
+            live_backends: HashMap::new(),
             links: HashMap::new(),
             adopted,
         };
@@ -369,7 +370,6 @@ impl Datapath {
         self.live_backends = backends
             .into_iter()
             .filter(|(_, b)| b.state != BACKEND_EMPTY)
-            .map(|(id, _)| id)
             .collect();
         Ok(())
     }
@@ -559,7 +559,20 @@ impl Datapath {
             }
         }
         report.backends_written = self.write_batch(M_BACKENDS, &ids, &vals)?;
-        let new_backends: HashSet<u32> = ids.iter().copied().collect();
+        // A backend id now at another address must not reuse the old next hop.
+        let moved: Vec<u32> = ids
+            .iter()
+            .zip(&vals)
+            .filter(|(id, v)| {
+                self.live_backends
+                    .get(id)
+                    .is_some_and(|old| old.addr != v.addr || old.family != v.family)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        self.invalidate_next_hops(&moved)?;
+        let new_backends: HashMap<u32, Backend> =
+            ids.iter().copied().zip(vals.iter().copied()).collect();
 
         // 2. Tables and service entries.
         let mut desired = HashSet::new();
@@ -649,12 +662,13 @@ impl Datapath {
         // 5. Backends that are gone: no table references them any more.
         let removed: Vec<u32> = self
             .live_backends
-            .iter()
+            .keys()
             .copied()
-            .filter(|id| !new_backends.contains(id))
+            .filter(|id| !new_backends.contains_key(id))
             .collect();
         let empties = vec![Backend::default(); removed.len()];
         report.backends_removed = self.write_batch(M_BACKENDS, &removed, &empties)?;
+        self.invalidate_next_hops(&removed)?;
         self.live_backends = new_backends;
 
         let mut meta = self.meta()?;
@@ -702,6 +716,30 @@ impl Datapath {
         .map_err(Error::map(M_VIPS))
     }
 
+    /// Forget the cached next hops of these backend ids on every CPU.
+    fn invalidate_next_hops(&mut self, ids: &[u32]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ncpu = nr_cpus()?;
+        let mut arr: PerCpuArray<&mut MapData, Nh> = PerCpuArray::try_from(
+            self.bpf
+                .map_mut(M_NH_CACHE)
+                .ok_or(Error::MissingMap { map: M_NH_CACHE })?,
+        )
+        .map_err(Error::map(M_NH_CACHE))?;
+        for &id in ids {
+            let zeros =
+                PerCpuValues::try_from(vec![Nh::default(); ncpu]).map_err(|source| Error::Io {
+                    what: "building per-CPU values for",
+                    path: M_NH_CACHE.into(),
+                    source,
+                })?;
+            arr.set(id, zeros, 0).map_err(Error::map(M_NH_CACHE))?;
+        }
+        Ok(())
+    }
+
     fn reset_svc_stats(&mut self, id: u32) -> Result<()> {
         let mut arr: PerCpuArray<&mut MapData, SvcStats> = PerCpuArray::try_from(
             self.bpf
@@ -709,11 +747,7 @@ impl Datapath {
                 .ok_or(Error::MissingMap { map: M_SVC_STATS })?,
         )
         .map_err(Error::map(M_SVC_STATS))?;
-        let ncpu = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
-            what: "reading",
-            path: "/sys/devices/system/cpu/possible".into(),
-            source,
-        })?;
+        let ncpu = nr_cpus()?;
         let zeros = PerCpuValues::try_from(vec![SvcStats::default(); ncpu]).map_err(|source| {
             Error::Io {
                 what: "building per-CPU values for",
@@ -885,6 +919,14 @@ impl Datapath {
             reason: e.to_string(),
         })
     }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
+        what: "reading",
+        path: "/sys/devices/system/cpu/possible".into(),
+        source,
+    })
 }
 
 /// Remove every pin in `dir` (maps and links) and the directory itself.

@@ -1046,3 +1046,44 @@ fn t08_bad_config_is_refused_and_changes_nothing() {
     let pick = fx.predict(&key(&syn), &skey(VIP, 80, IPPROTO_TCP));
     check(&fx, &case("still forwarding", syn, Expect::Tx(pick)));
 }
+
+/// A backend id that moves to another address is forwarded to the new
+/// address (and its MAC) from the very next packet: the next-hop cache of
+/// the old address is invalidated by the loader.
+#[test]
+fn t09_backend_address_change_invalidates_next_hop() {
+    let mut fx = Fixture::new("hfpkt9");
+    let flow = Packet::tcp(CLIENT, 4000, "10.200.0.2", 5555, TCP_SYN);
+    check(
+        &fx,
+        &case(
+            "flow to backend 6 at 10.99.0.13",
+            flow.clone(),
+            Expect::Tx(6),
+        ),
+    );
+    let mut cfg = fx.cfg.clone();
+    cfg.epoch = 2;
+    cfg.services[2].backends[0].addr = "10.99.0.12".parse().expect("a");
+    fx.apply(cfg);
+    let mut ack = flow.clone();
+    if let L4::Tcp { flags, .. } = &mut ack.l4 {
+        *flags = TCP_ACK;
+    }
+    let r = fx.run(&ack);
+    assert_eq!(r.verdict, XDP_TX);
+    let want = ipip_frame(
+        [0x02, 0, 0, 0, 0, 0x12],
+        fx.lb_mac,
+        None,
+        "10.99.0.12".parse().expect("a"),
+        CLIENT.parse().expect("a"),
+        4000,
+        0,
+        &ack.l3(),
+    );
+    assert_eq!(
+        r.frame, want,
+        "moved backend: new address and new MAC at once"
+    );
+}

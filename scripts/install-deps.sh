@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what Holdfast needs on a Debian bookworm machine, idempotently:
+# only missing packages are installed, and apt-get update runs only then.
+set -euo pipefail
+
+PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool linux-libc-dev procps)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: run as root (BPF programs, network namespaces, apt-get)" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "install-deps: no Rust toolchain (cargo) found; install Rust 1.95 with rustup" >&2
+    exit 1
+  fi
+fi
+
+# bpffs for pinned maps and links.
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+fi
