@@ -12,4 +12,13 @@ if cargo tree -i aws-lc-sys >/dev/null 2>&1; then
   echo "aws-lc-sys is in the dependency tree: keep default features off on rustls/quinn/rcgen" >&2
   exit 1
 fi
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary of the run.
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "summary: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use aya::{
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf,
+use std::{
+    mem::size_of,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
+
+use aya::{programs::Xdp, Ebpf};
 
 use crate::error::{Error, Result};
 
@@ -53,10 +55,40 @@ struct XdpMd {
     egress_ifindex: u32,
 }
 
+/// `union bpf_attr`'s `test` member.
+#[repr(C)]
+#[derive(Default)]
+struct TestAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
 /// Run `frame` through `prog` once, as if received on `ifindex` (in the
 /// calling thread's network namespace; 0 for none, which makes
 /// bpf_fib_lookup fail).
 pub fn run(prog: &Xdp, frame: &[u8], ifindex: u32) -> Result<RunResult> {
+    let fd = prog.fd().map_err(Error::program("test_run"))?;
+    run_fd(fd.as_fd(), frame, ifindex)
+}
+
+/// [`run`] on a program file descriptor (usable from any thread).
+pub fn run_fd(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> Result<RunResult> {
     if frame.len() < 14 {
         return Err(Error::invalid(
             "frame",
@@ -70,26 +102,41 @@ pub fn run(prog: &Xdp, frame: &[u8], ifindex: u32) -> Result<RunResult> {
         ingress_ifindex: ifindex,
         ..Default::default()
     };
-    // SAFETY: XdpMd is repr(C) plain integers; viewing it as bytes is sound.
-    let ctx_bytes = unsafe {
-        std::slice::from_raw_parts(
-            (&ctx as *const XdpMd).cast::<u8>(),
-            std::mem::size_of::<XdpMd>(),
+    let mut attr = TestAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    if ifindex != 0 {
+        attr.ctx_in = (&ctx as *const XdpMd) as u64;
+        attr.ctx_size_in = size_of::<XdpMd>() as u32;
+    }
+    // SAFETY: attr is a valid bpf_attr prefix whose pointers reference live
+    // buffers of the sizes given; the kernel writes at most data_size_out bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestAttr,
+            size_of::<TestAttr>() as u32,
         )
     };
-    let res = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: if ifindex != 0 { Some(ctx_bytes) } else { None },
-            ..Default::default()
-        })
-        .map_err(Error::program("test_run"))?;
-    out.truncate(res.data_size_out as usize);
+    if rc < 0 {
+        return Err(Error::Syscall {
+            call: "BPF_PROG_TEST_RUN",
+            map: "(program)",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    out.truncate(attr.data_size_out as usize);
     Ok(RunResult {
-        verdict: res.return_value,
+        verdict: attr.retval,
         frame: out,
-        duration: res.duration,
+        duration: Duration::from_nanos(u64::from(attr.duration)),
     })
 }
 

@@ -1087,3 +1087,41 @@ fn t09_backend_address_change_invalidates_next_hop() {
         "moved backend: new address and new MAC at once"
     );
 }
+
+/// The ring buffer is consumed asynchronously on tokio: `recv` waits (epoll)
+/// until the datapath writes, and then returns the new flows.
+#[test]
+fn t10_flow_events_async_on_tokio() {
+    let mut fx = Fixture::new("hfpkt10");
+    let mut events = fx.dp.take_flow_events().expect("ring buffer");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let prog_fd = fx.dp.program().fd().expect("fd").try_clone().expect("dup");
+    let ifindex = fx.ifindex;
+    // A packet arrives 200 ms after recv started waiting, from another thread.
+    let sender = fx.net.ns.spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let syn = Packet::tcp(CLIENT, 4100, VIP, 80, TCP_SYN);
+        datapath_ebpf::testrun::run_fd(std::os::fd::AsFd::as_fd(&prog_fd), &syn.frame(), ifindex)
+            .expect("test run")
+            .verdict
+    });
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let n = rt
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(5), events.recv(&mut got, 64)).await
+        })
+        .expect("an event within 5 s")
+        .expect("recv");
+    assert_eq!(sender.join().expect("sender"), XDP_TX);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(150),
+        "recv returned before the packet"
+    );
+    assert_eq!(n, 1);
+    let syn = Packet::tcp(CLIENT, 4100, VIP, 80, TCP_SYN);
+    assert_eq!(got[0].key, key(&syn));
+}
