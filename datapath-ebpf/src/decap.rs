@@ -3,7 +3,7 @@
 use std::{ffi::CString, net::IpAddr};
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{xdp::XdpLink, Xdp},
     Ebpf,
 };
@@ -12,6 +12,7 @@ use crate::{
     abi::{DecapKey, DecapStats},
     error::{Error, Result},
     loader::AttachMode,
+    prog::{load_xdp, percpu_sum, xdp, xdp_mut},
 };
 
 pub(crate) static DECAP_OBJ: &[u8] =
@@ -29,27 +30,14 @@ pub struct Decap {
 
 impl Decap {
     pub fn load() -> Result<Self> {
-        let mut bpf = Ebpf::load(DECAP_OBJ).map_err(|e| Error::Load {
-            object: "decap.bpf.o",
-            source: Box::new(e),
-        })?;
-        let prog: &mut Xdp = bpf
-            .program_mut(DECAP_PROGRAM)
-            .ok_or(Error::MissingMap { map: DECAP_PROGRAM })?
-            .try_into()
-            .map_err(Error::program(DECAP_PROGRAM))?;
-        prog.load().map_err(Error::program(DECAP_PROGRAM))?;
         Ok(Self {
-            bpf,
+            bpf: load_xdp(DECAP_OBJ, "decap.bpf.o", DECAP_PROGRAM)?,
             links: Vec::new(),
         })
     }
 
     pub fn program(&self) -> &Xdp {
-        match self.bpf.program(DECAP_PROGRAM) {
-            Some(aya::programs::Program::Xdp(x)) => x,
-            _ => unreachable!("{DECAP_PROGRAM} is an XDP program, checked at load"),
-        }
+        xdp(&self.bpf, DECAP_PROGRAM)
     }
 
     /// Attach to `ifname` in the calling thread's network namespace.
@@ -64,18 +52,9 @@ impl Decap {
                 name: ifname.into(),
             });
         }
-        let prog: &mut Xdp = self
-            .bpf
-            .program_mut(DECAP_PROGRAM)
-            .ok_or(Error::MissingMap { map: DECAP_PROGRAM })?
-            .try_into()
-            .map_err(Error::program(DECAP_PROGRAM))?;
-        let xdp_mode = match mode {
-            AttachMode::Native => aya::programs::XdpMode::Driver,
-            AttachMode::Generic => aya::programs::XdpMode::Skb,
-        };
+        let prog = xdp_mut(&mut self.bpf, DECAP_PROGRAM)?;
         let id = prog
-            .attach_to_if_index(ifindex, xdp_mode)
+            .attach_to_if_index(ifindex, mode.xdp())
             .map_err(Error::program(DECAP_PROGRAM))?;
         self.links
             .push(prog.take_link(id).map_err(Error::program(DECAP_PROGRAM))?);
@@ -109,19 +88,6 @@ impl Decap {
 
     /// Counters summed over CPUs.
     pub fn stats(&self) -> Result<DecapStats> {
-        let arr: PerCpuArray<&MapData, DecapStats> = PerCpuArray::try_from(
-            self.bpf
-                .map(M_STATS)
-                .ok_or(Error::MissingMap { map: M_STATS })?,
-        )
-        .map_err(Error::map(M_STATS))?;
-        let per_cpu = arr.get(&0, 0).map_err(Error::map(M_STATS))?;
-        let mut sum = DecapStats::default();
-        for s in per_cpu.iter() {
-            for (acc, v) in sum.c.iter_mut().zip(s.c.iter()) {
-                *acc += v;
-            }
-        }
-        Ok(sum)
+        percpu_sum(&self.bpf, M_STATS, 0)
     }
 }

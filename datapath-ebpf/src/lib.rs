@@ -17,6 +17,7 @@ pub mod hash;
 pub mod loader;
 pub mod maglev;
 pub mod packet;
+pub mod prog;
 pub mod sys;
 pub mod testbed;
 pub mod testrun;

@@ -28,6 +28,7 @@ use crate::{
     error::{Error, Result},
     events::FlowEvents,
     maglev::{build_table, MaglevBackend},
+    prog::{percpu_sum, xdp, xdp_mut},
     sys,
 };
 
@@ -72,7 +73,7 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    fn xdp(self) -> XdpMode {
+    pub(crate) fn xdp(self) -> XdpMode {
         match self {
             AttachMode::Native => XdpMode::Driver,
             AttachMode::Generic => XdpMode::Skb,
@@ -245,14 +246,9 @@ impl Datapath {
             object: "lb.bpf.o",
             source: Box::new(e),
         })?;
-        {
-            let prog: &mut Xdp = bpf
-                .program_mut(PROGRAM)
-                .ok_or(Error::MissingMap { map: PROGRAM })?
-                .try_into()
-                .map_err(Error::program(PROGRAM))?;
-            prog.load().map_err(Error::program(PROGRAM))?;
-        }
+        xdp_mut(&mut bpf, PROGRAM)?
+            .load()
+            .map_err(Error::program(PROGRAM))?;
 
         let mut dp = Self {
             bpf,
@@ -393,18 +389,11 @@ impl Datapath {
 
     /// The loaded XDP program (for BPF_PROG_TEST_RUN and pinning).
     pub fn program(&self) -> &Xdp {
-        match self.bpf.program(PROGRAM) {
-            Some(aya::programs::Program::Xdp(x)) => x,
-            _ => unreachable!("the object's {PROGRAM} is an XDP program, checked at load"),
-        }
+        xdp(&self.bpf, PROGRAM)
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp> {
-        self.bpf
-            .program_mut(PROGRAM)
-            .ok_or(Error::MissingMap { map: PROGRAM })?
-            .try_into()
-            .map_err(Error::program(PROGRAM))
+        xdp_mut(&mut self.bpf, PROGRAM)
     }
 
     /// Attach to `ifname`. With a pin directory the link is pinned, and an
@@ -863,41 +852,16 @@ impl Datapath {
 
     /// Global counters summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
-        let arr: PerCpuArray<&MapData, Stats> = PerCpuArray::try_from(
-            self.bpf
-                .map(M_STATS)
-                .ok_or(Error::MissingMap { map: M_STATS })?,
-        )
-        .map_err(Error::map(M_STATS))?;
-        let per_cpu = arr.get(&0, 0).map_err(Error::map(M_STATS))?;
-        let mut sum = Stats::default();
-        for s in per_cpu.iter() {
-            for (acc, v) in sum.c.iter_mut().zip(s.c.iter()) {
-                *acc += v;
-            }
-        }
-        Ok(sum)
+        percpu_sum(&self.bpf, M_STATS, 0)
     }
 
     /// Per-service counters summed over CPUs, by service key.
     pub fn service_stats(&self) -> Result<Vec<(SvcKey, SvcStats)>> {
-        let arr: PerCpuArray<&MapData, SvcStats> = PerCpuArray::try_from(
-            self.bpf
-                .map(M_SVC_STATS)
-                .ok_or(Error::MissingMap { map: M_SVC_STATS })?,
-        )
-        .map_err(Error::map(M_SVC_STATS))?;
-        let mut out = Vec::new();
-        for (key, slot) in &self.slots {
-            let per_cpu = arr.get(&slot.id, 0).map_err(Error::map(M_SVC_STATS))?;
-            let mut sum = SvcStats::default();
-            for s in per_cpu.iter() {
-                for (acc, v) in sum.c.iter_mut().zip(s.c.iter()) {
-                    *acc += v;
-                }
-            }
-            out.push((*key, sum));
-        }
+        let mut out = self
+            .slots
+            .iter()
+            .map(|(key, slot)| Ok((*key, percpu_sum(&self.bpf, M_SVC_STATS, slot.id)?)))
+            .collect::<Result<Vec<_>>>()?;
         out.sort_by_key(|(k, _)| (k.family, k.addr, u16::from_be(k.port), k.proto));
         Ok(out)
     }

@@ -10,7 +10,10 @@ use std::{
 
 use aya::{programs::Xdp, Ebpf};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    prog::{load_xdp, xdp, xdp_mut},
+};
 
 pub(crate) static NOP_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nop.bpf.o"));
@@ -149,37 +152,19 @@ pub struct Nop {
 
 impl Nop {
     pub fn load() -> Result<Self> {
-        let mut bpf = Ebpf::load(NOP_OBJ).map_err(|e| Error::Load {
-            object: "nop.bpf.o",
-            source: Box::new(e),
-        })?;
-        let prog: &mut Xdp = bpf
-            .program_mut(NOP_PROGRAM)
-            .ok_or(Error::MissingMap { map: NOP_PROGRAM })?
-            .try_into()
-            .map_err(Error::program(NOP_PROGRAM))?;
-        prog.load().map_err(Error::program(NOP_PROGRAM))?;
         Ok(Self {
-            bpf,
+            bpf: load_xdp(NOP_OBJ, "nop.bpf.o", NOP_PROGRAM)?,
             links: Vec::new(),
         })
     }
 
     pub fn program(&self) -> &Xdp {
-        match self.bpf.program(NOP_PROGRAM) {
-            Some(aya::programs::Program::Xdp(x)) => x,
-            _ => unreachable!("{NOP_PROGRAM} is an XDP program"),
-        }
+        xdp(&self.bpf, NOP_PROGRAM)
     }
 
     /// Attach (native) to an interface index of the calling thread's namespace.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
-        let prog: &mut Xdp = self
-            .bpf
-            .program_mut(NOP_PROGRAM)
-            .ok_or(Error::MissingMap { map: NOP_PROGRAM })?
-            .try_into()
-            .map_err(Error::program(NOP_PROGRAM))?;
+        let prog = xdp_mut(&mut self.bpf, NOP_PROGRAM)?;
         let id = prog
             .attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)
             .map_err(Error::program(NOP_PROGRAM))?;

@@ -99,6 +99,15 @@ fn key(p: &Packet) -> CtKey {
     }
 }
 
+/// The same TCP packet with other flags.
+fn with_flags(p: &Packet, flags: u8) -> Packet {
+    let mut q = p.clone();
+    if let L4::Tcp { flags: f, .. } = &mut q.l4 {
+        *f = flags;
+    }
+    q
+}
+
 fn skey(vip: &str, port: u16, proto: u8) -> SvcKey {
     SvcKey::new(vip.parse().expect("vip"), port, proto)
 }
@@ -735,15 +744,7 @@ fn t05_backend_changes() {
         if now != was {
             moved += 1;
         }
-        let mut ack = f.clone();
-        ack.l4 = L4::Tcp {
-            sport: match f.l4 {
-                L4::Tcp { sport, .. } => sport,
-                _ => unreachable!(),
-            },
-            dport: 80,
-            flags: TCP_ACK,
-        };
+        let ack = with_flags(f, TCP_ACK);
         check(
             &fx,
             &case(
@@ -771,10 +772,7 @@ fn t05_backend_changes() {
     let on1: Vec<usize> = (0..flows.len()).filter(|&i| pinned[i] == 1).collect();
     assert!(!on1.is_empty(), "some flows were on backend 1");
     for &i in &on1 {
-        let mut ack = flows[i].clone();
-        if let L4::Tcp { flags, .. } = &mut ack.l4 {
-            *flags = TCP_ACK;
-        }
+        let ack = with_flags(&flows[i], TCP_ACK);
         check(
             &fx,
             &case("flow on a draining backend continues", ack, Expect::Tx(1)),
@@ -807,10 +805,7 @@ fn t05_backend_changes() {
     let on2 = (0..flows.len())
         .find(|&i| pinned[i] == 2)
         .expect("some flow was on backend 2");
-    let mut ack = flows[on2].clone();
-    if let L4::Tcp { flags, .. } = &mut ack.l4 {
-        *flags = TCP_ACK;
-    }
+    let ack = with_flags(&flows[on2], TCP_ACK);
     let np = fx.predict(&key(&ack), &svc80);
     check(
         &fx,
@@ -835,10 +830,7 @@ fn t05_backend_changes() {
     let j = (0..flows.len())
         .find(|&i| pinned[i] == 3)
         .expect("a flow on backend 3");
-    let mut rst = flows[j].clone();
-    if let L4::Tcp { flags, .. } = &mut rst.l4 {
-        *flags = TCP_RST | TCP_ACK;
-    }
+    let rst = with_flags(&flows[j], TCP_RST | TCP_ACK);
     check(&fx, &case("rst follows the entry", rst, Expect::Tx(3)));
     let e = fx.dp.ct_get(&key(&flows[j])).expect("ct").expect("entry");
     assert_eq!(
@@ -852,10 +844,7 @@ fn t05_backend_changes() {
         &case("syn after rst re-picks", flows[j].clone(), Expect::Tx(jp))
             .counts(stat::REPICK_STALE, 1),
     );
-    let mut fin = flows[j].clone();
-    if let L4::Tcp { flags, .. } = &mut fin.l4 {
-        *flags = TCP_FIN | TCP_ACK;
-    }
+    let fin = with_flags(&flows[j], TCP_FIN | TCP_ACK);
     check(&fx, &case("fin follows the entry", fin, Expect::Tx(jp)));
 
     // A retransmitted SYN of a live entry follows it.
@@ -1066,10 +1055,7 @@ fn t09_backend_address_change_invalidates_next_hop() {
     cfg.epoch = 2;
     cfg.services[2].backends[0].addr = "10.99.0.12".parse().expect("a");
     fx.apply(cfg);
-    let mut ack = flow.clone();
-    if let L4::Tcp { flags, .. } = &mut ack.l4 {
-        *flags = TCP_ACK;
-    }
+    let ack = with_flags(&flow, TCP_ACK);
     let r = fx.run(&ack);
     assert_eq!(r.verdict, XDP_TX);
     let want = ipip_frame(

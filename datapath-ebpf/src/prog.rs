@@ -1,0 +1,70 @@
+//! Small helpers shared by the three programs' loaders: loading an embedded
+//! XDP object, and summing per-CPU counter arrays.
+
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::Xdp,
+    Ebpf, Pod,
+};
+
+use crate::{
+    abi::{DecapStats, Stats, SvcStats},
+    error::{Error, Result},
+};
+
+/// Load `obj` and verify its XDP program `program` in the kernel.
+pub(crate) fn load_xdp(obj: &[u8], object: &'static str, program: &'static str) -> Result<Ebpf> {
+    let mut bpf = Ebpf::load(obj).map_err(|e| Error::Load {
+        object,
+        source: Box::new(e),
+    })?;
+    xdp_mut(&mut bpf, program)?
+        .load()
+        .map_err(Error::program(program))?;
+    Ok(bpf)
+}
+
+pub(crate) fn xdp_mut<'a>(bpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut Xdp> {
+    bpf.program_mut(program)
+        .ok_or(Error::MissingMap { map: program })?
+        .try_into()
+        .map_err(Error::program(program))
+}
+
+pub(crate) fn xdp<'a>(bpf: &'a Ebpf, program: &'static str) -> &'a Xdp {
+    match bpf.program(program) {
+        Some(aya::programs::Program::Xdp(x)) => x,
+        _ => unreachable!("{program} is an XDP program, checked at load"),
+    }
+}
+
+/// Counter structs (`c: [u64; N]`) that can be summed over CPUs.
+pub trait Counters: Pod + Default {
+    fn add(&mut self, other: &Self);
+}
+
+macro_rules! counters_impl {
+    ($($t:ty),+) => {$(
+        impl Counters for $t {
+            fn add(&mut self, other: &Self) {
+                for (acc, v) in self.c.iter_mut().zip(other.c.iter()) {
+                    *acc += v;
+                }
+            }
+        }
+    )+};
+}
+counters_impl!(Stats, SvcStats, DecapStats);
+
+/// Entry `index` of the per-CPU array `name`, summed over CPUs.
+pub(crate) fn percpu_sum<T: Counters>(bpf: &Ebpf, name: &'static str, index: u32) -> Result<T> {
+    let arr: PerCpuArray<&MapData, T> =
+        PerCpuArray::try_from(bpf.map(name).ok_or(Error::MissingMap { map: name })?)
+            .map_err(Error::map(name))?;
+    let per_cpu = arr.get(&index, 0).map_err(Error::map(name))?;
+    let mut sum = T::default();
+    for v in per_cpu.iter() {
+        sum.add(v);
+    }
+    Ok(sum)
+}
