@@ -1,0 +1,623 @@
+//! The cluster config — what Raft replicates — and its commands.
+//!
+//! Every command is validated when it is applied; a bad one is rejected with
+//! a reason and leaves the state untouched (a batch is all or nothing). The
+//! epoch increases by one with every applied command, so "applied epoch N"
+//! means the same config on every node.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Backend ids are allocated round-robin below this limit (the datapath's
+/// `max_backends` must be at least this), so a removed id is reused as late
+/// as possible.
+pub const DEFAULT_BACKEND_ID_LIMIT: u32 = 4096;
+pub const MAX_TABLE_SIZE: u32 = 65_537;
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// IPIP encapsulation, backends answer clients directly.
+    #[default]
+    Dsr,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    #[default]
+    Active,
+    Draining,
+}
+
+/// A service: (VIP, port, protocol); port 0 matches every port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    #[serde(default)]
+    pub mode: ForwardingMode,
+}
+
+fn default_table_size() -> u32 {
+    DEFAULT_TABLE_SIZE
+}
+
+/// A backend of one service, with its cluster-wide id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub id: u32,
+    pub service: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// An LB node of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub node_id: u64,
+    /// QUIC address (Raft and conntrack replication).
+    pub raft_addr: String,
+    /// Admin API address.
+    pub admin_addr: String,
+    /// The next hop the node announces over BGP.
+    #[serde(default)]
+    pub bgp_next_hop: Option<IpAddr>,
+}
+
+/// A pool VIPs are allocated from (Kubernetes LoadBalancer services).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipPool {
+    pub name: String,
+    /// CIDR, e.g. "10.200.0.0/24" or "fd00:200::/112".
+    pub cidr: String,
+}
+
+/// A change to the cluster config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum Command {
+    /// Create a service, or update the one of that name.
+    PutService {
+        service: Service,
+    },
+    /// Remove a service and its backends.
+    RemoveService {
+        name: String,
+    },
+    /// Add a backend; the state machine assigns its id.
+    AddBackend {
+        service: String,
+        addr: IpAddr,
+        port: u16,
+        weight: u32,
+    },
+    RemoveBackend {
+        id: u32,
+    },
+    SetBackendState {
+        id: u32,
+        state: BackendState,
+    },
+    SetBackendWeight {
+        id: u32,
+        weight: u32,
+    },
+    PutMember {
+        member: Member,
+    },
+    RemoveMember {
+        node_id: u64,
+    },
+    PutVipPool {
+        pool: VipPool,
+    },
+    RemoveVipPool {
+        name: String,
+    },
+    /// Several commands applied atomically: all of them or none.
+    Batch {
+        commands: Vec<Command>,
+    },
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The epoch after this command (unchanged if rejected).
+    pub epoch: u64,
+    /// Why the command was rejected; `None` if applied.
+    pub rejected: Option<String>,
+    /// Ids assigned to backends added by this command, in order.
+    pub backend_ids: Vec<u32>,
+}
+
+/// The replicated cluster config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub epoch: u64,
+    pub services: BTreeMap<String, Service>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub members: BTreeMap<u64, Member>,
+    pub pools: BTreeMap<String, VipPool>,
+    pub backend_id_limit: u32,
+    /// Where the round-robin id allocation continues.
+    pub next_backend_id: u32,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        Self {
+            epoch: 0,
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            members: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            backend_id_limit: DEFAULT_BACKEND_ID_LIMIT,
+            next_backend_id: 0,
+        }
+    }
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// Parse "addr/len"; the address must be the network address.
+pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
+    let (a, l) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("{cidr:?} is not a CIDR (addr/len)"))?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
+    let len: u8 = l
+        .parse()
+        .map_err(|_| format!("{l:?} is not a prefix length"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("prefix length {len} > {max}"));
+    }
+    if mask(addr, len) != addr {
+        return Err(format!("{cidr} has host bits set"));
+    }
+    Ok((addr, len))
+}
+
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+/// Is `ip` inside `net`?
+pub fn cidr_contains(net: (IpAddr, u8), ip: IpAddr) -> bool {
+    net.0.is_ipv4() == ip.is_ipv4() && mask(ip, net.1) == mask(net.0, net.1)
+}
+
+fn valid_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '/' | '_' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} must be 1-253 characters of [A-Za-z0-9-./_:]"
+        ))
+    }
+}
+
+impl ClusterState {
+    /// Apply a command: on success the epoch increases by one; on rejection
+    /// nothing changes and the response carries the reason.
+    pub fn apply(&mut self, cmd: &Command) -> Response {
+        let mut next = self.clone();
+        let mut ids = Vec::new();
+        match next.apply_inner(cmd, &mut ids) {
+            Ok(()) => {
+                next.epoch += 1;
+                *self = next;
+                Response {
+                    epoch: self.epoch,
+                    rejected: None,
+                    backend_ids: ids,
+                }
+            }
+            Err(reason) => Response {
+                epoch: self.epoch,
+                rejected: Some(reason),
+                backend_ids: Vec::new(),
+            },
+        }
+    }
+
+    fn apply_inner(&mut self, cmd: &Command, ids: &mut Vec<u32>) -> Result<(), String> {
+        match cmd {
+            Command::PutService { service } => self.put_service(service),
+            Command::RemoveService { name } => {
+                if self.services.remove(name).is_none() {
+                    return Err(format!("no service {name:?}"));
+                }
+                self.backends.retain(|_, b| &b.service != name);
+                Ok(())
+            }
+            Command::AddBackend {
+                service,
+                addr,
+                port,
+                weight,
+            } => {
+                let id = self.add_backend(service, *addr, *port, *weight)?;
+                ids.push(id);
+                Ok(())
+            }
+            Command::RemoveBackend { id } => self
+                .backends
+                .remove(id)
+                .map(|_| ())
+                .ok_or_else(|| format!("no backend {id}")),
+            Command::SetBackendState { id, state } => {
+                let b = self
+                    .backends
+                    .get_mut(id)
+                    .ok_or_else(|| format!("no backend {id}"))?;
+                b.state = *state;
+                Ok(())
+            }
+            Command::SetBackendWeight { id, weight } => {
+                if *weight == 0 {
+                    return Err("weight must be at least 1".into());
+                }
+                let b = self
+                    .backends
+                    .get_mut(id)
+                    .ok_or_else(|| format!("no backend {id}"))?;
+                b.weight = *weight;
+                Ok(())
+            }
+            Command::PutMember { member } => {
+                if member.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!(
+                        "member {}: raft_addr {:?} is not ip:port",
+                        member.node_id, member.raft_addr
+                    ));
+                }
+                if member.admin_addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!(
+                        "member {}: admin_addr {:?} is not ip:port",
+                        member.node_id, member.admin_addr
+                    ));
+                }
+                self.members.insert(member.node_id, member.clone());
+                Ok(())
+            }
+            Command::RemoveMember { node_id } => self
+                .members
+                .remove(node_id)
+                .map(|_| ())
+                .ok_or_else(|| format!("no member {node_id}")),
+            Command::PutVipPool { pool } => {
+                valid_name("pool", &pool.name)?;
+                let net = parse_cidr(&pool.cidr)?;
+                for other in self.pools.values().filter(|p| p.name != pool.name) {
+                    let o = parse_cidr(&other.cidr)?;
+                    if cidr_contains(net, o.0) || cidr_contains(o, net.0) {
+                        return Err(format!(
+                            "pool {} ({}) overlaps pool {} ({})",
+                            pool.name, pool.cidr, other.name, other.cidr
+                        ));
+                    }
+                }
+                self.pools.insert(pool.name.clone(), pool.clone());
+                Ok(())
+            }
+            Command::RemoveVipPool { name } => self
+                .pools
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| format!("no pool {name:?}")),
+            Command::Batch { commands } => {
+                for (i, c) in commands.iter().enumerate() {
+                    if matches!(c, Command::Batch { .. }) {
+                        return Err(format!("batch[{i}]: batches do not nest"));
+                    }
+                    self.apply_inner(c, ids)
+                        .map_err(|e| format!("batch[{i}]: {e}"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn put_service(&mut self, s: &Service) -> Result<(), String> {
+        valid_name("service", &s.name)?;
+        if s.vip.is_unspecified() || s.vip.is_multicast() || s.vip.is_loopback() {
+            return Err(format!("service {}: {} is not a usable VIP", s.name, s.vip));
+        }
+        if !is_prime(s.table_size) || s.table_size > MAX_TABLE_SIZE {
+            return Err(format!(
+                "service {}: table_size {} must be a prime <= {MAX_TABLE_SIZE}",
+                s.name, s.table_size
+            ));
+        }
+        if let Some(other) = self
+            .services
+            .values()
+            .find(|o| o.name != s.name && o.vip == s.vip && o.port == s.port && o.proto == s.proto)
+        {
+            return Err(format!(
+                "service {}: {}:{}/{} is already service {}",
+                s.name, s.vip, s.port, s.proto, other.name
+            ));
+        }
+        let mine: Vec<&Backend> = self
+            .backends
+            .values()
+            .filter(|b| b.service == s.name)
+            .collect();
+        if s.vip.is_ipv6() && mine.iter().any(|b| b.addr.is_ipv4()) {
+            return Err(format!(
+                "service {}: an IPv6 VIP cannot have IPv4 backends",
+                s.name
+            ));
+        }
+        if mine.len() as u64 > u64::from(s.table_size) {
+            return Err(format!(
+                "service {}: {} backends exceed table_size {}",
+                s.name,
+                mine.len(),
+                s.table_size
+            ));
+        }
+        self.services.insert(s.name.clone(), s.clone());
+        Ok(())
+    }
+
+    fn add_backend(
+        &mut self,
+        service: &str,
+        addr: IpAddr,
+        port: u16,
+        weight: u32,
+    ) -> Result<u32, String> {
+        let svc = self
+            .services
+            .get(service)
+            .ok_or_else(|| format!("no service {service:?}"))?;
+        if weight == 0 {
+            return Err("weight must be at least 1".into());
+        }
+        if addr.is_unspecified() || addr.is_multicast() {
+            return Err(format!("{addr} is not a usable backend address"));
+        }
+        if svc.vip.is_ipv6() && addr.is_ipv4() {
+            return Err(format!(
+                "service {service} has an IPv6 VIP: backend {addr} must be IPv6"
+            ));
+        }
+        if svc.port != 0 && port != svc.port {
+            return Err(format!(
+                "DSR keeps the destination port: backend port {port} must equal service port {}",
+                svc.port
+            ));
+        }
+        let existing: Vec<&Backend> = self
+            .backends
+            .values()
+            .filter(|b| b.service == service)
+            .collect();
+        if existing.iter().any(|b| b.addr == addr && b.port == port) {
+            return Err(format!("{addr}:{port} is already a backend of {service}"));
+        }
+        if existing.len() as u64 >= u64::from(svc.table_size) {
+            return Err(format!(
+                "service {service} has {} backends, its table_size {}",
+                existing.len(),
+                svc.table_size
+            ));
+        }
+        let used: BTreeSet<u32> = self.backends.keys().copied().collect();
+        let limit = self.backend_id_limit.max(1);
+        let id = (0..limit)
+            .map(|i| (self.next_backend_id + i) % limit)
+            .find(|id| !used.contains(id))
+            .ok_or_else(|| format!("all {limit} backend ids are in use"))?;
+        self.next_backend_id = (id + 1) % limit;
+        self.backends.insert(
+            id,
+            Backend {
+                id,
+                service: service.to_string(),
+                addr,
+                port,
+                weight,
+                state: BackendState::Active,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Backends of a service, by id.
+    pub fn backends_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Backend> + 'a {
+        self.backends.values().filter(move |b| b.service == service)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, vip: &str, port: u16) -> Command {
+        Command::PutService {
+            service: Service {
+                name: name.into(),
+                vip: vip.parse().expect("vip"),
+                port,
+                proto: Proto::Tcp,
+                table_size: 251,
+                mode: ForwardingMode::Dsr,
+            },
+        }
+    }
+
+    fn add(service: &str, addr: &str, port: u16) -> Command {
+        Command::AddBackend {
+            service: service.into(),
+            addr: addr.parse().expect("addr"),
+            port,
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn epochs_and_ids() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&svc("web", "10.200.0.1", 80)).epoch, 1);
+        let r = s.apply(&add("web", "10.0.0.1", 80));
+        assert_eq!(
+            (r.epoch, r.backend_ids.clone(), r.rejected),
+            (2, vec![0], None)
+        );
+        let r = s.apply(&add("web", "10.0.0.2", 80));
+        assert_eq!(r.backend_ids, vec![1]);
+        s.apply(&Command::RemoveBackend { id: 0 });
+        // Round-robin: a removed id is not reused at once.
+        assert_eq!(s.apply(&add("web", "10.0.0.3", 80)).backend_ids, vec![2]);
+        assert_eq!(s.epoch, 5);
+    }
+
+    #[test]
+    fn rejected_commands_change_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(&svc("web", "10.200.0.1", 80));
+        let before = s.clone();
+        for (cmd, why) in [
+            (svc("web2", "10.200.0.1", 80), "already service web"),
+            (add("nope", "10.0.0.1", 80), "no service"),
+            (add("web", "10.0.0.1", 81), "must equal service port"),
+            (
+                Command::AddBackend {
+                    service: "web".into(),
+                    addr: "10.0.0.1".parse().expect("a"),
+                    port: 80,
+                    weight: 0,
+                },
+                "weight",
+            ),
+            (svc("bad name!", "10.200.0.9", 80), "name"),
+            (svc("lo", "127.0.0.1", 80), "usable VIP"),
+            (
+                Command::PutVipPool {
+                    pool: VipPool {
+                        name: "p".into(),
+                        cidr: "10.1.1.1/24".into(),
+                    },
+                },
+                "host bits",
+            ),
+            (
+                Command::Batch {
+                    commands: vec![add("web", "10.0.0.9", 80), add("web", "10.0.0.9", 80)],
+                },
+                "batch[1]",
+            ),
+        ] {
+            let r = s.apply(&cmd);
+            let reason = r.rejected.unwrap_or_else(|| panic!("{cmd:?} accepted"));
+            assert!(reason.contains(why), "{reason} should mention {why}");
+            assert_eq!(s, before, "{cmd:?} changed state");
+        }
+    }
+
+    #[test]
+    fn ipv6_service_refuses_ipv4_backend() {
+        let mut s = ClusterState::default();
+        s.apply(&svc("v6", "fd00::1", 80));
+        assert!(s.apply(&add("v6", "10.0.0.1", 80)).rejected.is_some());
+        assert!(s.apply(&add("v6", "fd00::10", 80)).rejected.is_none());
+    }
+
+    #[test]
+    fn remove_service_removes_its_backends() {
+        let mut s = ClusterState::default();
+        s.apply(&svc("a", "10.200.0.1", 80));
+        s.apply(&svc("b", "10.200.0.2", 80));
+        s.apply(&add("a", "10.0.0.1", 80));
+        s.apply(&add("b", "10.0.0.1", 80));
+        s.apply(&Command::RemoveService { name: "a".into() });
+        assert_eq!(s.backends.len(), 1);
+        assert!(s.backends.values().all(|b| b.service == "b"));
+    }
+
+    #[test]
+    fn pools_do_not_overlap() {
+        let mut s = ClusterState::default();
+        let pool = |n: &str, c: &str| Command::PutVipPool {
+            pool: VipPool {
+                name: n.into(),
+                cidr: c.into(),
+            },
+        };
+        assert!(s.apply(&pool("a", "10.200.0.0/24")).rejected.is_none());
+        assert!(s.apply(&pool("b", "10.200.0.128/25")).rejected.is_some());
+        assert!(s.apply(&pool("c", "fd00:200::/112")).rejected.is_none());
+    }
+}
