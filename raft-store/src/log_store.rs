@@ -64,7 +64,7 @@ impl LogStore {
             Ok(db)
         })
         .await
-        .map_err(|e| StorageIOError::write_logs(e))?;
+        .map_err(StorageIOError::write_logs)?;
         Ok(Self { db: Arc::new(db) })
     }
 
