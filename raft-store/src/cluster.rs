@@ -6,7 +6,7 @@
 //! means the same config on every node.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
 };
 
@@ -151,6 +151,26 @@ pub enum Command {
     },
 }
 
+/// How many request ids the state machine remembers for deduplication.
+pub const RECENT_REQUESTS: usize = 4096;
+
+/// A command as submitted: with an optional client-chosen request id. A
+/// retried request (same id) is answered with the first response and not
+/// applied again, so a client can retry across a leader failover and the
+/// change happens exactly once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub command: Command,
+}
+
+impl From<Command> for Request {
+    fn from(command: Command) -> Self {
+        Self { id: None, command }
+    }
+}
+
 /// What applying a command did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
@@ -173,6 +193,9 @@ pub struct ClusterState {
     pub backend_id_limit: u32,
     /// Where the round-robin id allocation continues.
     pub next_backend_id: u32,
+    /// Recently applied request ids and their responses (bounded).
+    #[serde(default)]
+    pub recent: VecDeque<(String, Response)>,
 }
 
 impl Default for ClusterState {
@@ -185,6 +208,7 @@ impl Default for ClusterState {
             pools: BTreeMap::new(),
             backend_id_limit: DEFAULT_BACKEND_ID_LIMIT,
             next_backend_id: 0,
+            recent: VecDeque::new(),
         }
     }
 }
@@ -266,6 +290,23 @@ fn valid_name(what: &str, name: &str) -> Result<(), String> {
 }
 
 impl ClusterState {
+    /// Apply a request: a request id seen before returns its first response.
+    pub fn apply_request(&mut self, req: &Request) -> Response {
+        if let Some(id) = &req.id {
+            if let Some((_, r)) = self.recent.iter().find(|(i, _)| i == id) {
+                return r.clone();
+            }
+        }
+        let r = self.apply(&req.command);
+        if let Some(id) = &req.id {
+            if self.recent.len() >= RECENT_REQUESTS {
+                self.recent.pop_front();
+            }
+            self.recent.push_back((id.clone(), r.clone()));
+        }
+        r
+    }
+
     /// Apply a command: on success the epoch increases by one; on rejection
     /// nothing changes and the response carries the reason.
     pub fn apply(&mut self, cmd: &Command) -> Response {
@@ -585,6 +626,22 @@ mod tests {
             assert!(reason.contains(why), "{reason} should mention {why}");
             assert_eq!(s, before, "{cmd:?} changed state");
         }
+    }
+
+    #[test]
+    fn retried_request_applies_once() {
+        let mut s = ClusterState::default();
+        s.apply(&svc("web", "10.200.0.1", 80));
+        let req = Request {
+            id: Some("r1".into()),
+            command: add("web", "10.0.0.1", 80),
+        };
+        let first = s.apply_request(&req);
+        let again = s.apply_request(&req);
+        assert_eq!(first, again);
+        assert_eq!(first.rejected, None);
+        assert_eq!(s.backends.len(), 1);
+        assert_eq!(s.epoch, 2);
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod log_store;
 pub mod state_machine;
 pub mod types;
 
-pub use cluster::{ClusterState, Command, Response};
+pub use cluster::{ClusterState, Command, Request, Response};
 pub use log_store::LogStore;
 pub use state_machine::StateMachineStore;
 pub use types::TypeConfig;

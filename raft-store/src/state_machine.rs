@@ -181,8 +181,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     epoch: inner.data.state.epoch,
                     ..Default::default()
                 }),
-                EntryPayload::Normal(cmd) => {
-                    let r = inner.data.state.apply(&cmd);
+                EntryPayload::Normal(req) => {
+                    let r = inner.data.state.apply_request(&req);
                     if let Some(why) = &r.rejected {
                         tracing::info!(index = entry.log_id.index, reason = %why, "command rejected");
                     }

@@ -2,13 +2,13 @@
 
 use std::io::Cursor;
 
-use crate::cluster::{Command, Response};
+use crate::cluster::{Request, Response};
 
 openraft::declare_raft_types!(
-    /// Raft types of the config cluster: commands are [`Command`]s, node ids
+    /// Raft types of the config cluster: entries carry [`Request`]s, node ids
     /// u64, nodes carry their QUIC address, snapshots are in-memory bytes.
     pub TypeConfig:
-        D = Command,
+        D = Request,
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,

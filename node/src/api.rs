@@ -1,0 +1,497 @@
+//! The admin API (HTTP/JSON, bound to 127.0.0.1 unless configured): status,
+//! members, config, writes (a non-leader forwards them to the leader, one
+//! hop), join/remove, and `/metrics` in Prometheus text format.
+
+use std::{
+    collections::BTreeMap,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use axum::{
+    extract::{rejection::JsonRejection, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response as HttpResponse},
+    routing::{get, post},
+    Json, Router,
+};
+use raft_store::{cluster::Member, ClusterState, Request, Response};
+use serde::{Deserialize, Serialize};
+use tracing::instrument;
+
+use crate::{
+    client::{self, ApiError, ClientError},
+    metrics::Writer,
+    node::{Node, WriteError},
+};
+
+pub const FORWARDED_HEADER: &str = "x-holdfast-forwarded";
+
+/// One node's view of itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LocalStatus {
+    pub node_id: u64,
+    pub raft_addr: String,
+    pub admin_addr: String,
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    /// Epoch of the replicated config this node's state machine holds.
+    pub config_epoch: u64,
+    /// Epoch programmed into this node's datapath.
+    pub applied_epoch: u64,
+    pub heartbeat_age_ms: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// On the leader: matched log index per follower.
+    pub replication: Option<BTreeMap<u64, Option<u64>>>,
+    pub datapath_enabled: bool,
+    pub datapath_attached: bool,
+    pub conntrack_entries: Option<u64>,
+}
+
+/// A row of `clusterctl members`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemberRow {
+    pub node_id: u64,
+    pub raft_addr: String,
+    pub admin_addr: Option<String>,
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub role: Option<String>,
+    pub term: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    /// Log entries behind the leader (leader's view).
+    pub lag: Option<u64>,
+    pub heartbeat_age_ms: Option<u64>,
+    pub applied_epoch: Option<u64>,
+    pub datapath_attached: Option<bool>,
+    pub conntrack_entries: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    pub node_id: u64,
+}
+
+struct ApiErr(StatusCode, ApiError);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> HttpResponse {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn err(status: StatusCode, kind: &str, msg: impl Into<String>) -> ApiErr {
+    ApiErr(
+        status,
+        ApiError {
+            kind: kind.into(),
+            error: msg.into(),
+        },
+    )
+}
+
+impl From<JsonRejection> for ApiErr {
+    fn from(r: JsonRejection) -> Self {
+        err(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+    }
+}
+
+impl From<ClientError> for ApiErr {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Api {
+                status, kind, error, ..
+            } => err(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                &kind,
+                error,
+            ),
+            other => err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", other.to_string()),
+        }
+    }
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/cluster/members", get(members))
+        .route("/config", get(config))
+        .route("/command", post(command))
+        .route("/cluster/join", post(join))
+        .route("/cluster/remove", post(remove))
+        .route("/metrics", get(metrics))
+        .with_state(node)
+}
+
+/// Serve the admin API until the node shuts down.
+pub async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    let n = node.clone();
+    let res = axum::serve(listener, router(node))
+        .with_graceful_shutdown(async move {
+            while !n.is_shutting_down() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+pub fn local_status(node: &Node) -> LocalStatus {
+    let m = node.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let (entries, attached) = match &node.datapath {
+        Some(h) => {
+            let dp = h.dp.lock().expect("dp");
+            (
+                dp.ct_dump().ok().map(|v| v.len() as u64),
+                !dp.attached().is_empty(),
+            )
+        }
+        None => (None, false),
+    };
+    LocalStatus {
+        node_id: node.id(),
+        raft_addr: node.cfg.raft_addr.to_string(),
+        admin_addr: node.cfg.admin_addr.to_string(),
+        role: node.role().into(),
+        term: m.current_term,
+        leader: m.current_leader,
+        last_log_index: m.last_log_index,
+        last_applied_index: m.last_applied.map(|l| l.index),
+        config_epoch: node.sm.current().state.epoch,
+        applied_epoch: node.applied_epoch.load(Ordering::Relaxed),
+        heartbeat_age_ms: if m.current_leader == Some(node.id()) {
+            Some(0)
+        } else {
+            node.heartbeat.age_ms()
+        },
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        replication: m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, l)| (*id, l.map(|l| l.index)))
+                .collect()
+        }),
+        datapath_enabled: node.datapath.is_some(),
+        datapath_attached: attached,
+        conntrack_entries: entries,
+    }
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Json<LocalStatus> {
+    let n = node.clone();
+    Json(
+        tokio::task::spawn_blocking(move || local_status(&n))
+            .await
+            .expect("status task"),
+    )
+}
+
+async fn config(State(node): State<Arc<Node>>) -> Json<ClusterState> {
+    Json(node.sm.current().state.clone())
+}
+
+/// Every member's row: this node's Raft view plus each member's own status.
+#[instrument(skip_all)]
+async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
+    let n = node.clone();
+    let me = tokio::task::spawn_blocking(move || local_status(&n))
+        .await
+        .expect("status task");
+    let state = node.sm.current();
+    let m = node.raft.metrics().borrow().clone();
+    let leader_last = m.last_log_index.unwrap_or(0);
+    let mut ids: Vec<(u64, String)> = m
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect();
+    for (id, mem) in &state.state.members {
+        if !ids.iter().any(|(i, _)| i == id) {
+            ids.push((*id, mem.raft_addr.clone()));
+        }
+    }
+    ids.sort();
+    let mut handles = Vec::new();
+    for (id, raft_addr) in ids {
+        let admin = state.state.members.get(&id).map(|m| m.admin_addr.clone());
+        let me = me.clone();
+        let lag = me
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id))
+            .map(|matched| leader_last.saturating_sub(matched.unwrap_or(0)));
+        handles.push(tokio::spawn(async move {
+            let st: Result<LocalStatus, String> = if id == me.node_id {
+                Ok(me)
+            } else {
+                match &admin {
+                    Some(a) => client::get_json::<LocalStatus>(a, "/status", Duration::from_millis(800))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Err("not registered (no admin address)".into()),
+                }
+            };
+            let mut row = MemberRow {
+                node_id: id,
+                raft_addr,
+                admin_addr: admin,
+                reachable: st.is_ok(),
+                error: None,
+                role: None,
+                term: None,
+                last_log_index: None,
+                last_applied_index: None,
+                lag,
+                heartbeat_age_ms: None,
+                applied_epoch: None,
+                datapath_attached: None,
+                conntrack_entries: None,
+            };
+            match st {
+                Ok(s) => {
+                    row.role = Some(s.role);
+                    row.term = Some(s.term);
+                    row.last_log_index = s.last_log_index;
+                    row.last_applied_index = s.last_applied_index;
+                    row.heartbeat_age_ms = s.heartbeat_age_ms;
+                    row.applied_epoch = Some(s.applied_epoch);
+                    row.datapath_attached = Some(s.datapath_attached);
+                    row.conntrack_entries = s.conntrack_entries;
+                }
+                Err(e) => row.error = Some(e),
+            }
+            row
+        }));
+    }
+    let mut rows = Vec::new();
+    for h in handles {
+        if let Ok(r) = h.await {
+            rows.push(r);
+        }
+    }
+    Json(rows)
+}
+
+fn write_err(e: WriteError) -> ApiErr {
+    match e {
+        WriteError::NoLeader | WriteError::NotLeader { leader: None } => {
+            err(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "no leader is known; retry")
+        }
+        WriteError::NotLeader { leader: Some((id, _)) } => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            format!("leadership moved to node {id} while writing; retry"),
+        ),
+        WriteError::Raft(m) => err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+    }
+}
+
+fn answer(r: Response) -> Result<Json<Response>, ApiErr> {
+    match &r.rejected {
+        Some(why) => Err(err(StatusCode::CONFLICT, "rejected", why.clone())),
+        None => Ok(Json(r)),
+    }
+}
+
+/// Run `local` on the leader; elsewhere forward `body` to the leader (one hop).
+async fn leader_or_forward<B: Serialize + Send + 'static>(
+    node: &Arc<Node>,
+    headers: &HeaderMap,
+    path: &'static str,
+    body: B,
+) -> Result<Option<Response>, ApiErr> {
+    if node.role() == "leader" {
+        return Ok(None);
+    }
+    if headers.contains_key(FORWARDED_HEADER) {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "forwarded to a node that is not the leader; retry",
+        ));
+    }
+    let Some((leader, admin)) = node.leader() else {
+        return Err(err(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "no leader is known; retry"));
+    };
+    if admin.is_empty() {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            format!("leader {leader} has not registered its admin address yet; retry"),
+        ));
+    }
+    node.metrics.writes_forwarded.fetch_add(1, Ordering::Relaxed);
+    let r = tokio::task::spawn_blocking(move || {
+        client::post_blocking::<_, Response>(&admin, path, &body, Duration::from_secs(30), true)
+    })
+    .await
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Some(r))
+}
+
+async fn command(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Json<Request>, JsonRejection>,
+) -> Result<Json<Response>, ApiErr> {
+    let Json(req) = body?;
+    if let Some(r) = leader_or_forward(&node, &headers, "/command", req.clone()).await? {
+        return answer(r);
+    }
+    answer(node.write(req).await.map_err(write_err)?)
+}
+
+async fn join(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Json<Member>, JsonRejection>,
+) -> Result<Json<Response>, ApiErr> {
+    let Json(m) = body?;
+    if m.node_id == 0 {
+        return Err(err(StatusCode::BAD_REQUEST, "bad_request", "node_id must be positive"));
+    }
+    if m.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(err(StatusCode::BAD_REQUEST, "bad_request", format!("raft_addr {:?} is not ip:port", m.raft_addr)));
+    }
+    if let Some(r) = leader_or_forward(&node, &headers, "/cluster/join", m.clone()).await? {
+        return answer(r);
+    }
+    answer(node.add_member(m).await.map_err(write_err)?)
+}
+
+async fn remove(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Json<RemoveRequest>, JsonRejection>,
+) -> Result<Json<Response>, ApiErr> {
+    let Json(r) = body?;
+    if let Some(resp) = leader_or_forward(&node, &headers, "/cluster/remove", RemoveRequest { node_id: r.node_id }).await? {
+        return answer(resp);
+    }
+    answer(node.remove_member(r.node_id).await.map_err(write_err)?)
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let n = node.clone();
+    let text = tokio::task::spawn_blocking(move || render_metrics(&n))
+        .await
+        .unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], text)
+}
+
+/// Prometheus text format of everything the node knows.
+pub fn render_metrics(node: &Node) -> String {
+    let mut out = String::new();
+    let mut w = Writer(&mut out);
+    let st = local_status(node);
+    w.family("holdfast_raft_role", "1 for the node's current Raft role", "gauge");
+    for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
+        w.sample(
+            "holdfast_raft_role",
+            &[("role", role.into())],
+            if st.role == role { 1.0 } else { 0.0 },
+        );
+    }
+    w.gauge("holdfast_raft_term", "Current Raft term", &[], st.term as f64);
+    w.gauge(
+        "holdfast_raft_leader",
+        "Node id of the current leader (0: none)",
+        &[],
+        st.leader.unwrap_or(0) as f64,
+    );
+    w.gauge(
+        "holdfast_raft_last_applied_index",
+        "Index of the last log entry applied to the state machine",
+        &[],
+        st.last_applied_index.unwrap_or(0) as f64,
+    );
+    w.gauge("holdfast_config_epoch", "Epoch of the replicated config held here", &[], st.config_epoch as f64);
+    w.gauge(
+        "holdfast_datapath_applied_epoch",
+        "Config epoch programmed into this node's datapath",
+        &[],
+        st.applied_epoch as f64,
+    );
+    w.histogram(
+        "holdfast_raft_commit_latency_seconds",
+        "Write submitted on the leader until committed and applied",
+        &node.metrics.commit_latency,
+    );
+    w.histogram(
+        "holdfast_datapath_apply_seconds",
+        "Committed config epoch until programmed into the datapath",
+        &node.metrics.datapath_apply,
+    );
+    w.counter(
+        "holdfast_datapath_apply_errors_total",
+        "Config epochs the datapath refused",
+        &[],
+        node.metrics.datapath_apply_errors.load(Ordering::Relaxed),
+    );
+    w.counter(
+        "holdfast_commands_rejected_total",
+        "Commands the state machine rejected",
+        &[],
+        node.metrics.commands_rejected.load(Ordering::Relaxed),
+    );
+    w.counter(
+        "holdfast_quic_handshakes_refused_total",
+        "QUIC peers refused (certificate not from the cluster CA, or not a node)",
+        &[],
+        node.transport.stats.refused.load(Ordering::Relaxed),
+    );
+    if let Some(h) = &node.datapath {
+        let dp = h.dp.lock().expect("dp");
+        if let Ok(s) = dp.stats() {
+            for (name, i) in datapath_ebpf::abi::STAT_NAMES {
+                let metric = format!(
+                    "holdfast_datapath_{}_total",
+                    name.trim_start_matches("LB_STAT_").to_lowercase()
+                );
+                w.counter(&metric, "Datapath counter (see docs/operations.md)", &[], s.c[*i]);
+            }
+        }
+        if let Some(n) = st.conntrack_entries {
+            w.gauge("holdfast_conntrack_entries", "Entries in the conntrack map", &[], n as f64);
+        }
+        if let Ok(per) = dp.service_stats() {
+            let state = node.sm.current();
+            for (name, i) in datapath_ebpf::abi::SVC_STAT_NAMES {
+                let metric = format!(
+                    "holdfast_service_{}_total",
+                    name.trim_start_matches("LB_SVC_").to_lowercase()
+                );
+                w.family(&metric, "Per-service datapath counter", "counter");
+                for (key, v) in &per {
+                    let svc = state
+                        .state
+                        .services
+                        .values()
+                        .find(|s| {
+                            datapath_ebpf::abi::SvcKey::new(
+                                s.vip,
+                                s.port,
+                                match s.proto {
+                                    raft_store::cluster::Proto::Tcp => 6,
+                                    raft_store::cluster::Proto::Udp => 17,
+                                },
+                            ) == *key
+                        })
+                        .map(|s| s.name.clone())
+                        .unwrap_or_else(|| "unknown".into());
+                    w.sample(&metric, &[("service", svc)], v.c[*i] as f64);
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,368 @@
+//! `holdfast-node --config node.toml`: one TOML file (unknown fields are
+//! refused), environment overrides (`HOLDFAST_*`), and `validate()` that
+//! names the bad field and why.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use datapath_ebpf::DatapathOptions;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables that override the file.
+pub const ENV_NODE_ID: &str = "HOLDFAST_NODE_ID";
+pub const ENV_DATA_DIR: &str = "HOLDFAST_DATA_DIR";
+pub const ENV_RAFT_ADDR: &str = "HOLDFAST_RAFT_ADDR";
+pub const ENV_ADMIN_ADDR: &str = "HOLDFAST_ADMIN_ADDR";
+pub const ENV_JOIN: &str = "HOLDFAST_JOIN";
+pub const ENV_BOOTSTRAP: &str = "HOLDFAST_BOOTSTRAP";
+pub const ENV_LOG: &str = "HOLDFAST_LOG";
+pub const ENV_LOG_FORMAT: &str = "HOLDFAST_LOG_FORMAT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id in the cluster (> 0).
+    pub node_id: u64,
+    /// Where the Raft log, state machine and certificates live.
+    pub data_dir: PathBuf,
+    /// QUIC listen address, also the address peers dial (Raft and sync).
+    pub raft_addr: SocketAddr,
+    /// Admin API (HTTP/JSON and /metrics). Bind it to loopback unless
+    /// something else protects it.
+    #[serde(default = "default_admin")]
+    pub admin_addr: SocketAddr,
+    /// The next hop this node announces over BGP.
+    #[serde(default)]
+    pub bgp_next_hop: Option<std::net::IpAddr>,
+    /// Initialize a new cluster with this node as its first voter (ignored
+    /// if the data dir already holds a cluster).
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// Admin addresses of members to join through (learner, then voter).
+    #[serde(default)]
+    pub join: Vec<SocketAddr>,
+    /// On SIGTERM, leave the cluster (membership change) before exiting.
+    #[serde(default)]
+    pub leave_on_shutdown: bool,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    #[serde(default)]
+    pub datapath: DatapathSection,
+}
+
+fn default_admin() -> SocketAddr {
+    "127.0.0.1:7101".parse().expect("static")
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM): peers must present a certificate it signed.
+    pub ca_cert: PathBuf,
+    /// This node's certificate (PEM), issued by `clusterctl certs issue`.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many applied entries.
+    pub snapshot_logs: u64,
+    /// Keep this many logs after a snapshot for slow followers.
+    pub max_in_snapshot_log_to_keep: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs: 1000,
+            max_in_snapshot_log_to_keep: 100,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatapathSection {
+    /// Load the XDP datapath (needs root). Off: config only.
+    pub enabled: bool,
+    /// Interface to attach to; none: loaded and programmed, not attached.
+    pub interface: Option<String>,
+    pub mode: XdpMode,
+    /// bpffs directory for pinned maps and links (restart without loss).
+    pub pin_dir: Option<PathBuf>,
+    /// On shutdown keep the pinned datapath forwarding (true) or detach it.
+    pub keep_on_shutdown: bool,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub max_table_size: u32,
+    pub conntrack_size: u32,
+    pub ring_bytes: u32,
+    pub mtu: u32,
+    pub hash_seed: u32,
+    pub tcp_idle_timeout_s: u64,
+    pub udp_idle_timeout_s: u64,
+}
+
+impl Default for DatapathSection {
+    fn default() -> Self {
+        let d = DatapathOptions::default();
+        Self {
+            enabled: true,
+            interface: None,
+            mode: XdpMode::Native,
+            pin_dir: None,
+            keep_on_shutdown: true,
+            max_services: d.max_services,
+            max_backends: d.max_backends,
+            max_table_size: d.max_table_size,
+            conntrack_size: d.conntrack_size,
+            ring_bytes: d.ring_bytes,
+            mtu: d.mtu,
+            hash_seed: d.hash_seed,
+            tcp_idle_timeout_s: d.tcp_idle_timeout.as_secs(),
+            udp_idle_timeout_s: d.udp_idle_timeout.as_secs(),
+        }
+    }
+}
+
+impl DatapathSection {
+    pub fn options(&self, node_id: u64) -> DatapathOptions {
+        DatapathOptions {
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            max_table_size: self.max_table_size,
+            conntrack_size: self.conntrack_size,
+            ring_bytes: self.ring_bytes,
+            tcp_idle_timeout: Duration::from_secs(self.tcp_idle_timeout_s),
+            udp_idle_timeout: Duration::from_secs(self.udp_idle_timeout_s),
+            mtu: self.mtu,
+            node_id: node_id as u16,
+            hash_seed: self.hash_seed,
+            pin_dir: self.pin_dir.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Read the file, apply environment overrides, validate.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Apply `HOLDFAST_*` overrides from `get` (the environment in production).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get(ENV_NODE_ID) {
+            self.node_id = v
+                .parse()
+                .map_err(|_| invalid(ENV_NODE_ID, format!("{v:?} is not a number")))?;
+        }
+        if let Some(v) = get(ENV_DATA_DIR) {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get(ENV_RAFT_ADDR) {
+            self.raft_addr = v
+                .parse()
+                .map_err(|_| invalid(ENV_RAFT_ADDR, format!("{v:?} is not ip:port")))?;
+        }
+        if let Some(v) = get(ENV_ADMIN_ADDR) {
+            self.admin_addr = v
+                .parse()
+                .map_err(|_| invalid(ENV_ADMIN_ADDR, format!("{v:?} is not ip:port")))?;
+        }
+        if let Some(v) = get(ENV_JOIN) {
+            self.join = v
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .map_err(|_| invalid(ENV_JOIN, format!("{s:?} is not ip:port")))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = get(ENV_BOOTSTRAP) {
+            self.bootstrap = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 || self.node_id > u64::from(u16::MAX) {
+            return Err(invalid(
+                "node_id",
+                "must be 1..=65535 (it is stamped into conntrack entries as 16 bits)",
+            ));
+        }
+        if self.raft_addr.ip().is_unspecified() {
+            return Err(invalid(
+                "raft_addr",
+                "peers dial this address: give a concrete IP, not 0.0.0.0",
+            ));
+        }
+        if self.raft_addr.port() == 0 || self.admin_addr.port() == 0 {
+            return Err(invalid("raft_addr/admin_addr", "port 0 is not allowed"));
+        }
+        if self.bootstrap && !self.join.is_empty() {
+            return Err(invalid(
+                "bootstrap",
+                "a node either bootstraps a new cluster or joins one, not both",
+            ));
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 || r.election_timeout_min_ms <= r.heartbeat_ms * 2 {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                "must exceed twice raft.heartbeat_ms",
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must exceed raft.election_timeout_min_ms",
+            ));
+        }
+        if r.snapshot_logs == 0 {
+            return Err(invalid("raft.snapshot_logs", "must be at least 1"));
+        }
+        if self.datapath.enabled {
+            self.datapath
+                .options(self.node_id)
+                .validate()
+                .map_err(|e| match e {
+                    datapath_ebpf::Error::InvalidConfig { field, reason } => {
+                        invalid(&format!("datapath.{field}"), reason)
+                    }
+                    other => invalid("datapath", other.to_string()),
+                })?;
+            if self.datapath.tcp_idle_timeout_s == 0 || self.datapath.udp_idle_timeout_s == 0 {
+                return Err(invalid("datapath.*_idle_timeout_s", "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn raft_dir(&self) -> PathBuf {
+        self.data_dir.join("raft")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 1
+data_dir = "/tmp/x"
+raft_addr = "127.0.0.1:7001"
+bootstrap = true
+[tls]
+ca_cert = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[datapath]
+enabled = false
+"#;
+
+    #[test]
+    fn parses_and_validates() {
+        let c = NodeConfig::parse(GOOD).expect("good config");
+        c.validate().expect("valid");
+        assert_eq!(c.admin_addr, default_admin());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = NodeConfig::parse(&format!("{GOOD}\nbogus = 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = NodeConfig::parse(&GOOD.replace("enabled = false", "enabled = false\nmtuu = 9000"))
+            .unwrap_err();
+        assert!(e.contains("mtuu"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.node_id = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("node_id"));
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.raft_addr = "0.0.0.0:7001".parse().expect("a");
+        assert!(c.validate().unwrap_err().to_string().contains("raft_addr"));
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.datapath.enabled = true;
+        c.datapath.mtu = 100;
+        assert!(c.validate().unwrap_err().to_string().contains("datapath.mtu"));
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.join = vec!["127.0.0.1:1".parse().expect("a")];
+        assert!(c.validate().unwrap_err().to_string().contains("bootstrap"));
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.apply_env(|k| match k {
+            ENV_NODE_ID => Some("7".into()),
+            ENV_JOIN => Some("127.0.0.1:1, 127.0.0.1:2".into()),
+            ENV_BOOTSTRAP => Some("false".into()),
+            _ => None,
+        })
+        .expect("env");
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.join.len(), 2);
+        assert!(!c.bootstrap);
+        let e = c
+            .apply_env(|k| (k == ENV_RAFT_ADDR).then(|| "nope".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains(ENV_RAFT_ADDR));
+    }
+}

@@ -1,0 +1,466 @@
+//! The node: Raft over QUIC, the config state machine, the datapath it
+//! programs from every committed epoch, and cluster membership operations.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use datapath_ebpf::{
+    AttachMode, BackendSpec, BackendState as DpState, Datapath, DatapathConfig, Proto as DpProto,
+    ServiceSpec,
+};
+use openraft::{error::ClientWriteError, BasicNode, ChangeMembers, ServerState};
+use raft_store::{
+    cluster::{BackendState, ClusterState, Member, Proto},
+    types::Raft,
+    Command, Request, Response, StateMachineStore,
+};
+use tracing::{error, info, instrument, warn};
+
+use crate::{
+    config::{NodeConfig, XdpMode},
+    metrics::Metrics,
+    raft_net::{handler, HeartbeatClock, RaftNet},
+    tls::Identity,
+    transport::Transport,
+};
+
+/// The datapath and what is known about it.
+pub struct DatapathHandle {
+    pub dp: Mutex<Datapath>,
+    pub interface: Option<String>,
+}
+
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub transport: Arc<Transport>,
+    pub datapath: Option<Arc<DatapathHandle>>,
+    pub metrics: Arc<Metrics>,
+    pub heartbeat: Arc<HeartbeatClock>,
+    /// Config epoch last programmed into the datapath (or, with the
+    /// datapath disabled, last seen applied by the state machine).
+    pub applied_epoch: Arc<AtomicU64>,
+    pub applied_tx: tokio::sync::watch::Sender<u64>,
+    shutting_down: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Map the replicated config to what the datapath is programmed with.
+pub fn to_datapath(state: &ClusterState) -> DatapathConfig {
+    DatapathConfig {
+        epoch: state.epoch,
+        services: state
+            .services
+            .values()
+            .map(|s| ServiceSpec {
+                vip: s.vip,
+                port: s.port,
+                proto: match s.proto {
+                    Proto::Tcp => DpProto::Tcp,
+                    Proto::Udp => DpProto::Udp,
+                },
+                table_size: s.table_size,
+                backends: state
+                    .backends_of(&s.name)
+                    .map(|b| BackendSpec {
+                        id: b.id,
+                        addr: b.addr,
+                        weight: b.weight,
+                        state: match b.state {
+                            BackendState::Active => DpState::Active,
+                            BackendState::Draining => DpState::Draining,
+                        },
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Outcome of a write, for the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("not the leader; leader is {leader:?}")]
+    NotLeader { leader: Option<(u64, String)> },
+    #[error("no leader is known right now; retry")]
+    NoLeader,
+    #[error("{0}")]
+    Raft(String),
+}
+
+impl Node {
+    /// Start a node: storage, QUIC endpoint, Raft, datapath, apply loop,
+    /// bootstrap or join.
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<Self>> {
+        crate::tls::install_crypto_provider();
+        cfg.validate()?;
+        let identity = Identity::load(&cfg.tls.ca_cert, &cfg.tls.cert, &cfg.tls.key)?;
+        let cert_id = identity.node_id()?;
+        if cert_id != cfg.node_id {
+            bail!(
+                "the certificate {} is for node {cert_id}, but node_id is {}",
+                cfg.tls.cert.display(),
+                cfg.node_id
+            );
+        }
+        let (log, sm) = raft_store::open(&cfg.raft_dir())
+            .await
+            .map_err(|e| anyhow!("opening raft storage in {}: {e}", cfg.raft_dir().display()))?;
+        let transport = Transport::bind(cfg.raft_addr, &identity)?;
+        let rc = openraft::Config {
+            cluster_name: "holdfast".into(),
+            heartbeat_interval: cfg.raft.heartbeat_ms,
+            election_timeout_min: cfg.raft.election_timeout_min_ms,
+            election_timeout_max: cfg.raft.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs),
+            max_in_snapshot_log_to_keep: cfg.raft.max_in_snapshot_log_to_keep,
+            install_snapshot_timeout: 2000,
+            ..Default::default()
+        }
+        .validate()
+        .context("raft settings")?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(rc),
+            RaftNet {
+                transport: transport.clone(),
+            },
+            log,
+            sm.clone(),
+        )
+        .await
+        .context("starting raft")?;
+        let heartbeat = Arc::new(HeartbeatClock::default());
+        let server = transport.serve(handler(raft.clone(), heartbeat.clone()));
+
+        let datapath = if cfg.datapath.enabled {
+            let opts = cfg.datapath.options(cfg.node_id);
+            let iface = cfg.datapath.interface.clone();
+            let mode = match cfg.datapath.mode {
+                XdpMode::Native => AttachMode::Native,
+                XdpMode::Generic => AttachMode::Generic,
+            };
+            let handle = tokio::task::spawn_blocking(move || -> Result<DatapathHandle> {
+                let mut dp = Datapath::load(opts)?;
+                if let Some(i) = &iface {
+                    dp.attach(i, mode)?;
+                }
+                Ok(DatapathHandle {
+                    dp: Mutex::new(dp),
+                    interface: iface,
+                })
+            })
+            .await??;
+            Some(Arc::new(handle))
+        } else {
+            None
+        };
+
+        let (applied_tx, _) = tokio::sync::watch::channel(0);
+        let node = Arc::new(Self {
+            cfg,
+            raft,
+            sm,
+            transport,
+            datapath,
+            metrics: Arc::new(Metrics::default()),
+            heartbeat,
+            applied_epoch: Arc::new(AtomicU64::new(0)),
+            applied_tx,
+            shutting_down: AtomicBool::new(false),
+            tasks: Mutex::new(vec![server]),
+        });
+        let apply = tokio::spawn(node.clone().apply_loop());
+        node.tasks.lock().expect("tasks").push(apply);
+
+        if node.cfg.bootstrap && !node.raft.is_initialized().await? {
+            let mut members = BTreeMap::new();
+            members.insert(
+                node.cfg.node_id,
+                BasicNode {
+                    addr: node.cfg.raft_addr.to_string(),
+                },
+            );
+            node.raft.initialize(members).await.context("bootstrap")?;
+            info!(node = node.cfg.node_id, "bootstrapped a new cluster");
+        }
+        let reg = tokio::spawn(node.clone().register_loop());
+        node.tasks.lock().expect("tasks").push(reg);
+        let listener = tokio::net::TcpListener::bind(node.cfg.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin API on {}", node.cfg.admin_addr))?;
+        let api = tokio::spawn(crate::api::serve(node.clone(), listener));
+        node.tasks.lock().expect("tasks").push(api);
+        info!(node = node.id(), raft = %node.cfg.raft_addr, admin = %node.cfg.admin_addr, "node started");
+        Ok(node)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.node_id
+    }
+
+    fn member(&self) -> Member {
+        Member {
+            node_id: self.cfg.node_id,
+            raft_addr: self.cfg.raft_addr.to_string(),
+            admin_addr: self.cfg.admin_addr.to_string(),
+            bgp_next_hop: self.cfg.bgp_next_hop,
+        }
+    }
+
+    /// Program every new committed epoch into the datapath.
+    async fn apply_loop(self: Arc<Self>) {
+        let mut rx = self.sm.subscribe();
+        loop {
+            let data = rx.borrow_and_update().clone();
+            let epoch = data.state.epoch;
+            if epoch != self.applied_epoch.load(Ordering::Relaxed) || epoch == 0 {
+                let t0 = Instant::now();
+                let ok = match &self.datapath {
+                    Some(h) => {
+                        let h = h.clone();
+                        let cfg = to_datapath(&data.state);
+                        match tokio::task::spawn_blocking(move || h.dp.lock().expect("dp").apply(&cfg)).await {
+                            Ok(Ok(_)) => true,
+                            Ok(Err(e)) => {
+                                error!(epoch, error = %e, "datapath refused config epoch");
+                                false
+                            }
+                            Err(e) => {
+                                error!(epoch, error = %e, "datapath apply task failed");
+                                false
+                            }
+                        }
+                    }
+                    None => true,
+                };
+                if ok {
+                    self.metrics.datapath_apply.observe(t0.elapsed());
+                    self.applied_epoch.store(epoch, Ordering::Relaxed);
+                    self.applied_tx.send_replace(epoch);
+                } else {
+                    self.metrics
+                        .datapath_apply_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Make sure this node is a voter and registered as a member: join
+    /// through `join` addresses, or (as bootstrap leader) register itself.
+    async fn register_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.shutting_down.load(Ordering::Relaxed) {
+                return;
+            }
+            let state = self.sm.current();
+            let registered = state.state.members.contains_key(&self.id());
+            let voter = state
+                .last_membership
+                .membership()
+                .voter_ids()
+                .any(|v| v == self.id());
+            if registered && voter {
+                return;
+            }
+            let res = if voter || self.cfg.join.is_empty() {
+                // A voter (e.g. the bootstrap node): register through the leader.
+                self.write(Command::PutMember {
+                    member: self.member(),
+                }
+                .into())
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow!("{e}"))
+            } else {
+                self.join_through_peers().await
+            };
+            match res {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    info!(error = %e, "not yet a registered voter; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn join_through_peers(&self) -> Result<()> {
+        let member = self.member();
+        let mut last = anyhow!("no join address");
+        for addr in &self.cfg.join {
+            match crate::client::post_json::<_, serde_json::Value>(&addr.to_string(), "/cluster/join", &member).await {
+                Ok(_) => {
+                    info!(via = %addr, "joined the cluster");
+                    return Ok(());
+                }
+                Err(e) => last = anyhow!("join via {addr}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    /// The leader's id and admin address, if known.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let id = self.raft.metrics().borrow().current_leader?;
+        let admin = self
+            .sm
+            .current()
+            .state
+            .members
+            .get(&id)
+            .map(|m| m.admin_addr.clone())
+            .unwrap_or_default();
+        Some((id, admin))
+    }
+
+    /// Submit a request on this node (must be the leader).
+    #[instrument(skip_all, fields(node = self.id()))]
+    pub async fn write(&self, req: Request) -> Result<Response, WriteError> {
+        let t0 = Instant::now();
+        match self.raft.client_write(req).await {
+            Ok(r) => {
+                self.metrics.commit_latency.observe(t0.elapsed());
+                if r.data.rejected.is_some() {
+                    self.metrics.commands_rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(r.data)
+            }
+            Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                match f.leader_id {
+                    Some(_) => Err(WriteError::NotLeader {
+                        leader: self.leader(),
+                    }),
+                    None => Err(WriteError::NoLeader),
+                }
+            }
+            Err(e) => Err(WriteError::Raft(e.to_string())),
+        }
+    }
+
+    /// Leader side of a join: learner first (caught up), then voter, then
+    /// registered as a member.
+    #[instrument(skip_all, fields(joining = m.node_id))]
+    pub async fn add_member(&self, m: Member) -> Result<Response, WriteError> {
+        let node = BasicNode {
+            addr: m.raft_addr.clone(),
+        };
+        let is_voter = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == m.node_id);
+        if !is_voter {
+            self.raft
+                .add_learner(m.node_id, node, true)
+                .await
+                .map_err(|e| map_membership_err(self, e))?;
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.node_id])), false)
+                .await
+                .map_err(|e| map_membership_err(self, e))?;
+            info!(node = m.node_id, "added voter");
+        }
+        self.write(Command::PutMember { member: m }.into()).await
+    }
+
+    /// Leader side of leave/remove: out of the voters, then unregistered.
+    #[instrument(skip_all, fields(leaving = node_id))]
+    pub async fn remove_member(&self, node_id: u64) -> Result<Response, WriteError> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let known = membership.nodes().any(|(id, _)| *id == node_id);
+        if known {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), false)
+                .await
+                .map_err(|e| map_membership_err(self, e))?;
+            info!(node = node_id, "removed voter");
+        }
+        let resp = self.write(Command::RemoveMember { node_id }.into()).await?;
+        Ok(resp)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Stop: optionally leave the cluster first, then Raft, the endpoint and
+    /// the datapath (kept pinned or detached per config).
+    pub async fn shutdown(&self, leave: bool) {
+        if self.shutting_down.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if leave {
+            if let Err(e) = crate::client::leave(self).await {
+                warn!(error = %e, "could not leave the cluster cleanly");
+            }
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+        self.transport.close();
+        for t in self.tasks.lock().expect("tasks").drain(..) {
+            t.abort();
+        }
+        if let Some(h) = &self.datapath {
+            if !self.cfg.datapath.keep_on_shutdown {
+                if let Some(i) = &h.interface {
+                    if let Err(e) = h.dp.lock().expect("dp").detach(i) {
+                        warn!(error = %e, "detaching the datapath");
+                    }
+                }
+            }
+        }
+        info!(node = self.id(), "stopped");
+    }
+
+    /// Raft role as shown to operators.
+    pub fn role(&self) -> &'static str {
+        let m = self.raft.metrics().borrow().clone();
+        match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Shutdown => "shutdown",
+            ServerState::Learner => "learner",
+            ServerState::Follower => {
+                if m.membership_config.membership().voter_ids().any(|v| v == self.id()) {
+                    "follower"
+                } else {
+                    "learner"
+                }
+            }
+        }
+    }
+}
+
+fn map_membership_err(
+    node: &Node,
+    e: openraft::error::RaftError<u64, ClientWriteError<u64, BasicNode>>,
+) -> WriteError {
+    match e {
+        openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
+            Some(_) => WriteError::NotLeader {
+                leader: node.leader(),
+            },
+            None => WriteError::NoLeader,
+        },
+        other => WriteError::Raft(other.to_string()),
+    }
+}
