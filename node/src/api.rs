@@ -105,13 +105,20 @@ impl From<ClientError> for ApiErr {
     fn from(e: ClientError) -> Self {
         match e {
             ClientError::Api {
-                status, kind, error, ..
+                status,
+                kind,
+                error,
+                ..
             } => err(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
                 &kind,
                 error,
             ),
-            other => err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", other.to_string()),
+            other => err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                other.to_string(),
+            ),
         }
     }
 }
@@ -174,11 +181,10 @@ pub fn local_status(node: &Node) -> LocalStatus {
         },
         voters: membership.voter_ids().collect(),
         learners: membership.learner_ids().collect(),
-        replication: m.replication.as_ref().map(|r| {
-            r.iter()
-                .map(|(id, l)| (*id, l.map(|l| l.index)))
-                .collect()
-        }),
+        replication: m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect()),
         datapath_enabled: node.datapath.is_some(),
         datapath_attached: attached,
         conntrack_entries: entries,
@@ -234,9 +240,11 @@ async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
                 Ok(me)
             } else {
                 match &admin {
-                    Some(a) => client::get_json::<LocalStatus>(a, "/status", Duration::from_millis(800))
-                        .await
-                        .map_err(|e| e.to_string()),
+                    Some(a) => {
+                        client::get_json::<LocalStatus>(a, "/status", Duration::from_millis(800))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
                     None => Err("not registered (no admin address)".into()),
                 }
             };
@@ -283,10 +291,14 @@ async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
 
 fn write_err(e: WriteError) -> ApiErr {
     match e {
-        WriteError::NoLeader | WriteError::NotLeader { leader: None } => {
-            err(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "no leader is known; retry")
-        }
-        WriteError::NotLeader { leader: Some((id, _)) } => err(
+        WriteError::NoLeader | WriteError::NotLeader { leader: None } => err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no leader is known; retry",
+        ),
+        WriteError::NotLeader {
+            leader: Some((id, _)),
+        } => err(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_leader",
             format!("leadership moved to node {id} while writing; retry"),
@@ -320,7 +332,11 @@ async fn leader_or_forward<B: Serialize + Send + 'static>(
         ));
     }
     let Some((leader, admin)) = node.leader() else {
-        return Err(err(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "no leader is known; retry"));
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no leader is known; retry",
+        ));
     };
     if admin.is_empty() {
         return Err(err(
@@ -329,7 +345,9 @@ async fn leader_or_forward<B: Serialize + Send + 'static>(
             format!("leader {leader} has not registered its admin address yet; retry"),
         ));
     }
-    node.metrics.writes_forwarded.fetch_add(1, Ordering::Relaxed);
+    node.metrics
+        .writes_forwarded
+        .fetch_add(1, Ordering::Relaxed);
     let r = tokio::task::spawn_blocking(move || {
         client::post_blocking::<_, Response>(&admin, path, &body, Duration::from_secs(30), true)
     })
@@ -357,10 +375,18 @@ async fn join(
 ) -> Result<Json<Response>, ApiErr> {
     let Json(m) = body?;
     if m.node_id == 0 {
-        return Err(err(StatusCode::BAD_REQUEST, "bad_request", "node_id must be positive"));
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "node_id must be positive",
+        ));
     }
     if m.raft_addr.parse::<std::net::SocketAddr>().is_err() {
-        return Err(err(StatusCode::BAD_REQUEST, "bad_request", format!("raft_addr {:?} is not ip:port", m.raft_addr)));
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("raft_addr {:?} is not ip:port", m.raft_addr),
+        ));
     }
     if let Some(r) = leader_or_forward(&node, &headers, "/cluster/join", m.clone()).await? {
         return answer(r);
@@ -374,7 +400,14 @@ async fn remove(
     body: Result<Json<RemoveRequest>, JsonRejection>,
 ) -> Result<Json<Response>, ApiErr> {
     let Json(r) = body?;
-    if let Some(resp) = leader_or_forward(&node, &headers, "/cluster/remove", RemoveRequest { node_id: r.node_id }).await? {
+    if let Some(resp) = leader_or_forward(
+        &node,
+        &headers,
+        "/cluster/remove",
+        RemoveRequest { node_id: r.node_id },
+    )
+    .await?
+    {
         return answer(resp);
     }
     answer(node.remove_member(r.node_id).await.map_err(write_err)?)
@@ -393,7 +426,11 @@ pub fn render_metrics(node: &Node) -> String {
     let mut out = String::new();
     let mut w = Writer(&mut out);
     let st = local_status(node);
-    w.family("holdfast_raft_role", "1 for the node's current Raft role", "gauge");
+    w.family(
+        "holdfast_raft_role",
+        "1 for the node's current Raft role",
+        "gauge",
+    );
     for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
         w.sample(
             "holdfast_raft_role",
@@ -401,7 +438,12 @@ pub fn render_metrics(node: &Node) -> String {
             if st.role == role { 1.0 } else { 0.0 },
         );
     }
-    w.gauge("holdfast_raft_term", "Current Raft term", &[], st.term as f64);
+    w.gauge(
+        "holdfast_raft_term",
+        "Current Raft term",
+        &[],
+        st.term as f64,
+    );
     w.gauge(
         "holdfast_raft_leader",
         "Node id of the current leader (0: none)",
@@ -414,7 +456,12 @@ pub fn render_metrics(node: &Node) -> String {
         &[],
         st.last_applied_index.unwrap_or(0) as f64,
     );
-    w.gauge("holdfast_config_epoch", "Epoch of the replicated config held here", &[], st.config_epoch as f64);
+    w.gauge(
+        "holdfast_config_epoch",
+        "Epoch of the replicated config held here",
+        &[],
+        st.config_epoch as f64,
+    );
     w.gauge(
         "holdfast_datapath_applied_epoch",
         "Config epoch programmed into this node's datapath",
@@ -457,11 +504,21 @@ pub fn render_metrics(node: &Node) -> String {
                     "holdfast_datapath_{}_total",
                     name.trim_start_matches("LB_STAT_").to_lowercase()
                 );
-                w.counter(&metric, "Datapath counter (see docs/operations.md)", &[], s.c[*i]);
+                w.counter(
+                    &metric,
+                    "Datapath counter (see docs/operations.md)",
+                    &[],
+                    s.c[*i],
+                );
             }
         }
         if let Some(n) = st.conntrack_entries {
-            w.gauge("holdfast_conntrack_entries", "Entries in the conntrack map", &[], n as f64);
+            w.gauge(
+                "holdfast_conntrack_entries",
+                "Entries in the conntrack map",
+                &[],
+                n as f64,
+            );
         }
         if let Ok(per) = dp.service_stats() {
             let state = node.sm.current();

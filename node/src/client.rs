@@ -53,7 +53,10 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-fn finish<T: DeserializeOwned>(addr: &str, res: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<T, ClientError> {
+fn finish<T: DeserializeOwned>(
+    addr: &str,
+    res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<T, ClientError> {
     let mut resp = res.map_err(|e| ClientError::Unreachable {
         addr: addr.into(),
         reason: e.to_string(),
@@ -85,7 +88,11 @@ fn finish<T: DeserializeOwned>(addr: &str, res: Result<ureq::http::Response<ureq
 }
 
 /// Blocking GET of JSON.
-pub fn get_blocking<T: DeserializeOwned>(addr: &str, path: &str, timeout: Duration) -> Result<T, ClientError> {
+pub fn get_blocking<T: DeserializeOwned>(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<T, ClientError> {
     let url = format!("http://{addr}{path}");
     finish(addr, agent(timeout).get(&url).call())
 }
@@ -114,13 +121,19 @@ pub async fn post_json<B: Serialize, T: DeserializeOwned + Send + 'static>(
 ) -> Result<T> {
     let body = serde_json::to_value(body)?;
     let (addr, path) = (addr.to_string(), path.to_string());
-    tokio::task::spawn_blocking(move || post_blocking(&addr, &path, &body, Duration::from_secs(5), false))
-        .await?
-        .map_err(|e| anyhow!("{e}"))
+    tokio::task::spawn_blocking(move || {
+        post_blocking(&addr, &path, &body, Duration::from_secs(5), false)
+    })
+    .await?
+    .map_err(|e| anyhow!("{e}"))
 }
 
 /// Async GET (on the blocking pool).
-pub async fn get_json<T: DeserializeOwned + Send + 'static>(addr: &str, path: &str, timeout: Duration) -> Result<T, ClientError> {
+pub async fn get_json<T: DeserializeOwned + Send + 'static>(
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<T, ClientError> {
     let (a, p) = (addr.to_string(), path.to_string());
     tokio::task::spawn_blocking(move || get_blocking(&a, &p, timeout))
         .await

@@ -341,7 +341,11 @@ enabled = false
         let mut c = NodeConfig::parse(GOOD).expect("parse");
         c.datapath.enabled = true;
         c.datapath.mtu = 100;
-        assert!(c.validate().unwrap_err().to_string().contains("datapath.mtu"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("datapath.mtu"));
         let mut c = NodeConfig::parse(GOOD).expect("parse");
         c.join = vec!["127.0.0.1:1".parse().expect("a")];
         assert!(c.validate().unwrap_err().to_string().contains("bootstrap"));

@@ -31,6 +31,9 @@ use crate::{
     transport::Transport,
 };
 
+/// How long a joining node may take to catch up as a learner.
+pub const JOIN_CATCH_UP: Duration = Duration::from_secs(8);
+
 /// The datapath and what is known about it.
 pub struct DatapathHandle {
     pub dp: Mutex<Datapath>,
@@ -228,7 +231,11 @@ impl Node {
                     Some(h) => {
                         let h = h.clone();
                         let cfg = to_datapath(&data.state);
-                        match tokio::task::spawn_blocking(move || h.dp.lock().expect("dp").apply(&cfg)).await {
+                        match tokio::task::spawn_blocking(move || {
+                            h.dp.lock().expect("dp").apply(&cfg)
+                        })
+                        .await
+                        {
                             Ok(Ok(_)) => true,
                             Ok(Err(e)) => {
                                 error!(epoch, error = %e, "datapath refused config epoch");
@@ -278,10 +285,12 @@ impl Node {
             }
             let res = if voter || self.cfg.join.is_empty() {
                 // A voter (e.g. the bootstrap node): register through the leader.
-                self.write(Command::PutMember {
-                    member: self.member(),
-                }
-                .into())
+                self.write(
+                    Command::PutMember {
+                        member: self.member(),
+                    }
+                    .into(),
+                )
                 .await
                 .map(|_| ())
                 .map_err(|e| anyhow!("{e}"))
@@ -303,7 +312,13 @@ impl Node {
         let member = self.member();
         let mut last = anyhow!("no join address");
         for addr in &self.cfg.join {
-            match crate::client::post_json::<_, serde_json::Value>(&addr.to_string(), "/cluster/join", &member).await {
+            match crate::client::post_json::<_, serde_json::Value>(
+                &addr.to_string(),
+                "/cluster/join",
+                &member,
+            )
+            .await
+            {
                 Ok(_) => {
                     info!(via = %addr, "joined the cluster");
                     return Ok(());
@@ -336,7 +351,9 @@ impl Node {
             Ok(r) => {
                 self.metrics.commit_latency.observe(t0.elapsed());
                 if r.data.rejected.is_some() {
-                    self.metrics.commands_rejected.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .commands_rejected
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(r.data)
             }
@@ -369,16 +386,61 @@ impl Node {
             .any(|v| v == m.node_id);
         if !is_voter {
             self.raft
-                .add_learner(m.node_id, node, true)
+                .add_learner(m.node_id, node, false)
                 .await
                 .map_err(|e| map_membership_err(self, e))?;
+            // Promote only a learner that has really replicated our log: one
+            // that cannot be reached (or refuses our certificate) never
+            // matches, and is taken out again.
+            if let Err(e) = self.wait_caught_up(m.node_id, JOIN_CATCH_UP).await {
+                let _ = self
+                    .raft
+                    .change_membership(
+                        ChangeMembers::RemoveNodes(BTreeSet::from([m.node_id])),
+                        false,
+                    )
+                    .await;
+                return Err(e);
+            }
             self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.node_id])), false)
+                .change_membership(
+                    ChangeMembers::AddVoterIds(BTreeSet::from([m.node_id])),
+                    false,
+                )
                 .await
                 .map_err(|e| map_membership_err(self, e))?;
             info!(node = m.node_id, "added voter");
         }
         self.write(Command::PutMember { member: m }.into()).await
+    }
+
+    /// Wait until the leader's replication to `id` has matched its log.
+    async fn wait_caught_up(&self, id: u64, timeout: Duration) -> Result<(), WriteError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.raft.metrics().borrow().clone();
+            let last = m.last_log_index.unwrap_or(0);
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).cloned().flatten())
+                .map(|l| l.index);
+            if matched.is_some_and(|x| x + 1 >= last) {
+                return Ok(());
+            }
+            if m.state != ServerState::Leader {
+                return Err(WriteError::NotLeader {
+                    leader: self.leader(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(WriteError::Raft(format!(
+                    "node {id} did not catch up within {timeout:?} (unreachable, or its \
+                     certificate is not from this cluster's CA); matched {matched:?} of {last}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Leader side of leave/remove: out of the voters, then unregistered.
@@ -388,7 +450,10 @@ impl Node {
         let known = membership.nodes().any(|(id, _)| *id == node_id);
         if known {
             self.raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), false)
+                .change_membership(
+                    ChangeMembers::RemoveVoters(BTreeSet::from([node_id])),
+                    false,
+                )
                 .await
                 .map_err(|e| map_membership_err(self, e))?;
             info!(node = node_id, "removed voter");
@@ -440,7 +505,11 @@ impl Node {
             ServerState::Shutdown => "shutdown",
             ServerState::Learner => "learner",
             ServerState::Follower => {
-                if m.membership_config.membership().voter_ids().any(|v| v == self.id()) {
+                if m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == self.id())
+                {
                     "follower"
                 } else {
                     "learner"
@@ -455,12 +524,14 @@ fn map_membership_err(
     e: openraft::error::RaftError<u64, ClientWriteError<u64, BasicNode>>,
 ) -> WriteError {
     match e {
-        openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
-            Some(_) => WriteError::NotLeader {
-                leader: node.leader(),
-            },
-            None => WriteError::NoLeader,
-        },
+        openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            match f.leader_id {
+                Some(_) => WriteError::NotLeader {
+                    leader: node.leader(),
+                },
+                None => WriteError::NoLeader,
+            }
+        }
         other => WriteError::Raft(other.to_string()),
     }
 }

@@ -85,7 +85,9 @@ impl RaftConn {
             .call(self.target, addr, kind, &body, ttl)
             .await
             .map_err(|e| match e {
-                CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&Msg(format!("{e:#}")))),
+                CallError::Unreachable(e) => {
+                    RPCError::Unreachable(Unreachable::new(&Msg(format!("{e:#}"))))
+                }
                 other => RPCError::Network(NetworkError::new(&other)),
             })?;
         let result: Result<Resp, RaftError<NodeId, E>> =
@@ -160,8 +162,8 @@ pub fn handler(raft: Raft, heartbeat: Arc<HeartbeatClock>) -> Handler {
         Box::pin(async move {
             match kind {
                 RPC_APPEND => {
-                    let req: AppendEntriesRequest<TypeConfig> =
-                        serde_json::from_slice(&body).map_err(|e| format!("bad append_entries: {e}"))?;
+                    let req: AppendEntriesRequest<TypeConfig> = serde_json::from_slice(&body)
+                        .map_err(|e| format!("bad append_entries: {e}"))?;
                     heartbeat.beat();
                     reply(&raft.append_entries(req).await)
                 }
@@ -171,8 +173,8 @@ pub fn handler(raft: Raft, heartbeat: Arc<HeartbeatClock>) -> Handler {
                     reply(&raft.vote(req).await)
                 }
                 RPC_SNAPSHOT => {
-                    let req: InstallSnapshotRequest<TypeConfig> =
-                        serde_json::from_slice(&body).map_err(|e| format!("bad install_snapshot: {e}"))?;
+                    let req: InstallSnapshotRequest<TypeConfig> = serde_json::from_slice(&body)
+                        .map_err(|e| format!("bad install_snapshot: {e}"))?;
                     heartbeat.beat();
                     reply(&raft.install_snapshot(req).await)
                 }

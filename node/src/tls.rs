@@ -57,7 +57,8 @@ pub enum Subject {
 /// Issue a certificate signed by the CA: (certificate PEM, key PEM).
 pub fn issue(ca_cert_pem: &str, ca_key_pem: &str, subject: &Subject) -> Result<(String, String)> {
     let ca_key = KeyPair::from_pem(ca_key_pem).context("parsing the CA key")?;
-    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).context("parsing the CA certificate")?;
+    let issuer =
+        Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).context("parsing the CA certificate")?;
     let key = KeyPair::generate()?;
     let (cn, sans) = match subject {
         Subject::Node { id, .. } => {
@@ -66,7 +67,10 @@ pub fn issue(ca_cert_pem: &str, ca_key_pem: &str, subject: &Subject) -> Result<(
             }
             (format!("node-{id}"), vec![node_server_name(*id)])
         }
-        Subject::Admin { name } => (format!("admin-{name}"), vec![format!("{name}.admin.holdfast")]),
+        Subject::Admin { name } => (
+            format!("admin-{name}"),
+            vec![format!("{name}.admin.holdfast")],
+        ),
     };
     let mut params = CertificateParams::new(sans)?;
     if let Subject::Node { ips, .. } = subject {
@@ -151,7 +155,9 @@ impl Identity {
 
     fn roots(&self) -> Result<Arc<RootCertStore>> {
         let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone()).context("adding the cluster CA")?;
+        roots
+            .add(self.ca.clone())
+            .context("adding the cluster CA")?;
         Ok(Arc::new(roots))
     }
 
@@ -232,7 +238,8 @@ mod tests {
         .expect("issue");
         let id = Identity::from_pem(&ca, &cert, &key).expect("identity");
         assert_eq!(id.node_id().expect("id"), 42);
-        let (admin, _) = issue(&ca, &ca_key, &Subject::Admin { name: "ops".into() }).expect("admin");
+        let (admin, _) =
+            issue(&ca, &ca_key, &Subject::Admin { name: "ops".into() }).expect("admin");
         let admin = CertificateDer::from_pem_slice(admin.as_bytes()).expect("pem");
         assert!(node_id_of(&admin).is_err(), "an admin cert is not a node");
     }

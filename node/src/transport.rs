@@ -30,7 +30,8 @@ pub const MAX_RPC_BYTES: usize = 64 << 20;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Handles one RPC: (peer node id, kind, body) → response body or error text.
-pub type Handler = Arc<dyn Fn(u64, u8, Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> + Send + Sync>;
+pub type Handler =
+    Arc<dyn Fn(u64, u8, Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> + Send + Sync>;
 
 #[derive(Default)]
 pub struct TransportStats {
@@ -71,7 +72,10 @@ impl Transport {
     }
 
     fn is_isolated(&self, peer: u64) -> bool {
-        self.isolated.lock().expect("isolation lock").contains(&peer)
+        self.isolated
+            .lock()
+            .expect("isolation lock")
+            .contains(&peer)
     }
 
     /// Accept connections and serve RPCs with `handler` until the endpoint closes.
@@ -142,29 +146,40 @@ impl Transport {
     }
 
     async fn connection(&self, peer: u64, addr: SocketAddr) -> Result<quinn::Connection> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&peer) {
+        if let Some(c) = self.conns.lock().await.get(&peer) {
             if c.close_reason().is_none() && c.remote_address() == addr {
                 return Ok(c.clone());
             }
         }
+        // Connect without holding the cache lock: a dead peer's handshake
+        // must not delay RPCs to live ones.
         let conn = self
             .endpoint
             .connect(addr, &node_server_name(peer))?
             .await
             .with_context(|| format!("connecting to node {peer} at {addr}"))?;
         info!(peer, %addr, "connected to peer");
-        conns.insert(peer, conn.clone());
+        self.conns.lock().await.insert(peer, conn.clone());
         Ok(conn)
     }
 
     /// One RPC to node `peer` at `addr`, bounded by `timeout`.
-    pub async fn call(&self, peer: u64, addr: SocketAddr, kind: u8, body: &[u8], timeout: Duration) -> Result<Vec<u8>, CallError> {
+    pub async fn call(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        kind: u8,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, CallError> {
         if self.is_isolated(peer) {
             return Err(CallError::Unreachable(anyhow!("node {peer} is isolated")));
         }
         let fut = async {
-            let conn = self.connection(peer, addr).await.map_err(CallError::Unreachable)?;
+            let conn = self
+                .connection(peer, addr)
+                .await
+                .map_err(CallError::Unreachable)?;
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
@@ -188,7 +203,9 @@ impl Transport {
         };
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(CallError::Network(anyhow!("RPC to node {peer} timed out after {timeout:?}"))),
+            Err(_) => Err(CallError::Network(anyhow!(
+                "RPC to node {peer} timed out after {timeout:?}"
+            ))),
         }
     }
 
@@ -215,6 +232,8 @@ pub fn peer_id(conn: &quinn::Connection) -> Result<u64> {
         .ok_or_else(|| anyhow!("peer presented no certificate"))?
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .map_err(|_| anyhow!("unexpected peer identity type"))?;
-    let first = certs.first().ok_or_else(|| anyhow!("empty certificate chain"))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| anyhow!("empty certificate chain"))?;
     node_id_of(first)
 }

@@ -30,7 +30,12 @@ enum Output {
 #[command(version, about = "Operate a Holdfast L4 load-balancer cluster")]
 struct Cli {
     /// Admin API address of any node of the cluster.
-    #[arg(long = "node", global = true, env = "HOLDFAST_ADMIN", default_value = "127.0.0.1:7101")]
+    #[arg(
+        long = "node",
+        global = true,
+        env = "HOLDFAST_ADMIN",
+        default_value = "127.0.0.1:7101"
+    )]
     node_api: String,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
@@ -179,9 +184,16 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn print<T: Serialize>(out: Output, v: &T, table: impl FnOnce(&T) -> String) -> Result<(), Failure> {
+fn print<T: Serialize>(
+    out: Output,
+    v: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), Failure> {
     match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v).map_err(|e| anyhow!(e))?),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(v).map_err(|e| anyhow!(e))?
+        ),
         Output::Table => print!("{}", table(v)),
     }
     Ok(())
@@ -213,7 +225,9 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 fn request_id() -> String {
@@ -229,7 +243,13 @@ fn request_id() -> String {
 fn write<B: Serialize>(cli: &Cli, path: &str, body: &B) -> Result<Response, ClientError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(cli.timeout_s);
     loop {
-        match post_blocking::<_, Response>(&cli.node_api, path, body, Duration::from_secs(cli.timeout_s), false) {
+        match post_blocking::<_, Response>(
+            &cli.node_api,
+            path,
+            body,
+            Duration::from_secs(cli.timeout_s),
+            false,
+        ) {
             Err(e) if e.exit_code() == 4 && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -298,7 +318,19 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             let rows: Vec<MemberRow> = get_blocking(&cli.node_api, "/cluster/members", t)?;
             print(cli.output, &rows, |rows| {
                 table(
-                    &["ID", "RAFT ADDR", "ROLE", "TERM", "LAST LOG", "APPLIED", "LAG", "HEARTBEAT", "EPOCH", "DATAPATH", "CONNTRACK"],
+                    &[
+                        "ID",
+                        "RAFT ADDR",
+                        "ROLE",
+                        "TERM",
+                        "LAST LOG",
+                        "APPLIED",
+                        "LAG",
+                        "HEARTBEAT",
+                        "EPOCH",
+                        "DATAPATH",
+                        "CONNTRACK",
+                    ],
                     rows.iter()
                         .map(|r| {
                             vec![
@@ -502,7 +534,11 @@ fn certs(cmd: &CertCmd) -> Result<(), Failure> {
     match cmd {
         CertCmd::Init { dir, cluster } => {
             if dir.join("ca.key").exists() {
-                return Err(anyhow!("{} already holds a CA; refusing to overwrite it", dir.display()).into());
+                return Err(anyhow!(
+                    "{} already holds a CA; refusing to overwrite it",
+                    dir.display()
+                )
+                .into());
             }
             let (cert, key) = tls::generate_ca(cluster)?;
             tls::write_pair(dir, "ca", &cert, &key)?;
@@ -525,7 +561,10 @@ fn certs(cmd: &CertCmd) -> Result<(), Failure> {
                     },
                     format!("node-{id}"),
                 ),
-                (None, Some(a)) => (tls::Subject::Admin { name: a.clone() }, format!("admin-{a}")),
+                (None, Some(a)) => (
+                    tls::Subject::Admin { name: a.clone() },
+                    format!("admin-{a}"),
+                ),
                 _ => return Err(anyhow!("give exactly one of --node-id or --admin").into()),
             };
             let (cert, key) = tls::issue(&ca, &ca_key, &subject)?;

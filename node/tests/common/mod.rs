@@ -1,0 +1,286 @@
+//! In-process test clusters: real nodes (Raft over QUIC with mutual TLS on
+//! loopback, redb in a temporary directory, a real BPF datapath each with
+//! small maps, not attached), started, killed and restarted at will.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use node::{
+    config::{DatapathSection, NodeConfig, RaftTuning, TlsConfig},
+    tls, Node,
+};
+use raft_store::{
+    cluster::{ForwardingMode, Proto, Service},
+    Command, Request, Response,
+};
+use tempfile::TempDir;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "cluster tests load a BPF datapath per node: run them as root"
+    );
+}
+
+/// A loopback port free for both TCP and UDP right now.
+pub fn free_port() -> u16 {
+    loop {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = t.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn make_ca(dir: &Path, name: &str) {
+    let (c, k) = tls::generate_ca(name).expect("CA");
+    tls::write_pair(dir, "ca", &c, &k).expect("write CA");
+}
+
+pub fn issue_node(dir: &Path, id: u64) {
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem");
+    let key = std::fs::read_to_string(dir.join("ca.key")).expect("ca.key");
+    let (c, k) = tls::issue(
+        &ca,
+        &key,
+        &tls::Subject::Node {
+            id,
+            ips: vec!["127.0.0.1".parse().expect("ip")],
+        },
+    )
+    .expect("issue");
+    tls::write_pair(dir, &format!("node-{id}"), &c, &k).expect("write cert");
+}
+
+pub struct Cluster {
+    pub dir: TempDir,
+    pub pki: PathBuf,
+    pub cfgs: BTreeMap<u64, NodeConfig>,
+    pub nodes: BTreeMap<u64, Arc<Node>>,
+    pub raft: RaftTuning,
+    pub datapath: bool,
+}
+
+impl Cluster {
+    /// Start `n` nodes: node 1 bootstraps, the others join through it.
+    pub async fn start(n: u64) -> Self {
+        Self::start_with(n, RaftTuning::default(), true).await
+    }
+
+    pub async fn start_with(n: u64, raft: RaftTuning, datapath: bool) -> Self {
+        if datapath {
+            require_root();
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = dir.path().join("pki");
+        make_ca(&pki, "test");
+        let mut c = Self {
+            dir,
+            pki,
+            cfgs: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            raft,
+            datapath,
+        };
+        for id in 1..=n {
+            c.add_node(id).await;
+        }
+        c.wait_members((1..=n).collect(), Duration::from_secs(20))
+            .await;
+        c
+    }
+
+    pub fn config(&self, id: u64, pki: &Path) -> NodeConfig {
+        let join = if id == 1 || self.cfgs.is_empty() {
+            vec![]
+        } else {
+            self.nodes
+                .values()
+                .map(|n| n.cfg.admin_addr)
+                .collect::<Vec<SocketAddr>>()
+        };
+        NodeConfig {
+            node_id: id,
+            data_dir: self.dir.path().join(format!("node{id}")),
+            raft_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            admin_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            bgp_next_hop: None,
+            bootstrap: join.is_empty(),
+            join,
+            leave_on_shutdown: false,
+            tls: TlsConfig {
+                ca_cert: pki.join("ca.pem"),
+                cert: pki.join(format!("node-{id}.pem")),
+                key: pki.join(format!("node-{id}.key")),
+            },
+            raft: self.raft.clone(),
+            datapath: DatapathSection {
+                enabled: self.datapath,
+                max_services: 8,
+                max_backends: 4096,
+                conntrack_size: 4096,
+                ring_bytes: 1 << 16,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Start a new node `id` (joining the live ones).
+    pub async fn add_node(&mut self, id: u64) -> Arc<Node> {
+        issue_node(&self.pki, id);
+        let cfg = self.config(id, &self.pki.clone());
+        let node = Node::start(cfg.clone()).await.expect("start node");
+        self.cfgs.insert(id, cfg);
+        self.nodes.insert(id, node.clone());
+        node
+    }
+
+    /// Stop a node abruptly: no leave, Raft and endpoint shut down.
+    pub async fn kill(&mut self, id: u64) {
+        let n = self.nodes.remove(&id).expect("live node");
+        n.shutdown(false).await;
+    }
+
+    /// Restart a killed node from its data directory.
+    pub async fn restart(&mut self, id: u64) -> Arc<Node> {
+        let mut cfg = self.cfgs[&id].clone();
+        cfg.bootstrap = false;
+        cfg.join = vec![];
+        let node = Node::start(cfg).await.expect("restart node");
+        self.nodes.insert(id, node.clone());
+        node
+    }
+
+    pub fn node(&self, id: u64) -> &Arc<Node> {
+        &self.nodes[&id]
+    }
+
+    /// Wait until exactly one live node leads and every live node agrees.
+    pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leaders: Vec<u64> = self
+                .nodes
+                .values()
+                .filter(|n| n.role() == "leader")
+                .map(|n| n.id())
+                .collect();
+            if let [l] = leaders[..] {
+                if self
+                    .nodes
+                    .values()
+                    .all(|n| n.raft.metrics().borrow().current_leader == Some(l))
+                {
+                    return l;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single agreed leader: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait until `ids` are exactly the voters and all are registered members.
+    pub async fn wait_members(&self, ids: HashSet<u64>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ok = self.nodes.values().all(|n| {
+                let voters: HashSet<u64> = n
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                let members: HashSet<u64> = n.sm.current().state.members.keys().copied().collect();
+                voters == ids && members == ids
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "members did not become {ids:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until every live node has applied (to its datapath) the same
+    /// epoch as the leader's config. Returns that epoch.
+    pub async fn wait_converged(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let epochs: Vec<(u64, u64)> = self
+                .nodes
+                .values()
+                .map(|n| {
+                    (
+                        n.sm.current().state.epoch,
+                        n.applied_epoch.load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                })
+                .collect();
+            let first = epochs[0].0;
+            if epochs.iter().all(|&(c, a)| c == first && a == first) {
+                return first;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not converged: (config, applied) {epochs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Submit on the current leader, retrying through elections.
+    pub async fn write(&self, cmd: Command) -> Response {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = self.wait_leader(Duration::from_secs(10)).await;
+            match self.nodes[&leader].write(cmd.clone().into()).await {
+                Ok(r) => return r,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "write failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    pub async fn write_req(&self, req: Request) -> Response {
+        let leader = self.wait_leader(Duration::from_secs(10)).await;
+        self.nodes[&leader].write(req).await.expect("write")
+    }
+}
+
+pub fn service(name: &str, vip: &str, port: u16) -> Command {
+    Command::PutService {
+        service: Service {
+            name: name.into(),
+            vip: vip.parse().expect("vip"),
+            port,
+            proto: Proto::Tcp,
+            table_size: 251,
+            mode: ForwardingMode::Dsr,
+        },
+    }
+}
+
+pub fn backend(service: &str, addr: &str, port: u16) -> Command {
+    Command::AddBackend {
+        service: service.into(),
+        addr: addr.parse().expect("addr"),
+        port,
+        weight: 1,
+    }
+}
