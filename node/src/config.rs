@@ -315,6 +315,14 @@ enabled = false
 "#;
 
     #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../deploy/baremetal/node.example.toml");
+        let c = NodeConfig::parse(text).expect("example parses");
+        c.validate().expect("example validates");
+        assert_eq!(c.datapath.hash_seed, DatapathOptions::default().hash_seed);
+    }
+
+    #[test]
     fn parses_and_validates() {
         let c = NodeConfig::parse(GOOD).expect("good config");
         c.validate().expect("valid");

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod node;
 pub mod raft_net;
 pub mod telemetry;
+pub mod testing;
 pub mod tls;
 pub mod transport;
 

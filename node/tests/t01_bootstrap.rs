@@ -4,13 +4,11 @@
 //! applied epoch, the service's Maglev table present in each). clusterctl
 //! `members -o json` shows exactly one leader and equal applied epochs.
 
-mod common;
-
 use std::{collections::HashSet, time::Duration};
 
-use common::{backend, service, Cluster};
 use datapath_ebpf::abi::{SvcKey, IPPROTO_TCP};
 use node::api::MemberRow;
+use node::testing::{backend, service, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t01_three_nodes_bootstrap_and_program_their_datapaths() {
@@ -44,6 +42,26 @@ async fn t01_three_nodes_bootstrap_and_program_their_datapaths() {
             n.id()
         );
         assert_eq!(dp.applied_epoch().expect("epoch"), epoch);
+    }
+
+    // /metrics of the leader, in Prometheus text format.
+    let lead = c.node(leader).cfg.admin_addr.to_string();
+    let text = tokio::task::spawn_blocking(move || {
+        let mut r = ureq::get(&format!("http://{lead}/metrics"))
+            .call()
+            .expect("GET /metrics");
+        r.body_mut().read_to_string().expect("body")
+    })
+    .await
+    .expect("join");
+    for want in [
+        "holdfast_raft_role{role=\"leader\"} 1",
+        &format!("holdfast_datapath_applied_epoch {epoch}"),
+        "# TYPE holdfast_raft_commit_latency_seconds histogram",
+        "holdfast_service_packets_total{service=\"web\"} 0",
+        "holdfast_datapath_midflow_miss_total 0",
+    ] {
+        assert!(text.contains(want), "/metrics lacks {want:?}:\n{text}");
     }
 
     // clusterctl, as an operator runs it.

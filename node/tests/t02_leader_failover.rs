@@ -2,11 +2,9 @@
 //! command is lost: the new leader's config holds every change committed
 //! before, and the cluster keeps accepting writes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{backend, service, Cluster};
+use node::testing::{backend, service, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t02_kill_leader_new_leader_no_loss() {

@@ -4,12 +4,10 @@
 //! write that reported success is in the config exactly once with the id it
 //! reported; none appears twice.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{backend, service, Cluster};
 use node::client::post_blocking;
+use node::testing::{backend, service, Cluster};
 use raft_store::{Request, Response};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,12 +3,10 @@
 //! leader compacted its log meanwhile — and programs the same epoch into its
 //! datapath.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{backend, service, Cluster};
 use node::config::RaftTuning;
+use node::testing::{backend, service, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t04_restarted_node_catches_up_by_snapshot() {

@@ -2,11 +2,9 @@
 //! learner, then becomes a voter and a registered member; then a node is
 //! removed: it is no longer a voter or member and the others keep working.
 
-mod common;
-
 use std::{collections::HashSet, time::Duration};
 
-use common::{backend, service, Cluster};
+use node::testing::{backend, service, Cluster};
 use node::{api::RemoveRequest, client::post_blocking};
 use raft_store::Response;
 

@@ -3,11 +3,9 @@
 //! majority elects a leader and commits; after the heal the old leader
 //! follows and converges on the majority's config.
 
-mod common;
-
 use std::{collections::HashSet, time::Duration};
 
-use common::{backend, service, Cluster};
+use node::testing::{backend, service, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t06_minority_cannot_commit() {

@@ -2,11 +2,9 @@
 //! handshakes fail (counted), it cannot join (the join fails visibly), and it
 //! never becomes a voter or member.
 
-mod common;
-
 use std::{collections::HashSet, sync::atomic::Ordering, time::Duration};
 
-use common::{issue_node, make_ca, Cluster};
+use node::testing::{issue_node, make_ca, Cluster};
 use node::{client::post_blocking, Node};
 use raft_store::{cluster::Member, Response};
 

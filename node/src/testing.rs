@@ -1,7 +1,7 @@
-//! In-process test clusters: real nodes (Raft over QUIC with mutual TLS on
-//! loopback, redb in a temporary directory, a real BPF datapath each with
-//! small maps, not attached), started, killed and restarted at will.
-#![allow(dead_code)]
+//! In-process clusters for the cluster tests and `config-bench`: real nodes
+//! (Raft over QUIC with mutual TLS on loopback, redb in a temporary
+//! directory, a real BPF datapath each with small maps, not attached),
+//! started, killed and restarted at will. Panics on failure (test support).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use node::{
+use crate::{
     config::{DatapathSection, NodeConfig, RaftTuning, TlsConfig},
     tls, Node,
 };
