@@ -31,6 +31,9 @@ use crate::{
     transport::Transport,
 };
 
+/// How long one membership change may take before the client is told to retry.
+pub const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long a joining node may take to catch up as a learner.
 pub const JOIN_CATCH_UP: Duration = Duration::from_secs(8);
 
@@ -394,24 +397,35 @@ impl Node {
             // matches, and is taken out again.
             if let Err(e) = self.wait_caught_up(m.node_id, JOIN_CATCH_UP).await {
                 let _ = self
-                    .raft
-                    .change_membership(
-                        ChangeMembers::RemoveNodes(BTreeSet::from([m.node_id])),
-                        false,
-                    )
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([m.node_id])))
                     .await;
                 return Err(e);
             }
-            self.raft
-                .change_membership(
-                    ChangeMembers::AddVoterIds(BTreeSet::from([m.node_id])),
-                    false,
-                )
-                .await
-                .map_err(|e| map_membership_err(self, e))?;
+            self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.node_id])))
+                .await?;
             info!(node = m.node_id, "added voter");
         }
         self.write(Command::PutMember { member: m }.into()).await
+    }
+
+    /// A bounded membership change. openraft 0.9 may never answer a leader
+    /// that removes itself (it steps down around the commit); the caller
+    /// retries, and the retry on the new leader finds the change done.
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<u64, BasicNode>,
+    ) -> Result<(), WriteError> {
+        match tokio::time::timeout(
+            MEMBERSHIP_CHANGE_TIMEOUT,
+            self.raft.change_membership(change, false),
+        )
+        .await
+        {
+            Ok(r) => r.map(|_| ()).map_err(|e| map_membership_err(self, e)),
+            Err(_) => Err(WriteError::NotLeader {
+                leader: self.leader(),
+            }),
+        }
     }
 
     /// Wait until the leader's replication to `id` has matched its log.
@@ -448,15 +462,17 @@ impl Node {
     pub async fn remove_member(&self, node_id: u64) -> Result<Response, WriteError> {
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let known = membership.nodes().any(|(id, _)| *id == node_id);
+        let voter = membership.voter_ids().any(|id| id == node_id);
         if known {
-            self.raft
-                .change_membership(
-                    ChangeMembers::RemoveVoters(BTreeSet::from([node_id])),
-                    false,
-                )
-                .await
-                .map_err(|e| map_membership_err(self, e))?;
-            info!(node = node_id, "removed voter");
+            let ids = BTreeSet::from([node_id]);
+            // retain=false: a removed voter does not stay on as a learner.
+            self.change_membership(if voter {
+                ChangeMembers::RemoveVoters(ids)
+            } else {
+                ChangeMembers::RemoveNodes(ids)
+            })
+            .await?;
+            info!(node = node_id, voter, "removed from the membership");
         }
         let resp = self.write(Command::RemoveMember { node_id }.into()).await?;
         Ok(resp)

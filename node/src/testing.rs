@@ -21,6 +21,19 @@ use raft_store::{
 };
 use tempfile::TempDir;
 
+/// `HOLDFAST_TEST_LOG=<filter>` prints the nodes' logs (once per process).
+pub fn init_test_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(f) = std::env::var("HOLDFAST_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -77,6 +90,7 @@ impl Cluster {
     }
 
     pub async fn start_with(n: u64, raft: RaftTuning, datapath: bool) -> Self {
+        init_test_logging();
         if datapath {
             require_root();
         }
@@ -282,5 +296,27 @@ pub fn backend(service: &str, addr: &str, port: u16) -> Command {
         addr: addr.parse().expect("addr"),
         port,
         weight: 1,
+    }
+}
+
+/// POST to the admin API, retrying (like clusterctl) while the cluster
+/// answers "no leader" or a node is unreachable, up to `timeout`.
+pub fn post_retry<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    addrs: &[String],
+    path: &str,
+    body: &B,
+    timeout: Duration,
+) -> Result<T, crate::client::ClientError> {
+    let deadline = Instant::now() + timeout;
+    let mut k = 0;
+    loop {
+        let addr = &addrs[k % addrs.len()];
+        k += 1;
+        match crate::client::post_blocking(addr, path, body, Duration::from_secs(5), false) {
+            Err(e) if matches!(e.exit_code(), 3 | 4) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
     }
 }

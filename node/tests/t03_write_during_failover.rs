@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use node::client::post_blocking;
+use node::testing::post_retry;
 use node::testing::{backend, service, Cluster};
 use raft_store::{Request, Response};
 
@@ -26,31 +26,15 @@ async fn t03_write_during_failover_exactly_once() {
 
     let writers: Vec<_> = (0..20)
         .map(|i| {
-            let addrs = addrs.clone();
+            let addrs = addrs.to_vec();
             tokio::task::spawn_blocking(move || {
                 let req = Request {
                     id: Some(format!("t03-{i}")),
                     command: backend("web", &format!("10.1.0.{i}"), 80),
                 };
-                let deadline = std::time::Instant::now() + Duration::from_secs(15);
-                let mut k = 0;
-                loop {
-                    let addr = &addrs[k % 2];
-                    k += 1;
-                    match post_blocking::<_, Response>(
-                        addr,
-                        "/command",
-                        &req,
-                        Duration::from_secs(5),
-                        false,
-                    ) {
-                        Ok(r) => return (i, Ok(r)),
-                        Err(_) if std::time::Instant::now() < deadline => {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                        Err(e) => return (i, Err(e.to_string())),
-                    }
-                }
+                let r =
+                    post_retry::<_, Response>(&addrs, "/command", &req, Duration::from_secs(15));
+                (i, r.map_err(|e| e.to_string()))
             })
         })
         .collect();

@@ -4,8 +4,8 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use node::testing::{backend, service, Cluster};
-use node::{api::RemoveRequest, client::post_blocking};
+use node::api::RemoveRequest;
+use node::testing::{backend, post_retry, service, Cluster};
 use raft_store::Response;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,14 +21,13 @@ async fn t05_fourth_node_joins_then_one_is_removed() {
     assert_eq!(c.node(4).sm.current().state.epoch, e);
 
     // Remove node 1 through node 3's admin API.
-    let admin = c.node(3).cfg.admin_addr.to_string();
+    let admin = vec![c.node(3).cfg.admin_addr.to_string()];
     let r: Response = tokio::task::spawn_blocking(move || {
-        post_blocking(
+        post_retry(
             &admin,
             "/cluster/remove",
             &RemoveRequest { node_id: 1 },
-            Duration::from_secs(15),
-            false,
+            Duration::from_secs(20),
         )
     })
     .await
