@@ -811,6 +811,24 @@ impl Datapath {
         self.write_batch(M_CONNTRACK, &keys, &vals)
     }
 
+    /// Insert entries whose keys do not exist yet (`BPF_NOEXIST`), one
+    /// syscall for a run of new keys. Returns how many were inserted from the
+    /// front and, if it stopped at an existing key, that key's index.
+    pub fn ct_insert_new(&self, entries: &[(CtKey, CtVal)]) -> Result<(usize, Option<usize>)> {
+        const BPF_NOEXIST: u64 = 1;
+        let (keys, vals): (Vec<CtKey>, Vec<CtVal>) = entries.iter().copied().unzip();
+        let (n, err) = sys::update_batch_partial(self.fd(M_CONNTRACK)?, &keys, &vals, BPF_NOEXIST);
+        match err {
+            None => Ok((n, None)),
+            Some(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok((n, Some(n))),
+            Some(source) => Err(Error::Syscall {
+                call: "BPF_MAP_UPDATE_BATCH",
+                map: M_CONNTRACK,
+                source,
+            }),
+        }
+    }
+
     /// Every conntrack entry, read in batches.
     pub fn ct_dump(&self) -> Result<Vec<(CtKey, CtVal)>> {
         sys::lookup_all(self.fd(M_CONNTRACK)?, 4096).map_err(|source| Error::Syscall {

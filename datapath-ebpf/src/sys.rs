@@ -71,6 +71,33 @@ pub fn update_batch<K: Pod, V: Pod>(
     Ok(attr.count as usize)
 }
 
+/// Like [`update_batch`], but on an element error reports how many elements
+/// were written before it and the error, so the caller can handle that
+/// element and go on (e.g. `BPF_NOEXIST` and an existing key: `EEXIST`).
+pub fn update_batch_partial<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    elem_flags: u64,
+) -> (usize, Option<io::Error>) {
+    assert_eq!(keys.len(), values.len(), "keys and values differ in length");
+    if keys.is_empty() {
+        return (0, None);
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len().min(u32::MAX as usize) as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(()) => (attr.count as usize, None),
+        Err(e) => (attr.count as usize, Some(e)),
+    }
+}
+
 /// Delete `keys`. Keys that are absent make the kernel stop with ENOENT; the
 /// call then deletes the rest one by one and counts only those that existed.
 pub fn delete_batch<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {

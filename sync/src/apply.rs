@@ -1,0 +1,58 @@
+//! Writing peers' entries into the local conntrack map under the merge rule,
+//! with batched syscalls: new keys go in with `BPF_NOEXIST` in one call per
+//! run; only keys that exist already are looked up, merged and written one
+//! by one.
+
+use datapath_ebpf::{
+    abi::{CtKey, CtVal},
+    Datapath,
+};
+
+use crate::merge::{merge, Merge};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Written (new, or merged into an existing entry).
+    pub applied: u64,
+    /// Refused: the local entry is newer.
+    pub rejected: u64,
+    /// Already equal.
+    pub unchanged: u64,
+}
+
+pub fn apply_remote(
+    dp: &Datapath,
+    entries: &[(CtKey, CtVal)],
+    local_node: u16,
+) -> datapath_ebpf::Result<ApplyStats> {
+    let mut st = ApplyStats::default();
+    // Entries from peers are stored marked REMOTE (merge() sets it).
+    let marked: Vec<(CtKey, CtVal)> = entries
+        .iter()
+        .map(|(k, v)| match merge(None, v, local_node) {
+            Merge::Store(m) => (*k, m),
+            _ => (*k, *v),
+        })
+        .collect();
+    let mut rest: &[(CtKey, CtVal)] = &marked;
+    while !rest.is_empty() {
+        let (n, existing) = dp.ct_insert_new(rest)?;
+        st.applied += n as u64;
+        match existing {
+            None => break,
+            Some(i) => {
+                let (k, v) = rest[i];
+                match merge(dp.ct_get(&k)?.as_ref(), &v, local_node) {
+                    Merge::Store(m) => {
+                        dp.ct_insert_batch(&[(k, m)])?;
+                        st.applied += 1;
+                    }
+                    Merge::Keep => st.unchanged += 1,
+                    Merge::Reject => st.rejected += 1,
+                }
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    Ok(st)
+}

@@ -1,0 +1,78 @@
+//! Kernel conntrack entries ↔ wire entries. Kernel times are this host's
+//! CLOCK_MONOTONIC; the wire carries Unix time, so hosts with different boot
+//! times agree.
+
+use datapath_ebpf::abi::{CtKey, CtVal, FAMILY_V4};
+
+use crate::wire::WireEntry;
+
+/// Offset between the monotonic clock and Unix time, taken once.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// unix_ns - monotonic_ns
+    offset: i128,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = datapath_ebpf::loader::monotonic_now().as_nanos() as i128;
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Self {
+            offset: unix - mono,
+        }
+    }
+
+    /// A clock with a given offset (tests: two "hosts" with different boots).
+    pub fn with_offset(offset: i128) -> Self {
+        Self { offset }
+    }
+
+    pub fn to_unix(&self, mono_ns: u64) -> u64 {
+        (mono_ns as i128 + self.offset).max(0) as u64
+    }
+
+    pub fn to_mono(&self, unix_ns: u64) -> u64 {
+        (unix_ns as i128 - self.offset).max(0) as u64
+    }
+}
+
+pub fn to_wire(key: &CtKey, val: &CtVal, clock: &Clock) -> WireEntry {
+    let alen = if key.family == FAMILY_V4 { 4 } else { 16 };
+    WireEntry {
+        family: key.family,
+        proto: key.proto,
+        saddr: key.saddr[..alen].to_vec(),
+        daddr: key.daddr[..alen].to_vec(),
+        sport: u16::from_be(key.sport),
+        dport: u16::from_be(key.dport),
+        backend_id: val.backend_id,
+        flags: val.flags,
+        origin: val.origin,
+        created: clock.to_unix(val.created_ns),
+        last_seen: clock.to_unix(val.last_seen_ns),
+    }
+}
+
+/// A validated wire entry (see `Msg::decode`) as a kernel key and value.
+pub fn from_wire(e: &WireEntry, clock: &Clock) -> (CtKey, CtVal) {
+    let mut key = CtKey {
+        family: e.family,
+        proto: e.proto,
+        sport: e.sport.to_be(),
+        dport: e.dport.to_be(),
+        ..Default::default()
+    };
+    key.saddr[..e.saddr.len()].copy_from_slice(&e.saddr);
+    key.daddr[..e.daddr.len()].copy_from_slice(&e.daddr);
+    let val = CtVal {
+        backend_id: e.backend_id,
+        flags: e.flags,
+        origin: e.origin,
+        created_ns: clock.to_mono(e.created),
+        last_seen_ns: clock.to_mono(e.last_seen),
+    };
+    (key, val)
+}

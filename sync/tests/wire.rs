@@ -1,0 +1,161 @@
+//! The decoder is bounded and total: random bytes and mutated valid frames
+//! never panic, and whatever decodes is a valid message (known family,
+//! matching address lengths, TCP/UDP, batch within limits). And the wire
+//! cost per entry stays within budget.
+
+use proptest::prelude::*;
+use sync::wire::{frame, Deframer, Msg, WireEntry, WireError, MAX_BATCH, VERSION};
+
+fn entry(i: u32, v6: bool) -> WireEntry {
+    let alen = if v6 { 16 } else { 4 };
+    let mut s = vec![0u8; alen];
+    s[..4].copy_from_slice(&(0xC000_0200u32 + i).to_be_bytes());
+    WireEntry {
+        family: if v6 { 6 } else { 4 },
+        proto: 6,
+        saddr: s,
+        daddr: vec![10; alen],
+        sport: 40_000 + (i % 20_000) as u16,
+        dport: 443,
+        backend_id: i % 100,
+        flags: 0,
+        origin: 3,
+        created: 1_764_300_000_000_000_000 + u64::from(i) * 1_000,
+        last_seen: 1_764_300_000_000_000_000 + u64::from(i) * 1_000,
+    }
+}
+
+fn batch(n: u32) -> Msg {
+    Msg::Batch {
+        origin: 3,
+        incarnation: 42,
+        seq: 9,
+        base: 7,
+        entries: (0..n).map(|i| entry(i, false)).collect(),
+    }
+}
+
+#[test]
+fn roundtrip() {
+    for m in [
+        Msg::Hello {
+            version: VERSION,
+            node_id: 1,
+            incarnation: 5,
+        },
+        batch(10),
+        Msg::Ack {
+            incarnation: 42,
+            seq: 9,
+        },
+        Msg::Refresh {
+            entries: vec![entry(1, true)],
+        },
+        Msg::SnapshotChunk {
+            entries: vec![entry(2, false)],
+            last: true,
+        },
+    ] {
+        assert_eq!(Msg::decode(&m.encode()), Ok(m));
+    }
+}
+
+#[test]
+fn bytes_per_entry_within_64() {
+    let n = 256;
+    let bytes = frame(&batch(n)).len() as f64 / f64::from(n);
+    println!("IPv4 batch of {n}: {bytes:.1} bytes/entry on the wire (frame incl.)");
+    assert!(bytes <= 64.0, "{bytes} bytes per entry");
+}
+
+#[test]
+fn refuses_bad_messages() {
+    assert_eq!(
+        Msg::decode(
+            &Msg::Hello {
+                version: VERSION + 1,
+                node_id: 1,
+                incarnation: 1
+            }
+            .encode()
+        ),
+        Err(WireError::Version(VERSION + 1))
+    );
+    let mut e = entry(1, false);
+    e.saddr = vec![1, 2, 3];
+    assert!(matches!(
+        Msg::decode(&Msg::Refresh { entries: vec![e] }.encode()),
+        Err(WireError::BadEntry(_))
+    ));
+    let mut e = entry(1, false);
+    e.proto = 1;
+    assert!(matches!(
+        Msg::decode(&Msg::Refresh { entries: vec![e] }.encode()),
+        Err(WireError::BadEntry(_))
+    ));
+    let big = Msg::Refresh {
+        entries: (0..MAX_BATCH as u32 + 1).map(|i| entry(i, false)).collect(),
+    };
+    assert!(matches!(
+        Msg::decode(&big.encode()),
+        Err(WireError::BatchTooLong { .. })
+    ));
+    let mut bytes = batch(2).encode();
+    bytes.push(0);
+    assert_eq!(Msg::decode(&bytes), Err(WireError::Trailing));
+    // A length prefix claiming a huge frame is refused before any allocation.
+    let mut d = Deframer::default();
+    d.push(&u32::MAX.to_be_bytes());
+    assert!(matches!(d.next_msg(), Err(WireError::TooLarge(_))));
+}
+
+#[test]
+fn deframer_reassembles_split_frames() {
+    let msgs = [
+        batch(3),
+        Msg::Ack {
+            incarnation: 1,
+            seq: 2,
+        },
+        batch(1),
+    ];
+    let bytes: Vec<u8> = msgs.iter().flat_map(frame).collect();
+    let mut d = Deframer::default();
+    let mut got = Vec::new();
+    for chunk in bytes.chunks(7) {
+        d.push(chunk);
+        while let Some(m) = d.next_msg().expect("valid stream") {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = Msg::decode(&bytes);
+        let mut d = Deframer::default();
+        d.push(&bytes);
+        while let Ok(Some(_)) = d.next_msg() {}
+    }
+
+    #[test]
+    fn mutated_frames_decode_valid_or_fail(muts in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6)) {
+        let mut bytes = batch(5).encode();
+        for (i, b) in muts {
+            let i = i.index(bytes.len());
+            bytes[i] = b;
+        }
+        if let Ok(Msg::Batch { entries, .. }) = Msg::decode(&bytes) {
+            for e in entries {
+                let alen = match e.family { 4 => 4, 6 => 16, f => panic!("family {f} decoded") };
+                prop_assert_eq!(e.saddr.len(), alen);
+                prop_assert_eq!(e.daddr.len(), alen);
+                prop_assert!(e.proto == 6 || e.proto == 17);
+            }
+        }
+    }
+}
