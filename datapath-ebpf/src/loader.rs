@@ -811,22 +811,26 @@ impl Datapath {
         self.write_batch(M_CONNTRACK, &keys, &vals)
     }
 
-    /// Insert entries whose keys do not exist yet (`BPF_NOEXIST`), one
-    /// syscall for a run of new keys. Returns how many were inserted from the
+    /// Insert entries whose keys do not exist yet (`BPF_NOEXIST`, one
+    /// syscall each, no lookup). Returns how many were inserted from the
     /// front and, if it stopped at an existing key, that key's index.
     pub fn ct_insert_new(&self, entries: &[(CtKey, CtVal)]) -> Result<(usize, Option<usize>)> {
         const BPF_NOEXIST: u64 = 1;
-        let (keys, vals): (Vec<CtKey>, Vec<CtVal>) = entries.iter().copied().unzip();
-        let (n, err) = sys::update_batch_partial(self.fd(M_CONNTRACK)?, &keys, &vals, BPF_NOEXIST);
-        match err {
-            None => Ok((n, None)),
-            Some(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok((n, Some(n))),
-            Some(source) => Err(Error::Syscall {
-                call: "BPF_MAP_UPDATE_BATCH",
-                map: M_CONNTRACK,
-                source,
-            }),
+        let fd = self.fd(M_CONNTRACK)?;
+        for (i, (k, v)) in entries.iter().enumerate() {
+            match sys::update_elem(fd, k, v, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok((i, Some(i))),
+                Err(source) => {
+                    return Err(Error::Syscall {
+                        call: "BPF_MAP_UPDATE_ELEM",
+                        map: M_CONNTRACK,
+                        source,
+                    })
+                }
+            }
         }
+        Ok((entries.len(), None))
     }
 
     /// Every conntrack entry, read in batches.

@@ -71,30 +71,47 @@ pub fn update_batch<K: Pod, V: Pod>(
     Ok(attr.count as usize)
 }
 
-/// Like [`update_batch`], but on an element error reports how many elements
-/// were written before it and the error, so the caller can handle that
-/// element and go on (e.g. `BPF_NOEXIST` and an existing key: `EEXIST`).
-pub fn update_batch_partial<K: Pod, V: Pod>(
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+
+/// `union bpf_attr` for element commands.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// One `BPF_MAP_UPDATE_ELEM` (batch updates accept no element flags but
+/// `BPF_F_LOCK`, so "insert if absent" must go element by element).
+pub fn update_elem<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
-    keys: &[K],
-    values: &[V],
-    elem_flags: u64,
-) -> (usize, Option<io::Error>) {
-    assert_eq!(keys.len(), values.len(), "keys and values differ in length");
-    if keys.is_empty() {
-        return (0, None);
-    }
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len().min(u32::MAX as usize) as u32,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
-        elem_flags,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        flags,
         ..Default::default()
     };
-    match sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
-        Ok(()) => (attr.count as usize, None),
-        Err(e) => (attr.count as usize, Some(e)),
+    // SAFETY: attr points at a live key and value of the map's sizes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

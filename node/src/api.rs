@@ -50,6 +50,8 @@ pub struct LocalStatus {
     pub datapath_enabled: bool,
     pub datapath_attached: bool,
     pub conntrack_entries: Option<u64>,
+    /// Conntrack replication, if enabled.
+    pub sync: Option<crate::sync::SyncStatus>,
 }
 
 /// A row of `clusterctl members`.
@@ -70,6 +72,12 @@ pub struct MemberRow {
     pub applied_epoch: Option<u64>,
     pub datapath_attached: Option<bool>,
     pub conntrack_entries: Option<u64>,
+    /// Warm join done (None: replication off or node unreachable).
+    pub sync_ready: Option<bool>,
+    /// Replication streams to peers that are up.
+    pub sync_peers_connected: Option<usize>,
+    /// Replication lag p99 on this node (creation on the origin → applied here).
+    pub sync_lag_p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,6 +140,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/join", post(join))
         .route("/cluster/remove", post(remove))
         .route("/metrics", get(metrics))
+        .route("/conntrack", get(conntrack))
         .with_state(node)
 }
 
@@ -188,6 +197,7 @@ pub fn local_status(node: &Node) -> LocalStatus {
         datapath_enabled: node.datapath.is_some(),
         datapath_attached: attached,
         conntrack_entries: entries,
+        sync: node.sync.get().map(|s| s.status()),
     }
 }
 
@@ -198,6 +208,34 @@ async fn status(State(node): State<Arc<Node>>) -> Json<LocalStatus> {
             .await
             .expect("status task"),
     )
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CtQuery {
+    pub vip: Option<std::net::IpAddr>,
+    pub limit: Option<usize>,
+}
+
+async fn conntrack(
+    State(node): State<Arc<Node>>,
+    q: Result<axum::extract::Query<CtQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<crate::sync::CtRow>>, ApiErr> {
+    let axum::extract::Query(q) =
+        q.map_err(|e| err(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let Some(h) = node.datapath.clone() else {
+        return Err(err(
+            StatusCode::CONFLICT,
+            "unavailable",
+            "this node has no datapath",
+        ));
+    };
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::sync::ct_rows(&h.dp.lock().expect("dp"), q.vip, q.limit.unwrap_or(10_000))
+    })
+    .await
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(Json(rows))
 }
 
 async fn config(State(node): State<Arc<Node>>) -> Json<ClusterState> {
@@ -263,6 +301,9 @@ async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
                 applied_epoch: None,
                 datapath_attached: None,
                 conntrack_entries: None,
+                sync_ready: None,
+                sync_peers_connected: None,
+                sync_lag_p99_ms: None,
             };
             match st {
                 Ok(s) => {
@@ -274,6 +315,12 @@ async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
                     row.applied_epoch = Some(s.applied_epoch);
                     row.datapath_attached = Some(s.datapath_attached);
                     row.conntrack_entries = s.conntrack_entries;
+                    if let Some(sy) = &s.sync {
+                        row.sync_ready = Some(sy.ready);
+                        row.sync_peers_connected =
+                            Some(sy.peers.iter().filter(|p| p.connected).count());
+                        row.sync_lag_p99_ms = sy.lag_p99_ms;
+                    }
                 }
                 Err(e) => row.error = Some(e),
             }
@@ -496,6 +543,90 @@ pub fn render_metrics(node: &Node) -> String {
         &[],
         node.transport.stats.refused.load(Ordering::Relaxed),
     );
+    if let Some(sy) = node.sync.get() {
+        let m = &sy.metrics;
+        let st = sy.status();
+        w.gauge(
+            "holdfast_sync_ready",
+            "1 once the warm join is done",
+            &[],
+            if st.ready { 1.0 } else { 0.0 },
+        );
+        w.histogram(
+            "holdfast_sync_lag_seconds",
+            "Replication lag: entry created on the origin until applied here",
+            &m.lag,
+        );
+        w.counter(
+            "holdfast_sync_batches_sent_total",
+            "Batches sent to peers",
+            &[],
+            m.batches_sent.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_sync_batch_entries_total",
+            "Entries in the batches sent (divide by batches for the mean batch size)",
+            &[],
+            m.entries_in_batches.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_sync_refused_total",
+            "Replication streams refused: not a member, wrong origin, bad message",
+            &[],
+            m.refused.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_sync_snapshot_entries_total",
+            "Entries received by snapshot pulls (warm join, resync)",
+            &[],
+            m.snapshot_entries.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_sync_resyncs_total",
+            "Snapshot pulls after lost entries",
+            &[],
+            m.resyncs.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_sync_expired_total",
+            "Idle conntrack entries expired",
+            &[],
+            m.expired.load(Ordering::Relaxed),
+        );
+        for (name, help, get) in [
+            (
+                "holdfast_sync_sent_total",
+                "Entries sent to the peer",
+                0usize,
+            ),
+            (
+                "holdfast_sync_received_total",
+                "Entries received from the peer",
+                1,
+            ),
+            (
+                "holdfast_sync_applied_total",
+                "Entries from the peer written into conntrack",
+                2,
+            ),
+            (
+                "holdfast_sync_rejected_total",
+                "Entries from the peer refused by the merge rule",
+                3,
+            ),
+            (
+                "holdfast_sync_queue_depth",
+                "Entries queued for the peer",
+                4,
+            ),
+        ] {
+            w.family(name, help, if get == 4 { "gauge" } else { "counter" });
+            for p in &st.peers {
+                let v = [p.sent, p.received, p.applied, p.rejected, p.queued][get];
+                w.sample(name, &[("peer", p.peer.to_string())], v as f64);
+            }
+        }
+    }
     if let Some(h) = &node.datapath {
         let dp = h.dp.lock().expect("dp");
         if let Ok(s) = dp.stats() {

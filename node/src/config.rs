@@ -69,6 +69,39 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub datapath: DatapathSection,
+    #[serde(default)]
+    pub sync: SyncSection,
+}
+
+/// Conntrack replication.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// Replicate new conntrack entries to peers (needs the datapath).
+    pub enabled: bool,
+    /// Entries per batch at most.
+    pub max_batch: usize,
+    /// Longest an entry waits for its batch to fill.
+    pub batch_delay_us: u64,
+    /// Entries kept per peer until acknowledged.
+    pub max_unacked_entries: usize,
+    /// Re-send our live long-lived flows this often (well below the idle timeouts).
+    pub refresh_interval_s: u64,
+    /// Delete idle entries this often.
+    pub expire_interval_s: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch: 256,
+            batch_delay_us: 200,
+            max_unacked_entries: 1 << 18,
+            refresh_interval_s: 10,
+            expire_interval_s: 10,
+        }
+    }
 }
 
 fn default_admin() -> SocketAddr {
@@ -274,6 +307,26 @@ impl NodeConfig {
         }
         if r.snapshot_logs == 0 {
             return Err(invalid("raft.snapshot_logs", "must be at least 1"));
+        }
+        if self.sync.enabled && self.datapath.enabled {
+            if self.sync.max_batch == 0 || self.sync.max_batch > sync::wire::MAX_BATCH {
+                return Err(invalid(
+                    "sync.max_batch",
+                    format!("must be 1..={}", sync::wire::MAX_BATCH),
+                ));
+            }
+            if self.sync.refresh_interval_s == 0
+                || self.sync.refresh_interval_s * 2
+                    > self
+                        .datapath
+                        .udp_idle_timeout_s
+                        .min(self.datapath.tcp_idle_timeout_s)
+            {
+                return Err(invalid(
+                    "sync.refresh_interval_s",
+                    "must be positive and at most half the shortest idle timeout",
+                ));
+            }
         }
         if self.datapath.enabled {
             self.datapath

@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod raft_net;
+pub mod sync;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;

@@ -55,6 +55,8 @@ pub struct Node {
     /// datapath disabled, last seen applied by the state machine).
     pub applied_epoch: Arc<AtomicU64>,
     pub applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Conntrack replication (datapath and `sync.enabled`).
+    pub sync: std::sync::OnceLock<Arc<crate::sync::SyncService>>,
     shutting_down: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -181,11 +183,23 @@ impl Node {
             heartbeat,
             applied_epoch: Arc::new(AtomicU64::new(0)),
             applied_tx,
+            sync: std::sync::OnceLock::new(),
             shutting_down: AtomicBool::new(false),
             tasks: Mutex::new(vec![server]),
         });
         let apply = tokio::spawn(node.clone().apply_loop());
         node.tasks.lock().expect("tasks").push(apply);
+        if let (Some(dp), true) = (&node.datapath, node.cfg.sync.enabled) {
+            let svc = crate::sync::SyncService::start(
+                node.cfg.node_id,
+                node.cfg.sync.clone(),
+                dp.clone(),
+                node.transport.clone(),
+                node.sm.clone(),
+                node.raft.clone(),
+            )?;
+            let _ = node.sync.set(svc);
+        }
 
         if node.cfg.bootstrap && !node.raft.is_initialized().await? {
             let mut members = BTreeMap::new();
@@ -496,10 +510,18 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "raft shutdown");
         }
+        if let Some(s) = self.sync.get() {
+            s.stop().await;
+        }
         self.transport.close();
-        for t in self.tasks.lock().expect("tasks").drain(..) {
+        let tasks: Vec<_> = self.tasks.lock().expect("tasks").drain(..).collect();
+        for t in &tasks {
             t.abort();
         }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.transport.wait_closed().await;
         if let Some(h) = &self.datapath {
             if !self.cfg.datapath.keep_on_shutdown {
                 if let Some(i) = &h.interface {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    config::{DatapathSection, NodeConfig, RaftTuning, TlsConfig},
+    config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig},
     tls, Node,
 };
 use raft_store::{
@@ -143,6 +143,10 @@ impl Cluster {
                 max_backends: 4096,
                 conntrack_size: 4096,
                 ring_bytes: 1 << 16,
+                ..Default::default()
+            },
+            sync: SyncSection {
+                refresh_interval_s: 2,
                 ..Default::default()
             },
         }

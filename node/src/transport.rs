@@ -32,6 +32,14 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Handles one RPC: (peer node id, kind, body) → response body or error text.
 pub type Handler =
     Arc<dyn Fn(u64, u8, Vec<u8>) -> BoxFuture<Result<Vec<u8>, String>> + Send + Sync>;
+/// Handles a long-lived stream of a kind >= [`STREAM_KINDS`]:
+/// (peer node id, kind, send half, receive half).
+pub type StreamHandler =
+    Arc<dyn Fn(u64, u8, quinn::SendStream, quinn::RecvStream) -> BoxFuture<()> + Send + Sync>;
+
+/// Stream kinds at or above this are long-lived streams (replication),
+/// below it one-shot RPCs (Raft).
+pub const STREAM_KINDS: u8 = 0x10;
 
 #[derive(Default)]
 pub struct TransportStats {
@@ -45,6 +53,7 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     conns: tokio::sync::Mutex<HashMap<u64, quinn::Connection>>,
     isolated: Mutex<HashSet<u64>>,
+    streams: Mutex<Option<StreamHandler>>,
     pub stats: TransportStats,
 }
 
@@ -58,6 +67,7 @@ impl Transport {
             endpoint,
             conns: tokio::sync::Mutex::new(HashMap::new()),
             isolated: Mutex::new(HashSet::new()),
+            streams: Mutex::new(None),
             stats: TransportStats::default(),
         }))
     }
@@ -119,6 +129,11 @@ impl Transport {
         })
     }
 
+    /// Install (or with `None` remove) the handler of long-lived streams.
+    pub fn set_stream_handler(&self, h: Option<StreamHandler>) {
+        *self.streams.lock().expect("stream handler") = h;
+    }
+
     async fn serve_stream(
         &self,
         peer: u64,
@@ -126,15 +141,25 @@ impl Transport {
         mut recv: quinn::RecvStream,
         handler: Handler,
     ) -> Result<()> {
-        let msg = recv.read_to_end(MAX_RPC_BYTES).await?;
+        let mut kind = [0u8; 1];
+        recv.read_exact(&mut kind).await?;
+        let kind = kind[0];
         if self.is_isolated(peer) {
             bail!("peer {peer} is isolated");
         }
-        let Some((&kind, body)) = msg.split_first() else {
-            bail!("empty RPC");
-        };
+        if kind >= STREAM_KINDS {
+            let h = self.streams.lock().expect("stream handler").clone();
+            match h {
+                Some(h) => h(peer, kind, send, recv).await,
+                None => {
+                    let _ = send.reset(2u32.into());
+                }
+            }
+            return Ok(());
+        }
+        let body = recv.read_to_end(MAX_RPC_BYTES).await?;
         self.stats.rpcs_served.fetch_add(1, Ordering::Relaxed);
-        let (status, payload) = match handler(peer, kind, body.to_vec()).await {
+        let (status, payload) = match handler(peer, kind, body).await {
             Ok(p) => (0u8, p),
             Err(e) => (1u8, e.into_bytes()),
         };
@@ -209,9 +234,43 @@ impl Transport {
         }
     }
 
+    /// Open a long-lived stream of `kind` to `peer`.
+    pub async fn open_stream(
+        &self,
+        peer: u64,
+        addr: SocketAddr,
+        kind: u8,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
+        if self.is_isolated(peer) {
+            return Err(CallError::Unreachable(anyhow!("node {peer} is isolated")));
+        }
+        let conn = self
+            .connection(peer, addr)
+            .await
+            .map_err(CallError::Unreachable)?;
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| CallError::Unreachable(e.into()))?;
+        send.write_all(&[kind])
+            .await
+            .map_err(|e| CallError::Network(e.into()))?;
+        Ok((send, recv))
+    }
+
+    pub fn is_peer_isolated(&self, peer: u64) -> bool {
+        self.is_isolated(peer)
+    }
+
     /// Close the endpoint: no more RPCs in or out.
     pub fn close(&self) {
+        self.conns.try_lock().map(|mut c| c.clear()).ok();
         self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    /// Wait (at most 1 s) until the closed endpoint has no connections left.
+    pub async fn wait_closed(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
 

@@ -86,6 +86,17 @@ enum Cmd {
         #[arg(long)]
         node_id: u64,
     },
+    /// Conntrack entries of a node, with the node that created each.
+    Conntrack {
+        /// Node whose map to list (default: the node --node points at).
+        #[arg(long)]
+        node_id: Option<u64>,
+        /// Only flows to this VIP.
+        #[arg(long)]
+        vip: Option<IpAddr>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Cluster CA, node and admin certificates.
     Certs {
         #[command(subcommand)]
@@ -353,6 +364,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                                     None => "-".into(),
                                 },
                                 opt(&r.conntrack_entries),
+                                match (r.sync_ready, r.sync_peers_connected) {
+                                    (Some(true), Some(n)) => format!("ready ({n} peers)"),
+                                    (Some(false), _) => "joining".into(),
+                                    _ => "-".into(),
+                                },
+                                r.sync_lag_p99_ms
+                                    .map(|l| format!("{l:.2}ms"))
+                                    .unwrap_or_else(|| "-".into()),
                             ]
                         })
                         .collect(),
@@ -525,6 +544,52 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Cmd::Leave { node_id } | Cmd::Remove { node_id } => {
             let r = write(cli, "/cluster/remove", &RemoveRequest { node_id: *node_id })?;
             applied(cli, r)
+        }
+        Cmd::Conntrack {
+            node_id,
+            vip,
+            limit,
+        } => {
+            let addr = match node_id {
+                None => cli.node_api.clone(),
+                Some(id) => {
+                    let c: ClusterState = get_blocking(&cli.node_api, "/config", t)?;
+                    c.members
+                        .get(id)
+                        .map(|m| m.admin_addr.clone())
+                        .ok_or_else(|| anyhow!("no member {id}"))?
+                }
+            };
+            let mut path = format!("/conntrack?limit={limit}");
+            if let Some(v) = vip {
+                path += &format!("&vip={v}");
+            }
+            let rows: Vec<node::sync::CtRow> = get_blocking(&addr, &path, t)?;
+            print(cli.output, &rows, |rows| {
+                table(
+                    &[
+                        "CLIENT", "VIP", "PROTO", "BACKEND", "ORIGIN", "FLAGS", "IDLE",
+                    ],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.client.clone(),
+                                r.vip.clone(),
+                                r.proto.clone(),
+                                r.backend_id.to_string(),
+                                r.origin.to_string(),
+                                [(r.remote, "remote"), (r.closing, "closing")]
+                                    .iter()
+                                    .filter(|(on, _)| *on)
+                                    .map(|(_, n)| *n)
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                format!("{:.1}s", r.idle_s),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
         }
         Cmd::Certs { cmd } => certs(cmd),
     }

@@ -1,0 +1,811 @@
+//! Conntrack replication over the node's QUIC endpoint (the `sync` crate's
+//! protocol core, run on real streams).
+//!
+//! - The datapath's new-flow ring buffer is drained on its own task; each
+//!   entry goes to one outgoing session per peer (a long-lived QUIC stream,
+//!   `KIND_SYNC`), batched by count and by a short deadline, acknowledged,
+//!   and resent after a reconnect.
+//! - Inbound sessions are accepted only from members of the cluster (node id
+//!   from the peer's certificate, checked against the Raft membership) and
+//!   only for the peer's own entries; a malformed message closes the stream
+//!   with a logged reason. Entries are written with the merge rule.
+//! - Warm join: a node pulls a full snapshot (`KIND_SNAPSHOT`, streamed in
+//!   chunks) from a peer before it reports ready. A gap in a peer's sequence
+//!   (entries lost) triggers the same pull from that peer (anti-entropy).
+//! - Every `refresh_interval` a node re-sends the entries it created that
+//!   saw traffic since the last round, so long idle-but-alive flows stay
+//!   alive on peers; every node expires idle entries itself.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Result};
+use datapath_ebpf::abi::FlowEvent;
+use raft_store::StateMachineStore;
+use serde::{Deserialize, Serialize};
+use sync::{
+    apply::apply_remote,
+    convert::{from_wire, to_wire, Clock},
+    session::{Inbox, InboxConfig, Outbox, OutboxConfig},
+    wire::{frame, Deframer, Msg, WireEntry, VERSION},
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{config::SyncSection, metrics::Histogram, node::DatapathHandle, transport::Transport};
+
+pub const KIND_SYNC: u8 = 0x10;
+pub const KIND_SNAPSHOT: u8 = 0x11;
+const SNAPSHOT_CHUNK: usize = 1024;
+
+#[derive(Default)]
+pub struct PeerStats {
+    pub connected: AtomicBool,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub applied: AtomicU64,
+    pub rejected: AtomicU64,
+    pub queued: AtomicU64,
+    /// Entries not handed to this peer's session because its queue was full.
+    pub dropped: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct SyncMetrics {
+    pub peers: Mutex<BTreeMap<u64, Arc<PeerStats>>>,
+    /// Creation on the origin → applied here.
+    pub lag: Histogram,
+    pub batches_sent: AtomicU64,
+    pub entries_in_batches: AtomicU64,
+    /// Inbound sessions refused (not a member, wrong origin, bad message).
+    pub refused: AtomicU64,
+    pub snapshot_entries: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub refreshed: AtomicU64,
+    pub expired: AtomicU64,
+}
+
+/// Replication state of a node, as the admin API reports it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SyncStatus {
+    pub ready: bool,
+    pub incarnation: u64,
+    pub peers: Vec<PeerStatus>,
+    pub lag_p50_ms: Option<f64>,
+    pub lag_p99_ms: Option<f64>,
+    pub snapshot_entries: u64,
+    pub refused: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub peer: u64,
+    pub connected: bool,
+    pub sent: u64,
+    pub received: u64,
+    pub applied: u64,
+    pub rejected: u64,
+    pub queued: u64,
+}
+
+enum PeerCmd {
+    Entries(Arc<Vec<WireEntry>>),
+    Refresh(Arc<Vec<WireEntry>>),
+}
+
+pub struct SyncService {
+    node_id: u64,
+    incarnation: u64,
+    clock: Clock,
+    cfg: SyncSection,
+    dp: Arc<DatapathHandle>,
+    transport: Arc<Transport>,
+    sm: StateMachineStore,
+    raft: raft_store::types::Raft,
+    peers: Mutex<HashMap<u64, mpsc::Sender<PeerCmd>>>,
+    inbox: tokio::sync::Mutex<Inbox>,
+    resyncing: Mutex<std::collections::HashSet<u64>>,
+    pub metrics: SyncMetrics,
+    ready: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl SyncService {
+    /// Start replication; returns at once (warm join runs in the background).
+    pub fn start(
+        node_id: u64,
+        cfg: SyncSection,
+        dp: Arc<DatapathHandle>,
+        transport: Arc<Transport>,
+        sm: StateMachineStore,
+        raft: raft_store::types::Raft,
+    ) -> Result<Arc<Self>> {
+        let events = dp.dp.lock().expect("dp").take_flow_events()?;
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ u64::from(std::process::id());
+        let svc = Arc::new(Self {
+            node_id,
+            incarnation,
+            clock: Clock::now(),
+            cfg,
+            dp,
+            transport: transport.clone(),
+            sm,
+            raft,
+            peers: Mutex::new(HashMap::new()),
+            inbox: tokio::sync::Mutex::new(Inbox::new(InboxConfig::default())),
+            resyncing: Mutex::new(Default::default()),
+            metrics: SyncMetrics::default(),
+            ready: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let s = svc.clone();
+        transport.set_stream_handler(Some(Arc::new(move |peer, kind, send, recv| {
+            let s = s.clone();
+            Box::pin(async move {
+                let r = match kind {
+                    KIND_SYNC => s.serve_sync(peer, send, recv).await,
+                    KIND_SNAPSHOT => s.serve_snapshot(peer, send).await,
+                    other => Err(anyhow!("unknown stream kind {other:#x}")),
+                };
+                if let Err(e) = r {
+                    debug!(peer, error = %e, "sync stream ended");
+                }
+            })
+        })));
+        let tasks = vec![
+            tokio::spawn(svc.clone().ring_task(events)),
+            tokio::spawn(svc.clone().membership_task()),
+            tokio::spawn(svc.clone().warm_join_task()),
+            tokio::spawn(svc.clone().refresh_task()),
+            tokio::spawn(svc.clone().expire_task()),
+            tokio::spawn(svc.clone().gap_task()),
+        ];
+        svc.tasks.lock().expect("tasks").extend(tasks);
+        info!(node = node_id, incarnation, "conntrack replication started");
+        Ok(svc)
+    }
+
+    /// Stop every task and release the transport (which refers back to us).
+    pub async fn stop(&self) {
+        self.transport.set_stream_handler(None);
+        self.peers.lock().expect("peers").clear();
+        let tasks: Vec<_> = self.tasks.lock().expect("tasks").drain(..).collect();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        let peers = self
+            .metrics
+            .peers
+            .lock()
+            .expect("peers")
+            .iter()
+            .map(|(p, s)| PeerStatus {
+                peer: *p,
+                connected: s.connected.load(Ordering::Relaxed),
+                sent: s.sent.load(Ordering::Relaxed),
+                received: s.received.load(Ordering::Relaxed),
+                applied: s.applied.load(Ordering::Relaxed),
+                rejected: s.rejected.load(Ordering::Relaxed),
+                queued: s.queued.load(Ordering::Relaxed),
+            })
+            .collect();
+        SyncStatus {
+            ready: self.is_ready(),
+            incarnation: self.incarnation,
+            peers,
+            lag_p50_ms: self
+                .metrics
+                .lag
+                .quantile(0.5)
+                .map(|d| d.as_secs_f64() * 1e3),
+            lag_p99_ms: self
+                .metrics
+                .lag
+                .quantile(0.99)
+                .map(|d| d.as_secs_f64() * 1e3),
+            snapshot_entries: self.metrics.snapshot_entries.load(Ordering::Relaxed),
+            refused: self.metrics.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn peer_stats(&self, peer: u64) -> Arc<PeerStats> {
+        self.metrics
+            .peers
+            .lock()
+            .expect("peers")
+            .entry(peer)
+            .or_default()
+            .clone()
+    }
+
+    /// Members that may write into our map: the Raft membership (voters and
+    /// learners) and the registered members.
+    fn is_member(&self, peer: u64) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.nodes().any(|(id, _)| *id == peer) || self.sm.current().state.members.contains_key(&peer)
+    }
+
+    fn peer_addrs(&self) -> HashMap<u64, SocketAddr> {
+        self.sm
+            .current()
+            .state
+            .members
+            .values()
+            .filter(|m| m.node_id != self.node_id)
+            .filter_map(|m| m.raft_addr.parse().ok().map(|a| (m.node_id, a)))
+            .collect()
+    }
+
+    fn broadcast(&self, cmd: impl Fn() -> PeerCmd) {
+        for (peer, tx) in self.peers.lock().expect("peers").iter() {
+            if tx.try_send(cmd()).is_err() {
+                // The peer's session is far behind: counted; the refresh
+                // round and resyncs repair what it misses.
+                self.peer_stats(*peer)
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    peer,
+                    "replication queue full: entries dropped for this peer"
+                );
+            }
+        }
+    }
+
+    /// Drain the new-flow ring buffer and hand entries to every peer.
+    async fn ring_task(self: Arc<Self>, mut events: datapath_ebpf::events::FlowEvents) {
+        let mut buf: Vec<FlowEvent> = Vec::with_capacity(4096);
+        loop {
+            buf.clear();
+            if let Err(e) = events.recv(&mut buf, 4096).await {
+                warn!(error = %e, "ring buffer consumer stopped");
+                return;
+            }
+            let entries: Arc<Vec<WireEntry>> = Arc::new(
+                buf.iter()
+                    .map(|ev| to_wire(&ev.key, &ev.val(), &self.clock))
+                    .collect(),
+            );
+            self.broadcast(|| PeerCmd::Entries(entries.clone()));
+        }
+    }
+
+    /// Keep one outgoing session per member.
+    async fn membership_task(self: Arc<Self>) {
+        let mut rx = self.sm.subscribe();
+        loop {
+            let want = self.peer_addrs();
+            {
+                let mut peers = self.peers.lock().expect("peers");
+                peers.retain(|p, _| want.contains_key(p));
+                for (peer, addr) in want {
+                    if let std::collections::hash_map::Entry::Vacant(v) = peers.entry(peer) {
+                        let (tx, prx) = mpsc::channel(4096);
+                        v.insert(tx);
+                        let t = tokio::spawn(self.clone().peer_task(peer, addr, prx));
+                        self.tasks.lock().expect("tasks").push(t);
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn peer_task(
+        self: Arc<Self>,
+        peer: u64,
+        addr: SocketAddr,
+        mut rx: mpsc::Receiver<PeerCmd>,
+    ) {
+        let stats = self.peer_stats(peer);
+        let mut out = Outbox::new(
+            self.node_id,
+            self.incarnation,
+            OutboxConfig {
+                max_batch: self.cfg.max_batch,
+                max_delay: Duration::from_micros(self.cfg.batch_delay_us),
+                max_unacked_entries: self.cfg.max_unacked_entries,
+            },
+        );
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (mut send, recv) = match self.transport.open_stream(peer, addr, KIND_SYNC).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(peer, error = %e, "sync connect failed; retrying");
+                    // Keep queueing while the peer is away.
+                    let until = tokio::time::sleep(backoff);
+                    tokio::pin!(until);
+                    loop {
+                        tokio::select! {
+                            _ = &mut until => break,
+                            cmd = rx.recv() => match cmd {
+                                Some(PeerCmd::Entries(es)) => {
+                                    let now = Instant::now();
+                                    for e in es.iter() { out.push(e.clone(), now); }
+                                    out.poll(now);
+                                }
+                                Some(PeerCmd::Refresh(_)) => {}
+                                None => return,
+                            }
+                        }
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            stats.connected.store(true, Ordering::Relaxed);
+            let (ack_tx, mut ack_rx) = mpsc::channel::<(u64, u64)>(1024);
+            let reader = tokio::spawn(read_acks(recv, ack_tx));
+            let mut ok = write_msg(
+                &mut send,
+                &Msg::Hello {
+                    version: VERSION,
+                    node_id: self.node_id,
+                    incarnation: self.incarnation,
+                },
+            )
+            .await;
+            for m in out.on_reconnect() {
+                if ok {
+                    ok = write_msg(&mut send, &m).await;
+                }
+            }
+            while ok {
+                let deadline = out.deadline();
+                tokio::select! {
+                    cmd = rx.recv() => match cmd {
+                        Some(PeerCmd::Entries(es)) => {
+                            let now = Instant::now();
+                            for e in es.iter() { out.push(e.clone(), now); }
+                            stats.queued.store(out.queued() as u64, Ordering::Relaxed);
+                        }
+                        Some(PeerCmd::Refresh(es)) => {
+                            for chunk in es.chunks(sync::wire::MAX_BATCH) {
+                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }).await;
+                            }
+                        }
+                        None => { reader.abort(); return; }
+                    },
+                    ack = ack_rx.recv() => match ack {
+                        Some((inc, seq)) => out.on_ack(inc, seq),
+                        None => ok = false,
+                    },
+                    _ = sleep_until(deadline) => {}
+                }
+                for m in out.poll(Instant::now()) {
+                    if let Msg::Batch { entries, .. } = &m {
+                        stats
+                            .sent
+                            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                        self.metrics.batches_sent.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .entries_in_batches
+                            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                    }
+                    if ok {
+                        ok = write_msg(&mut send, &m).await;
+                    }
+                }
+                stats.queued.store(out.queued() as u64, Ordering::Relaxed);
+            }
+            reader.abort();
+            stats.connected.store(false, Ordering::Relaxed);
+            debug!(peer, "sync stream lost; reconnecting");
+        }
+    }
+
+    /// An inbound session from `peer`.
+    async fn serve_sync(
+        self: Arc<Self>,
+        peer: u64,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<()> {
+        if !self.is_member(peer) {
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = send.reset(1u32.into());
+            warn!(peer, "refused replication from a non-member");
+            bail!("node {peer} is not a member");
+        }
+        let stats = self.peer_stats(peer);
+        let mut de = Deframer::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match recv.read(&mut buf).await? {
+                Some(n) => n,
+                None => return Ok(()),
+            };
+            de.push(&buf[..n]);
+            loop {
+                let msg = match de.next_msg() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(peer, reason = %e, "closing replication stream: bad message");
+                        let _ = send.reset(3u32.into());
+                        bail!("bad message from {peer}: {e}");
+                    }
+                };
+                match msg {
+                    Msg::Hello { node_id, .. } if node_id != peer => {
+                        self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                        let _ = send.reset(4u32.into());
+                        bail!("node {peer} claims to be {node_id}");
+                    }
+                    Msg::Hello { .. } | Msg::Ack { .. } | Msg::SnapshotChunk { .. } => {}
+                    Msg::Batch {
+                        origin,
+                        incarnation,
+                        seq,
+                        base,
+                        entries,
+                    } => {
+                        if origin != peer || entries.iter().any(|e| u64::from(e.origin) != peer) {
+                            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                            let _ = send.reset(5u32.into());
+                            bail!("node {peer} sent entries of another origin");
+                        }
+                        stats
+                            .received
+                            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                        let d = self.inbox.lock().await.on_batch(
+                            origin,
+                            incarnation,
+                            seq,
+                            base,
+                            entries,
+                            Instant::now(),
+                        );
+                        for batch in d.apply {
+                            self.apply(peer, &batch, true).await?;
+                        }
+                        if d.resync {
+                            self.clone().spawn_resync(peer);
+                        }
+                        if let Some((inc, s)) = d.ack {
+                            send.write_all(&frame(&Msg::Ack {
+                                incarnation: inc,
+                                seq: s,
+                            }))
+                            .await?;
+                        }
+                    }
+                    Msg::Refresh { entries } => {
+                        if entries.iter().any(|e| u64::from(e.origin) != peer) {
+                            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                            let _ = send.reset(5u32.into());
+                            bail!("node {peer} refreshed entries of another origin");
+                        }
+                        self.metrics
+                            .refreshed
+                            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                        self.apply(peer, &entries, false).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write entries from `peer` into our map (merge rule); `lag`: record
+    /// creation → applied.
+    async fn apply(&self, peer: u64, entries: &[WireEntry], lag: bool) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
+        let dp = self.dp.clone();
+        let me = self.node_id as u16;
+        let st =
+            tokio::task::spawn_blocking(move || apply_remote(&dp.dp.lock().expect("dp"), &kv, me))
+                .await??;
+        let stats = self.peer_stats(peer);
+        stats.applied.fetch_add(st.applied, Ordering::Relaxed);
+        stats.rejected.fetch_add(st.rejected, Ordering::Relaxed);
+        if lag {
+            let now = self
+                .clock
+                .to_unix(datapath_ebpf::loader::monotonic_now().as_nanos() as u64);
+            for e in entries {
+                self.metrics
+                    .lag
+                    .observe(Duration::from_nanos(now.saturating_sub(e.created)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stream our whole conntrack map to `peer` in chunks.
+    async fn serve_snapshot(self: Arc<Self>, peer: u64, mut send: quinn::SendStream) -> Result<()> {
+        if !self.is_member(peer) {
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = send.reset(1u32.into());
+            bail!("snapshot refused to non-member {peer}");
+        }
+        let dp = self.dp.clone();
+        let all =
+            tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").ct_dump()).await??;
+        let n = all.len();
+        let mut chunks = all.chunks(SNAPSHOT_CHUNK).peekable();
+        if chunks.peek().is_none() {
+            send.write_all(&frame(&Msg::SnapshotChunk {
+                entries: vec![],
+                last: true,
+            }))
+            .await?;
+        }
+        while let Some(c) = chunks.next() {
+            let entries = c.iter().map(|(k, v)| to_wire(k, v, &self.clock)).collect();
+            let last = chunks.peek().is_none();
+            send.write_all(&frame(&Msg::SnapshotChunk { entries, last }))
+                .await?;
+        }
+        send.finish()?;
+        info!(peer, entries = n, "served a conntrack snapshot");
+        Ok(())
+    }
+
+    /// Pull a full snapshot from `peer` into our map; returns entries applied.
+    pub async fn pull_snapshot(&self, peer: u64, addr: SocketAddr) -> Result<u64> {
+        let (mut send, mut recv) = self
+            .transport
+            .open_stream(peer, addr, KIND_SNAPSHOT)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        send.finish()?;
+        let mut de = Deframer::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = recv
+                .read(&mut buf)
+                .await?
+                .ok_or_else(|| anyhow!("snapshot from {peer} ended early"))?;
+            de.push(&buf[..n]);
+            while let Some(m) = de.next_msg()? {
+                let Msg::SnapshotChunk { entries, last } = m else {
+                    bail!("unexpected message in a snapshot from {peer}");
+                };
+                total += entries.len() as u64;
+                let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
+                let dp = self.dp.clone();
+                let me = self.node_id as u16;
+                tokio::task::spawn_blocking(move || {
+                    apply_remote(&dp.dp.lock().expect("dp"), &kv, me)
+                })
+                .await??;
+                self.metrics
+                    .snapshot_entries
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                if total.is_multiple_of(SNAPSHOT_CHUNK as u64 * 64) {
+                    info!(peer, entries = total, "warm join: snapshot progress");
+                }
+                if last {
+                    return Ok(total);
+                }
+            }
+        }
+    }
+
+    fn spawn_resync(self: Arc<Self>, peer: u64) {
+        if !self.resyncing.lock().expect("resync").insert(peer) {
+            return;
+        }
+        tokio::spawn(async move {
+            self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+            if let Some(addr) = self.peer_addrs().get(&peer).copied() {
+                match self.pull_snapshot(peer, addr).await {
+                    Ok(n) => info!(peer, entries = n, "resynchronised from peer"),
+                    Err(e) => warn!(peer, error = %e, "resync failed"),
+                }
+            }
+            self.resyncing.lock().expect("resync").remove(&peer);
+        });
+    }
+
+    /// Warm join: once registered, pull a snapshot from a peer, then ready.
+    async fn warm_join_task(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let state = self.sm.current();
+            if state.state.members.contains_key(&self.node_id) {
+                let peers = self.peer_addrs();
+                if peers.is_empty() {
+                    break;
+                }
+                let mut done = false;
+                for (peer, addr) in peers {
+                    info!(peer, "warm join: pulling the conntrack snapshot");
+                    match self.pull_snapshot(peer, addr).await {
+                        Ok(n) => {
+                            info!(peer, entries = n, "warm join done");
+                            done = true;
+                            break;
+                        }
+                        Err(e) => warn!(peer, error = %e, "warm join from this peer failed"),
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        info!(node = self.node_id, "replication ready");
+    }
+
+    /// Re-send our own entries that saw traffic since the last round.
+    async fn refresh_task(self: Arc<Self>) {
+        let every = Duration::from_secs(self.cfg.refresh_interval_s.max(1));
+        let mut mark = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        loop {
+            tokio::time::sleep(every).await;
+            let start = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+            let dp = self.dp.clone();
+            let me = self.node_id as u16;
+            let Ok(Ok(all)) =
+                tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").ct_dump()).await
+            else {
+                continue;
+            };
+            let live: Arc<Vec<WireEntry>> = Arc::new(
+                all.iter()
+                    .filter(|(_, v)| v.origin == me && v.last_seen_ns >= mark)
+                    .map(|(k, v)| to_wire(k, v, &self.clock))
+                    .collect(),
+            );
+            mark = start;
+            if !live.is_empty() {
+                self.broadcast(|| PeerCmd::Refresh(live.clone()));
+            }
+        }
+    }
+
+    async fn expire_task(self: Arc<Self>) {
+        let every = Duration::from_secs(self.cfg.expire_interval_s.max(1));
+        loop {
+            tokio::time::sleep(every).await;
+            let dp = self.dp.clone();
+            let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+            if let Ok(Ok(n)) =
+                tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").ct_expire(now)).await
+            {
+                self.metrics.expired.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Gaps that do not close in time become resyncs.
+    async fn gap_task(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let d = self.inbox.lock().await.poll(Instant::now());
+            for batch in &d.apply {
+                if let Some(origin) = batch.first().map(|e| u64::from(e.origin)) {
+                    let _ = self.apply(origin, batch, true).await;
+                }
+            }
+            if d.resync {
+                for peer in self.peer_addrs().keys().copied().collect::<Vec<_>>() {
+                    self.clone().spawn_resync(peer);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
+async fn write_msg(send: &mut quinn::SendStream, m: &Msg) -> bool {
+    send.write_all(&frame(m)).await.is_ok()
+}
+
+async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<(u64, u64)>) {
+    let mut de = Deframer::default();
+    let mut buf = vec![0u8; 4096];
+    while let Ok(Some(n)) = recv.read(&mut buf).await {
+        de.push(&buf[..n]);
+        while let Ok(Some(m)) = de.next_msg() {
+            if let Msg::Ack { incarnation, seq } = m {
+                if tx.send((incarnation, seq)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A conntrack entry as the admin API lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CtRow {
+    pub client: String,
+    pub vip: String,
+    pub proto: String,
+    pub backend_id: u32,
+    pub origin: u16,
+    pub remote: bool,
+    pub closing: bool,
+    pub idle_s: f64,
+}
+
+pub fn ct_rows(
+    dp: &datapath_ebpf::Datapath,
+    vip: Option<std::net::IpAddr>,
+    limit: usize,
+) -> Result<Vec<CtRow>> {
+    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let mut rows: Vec<CtRow> = dp
+        .ct_dump()?
+        .into_iter()
+        .filter(|(k, _)| vip.is_none() || k.vip() == vip)
+        .map(|(k, v)| {
+            let sock = |a: Option<std::net::IpAddr>, p: u16| match a {
+                Some(std::net::IpAddr::V6(a)) => format!("[{a}]:{p}"),
+                Some(a) => format!("{a}:{p}"),
+                None => "?".into(),
+            };
+            CtRow {
+                client: sock(k.client(), u16::from_be(k.sport)),
+                vip: sock(k.vip(), u16::from_be(k.dport)),
+                proto: if k.proto == 6 {
+                    "tcp".into()
+                } else {
+                    "udp".into()
+                },
+                backend_id: v.backend_id,
+                origin: v.origin,
+                remote: v.flags & datapath_ebpf::abi::CT_F_REMOTE != 0,
+                closing: v.flags & datapath_ebpf::abi::CT_F_CLOSING != 0,
+                idle_s: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));
+    rows.truncate(limit);
+    Ok(rows)
+}
+
+impl SyncService {
+    /// Used by clusterctl `members`: is the stream to `peer` up?
+    pub fn connected_peers(&self) -> usize {
+        self.metrics
+            .peers
+            .lock()
+            .expect("peers")
+            .values()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+            .count()
+    }
+}

@@ -1,0 +1,262 @@
+//! t08: conntrack replication between three nodes with real BPF maps. A flow
+//! created by node A's datapath appears in B's and C's maps with A as origin
+//! and the same backend; a restarted node warm-joins (snapshot) and ends
+//! with the same entries before it reports ready; a node with a valid
+//! cluster certificate that is not a member is refused and writes nothing;
+//! clusterctl lists the entries with their origin.
+
+use std::{
+    net::IpAddr,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use datapath_ebpf::{
+    abi::{CtKey, CT_F_REMOTE, IPPROTO_TCP},
+    packet::{Packet, TCP_SYN},
+    testrun,
+};
+use node::{
+    sync::{CtRow, KIND_SNAPSHOT, KIND_SYNC},
+    testing::{backend, issue_node, service, Cluster},
+    tls::Identity,
+    transport::Transport,
+};
+use sync::wire::{frame, Msg, WireEntry, VERSION};
+
+const VIP: &str = "10.200.0.1";
+
+/// Open `n` flows on node `id`'s datapath (BPF_PROG_TEST_RUN of a SYN each).
+fn open_flows(c: &Cluster, id: u64, first: u16, n: u16) -> Vec<CtKey> {
+    let dp = c
+        .node(id)
+        .datapath
+        .as_ref()
+        .expect("datapath")
+        .dp
+        .lock()
+        .expect("dp");
+    (first..first + n)
+        .map(|p| {
+            let syn = Packet::tcp("192.0.2.10", p, VIP, 80, TCP_SYN);
+            testrun::run(dp.program(), &syn.frame(), 0).expect("test run");
+            CtKey::new(
+                "192.0.2.10".parse().expect("ip"),
+                p,
+                VIP.parse().expect("vip"),
+                80,
+                IPPROTO_TCP,
+            )
+        })
+        .collect()
+}
+
+async fn wait_entries(c: &Cluster, id: u64, keys: &[CtKey], origin: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (found, ok) = {
+            let dp = c
+                .node(id)
+                .datapath
+                .as_ref()
+                .expect("dp")
+                .dp
+                .lock()
+                .expect("dp");
+            let src = c
+                .node(origin as u64)
+                .datapath
+                .as_ref()
+                .expect("dp")
+                .dp
+                .lock()
+                .expect("dp");
+            let mut found = 0;
+            let mut ok = true;
+            for k in keys {
+                if let Some(v) = dp.ct_get(k).expect("lookup") {
+                    found += 1;
+                    let want = src.ct_get(k).expect("lookup").expect("origin has it");
+                    ok &= v.backend_id == want.backend_id && v.origin == origin;
+                    ok &= v.flags & CT_F_REMOTE != 0;
+                }
+            }
+            (found, ok)
+        };
+        assert!(ok, "node {id}: replicated entries differ from the origin's");
+        if found == keys.len() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} has {found}/{} entries",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_ready(c: &Cluster, id: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !c.node(id).sync.get().expect("sync on").is_ready() {
+        assert!(Instant::now() < deadline, "node {id} never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t08_flows_replicate_warm_join_and_members_only() {
+    let mut c = Cluster::start(3).await;
+    c.write(service("web", VIP, 80)).await;
+    for a in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+        c.write(backend("web", a, 80)).await;
+    }
+    c.wait_converged(Duration::from_secs(5)).await;
+    for id in 1..=3 {
+        wait_ready(&c, id).await;
+    }
+
+    let first = open_flows(&c, 1, 20_000, 50);
+    wait_entries(&c, 2, &first, 1).await;
+    wait_entries(&c, 3, &first, 1).await;
+    let lag = c.node(2).sync.get().expect("sync").status().lag_p99_ms;
+    assert!(lag.is_some(), "lag is measured");
+
+    // Node 3 restarts with an empty map and warm-joins.
+    c.kill(3).await;
+    let second = open_flows(&c, 1, 30_000, 50);
+    wait_entries(&c, 2, &second, 1).await;
+    c.restart(3).await;
+    wait_ready(&c, 3).await;
+    let st = c.node(3).sync.get().expect("sync").status();
+    assert!(
+        st.snapshot_entries >= 100,
+        "warm join pulled {} entries",
+        st.snapshot_entries
+    );
+    let all: Vec<CtKey> = first.iter().chain(&second).copied().collect();
+    wait_entries(&c, 3, &all, 1).await; // already there when ready
+
+    // A node with a valid cluster certificate that is not a member.
+    let pki = c.pki.clone();
+    issue_node(&pki, 9);
+    let id = Identity::load(
+        &pki.join("ca.pem"),
+        &pki.join("node-9.pem"),
+        &pki.join("node-9.key"),
+    )
+    .expect("id");
+    let rogue = Transport::bind("127.0.0.1:0".parse().expect("addr"), &id).expect("bind");
+    let target = c.node(1).cfg.raft_addr;
+    let refused_before = c
+        .node(1)
+        .sync
+        .get()
+        .expect("sync")
+        .metrics
+        .refused
+        .load(Ordering::Relaxed);
+    let bogus = CtKey::new(
+        "198.51.100.7".parse().expect("ip"),
+        1234,
+        VIP.parse().expect("vip"),
+        80,
+        IPPROTO_TCP,
+    );
+    if let Ok((mut send, _recv)) = rogue.open_stream(1, target, KIND_SYNC).await {
+        let entry = WireEntry {
+            family: 4,
+            proto: 6,
+            saddr: vec![198, 51, 100, 7],
+            daddr: vec![10, 200, 0, 1],
+            sport: 1234,
+            dport: 80,
+            backend_id: 1,
+            flags: 0,
+            origin: 9,
+            created: 1,
+            last_seen: 1,
+        };
+        let _ = send
+            .write_all(&frame(&Msg::Hello {
+                version: VERSION,
+                node_id: 9,
+                incarnation: 1,
+            }))
+            .await;
+        let _ = send
+            .write_all(&frame(&Msg::Batch {
+                origin: 9,
+                incarnation: 1,
+                seq: 1,
+                base: 1,
+                entries: vec![entry],
+            }))
+            .await;
+        let _ = send.finish();
+    }
+    let snapshot = rogue.open_stream(1, target, KIND_SNAPSHOT).await;
+    if let Ok((mut s, mut r)) = snapshot {
+        let _ = s.finish();
+        let mut buf = [0u8; 64];
+        assert!(
+            !matches!(r.read(&mut buf).await, Ok(Some(n)) if n > 0),
+            "snapshot served to a non-member"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c
+        .node(1)
+        .sync
+        .get()
+        .expect("sync")
+        .metrics
+        .refused
+        .load(Ordering::Relaxed)
+        < refused_before + 2
+    {
+        assert!(Instant::now() < deadline, "non-member was not refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dp1 = c
+        .node(1)
+        .datapath
+        .as_ref()
+        .expect("dp")
+        .dp
+        .lock()
+        .expect("dp")
+        .ct_get(&bogus)
+        .expect("lookup");
+    assert!(dp1.is_none(), "a non-member wrote into the conntrack map");
+
+    // clusterctl conntrack, as an operator lists node 2's entries.
+    let admin = c.node(1).cfg.admin_addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+            .args([
+                "--node",
+                &admin,
+                "conntrack",
+                "--node-id",
+                "2",
+                "--vip",
+                VIP,
+                "-o",
+                "json",
+            ])
+            .output()
+            .expect("run clusterctl")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<CtRow> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rows.len(), 100);
+    assert!(rows.iter().all(|r| r.origin == 1 && r.remote));
+    let _ = IpAddr::from([0u8; 4]);
+}
