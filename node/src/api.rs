@@ -51,7 +51,7 @@ pub struct LocalStatus {
     pub datapath_attached: bool,
     pub conntrack_entries: Option<u64>,
     /// Conntrack replication, if enabled.
-    pub sync: Option<crate::sync::SyncStatus>,
+    pub sync: Option<crate::replication::SyncStatus>,
 }
 
 /// A row of `clusterctl members`.
@@ -219,7 +219,7 @@ pub struct CtQuery {
 async fn conntrack(
     State(node): State<Arc<Node>>,
     q: Result<axum::extract::Query<CtQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<crate::sync::CtRow>>, ApiErr> {
+) -> Result<Json<Vec<crate::replication::CtRow>>, ApiErr> {
     let axum::extract::Query(q) =
         q.map_err(|e| err(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
     let Some(h) = node.datapath.clone() else {
@@ -230,7 +230,7 @@ async fn conntrack(
         ));
     };
     let rows = tokio::task::spawn_blocking(move || {
-        crate::sync::ct_rows(&h.dp.lock().expect("dp"), q.vip, q.limit.unwrap_or(10_000))
+        crate::replication::ct_rows(&h.dp.lock().expect("dp"), q.vip, q.limit.unwrap_or(10_000))
     })
     .await
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?

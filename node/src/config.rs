@@ -73,36 +73,7 @@ pub struct NodeConfig {
     pub sync: SyncSection,
 }
 
-/// Conntrack replication.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SyncSection {
-    /// Replicate new conntrack entries to peers (needs the datapath).
-    pub enabled: bool,
-    /// Entries per batch at most.
-    pub max_batch: usize,
-    /// Longest an entry waits for its batch to fill.
-    pub batch_delay_us: u64,
-    /// Entries kept per peer until acknowledged.
-    pub max_unacked_entries: usize,
-    /// Re-send our live long-lived flows this often (well below the idle timeouts).
-    pub refresh_interval_s: u64,
-    /// Delete idle entries this often.
-    pub expire_interval_s: u64,
-}
-
-impl Default for SyncSection {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            max_batch: 256,
-            batch_delay_us: 200,
-            max_unacked_entries: 1 << 18,
-            refresh_interval_s: 10,
-            expire_interval_s: 10,
-        }
-    }
-}
+pub use sync::service::SyncSection;
 
 fn default_admin() -> SocketAddr {
     "127.0.0.1:7101".parse().expect("static")

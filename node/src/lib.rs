@@ -10,10 +10,9 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod raft_net;
-pub mod sync;
 pub mod telemetry;
 pub mod testing;
-pub mod tls;
-pub mod transport;
+
+pub use sync::{service as replication, tls, transport};
 
 pub use node::Node;

@@ -39,8 +39,48 @@ pub const JOIN_CATCH_UP: Duration = Duration::from_secs(8);
 
 /// The datapath and what is known about it.
 pub struct DatapathHandle {
-    pub dp: Mutex<Datapath>,
+    pub dp: Arc<Mutex<Datapath>>,
     pub interface: Option<String>,
+}
+
+/// Replication membership from Raft: the Raft membership (voters and
+/// learners) and the registered members may replicate; peers are the
+/// registered members with their QUIC addresses.
+struct RaftMembership {
+    id: u64,
+    raft: Raft,
+    sm: StateMachineStore,
+}
+
+impl crate::replication::Membership for RaftMembership {
+    fn is_member(&self, peer: u64) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.nodes().any(|(id, _)| *id == peer) || self.sm.current().state.members.contains_key(&peer)
+    }
+
+    fn peers(&self) -> std::collections::HashMap<u64, std::net::SocketAddr> {
+        self.sm
+            .current()
+            .state
+            .members
+            .values()
+            .filter(|m| m.node_id != self.id)
+            .filter_map(|m| m.raft_addr.parse().ok().map(|a| (m.node_id, a)))
+            .collect()
+    }
+
+    fn registered(&self) -> bool {
+        self.sm.current().state.members.contains_key(&self.id)
+    }
+
+    fn changed(&self) -> crate::transport::BoxFuture<()> {
+        let mut rx = self.sm.subscribe();
+        Box::pin(async move {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
 }
 
 pub struct Node {
@@ -56,7 +96,7 @@ pub struct Node {
     pub applied_epoch: Arc<AtomicU64>,
     pub applied_tx: tokio::sync::watch::Sender<u64>,
     /// Conntrack replication (datapath and `sync.enabled`).
-    pub sync: std::sync::OnceLock<Arc<crate::sync::SyncService>>,
+    pub sync: std::sync::OnceLock<Arc<crate::replication::SyncService>>,
     shutting_down: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -162,7 +202,7 @@ impl Node {
                     dp.attach(i, mode)?;
                 }
                 Ok(DatapathHandle {
-                    dp: Mutex::new(dp),
+                    dp: Arc::new(Mutex::new(dp)),
                     interface: iface,
                 })
             })
@@ -190,13 +230,16 @@ impl Node {
         let apply = tokio::spawn(node.clone().apply_loop());
         node.tasks.lock().expect("tasks").push(apply);
         if let (Some(dp), true) = (&node.datapath, node.cfg.sync.enabled) {
-            let svc = crate::sync::SyncService::start(
+            let svc = crate::replication::SyncService::start(
                 node.cfg.node_id,
                 node.cfg.sync.clone(),
-                dp.clone(),
+                dp.dp.clone(),
                 node.transport.clone(),
-                node.sm.clone(),
-                node.raft.clone(),
+                Arc::new(RaftMembership {
+                    id: node.cfg.node_id,
+                    raft: node.raft.clone(),
+                    sm: node.sm.clone(),
+                }),
             )?;
             let _ = node.sync.set(svc);
         }

@@ -17,7 +17,7 @@ use datapath_ebpf::{
     testrun,
 };
 use node::{
-    sync::{CtRow, KIND_SNAPSHOT, KIND_SYNC},
+    replication::{CtRow, KIND_SNAPSHOT, KIND_SYNC},
     testing::{backend, issue_node, service, Cluster},
     tls::Identity,
     transport::Transport,

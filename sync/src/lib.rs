@@ -10,11 +10,17 @@
 //!   acks, resend, gap detection);
 //! - [`apply`]: batched, merged writes into the conntrack map.
 //!
-//! The QUIC transport that runs sessions over the node's endpoint lives in
-//! the node crate (`node/src/sync.rs`).
+//! - [`tls`], [`transport`]: the node's QUIC endpoint (mutual TLS with the
+//!   cluster CA), shared with Raft;
+//! - [`service`]: replication run over that endpoint, with membership
+//!   supplied by the node ([`service::Membership`]).
 
 pub mod apply;
 pub mod convert;
+pub mod hist;
 pub mod merge;
+pub mod service;
 pub mod session;
+pub mod tls;
+pub mod transport;
 pub mod wire;

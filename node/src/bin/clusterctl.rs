@@ -564,7 +564,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             if let Some(v) = vip {
                 path += &format!("&vip={v}");
             }
-            let rows: Vec<node::sync::CtRow> = get_blocking(&addr, &path, t)?;
+            let rows: Vec<node::replication::CtRow> = get_blocking(&addr, &path, t)?;
             print(cli.output, &rows, |rows| {
                 table(
                     &[

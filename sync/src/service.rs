@@ -1,5 +1,5 @@
-//! Conntrack replication over the node's QUIC endpoint (the `sync` crate's
-//! protocol core, run on real streams).
+//! Conntrack replication over the node's QUIC endpoint: the protocol core
+//! ([`crate::session`]) run on real streams.
 //!
 //! - The datapath's new-flow ring buffer is drained on its own task; each
 //!   entry goes to one outgoing session per peer (a long-lived QUIC stream,
@@ -27,19 +27,62 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Result};
-use datapath_ebpf::abi::FlowEvent;
-use raft_store::StateMachineStore;
+use datapath_ebpf::{abi::FlowEvent, Datapath};
 use serde::{Deserialize, Serialize};
-use sync::{
-    apply::apply_remote,
-    convert::{from_wire, to_wire, Clock},
-    session::{Inbox, InboxConfig, Outbox, OutboxConfig},
-    wire::{frame, Deframer, Msg, WireEntry, VERSION},
-};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::{config::SyncSection, metrics::Histogram, node::DatapathHandle, transport::Transport};
+use crate::{
+    apply::apply_remote,
+    convert::{from_wire, to_wire, Clock},
+    hist::Histogram,
+    session::{Inbox, InboxConfig, Outbox, OutboxConfig},
+    transport::{BoxFuture, Transport},
+    wire::{frame, Deframer, Msg, WireEntry, VERSION},
+};
+
+/// Who may replicate with this node, supplied by the node (from Raft).
+pub trait Membership: Send + Sync + 'static {
+    /// May `peer` write into our map / read our snapshot?
+    fn is_member(&self, peer: u64) -> bool;
+    /// The other members and their QUIC addresses.
+    fn peers(&self) -> HashMap<u64, SocketAddr>;
+    /// Is this node registered, so that peers accept it (warm join may start)?
+    fn registered(&self) -> bool;
+    /// Resolves when membership may have changed.
+    fn changed(&self) -> BoxFuture<()>;
+}
+
+/// Replication settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// Replicate new conntrack entries to peers (needs the datapath).
+    pub enabled: bool,
+    /// Entries per batch at most.
+    pub max_batch: usize,
+    /// Longest an entry waits for its batch to fill.
+    pub batch_delay_us: u64,
+    /// Entries kept per peer until acknowledged.
+    pub max_unacked_entries: usize,
+    /// Re-send our live long-lived flows this often (well below the idle timeouts).
+    pub refresh_interval_s: u64,
+    /// Delete idle entries this often.
+    pub expire_interval_s: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch: 256,
+            batch_delay_us: 200,
+            max_unacked_entries: 1 << 18,
+            refresh_interval_s: 10,
+            expire_interval_s: 10,
+        }
+    }
+}
 
 pub const KIND_SYNC: u8 = 0x10;
 pub const KIND_SNAPSHOT: u8 = 0x11;
@@ -105,10 +148,9 @@ pub struct SyncService {
     incarnation: u64,
     clock: Clock,
     cfg: SyncSection,
-    dp: Arc<DatapathHandle>,
+    dp: Arc<Mutex<Datapath>>,
     transport: Arc<Transport>,
-    sm: StateMachineStore,
-    raft: raft_store::types::Raft,
+    members: Arc<dyn Membership>,
     peers: Mutex<HashMap<u64, mpsc::Sender<PeerCmd>>>,
     inbox: tokio::sync::Mutex<Inbox>,
     resyncing: Mutex<std::collections::HashSet<u64>>,
@@ -122,12 +164,11 @@ impl SyncService {
     pub fn start(
         node_id: u64,
         cfg: SyncSection,
-        dp: Arc<DatapathHandle>,
+        dp: Arc<Mutex<Datapath>>,
         transport: Arc<Transport>,
-        sm: StateMachineStore,
-        raft: raft_store::types::Raft,
+        members: Arc<dyn Membership>,
     ) -> Result<Arc<Self>> {
-        let events = dp.dp.lock().expect("dp").take_flow_events()?;
+        let events = dp.lock().expect("dp").take_flow_events()?;
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -140,8 +181,7 @@ impl SyncService {
             cfg,
             dp,
             transport: transport.clone(),
-            sm,
-            raft,
+            members,
             peers: Mutex::new(HashMap::new()),
             inbox: tokio::sync::Mutex::new(Inbox::new(InboxConfig::default())),
             resyncing: Mutex::new(Default::default()),
@@ -239,22 +279,12 @@ impl SyncService {
             .clone()
     }
 
-    /// Members that may write into our map: the Raft membership (voters and
-    /// learners) and the registered members.
     fn is_member(&self, peer: u64) -> bool {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        m.nodes().any(|(id, _)| *id == peer) || self.sm.current().state.members.contains_key(&peer)
+        self.members.is_member(peer)
     }
 
     fn peer_addrs(&self) -> HashMap<u64, SocketAddr> {
-        self.sm
-            .current()
-            .state
-            .members
-            .values()
-            .filter(|m| m.node_id != self.node_id)
-            .filter_map(|m| m.raft_addr.parse().ok().map(|a| (m.node_id, a)))
-            .collect()
+        self.members.peers()
     }
 
     fn broadcast(&self, cmd: impl Fn() -> PeerCmd) {
@@ -293,7 +323,6 @@ impl SyncService {
 
     /// Keep one outgoing session per member.
     async fn membership_task(self: Arc<Self>) {
-        let mut rx = self.sm.subscribe();
         loop {
             let want = self.peer_addrs();
             {
@@ -308,9 +337,7 @@ impl SyncService {
                     }
                 }
             }
-            if rx.changed().await.is_err() {
-                return;
-            }
+            self.members.changed().await;
         }
     }
 
@@ -385,7 +412,7 @@ impl SyncService {
                             stats.queued.store(out.queued() as u64, Ordering::Relaxed);
                         }
                         Some(PeerCmd::Refresh(es)) => {
-                            for chunk in es.chunks(sync::wire::MAX_BATCH) {
+                            for chunk in es.chunks(crate::wire::MAX_BATCH) {
                                 ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }).await;
                             }
                         }
@@ -522,7 +549,7 @@ impl SyncService {
         let dp = self.dp.clone();
         let me = self.node_id as u16;
         let st =
-            tokio::task::spawn_blocking(move || apply_remote(&dp.dp.lock().expect("dp"), &kv, me))
+            tokio::task::spawn_blocking(move || apply_remote(&dp.lock().expect("dp"), &kv, me))
                 .await??;
         let stats = self.peer_stats(peer);
         stats.applied.fetch_add(st.applied, Ordering::Relaxed);
@@ -548,8 +575,7 @@ impl SyncService {
             bail!("snapshot refused to non-member {peer}");
         }
         let dp = self.dp.clone();
-        let all =
-            tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").ct_dump()).await??;
+        let all = tokio::task::spawn_blocking(move || dp.lock().expect("dp").ct_dump()).await??;
         let n = all.len();
         let mut chunks = all.chunks(SNAPSHOT_CHUNK).peekable();
         if chunks.peek().is_none() {
@@ -595,10 +621,8 @@ impl SyncService {
                 let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
                 let dp = self.dp.clone();
                 let me = self.node_id as u16;
-                tokio::task::spawn_blocking(move || {
-                    apply_remote(&dp.dp.lock().expect("dp"), &kv, me)
-                })
-                .await??;
+                tokio::task::spawn_blocking(move || apply_remote(&dp.lock().expect("dp"), &kv, me))
+                    .await??;
                 self.metrics
                     .snapshot_entries
                     .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -632,8 +656,7 @@ impl SyncService {
     async fn warm_join_task(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let state = self.sm.current();
-            if state.state.members.contains_key(&self.node_id) {
+            if self.members.registered() {
                 let peers = self.peer_addrs();
                 if peers.is_empty() {
                     break;
@@ -671,7 +694,7 @@ impl SyncService {
             let dp = self.dp.clone();
             let me = self.node_id as u16;
             let Ok(Ok(all)) =
-                tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").ct_dump()).await
+                tokio::task::spawn_blocking(move || dp.lock().expect("dp").ct_dump()).await
             else {
                 continue;
             };
@@ -695,7 +718,7 @@ impl SyncService {
             let dp = self.dp.clone();
             let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
             if let Ok(Ok(n)) =
-                tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").ct_expire(now)).await
+                tokio::task::spawn_blocking(move || dp.lock().expect("dp").ct_expire(now)).await
             {
                 self.metrics.expired.fetch_add(n as u64, Ordering::Relaxed);
             }
