@@ -49,6 +49,25 @@ impl Histogram {
         }
     }
 
+    /// Record many observations under one lock.
+    pub fn observe_many(&self, ds: impl IntoIterator<Item = Duration>) {
+        let mut samples = self.samples.lock().expect("histogram lock");
+        for d in ds {
+            let s = d.as_secs_f64();
+            for (i, b) in BUCKETS.iter().enumerate() {
+                if s <= *b {
+                    self.counts[i].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.sum_ns
+                .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+            if samples.len() < 1_000_000 {
+                samples.push(d.as_nanos() as u64);
+            }
+        }
+    }
+
     /// Quantile (0..=1) of the recorded samples (first 100k), if any.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let mut v = self.samples.lock().expect("histogram lock").clone();

@@ -106,6 +106,8 @@ pub struct SyncMetrics {
     /// Creation on the origin → applied here.
     pub lag: Histogram,
     pub batches_sent: AtomicU64,
+    /// Bytes written on replication streams (frames, incl. headers).
+    pub bytes_sent: AtomicU64,
     pub entries_in_batches: AtomicU64,
     /// Inbound sessions refused (not a member, wrong origin, bad message).
     pub refused: AtomicU64,
@@ -395,11 +397,12 @@ impl SyncService {
                     node_id: self.node_id,
                     incarnation: self.incarnation,
                 },
+                &self.metrics,
             )
             .await;
             for m in out.on_reconnect() {
                 if ok {
-                    ok = write_msg(&mut send, &m).await;
+                    ok = write_msg(&mut send, &m, &self.metrics).await;
                 }
             }
             while ok {
@@ -413,7 +416,7 @@ impl SyncService {
                         }
                         Some(PeerCmd::Refresh(es)) => {
                             for chunk in es.chunks(crate::wire::MAX_BATCH) {
-                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }).await;
+                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }, &self.metrics).await;
                             }
                         }
                         None => { reader.abort(); return; }
@@ -435,7 +438,7 @@ impl SyncService {
                             .fetch_add(entries.len() as u64, Ordering::Relaxed);
                     }
                     if ok {
-                        ok = write_msg(&mut send, &m).await;
+                        ok = write_msg(&mut send, &m, &self.metrics).await;
                     }
                 }
                 stats.queued.store(out.queued() as u64, Ordering::Relaxed);
@@ -558,11 +561,11 @@ impl SyncService {
             let now = self
                 .clock
                 .to_unix(datapath_ebpf::loader::monotonic_now().as_nanos() as u64);
-            for e in entries {
-                self.metrics
-                    .lag
-                    .observe(Duration::from_nanos(now.saturating_sub(e.created)));
-            }
+            self.metrics.lag.observe_many(
+                entries
+                    .iter()
+                    .map(|e| Duration::from_nanos(now.saturating_sub(e.created))),
+            );
         }
         Ok(())
     }
@@ -751,8 +754,12 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn write_msg(send: &mut quinn::SendStream, m: &Msg) -> bool {
-    send.write_all(&frame(m)).await.is_ok()
+async fn write_msg(send: &mut quinn::SendStream, m: &Msg, metrics: &SyncMetrics) -> bool {
+    let f = frame(m);
+    metrics
+        .bytes_sent
+        .fetch_add(f.len() as u64, Ordering::Relaxed);
+    send.write_all(&f).await.is_ok()
 }
 
 async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<(u64, u64)>) {
@@ -821,6 +828,17 @@ pub fn ct_rows(
 }
 
 impl SyncService {
+    /// Entries from all peers written into our map so far (cheap: no quantiles).
+    pub fn applied_total(&self) -> u64 {
+        self.metrics
+            .peers
+            .lock()
+            .expect("peers")
+            .values()
+            .map(|s| s.applied.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Used by clusterctl `members`: is the stream to `peer` up?
     pub fn connected_peers(&self) -> usize {
         self.metrics
