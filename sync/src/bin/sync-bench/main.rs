@@ -17,6 +17,11 @@
 //! per-flow pacing sleeps — and three nodes).
 //! Phase 2 (throughput): one node creates `--burst` flows as fast as it can;
 //! reported: entries/s applied by the slower receiver.
+//! Phase 3 (side by side): Netfilter's conntrackd in FTFW mode over UDP
+//! between two network namespaces replicates `--rate` × `--secs` new flows
+//! created at `--rate` (one node's phase-1 load); see `conntrackd.rs`.
+
+mod conntrackd;
 
 use std::{
     collections::HashMap,
@@ -280,7 +285,13 @@ async fn main() -> Result<()> {
     for n in &nodes {
         n.svc.stop().await;
     }
+    drop(nodes);
     let _ = std::fs::remove_dir_all(&dir);
+
+    // Phase 3: conntrackd, same flows per second and count as one node above.
+    let ctd = tokio::task::spawn_blocking(move || conntrackd::run(rate, secs))
+        .await?
+        .context("conntrackd phase")?;
 
     if json {
         println!(
@@ -294,7 +305,12 @@ async fn main() -> Result<()> {
                 "cpu_s_per_100k": cpu_per_100k,
                 "rate_per_node": rate,
                 "ring_lost": ring_lost,
-                "conntrackd": serde_json::Value::Null,
+                "conntrackd": {
+                    "applied_per_s": ctd.applied_per_s,
+                    "lag_p50_ms": ctd.lag_p50_ms,
+                    "lag_p99_ms": ctd.lag_p99_ms,
+                    "bytes_per_entry": ctd.bytes_per_entry,
+                },
             })
         );
     } else {
@@ -308,6 +324,14 @@ async fn main() -> Result<()> {
         println!("phase 2: {burst} flows as fast as one node creates them");
         println!("  applied per receiver: {applied_per_s:.0} entries/s (slower receiver, incl. generation)");
         println!("  ring-buffer events lost: {ring_lost}");
+        println!(
+            "phase 3: conntrackd (FTFW over UDP, two namespaces), {} flows at {rate}/s",
+            u64::from(rate) * secs
+        );
+        println!(
+            "  lag p50 {:.1} ms  p99 {:.1} ms (polled every ~5 ms)  applied {:.0} entries/s  bytes/entry {:.1}",
+            ctd.lag_p50_ms, ctd.lag_p99_ms, ctd.applied_per_s, ctd.bytes_per_entry
+        );
     }
     Ok(())
 }
