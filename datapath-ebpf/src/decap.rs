@@ -1,6 +1,6 @@
 //! The backend-side decapsulator (`bpf/decap.bpf.c`).
 
-use std::{ffi::CString, net::IpAddr};
+use std::net::IpAddr;
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData},
@@ -12,7 +12,7 @@ use crate::{
     abi::{DecapKey, DecapStats},
     error::{Error, Result},
     loader::AttachMode,
-    prog::{load_xdp, percpu_sum, xdp, xdp_mut},
+    prog::{ifindex, load_xdp, percpu_sum, xdp, xdp_mut},
 };
 
 pub(crate) static DECAP_OBJ: &[u8] =
@@ -42,16 +42,7 @@ impl Decap {
 
     /// Attach to `ifname` in the calling thread's network namespace.
     pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
-        let c = CString::new(ifname).map_err(|_| Error::UnknownInterface {
-            name: ifname.into(),
-        })?;
-        // SAFETY: valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(Error::UnknownInterface {
-                name: ifname.into(),
-            });
-        }
+        let ifindex = ifindex(ifname)?;
         let prog = xdp_mut(&mut self.bpf, DECAP_PROGRAM)?;
         let id = prog
             .attach_to_if_index(ifindex, mode.xdp())

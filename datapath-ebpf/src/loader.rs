@@ -28,7 +28,7 @@ use crate::{
     error::{Error, Result},
     events::FlowEvents,
     maglev::{build_table, MaglevBackend},
-    prog::{percpu_sum, xdp, xdp_mut},
+    prog::{ifindex, percpu_sum, xdp, xdp_mut},
     sys,
 };
 
@@ -400,16 +400,7 @@ impl Datapath {
     /// existing pinned link is taken over by atomically replacing its program
     /// (no packet goes unprocessed during an agent restart).
     pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
-        let c = CString::new(ifname).map_err(|_| Error::UnknownInterface {
-            name: ifname.into(),
-        })?;
-        // SAFETY: c is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            return Err(Error::UnknownInterface {
-                name: ifname.into(),
-            });
-        }
+        let ifindex = ifindex(ifname)?;
         let link_path = self.pin_dir().map(|d| d.join(format!("link_{ifname}")));
         let prog = self.program_mut()?;
         let held = match link_path {

@@ -68,3 +68,14 @@ pub(crate) fn percpu_sum<T: Counters>(bpf: &Ebpf, name: &'static str, index: u32
     }
     Ok(sum)
 }
+
+/// Index of interface `name` in the calling thread's network namespace.
+pub(crate) fn ifindex(name: &str) -> Result<u32> {
+    let unknown = || Error::UnknownInterface { name: name.into() };
+    let c = std::ffi::CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(unknown()),
+        i => Ok(i),
+    }
+}

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;
+mod util;
 
 pub use cluster::{ClusterState, Command, Request, Response};
 pub use log_store::LogStore;

@@ -13,6 +13,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::util::{any, blocking};
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -28,10 +29,6 @@ fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, AnyError> {
     serde_json::from_slice(b).map_err(|e| AnyError::new(&e))
 }
 
-fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
-    AnyError::new(&e)
-}
-
 /// The log store; clones share the database (the log reader is a clone).
 #[derive(Clone)]
 pub struct LogStore {
@@ -42,15 +39,6 @@ impl Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LogStore")
     }
-}
-
-/// Run a blocking closure on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AnyError> + Send + 'static,
-) -> Result<T, AnyError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AnyError::error(format!("blocking task failed: {e}")))?
 }
 
 impl LogStore {

@@ -17,6 +17,7 @@ use tokio::sync::{watch, Mutex};
 use crate::{
     cluster::{ClusterState, Response},
     types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig},
+    util::{any, blocking},
 };
 
 const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
@@ -35,18 +36,6 @@ pub struct SmData {
 struct StoredSnapshot {
     meta: SnapshotMeta,
     data: Vec<u8>,
-}
-
-fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
-    AnyError::new(&e)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AnyError> + Send + 'static,
-) -> Result<T, AnyError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AnyError::error(format!("blocking task failed: {e}")))?
 }
 
 struct Inner {

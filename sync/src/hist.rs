@@ -34,19 +34,7 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_ns
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-        let mut samples = self.samples.lock().expect("histogram lock");
-        if samples.len() < 100_000 {
-            samples.push(d.as_nanos() as u64);
-        }
+        self.observe_many(std::iter::once(d));
     }
 
     /// Record many observations under one lock.
