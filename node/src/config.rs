@@ -104,9 +104,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_ms: 75,
+            election_timeout_min_ms: 250,
+            election_timeout_max_ms: 500,
             snapshot_logs: 1000,
             max_in_snapshot_log_to_keep: 100,
         }

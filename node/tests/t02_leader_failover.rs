@@ -28,6 +28,7 @@ async fn t02_kill_leader_new_leader_no_loss() {
     let new = c.wait_leader(Duration::from_secs(5)).await;
     let took = t0.elapsed();
     assert_ne!(new, old);
+    eprintln!("t02: new leader {new} after {took:?}");
     assert!(took <= Duration::from_secs(2), "new leader after {took:?}");
 
     let after = c.node(new).sm.current().state.clone();

@@ -268,9 +268,9 @@ impl Transport {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 
-    /// Wait (at most 1 s) until the closed endpoint has no connections left.
+    /// Wait (at most 200 ms) until the closed endpoint has no connections left.
     pub async fn wait_closed(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.endpoint.wait_idle()).await;
     }
 }
 
