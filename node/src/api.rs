@@ -52,6 +52,8 @@ pub struct LocalStatus {
     pub conntrack_entries: Option<u64>,
     /// Conntrack replication, if enabled.
     pub sync: Option<crate::replication::SyncStatus>,
+    /// VIPs announced over BGP (None: BGP not enabled here).
+    pub bgp_announced: Option<bool>,
 }
 
 /// A row of `clusterctl members`.
@@ -78,6 +80,8 @@ pub struct MemberRow {
     pub sync_peers_connected: Option<usize>,
     /// Replication lag p99 on this node (creation on the origin → applied here).
     pub sync_lag_p99_ms: Option<f64>,
+    /// VIPs announced over BGP (None: BGP off or node unreachable).
+    pub bgp_announced: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -198,6 +202,11 @@ pub fn local_status(node: &Node) -> LocalStatus {
         datapath_attached: attached,
         conntrack_entries: entries,
         sync: node.sync.get().map(|s| s.status()),
+        bgp_announced: node
+            .cfg
+            .bgp
+            .enabled
+            .then(|| node.bgp_announced.load(Ordering::Relaxed)),
     }
 }
 
@@ -304,6 +313,7 @@ async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
                 sync_ready: None,
                 sync_peers_connected: None,
                 sync_lag_p99_ms: None,
+                bgp_announced: None,
             };
             match st {
                 Ok(s) => {
@@ -315,6 +325,7 @@ async fn members(State(node): State<Arc<Node>>) -> Json<Vec<MemberRow>> {
                     row.applied_epoch = Some(s.applied_epoch);
                     row.datapath_attached = Some(s.datapath_attached);
                     row.conntrack_entries = s.conntrack_entries;
+                    row.bgp_announced = s.bgp_announced;
                     if let Some(sy) = &s.sync {
                         row.sync_ready = Some(sy.ready);
                         row.sync_peers_connected =

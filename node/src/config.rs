@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub datapath: DatapathSection,
     #[serde(default)]
     pub sync: SyncSection,
+    #[serde(default)]
+    pub bgp: crate::bgp::BgpSection,
 }
 
 pub use sync::service::SyncSection;
@@ -278,6 +280,20 @@ impl NodeConfig {
         }
         if r.snapshot_logs == 0 {
             return Err(invalid("raft.snapshot_logs", "must be at least 1"));
+        }
+        if self.bgp.enabled {
+            if !self.datapath.enabled {
+                return Err(invalid("bgp.enabled", "announcing needs the datapath"));
+            }
+            if self.bgp.protocol.is_empty()
+                || !self
+                    .bgp
+                    .protocol
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(invalid("bgp.protocol", "must be a BIRD protocol name"));
+            }
         }
         if self.sync.enabled && self.datapath.enabled {
             if self.sync.max_batch == 0 || self.sync.max_batch > sync::wire::MAX_BATCH {

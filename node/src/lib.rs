@@ -5,6 +5,7 @@
 //! is the operator's CLI.
 
 pub mod api;
+pub mod bgp;
 pub mod client;
 pub mod config;
 pub mod metrics;

@@ -95,6 +95,8 @@ pub struct Node {
     /// datapath disabled, last seen applied by the state machine).
     pub applied_epoch: Arc<AtomicU64>,
     pub applied_tx: tokio::sync::watch::Sender<u64>,
+    /// VIP routes announced over BGP right now.
+    pub bgp_announced: AtomicBool,
     /// Conntrack replication (datapath and `sync.enabled`).
     pub sync: std::sync::OnceLock<Arc<crate::replication::SyncService>>,
     shutting_down: AtomicBool,
@@ -224,6 +226,7 @@ impl Node {
             applied_epoch: Arc::new(AtomicU64::new(0)),
             applied_tx,
             sync: std::sync::OnceLock::new(),
+            bgp_announced: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             tasks: Mutex::new(vec![server]),
         });
@@ -254,6 +257,10 @@ impl Node {
             );
             node.raft.initialize(members).await.context("bootstrap")?;
             info!(node = node.cfg.node_id, "bootstrapped a new cluster");
+        }
+        if node.cfg.bgp.enabled {
+            let b = tokio::spawn(node.clone().bgp_loop());
+            node.tasks.lock().expect("tasks").push(b);
         }
         let reg = tokio::spawn(node.clone().register_loop());
         node.tasks.lock().expect("tasks").push(reg);
@@ -322,6 +329,59 @@ impl Node {
             if rx.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    fn announcer(&self) -> crate::bgp::Bird {
+        crate::bgp::Bird {
+            ctl: self.cfg.bgp.bird_ctl.clone(),
+            protocol: self.cfg.bgp.protocol.clone(),
+        }
+    }
+
+    /// What announcing depends on, now.
+    pub fn readiness(&self) -> crate::bgp::Readiness {
+        let attached = match &self.datapath {
+            Some(h) => h.interface.is_some() && !h.dp.lock().expect("dp").attached().is_empty(),
+            None => false,
+        };
+        crate::bgp::Readiness {
+            shutting_down: self.is_shutting_down(),
+            leader_known: self.raft.metrics().borrow().current_leader.is_some(),
+            config_epoch: self.sm.current().state.epoch,
+            applied_epoch: self.applied_epoch.load(Ordering::Relaxed),
+            datapath_attached: attached,
+            sync_ready: self.sync.get().is_none_or(|s| s.is_ready()),
+        }
+    }
+
+    /// Announce when ready, withdraw when not (every 200 ms).
+    async fn bgp_loop(self: Arc<Self>) {
+        use crate::bgp::Announcer;
+        loop {
+            let want = self.readiness().decide();
+            let have = self.bgp_announced.load(Ordering::Relaxed);
+            let bird = self.announcer();
+            let res = match (&want, have) {
+                (Ok(()), false) => tokio::task::spawn_blocking(move || bird.announce())
+                    .await
+                    .map(|r| r.map(|_| true)),
+                (Err(_), true) => tokio::task::spawn_blocking(move || bird.withdraw())
+                    .await
+                    .map(|r| r.map(|_| false)),
+                _ => Ok(Ok(have)),
+            };
+            match res {
+                Ok(Ok(now)) => {
+                    if now != have {
+                        info!(announced = now, reason = ?want.err(), "BGP announcement changed");
+                    }
+                    self.bgp_announced.store(now, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => warn!(error = %e, "BGP: BIRD command failed"),
+                Err(e) => warn!(error = %e, "BGP task failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -544,6 +604,16 @@ impl Node {
     pub async fn shutdown(&self, leave: bool) {
         if self.shutting_down.swap(true, Ordering::Relaxed) {
             return;
+        }
+        // Stop attracting traffic first.
+        if self.cfg.bgp.enabled && self.bgp_announced.swap(false, Ordering::Relaxed) {
+            use crate::bgp::Announcer;
+            let bird = self.announcer();
+            match tokio::task::spawn_blocking(move || bird.withdraw()).await {
+                Ok(Ok(())) => info!("BGP: VIPs withdrawn"),
+                Ok(Err(e)) => warn!(error = %e, "BGP: withdraw failed"),
+                Err(e) => warn!(error = %e, "BGP: withdraw task failed"),
+            }
         }
         if leave {
             if let Err(e) = crate::client::leave(self).await {

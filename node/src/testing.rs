@@ -149,6 +149,7 @@ impl Cluster {
                 refresh_interval_s: 2,
                 ..Default::default()
             },
+            bgp: Default::default(),
         }
     }
 

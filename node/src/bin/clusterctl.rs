@@ -372,6 +372,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                                 r.sync_lag_p99_ms
                                     .map(|l| format!("{l:.2}ms"))
                                     .unwrap_or_else(|| "-".into()),
+                                match r.bgp_announced {
+                                    Some(true) => "announced".into(),
+                                    Some(false) => "withdrawn".into(),
+                                    None => "-".into(),
+                                },
                             ]
                         })
                         .collect(),

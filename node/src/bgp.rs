@@ -1,0 +1,252 @@
+//! BGP announcement of the node's VIPs. The node decides *when* (ready: the
+//! datapath programmed with the committed config, a Raft leader known,
+//! conntrack warm join done); an [`Announcer`] does it. [`Bird`] drives a
+//! BIRD 2 daemon through its control socket by enabling or disabling the
+//! static protocol that carries the VIP routes; another BGP agent can
+//! replace it behind the same trait.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Announces or withdraws this node's VIP routes.
+pub trait Announcer: Send + Sync {
+    fn announce(&self) -> Result<()>;
+    fn withdraw(&self) -> Result<()>;
+    fn is_announced(&self) -> Result<bool>;
+}
+
+/// BIRD 2 through its control socket (`bird -s PATH`).
+#[derive(Clone, Debug)]
+pub struct Bird {
+    pub ctl: PathBuf,
+    /// The protocol carrying the VIP routes (e.g. `protocol static vip`).
+    pub protocol: String,
+}
+
+impl Bird {
+    /// Run one CLI command; the reply lines, or the error BIRD gave.
+    pub fn command(&self, cmd: &str) -> Result<Vec<String>> {
+        let mut s = UnixStream::connect(&self.ctl).with_context(|| {
+            format!("connecting to BIRD's control socket {}", self.ctl.display())
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut greeting = String::new();
+        r.read_line(&mut greeting)?;
+        if !greeting.starts_with("0001 ") {
+            bail!("unexpected BIRD greeting {greeting:?}");
+        }
+        s.write_all(format!("{cmd}\n").as_bytes())?;
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l)? == 0 {
+                bail!("BIRD closed the control socket during {cmd:?}");
+            }
+            // Only the newline: a final line may be just "0000 ".
+            let l = l.trim_end_matches(['\n', '\r']).to_string();
+            let code = l.get(..4).filter(|c| c.bytes().all(|b| b.is_ascii_digit()));
+            let last = code.is_some() && l.as_bytes().get(4) == Some(&b' ');
+            if let Some(c) = code {
+                if c.starts_with('8') || c.starts_with('9') {
+                    bail!("BIRD refused {cmd:?}: {}", l.get(5..).unwrap_or("").trim());
+                }
+            }
+            lines.push(l);
+            if last {
+                return Ok(lines);
+            }
+        }
+    }
+
+    fn check_name(&self) -> Result<()> {
+        if self.protocol.is_empty()
+            || !self
+                .protocol
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            bail!(
+                "bgp.protocol {:?} is not a BIRD protocol name",
+                self.protocol
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Announcer for Bird {
+    fn announce(&self) -> Result<()> {
+        self.check_name()?;
+        self.command(&format!("enable {}", self.protocol))
+            .map(|_| ())
+    }
+
+    fn withdraw(&self) -> Result<()> {
+        self.check_name()?;
+        self.command(&format!("disable {}", self.protocol))
+            .map(|_| ())
+    }
+
+    fn is_announced(&self) -> Result<bool> {
+        self.check_name()?;
+        let lines = self.command(&format!("show protocols {}", self.protocol))?;
+        let row = lines
+            .iter()
+            .find(|l| l.starts_with("1002-") || l.starts_with("1002 "))
+            .ok_or_else(|| anyhow!("BIRD shows no protocol {}", self.protocol))?;
+        // Name Proto Table State Since Info
+        Ok(row[5..].split_whitespace().nth(3) == Some("up"))
+    }
+}
+
+/// `[bgp]` of node.toml.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BgpSection {
+    /// Announce through BIRD (off: the node never touches BGP).
+    pub enabled: bool,
+    pub bird_ctl: PathBuf,
+    pub protocol: String,
+}
+
+impl Default for BgpSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bird_ctl: "/run/bird/bird.ctl".into(),
+            protocol: "vip".into(),
+        }
+    }
+}
+
+/// What the node's readiness depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub shutting_down: bool,
+    pub leader_known: bool,
+    pub config_epoch: u64,
+    pub applied_epoch: u64,
+    /// The datapath is attached (when an interface is configured).
+    pub datapath_attached: bool,
+    /// Conntrack warm join done (or replication off).
+    pub sync_ready: bool,
+}
+
+impl Readiness {
+    /// Announce only a node that forwards with the cluster's config and
+    /// knows the cluster's flows; `Err` says why not.
+    pub fn decide(&self) -> Result<(), &'static str> {
+        if self.shutting_down {
+            return Err("shutting down");
+        }
+        if !self.datapath_attached {
+            return Err("datapath not attached");
+        }
+        if !self.leader_known {
+            return Err("no Raft leader known");
+        }
+        if self.config_epoch == 0 || self.applied_epoch != self.config_epoch {
+            return Err("datapath not at the committed config epoch");
+        }
+        if !self.sync_ready {
+            return Err("conntrack warm join not done");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_rules() {
+        let ok = Readiness {
+            shutting_down: false,
+            leader_known: true,
+            config_epoch: 7,
+            applied_epoch: 7,
+            datapath_attached: true,
+            sync_ready: true,
+        };
+        assert_eq!(ok.decide(), Ok(()));
+        for (r, why) in [
+            (
+                Readiness {
+                    shutting_down: true,
+                    ..ok
+                },
+                "shutting down",
+            ),
+            (
+                Readiness {
+                    datapath_attached: false,
+                    ..ok
+                },
+                "datapath not attached",
+            ),
+            (
+                Readiness {
+                    leader_known: false,
+                    ..ok
+                },
+                "no Raft leader known",
+            ),
+            (
+                Readiness {
+                    applied_epoch: 6,
+                    ..ok
+                },
+                "datapath not at the committed config epoch",
+            ),
+            (
+                Readiness {
+                    config_epoch: 0,
+                    applied_epoch: 0,
+                    ..ok
+                },
+                "datapath not at the committed config epoch",
+            ),
+            (
+                Readiness {
+                    sync_ready: false,
+                    ..ok
+                },
+                "conntrack warm join not done",
+            ),
+        ] {
+            assert_eq!(r.decide(), Err(why));
+        }
+    }
+
+    #[test]
+    fn protocol_names_are_checked_before_talking_to_bird() {
+        let b = Bird {
+            ctl: "/nonexistent".into(),
+            protocol: "vip; shutdown".into(),
+        };
+        assert!(b
+            .announce()
+            .unwrap_err()
+            .to_string()
+            .contains("not a BIRD protocol name"));
+        let b = Bird {
+            ctl: "/nonexistent/bird.ctl".into(),
+            protocol: "vip".into(),
+        };
+        assert!(b
+            .announce()
+            .unwrap_err()
+            .to_string()
+            .contains("control socket"));
+    }
+}
