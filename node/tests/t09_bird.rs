@@ -117,3 +117,30 @@ fn t09_bird_announce_and_withdraw() {
     let e = bad.announce().unwrap_err().to_string();
     assert!(e.contains("BIRD refused"), "{e}");
 }
+
+/// The shipped BIRD configs (deploy/bird/) parse with the BIRD we run, and
+/// the LB node's template keeps the `vip` protocol the node drives.
+#[test]
+fn t09_shipped_bird_configs_parse() {
+    for f in ["lb-node.bird.conf", "tor.bird.conf"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/bird")
+            .join(f);
+        let out = Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .expect("bird2 must be installed (scripts/install-deps.sh)");
+        assert!(
+            out.status.success(),
+            "{f} does not parse: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let lb = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bird/lb-node.bird.conf"),
+    )
+    .expect("read");
+    assert!(lb.contains("protocol static vip {") && lb.contains("disabled;"));
+}
