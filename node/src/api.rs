@@ -49,6 +49,7 @@ pub struct LocalStatus {
     pub replication: Option<BTreeMap<u64, Option<u64>>>,
     pub datapath_enabled: bool,
     pub datapath_attached: bool,
+    /// Conntrack entries (counted every 2 s, not per request).
     pub conntrack_entries: Option<u64>,
     /// Conntrack replication, if enabled.
     pub sync: Option<crate::replication::SyncStatus>,
@@ -167,13 +168,10 @@ pub fn local_status(node: &Node) -> LocalStatus {
     let m = node.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let (entries, attached) = match &node.datapath {
-        Some(h) => {
-            let dp = h.dp.lock().expect("dp");
-            (
-                dp.ct_dump().ok().map(|v| v.len() as u64),
-                !dp.attached().is_empty(),
-            )
-        }
+        Some(h) => (
+            Some(node.conntrack_entries.load(Ordering::Relaxed)),
+            !h.dp.lock().expect("dp").attached().is_empty(),
+        ),
         None => (None, false),
     };
     LocalStatus {

@@ -113,6 +113,36 @@ pub fn post_blocking<B: Serialize, T: DeserializeOwned>(
     finish(addr, req.send_json(body))
 }
 
+/// POST, retrying while the cluster answers "no leader / unavailable" (and,
+/// when more than one address is given, while a node is unreachable: the
+/// next address is tried), until `timeout`. With a request id in `body`,
+/// retries apply at most once.
+pub fn post_retry<B: Serialize, T: DeserializeOwned>(
+    addrs: &[String],
+    path: &str,
+    body: &B,
+    timeout: Duration,
+) -> Result<T, ClientError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut k = 0;
+    loop {
+        let addr = &addrs[k % addrs.len()];
+        k += 1;
+        let per_call = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_secs(1));
+        match post_blocking(addr, path, body, per_call, false) {
+            Err(e)
+                if (e.exit_code() == 4 || (e.exit_code() == 3 && addrs.len() > 1))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Async POST (on the blocking pool).
 pub async fn post_json<B: Serialize, T: DeserializeOwned + Send + 'static>(
     addr: &str,
@@ -150,15 +180,7 @@ pub async fn leave(node: &Node) -> Result<()> {
     struct Remove {
         node_id: u64,
     }
-    let voters: Vec<u64> = node
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
-    if voters == [node.id()] {
+    if node.voters() == [node.id()] {
         tracing::info!("last voter of the cluster: stopping without leaving");
         return Ok(());
     }

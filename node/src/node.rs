@@ -31,6 +31,9 @@ use crate::{
     transport::Transport,
 };
 
+/// How often the conntrack entries are counted.
+pub const CT_COUNT_EVERY: Duration = Duration::from_secs(2);
+
 /// How long one membership change may take before the client is told to retry.
 pub const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -95,6 +98,9 @@ pub struct Node {
     /// datapath disabled, last seen applied by the state machine).
     pub applied_epoch: Arc<AtomicU64>,
     pub applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Conntrack entries, counted every [`CT_COUNT_EVERY`] by a background
+    /// task: counting dumps the whole map, which must not happen per request.
+    pub conntrack_entries: AtomicU64,
     /// VIP routes announced over BGP right now.
     pub bgp_announced: AtomicBool,
     /// Conntrack replication (datapath and `sync.enabled`).
@@ -227,11 +233,16 @@ impl Node {
             applied_tx,
             sync: std::sync::OnceLock::new(),
             bgp_announced: AtomicBool::new(false),
+            conntrack_entries: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             tasks: Mutex::new(vec![server]),
         });
         let apply = tokio::spawn(node.clone().apply_loop());
         node.tasks.lock().expect("tasks").push(apply);
+        if node.datapath.is_some() {
+            let count = tokio::spawn(node.clone().count_loop());
+            node.tasks.lock().expect("tasks").push(count);
+        }
         if let (Some(dp), true) = (&node.datapath, node.cfg.sync.enabled) {
             let svc = crate::replication::SyncService::start(
                 node.cfg.node_id,
@@ -283,6 +294,24 @@ impl Node {
             raft_addr: self.cfg.raft_addr.to_string(),
             admin_addr: self.cfg.admin_addr.to_string(),
             bgp_next_hop: self.cfg.bgp_next_hop,
+        }
+    }
+
+    /// Refresh [`Node::conntrack_entries`].
+    async fn count_loop(self: Arc<Self>) {
+        let Some(h) = self.datapath.clone() else {
+            return;
+        };
+        loop {
+            let h = h.clone();
+            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || {
+                h.dp.lock().expect("dp").ct_dump().map(|v| v.len())
+            })
+            .await
+            {
+                self.conntrack_entries.store(n as u64, Ordering::Relaxed);
+            }
+            tokio::time::sleep(CT_COUNT_EVERY).await;
         }
     }
 
@@ -496,14 +525,7 @@ impl Node {
         let node = BasicNode {
             addr: m.raft_addr.clone(),
         };
-        let is_voter = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == m.node_id);
+        let is_voter = self.voters().contains(&m.node_id);
         if !is_voter {
             self.raft
                 .add_learner(m.node_id, node, false)
@@ -647,6 +669,17 @@ impl Node {
         info!(node = self.id(), "stopped");
     }
 
+    /// The voters of the membership this node knows.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
     /// Raft role as shown to operators.
     pub fn role(&self) -> &'static str {
         let m = self.raft.metrics().borrow().clone();
@@ -655,17 +688,8 @@ impl Node {
             ServerState::Candidate => "candidate",
             ServerState::Shutdown => "shutdown",
             ServerState::Learner => "learner",
-            ServerState::Follower => {
-                if m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|v| v == self.id())
-                {
-                    "follower"
-                } else {
-                    "learner"
-                }
-            }
+            ServerState::Follower if self.voters().contains(&self.id()) => "follower",
+            ServerState::Follower => "learner",
         }
     }
 }

@@ -304,24 +304,4 @@ pub fn backend(service: &str, addr: &str, port: u16) -> Command {
     }
 }
 
-/// POST to the admin API, retrying (like clusterctl) while the cluster
-/// answers "no leader" or a node is unreachable, up to `timeout`.
-pub fn post_retry<B: serde::Serialize, T: serde::de::DeserializeOwned>(
-    addrs: &[String],
-    path: &str,
-    body: &B,
-    timeout: Duration,
-) -> Result<T, crate::client::ClientError> {
-    let deadline = Instant::now() + timeout;
-    let mut k = 0;
-    loop {
-        let addr = &addrs[k % addrs.len()];
-        k += 1;
-        match crate::client::post_blocking(addr, path, body, Duration::from_secs(5), false) {
-            Err(e) if matches!(e.exit_code(), 3 | 4) && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            other => return other,
-        }
-    }
-}
+pub use crate::client::post_retry;

@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use node::{
     api::{LocalStatus, MemberRow, RemoveRequest},
-    client::{get_blocking, post_blocking, ClientError},
+    client::{get_blocking, post_retry, ClientError},
     tls,
 };
 use raft_store::{
@@ -252,21 +252,12 @@ fn request_id() -> String {
 /// POST a write, retrying through leader changes; the same request id makes
 /// retries apply at most once.
 fn write<B: Serialize>(cli: &Cli, path: &str, body: &B) -> Result<Response, ClientError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(cli.timeout_s);
-    loop {
-        match post_blocking::<_, Response>(
-            &cli.node_api,
-            path,
-            body,
-            Duration::from_secs(cli.timeout_s),
-            false,
-        ) {
-            Err(e) if e.exit_code() == 4 && std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            other => return other,
-        }
-    }
+    post_retry(
+        std::slice::from_ref(&cli.node_api),
+        path,
+        body,
+        Duration::from_secs(cli.timeout_s),
+    )
 }
 
 fn command(cli: &Cli, command: Command) -> Result<Response, ClientError> {
