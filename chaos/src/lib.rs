@@ -1,6 +1,14 @@
-//! Holdfast's lab and fault scenarios in network namespaces.
+//! Holdfast's labs and fault scenarios in network namespaces.
 //!
-//! `dplab` is the datapath lab: client, one LB node running the XDP load
-//! balancer, and backends with the decap program and real TCP/UDP servers.
+//! - `dplab`: the datapath lab (client, one LB node running the XDP load
+//!   balancer, backends with the decap program and real TCP/UDP servers).
+//! - `lab`: the BGP/ECMP lab (router with BIRD, N LB nodes running
+//!   holdfast-node and BIRD, backends, client).
+//! - `traffic`: the client's traffic generator; `servers`: the backends'.
+//! - `scenario`: the fault scenarios of `chaos run`.
 
 pub mod dplab;
+pub mod lab;
+pub mod scenario;
+pub mod servers;
+pub mod traffic;

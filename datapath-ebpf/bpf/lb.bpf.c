@@ -147,6 +147,26 @@ SEC("xdp")
 int holdfast_lb(struct xdp_md *ctx)
 {
 	struct pkt p = {};
+
+	/* Only frames addressed to this interface (or multicast/broadcast). */
+	{
+		void *data = (void *)(long)ctx->data;
+		void *end = (void *)(long)ctx->data_end;
+		__u32 ifx = ctx->ingress_ifindex;
+		struct lb_iface *ifc = bpf_map_lookup_elem(&lb_ifaces, &ifx);
+
+		if (ifc && data + ETH_HLEN <= end) {
+			const __u8 *d = data;
+
+			if (!(d[0] & 1) &&
+			    (d[0] != ifc->mac[0] || d[1] != ifc->mac[1] || d[2] != ifc->mac[2] ||
+			     d[3] != ifc->mac[3] || d[4] != ifc->mac[4] || d[5] != ifc->mac[5])) {
+				stat_add(stats_get(), LB_STAT_PASS_OTHERHOST, 1);
+				return XDP_PASS;
+			}
+		}
+	}
+
 	int res = parse_packet(ctx, &p);
 
 	if (res == PARSE_NOT_IP)

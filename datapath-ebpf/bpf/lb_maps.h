@@ -92,6 +92,14 @@ struct {
 	__type(value, struct lb_meta);
 } lb_meta SEC(".maps");
 
+/* Interfaces the program is attached to: ifindex -> MAC (see lb_iface). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, struct lb_iface);
+} lb_ifaces SEC(".maps");
+
 LB_ABI_ANCHOR_MAP;
 
 #endif /* LB_MAPS_H */

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -182,6 +182,14 @@ pub struct Meta {
     pub max_table: u32,
 }
 
+/// An attached interface's MAC (`lb_ifaces`, key: ifindex).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Iface {
+    pub mac: [u8; 6],
+    pub flags: u16,
+}
+
 pub const STAT_MAX: usize = 24;
 
 #[repr(C)]
@@ -241,6 +249,7 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtVal {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for Meta {}
+unsafe impl aya::Pod for Iface {}
 unsafe impl aya::Pod for Stats {}
 unsafe impl aya::Pod for SvcStats {}
 unsafe impl aya::Pod for DecapKey {}
@@ -277,6 +286,7 @@ counters!(stat, STAT_NAMES,
     DROP_NO_BACKEND = "LB_STAT_DROP_NO_BACKEND" => 16,
     DROP_UNSUPPORTED = "LB_STAT_DROP_UNSUPPORTED" => 17,
     DROP_ADJUST = "LB_STAT_DROP_ADJUST" => 18,
+    PASS_OTHERHOST = "LB_STAT_PASS_OTHERHOST" => 19,
 );
 
 counters!(svc_stat, SVC_STAT_NAMES,

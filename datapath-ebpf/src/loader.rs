@@ -21,7 +21,7 @@ use tracing::{debug, info};
 
 use crate::{
     abi::{
-        addr_bytes, Backend, CtKey, CtVal, Meta, Nh, Stats, Svc, SvcKey, SvcStats, ABI_VERSION,
+        addr_bytes, Backend, CtKey, CtVal, Iface, Meta, Nh, Stats, Svc, SvcKey, SvcStats, ABI_VERSION,
         BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
@@ -48,7 +48,8 @@ pub(crate) const M_STATS: &str = "lb_stats";
 pub(crate) const M_SVC_STATS: &str = "lb_svc_stats";
 pub(crate) const M_META: &str = "lb_meta";
 pub(crate) const M_NH_CACHE: &str = "lb_nh_cache";
-const ALL_MAPS: [&str; 9] = [
+pub(crate) const M_IFACES: &str = "lb_ifaces";
+const ALL_MAPS: [&str; 10] = [
     M_SERVICES,
     M_VIPS,
     M_BACKENDS,
@@ -58,6 +59,7 @@ const ALL_MAPS: [&str; 9] = [
     M_STATS,
     M_SVC_STATS,
     M_META,
+    M_IFACES,
 ];
 
 /// bpffs magic (statfs f_type).
@@ -450,11 +452,33 @@ impl Datapath {
             }
         };
         self.links.insert(ifname.to_string(), held);
+        // Frames for other MACs are not ours (see lb_iface in lb_abi.h).
+        let mac = crate::prog::if_mac(ifname)?;
+        self.set_iface(ifindex, Some(Iface { mac, flags: 0 }))?;
         Ok(())
+    }
+
+    fn set_iface(&mut self, ifindex: u32, iface: Option<Iface>) -> Result<()> {
+        let mut m: aya::maps::HashMap<_, u32, Iface> = aya::maps::HashMap::try_from(
+            self.bpf
+                .map_mut(M_IFACES)
+                .ok_or(Error::MissingMap { map: M_IFACES })?,
+        )
+        .map_err(Error::map(M_IFACES))?;
+        match iface {
+            Some(i) => m.insert(ifindex, i, 0).map_err(Error::map(M_IFACES)),
+            None => match m.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(Error::map(M_IFACES)(e)),
+            },
+        }
     }
 
     /// Detach from `ifname` (removing its pinned link if any).
     pub fn detach(&mut self, ifname: &str) -> Result<()> {
+        if let Ok(ifx) = ifindex(ifname) {
+            self.set_iface(ifx, None)?;
+        }
         match self.links.remove(ifname) {
             Some(HeldLink::Pinned(p)) => {
                 let fd = p.unpin().map_err(|source| Error::Io {

@@ -70,6 +70,39 @@ pub(crate) fn percpu_sum<T: Counters>(bpf: &Ebpf, name: &'static str, index: u32
 }
 
 /// Index of interface `name` in the calling thread's network namespace.
+/// The MAC address of `name` in the calling thread's network namespace
+/// (SIOCGIFHWADDR: works where /sys belongs to another namespace).
+pub(crate) fn if_mac(name: &str) -> Result<[u8; 6]> {
+    let unknown = || Error::UnknownInterface { name: name.into() };
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(unknown());
+    }
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(unknown());
+    }
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: fd is a socket and req a valid ifreq with a NUL-terminated name.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: closing the fd we opened.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(unknown());
+    }
+    // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Ok(mac)
+}
+
 pub(crate) fn ifindex(name: &str) -> Result<u32> {
     let unknown = || Error::UnknownInterface { name: name.into() };
     let c = std::ffi::CString::new(name).map_err(|_| unknown())?;

@@ -1111,3 +1111,43 @@ fn t10_flow_events_async_on_tokio() {
     let syn = Packet::tcp(CLIENT, 4100, VIP, 80, TCP_SYN);
     assert_eq!(got[0].key, key(&syn));
 }
+
+/// Attached to an interface, the program handles only frames addressed to
+/// that interface's MAC (or multicast/broadcast): a switch flooding a dead
+/// LB node's MAC, or a port in promiscuous mode, must not make this node
+/// forward another node's traffic. Detached, the filter goes away.
+#[test]
+fn t11_frames_for_other_macs_are_not_ours() {
+    let mut fx = Fixture::new("hfpkt11");
+    fx.dp
+        .attach("f0", datapath_ebpf::AttachMode::Generic)
+        .expect("attach to f0");
+    let svc80 = skey(VIP, 80, IPPROTO_TCP);
+    let mut mine = Packet::tcp(CLIENT, 41000, VIP, 80, TCP_SYN);
+    mine.dst_mac = fx.lb_mac;
+    let pick = fx.predict(&key(&mine), &svc80);
+    let mut other = Packet::tcp(CLIENT, 41001, VIP, 80, TCP_SYN);
+    other.dst_mac = [0x02, 0, 0, 0, 0, 0x77];
+    let mut bcast = Packet::tcp(CLIENT, 41002, VIP, 80, TCP_SYN);
+    bcast.dst_mac = [0xff; 6];
+    let bpick = fx.predict(&key(&bcast), &svc80);
+    run_table(
+        &fx,
+        &[
+            case("addressed to f0", mine.clone(), Expect::Tx(pick)),
+            case("another unicast MAC", other.clone(), Expect::PassUnchanged)
+                .counts(stat::PASS_OTHERHOST, 1),
+            case("broadcast", bcast, Expect::Tx(bpick)),
+        ],
+    );
+    assert!(
+        fx.dp.ct_get(&key(&other)).expect("ct lookup").is_none(),
+        "a frame for another MAC created a conntrack entry"
+    );
+    fx.dp.detach("f0").expect("detach");
+    let opick = fx.predict(&key(&other), &svc80);
+    run_table(
+        &fx,
+        &[case("detached: no filter", other, Expect::Tx(opick)).counts(stat::PASS_OTHERHOST, 0)],
+    );
+}

@@ -116,6 +116,11 @@ pub struct BgpSection {
     pub enabled: bool,
     pub bird_ctl: PathBuf,
     pub protocol: String,
+    /// After an agent restart that adopted a pinned, forwarding datapath
+    /// while BIRD still announces: keep announcing for up to this long while
+    /// the node catches up (Raft, warm join), instead of withdrawing and
+    /// moving every flow away and back. 0 disables the grace.
+    pub restart_grace_ms: u64,
 }
 
 impl Default for BgpSection {
@@ -124,6 +129,7 @@ impl Default for BgpSection {
             enabled: false,
             bird_ctl: "/run/bird/bird.ctl".into(),
             protocol: "vip".into(),
+            restart_grace_ms: 10_000,
         }
     }
 }
@@ -242,6 +248,7 @@ mod tests {
         let b = Bird {
             ctl: "/nonexistent/bird.ctl".into(),
             protocol: "vip".into(),
+            restart_grace_ms: 10_000,
         };
         assert!(b
             .announce()

@@ -8,6 +8,7 @@ pub mod api;
 pub mod bgp;
 pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod metrics;
 pub mod node;
 pub mod raft_net;

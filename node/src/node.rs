@@ -387,8 +387,40 @@ impl Node {
     /// Announce when ready, withdraw when not (every 200 ms).
     async fn bgp_loop(self: Arc<Self>) {
         use crate::bgp::Announcer;
+        // Start from what BIRD really does: after an agent restart it may
+        // still announce a datapath that never stopped forwarding.
+        let bird = self.announcer();
+        let initially = tokio::task::spawn_blocking(move || bird.is_announced())
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(false);
+        let adopted = self
+            .datapath
+            .as_ref()
+            .is_some_and(|h| h.dp.lock().expect("dp").adopted());
+        let grace_until = (initially && adopted)
+            .then(|| Instant::now() + Duration::from_millis(self.cfg.bgp.restart_grace_ms));
+        if initially {
+            info!(
+                adopted,
+                grace_ms = grace_until.map(|_| self.cfg.bgp.restart_grace_ms),
+                "BIRD already announces the VIPs"
+            );
+        }
+        self.bgp_announced.store(initially, Ordering::Relaxed);
+        let mut was_ready = false;
         loop {
-            let want = self.readiness().decide();
+            let mut want = self.readiness().decide();
+            was_ready |= want.is_ok();
+            // Restart grace: the adopted datapath forwards with its pinned
+            // config and conntrack; keep it announced until the node is
+            // ready (or the grace ends), unless it is shutting down.
+            if let (Err(why), Some(until)) = (&want, grace_until) {
+                if !was_ready && *why != "shutting down" && Instant::now() < until {
+                    want = Ok(());
+                }
+            }
             let have = self.bgp_announced.load(Ordering::Relaxed);
             let bird = self.announcer();
             let res = match (&want, have) {

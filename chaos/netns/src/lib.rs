@@ -133,6 +133,31 @@ impl NetNs {
         })
     }
 
+    /// A command whose process starts inside this namespace (by `setns`
+    /// between fork and exec: unlike `ip netns exec`, the mount namespace
+    /// and so /sys/fs/bpf stay the caller's). The child is in its own
+    /// process group so a signal to the group reaches its children too.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        use std::os::unix::process::CommandExt;
+        let f = File::open(self.path()).map_err(|source| Error::Setns {
+            name: self.name.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.process_group(0);
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // made (setns); `f` stays open in the parent until the closure drops.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
     /// Interface index of `ifname` inside the namespace.
     pub fn ifindex(&self, ifname: &str) -> Result<u32> {
         let out = self.exec(&["cat", &format!("/sys/class/net/{ifname}/ifindex")])?;

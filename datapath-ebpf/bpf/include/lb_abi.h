@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define LB_ABI_VERSION 1
+#define LB_ABI_VERSION 2
 
 /* Address families as stored in keys (not AF_* which differ per OS). */
 #define LB_FAMILY_V4 4
@@ -130,6 +130,18 @@ struct lb_meta {
 };
 _Static_assert(sizeof(struct lb_meta) == 16, "lb_meta size");
 
+/*
+ * An interface the program is attached to (lb_ifaces, key: ifindex). Frames
+ * whose unicast destination MAC is not the interface's are not ours: a NIC
+ * in promiscuous mode, or a switch flooding a dead node's MAC, delivers them
+ * to XDP, and forwarding them would duplicate another LB node's traffic.
+ */
+struct lb_iface {
+	__u8 mac[6];
+	__u16 flags;
+};
+_Static_assert(sizeof(struct lb_iface) == 8, "lb_iface size");
+
 /* Global per-CPU counters: index into lb_stats.c. */
 enum lb_stat {
 	LB_STAT_FWD_PACKETS = 0,  /* packets encapsulated towards a backend */
@@ -151,6 +163,7 @@ enum lb_stat {
 	LB_STAT_DROP_NO_BACKEND,  /* service has no active backend */
 	LB_STAT_DROP_UNSUPPORTED, /* e.g. IPv6 client to an IPv4-only backend */
 	LB_STAT_DROP_ADJUST,      /* bpf_xdp_adjust_head/tail failed */
+	LB_STAT_PASS_OTHERHOST,   /* unicast frame for another MAC (promiscuous port): to the kernel */
 	LB_STAT_MAX = 24,
 };
 

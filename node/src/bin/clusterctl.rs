@@ -214,6 +214,9 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
+            if i >= width.len() {
+                width.push(0);
+            }
             width[i] = width[i].max(c.len());
         }
     }
@@ -332,6 +335,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                         "EPOCH",
                         "DATAPATH",
                         "CONNTRACK",
+                        "SYNC",
+                        "SYNC LAG P99",
+                        "BGP",
                     ],
                     rows.iter()
                         .map(|r| {

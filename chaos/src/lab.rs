@@ -1,0 +1,853 @@
+//! The BGP/ECMP lab: a router, N LB nodes running holdfast-node and BIRD on
+//! a shared L2 fabric, M backends behind the router, and a client — every
+//! host its own network namespace, all removed when the [`Lab`] drops (also
+//! on panic; namespaces of a killed lab are swept by the next one).
+//!
+//! ```text
+//!  client 10.88.2.100 ── r-cl ┐
+//!                             router (BIRD: eBGP AS 65000, ECMP `merge paths`,
+//!                             │        BFD 100 ms × 3, L4 multipath hash)
+//!           fabric 10.88.0.0/24 (bridge) r-fab 10.88.0.1
+//!        ┌──────────────┬──────────────┐
+//!   lb1 10.88.0.11  lb2 10.88.0.12  lb3 10.88.0.13   holdfast-node (XDP on f0,
+//!        (one-armed: IPIP to backends via the router)  Raft, sync) + BIRD AS 65100
+//!           backends 10.88.1.0/24 (bridge) r-be 10.88.1.1
+//!        be1 10.88.1.11 … beM: decap XDP on b0, VIP on lo, TCP echo :8007,
+//!        UDP :5353, answering the client directly (DSR)
+//! ```
+//!
+//! The VIP prefix 10.88.100.0/24 is announced by every ready LB node; the
+//! service VIP is 10.88.100.1. A dead LB node keeps its fabric link on the
+//! router's side (the bridge), so only BFD detects it, as in a datacenter.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use datapath_ebpf::{decap::Decap, testrun::Nop, AttachMode};
+use netns::{veth, NetNs};
+use node::{
+    api::{LocalStatus, MemberRow},
+    config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig},
+    replication::CtRow,
+    tls,
+};
+use raft_store::{
+    cluster::{BackendState, Command, ForwardingMode, Proto, Response, Service},
+    ClusterState, Request,
+};
+
+use crate::servers::Servers;
+
+pub const VIP: &str = "10.88.100.1";
+pub const VIP_CIDR: &str = "10.88.100.0/24";
+pub const CLIENT: &str = "10.88.2.100";
+pub const ROUTER_FABRIC: &str = "10.88.0.1";
+pub const TCP_PORT: u16 = 8007;
+pub const UDP_PORT: u16 = 5353;
+pub const TCP_SERVICE: &str = "echo";
+pub const UDP_SERVICE: &str = "dns";
+const RAFT_PORT: u16 = 7001;
+const ADMIN_PORT: u16 = 7101;
+
+/// Fabric address of LB node `i` (1-based).
+pub fn lb_addr(i: usize) -> IpAddr {
+    format!("10.88.0.{}", 10 + i).parse().expect("static")
+}
+
+pub fn admin_addr(i: usize) -> String {
+    format!("{}:{ADMIN_PORT}", lb_addr(i))
+}
+
+/// Address of backend host `j` (1-based).
+pub fn backend_addr(j: usize) -> IpAddr {
+    format!("10.88.1.{}", 10 + j).parse().expect("static")
+}
+
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Namespace name prefix (short; names become `{prefix}{role}-{pid}-{n}`).
+    pub prefix: String,
+    pub nodes: usize,
+    /// Backends in the services from the start.
+    pub backends: usize,
+    /// Extra backend hosts, serving but not in the config (for churn).
+    pub spare_backends: usize,
+    /// Conntrack replication on (the product) or off (the baseline).
+    pub sync: bool,
+    /// Where configs, data dirs, certificates and logs go.
+    pub dir: PathBuf,
+    /// The program that runs holdfast-node: `{exe} _node --config FILE`.
+    pub exe: PathBuf,
+}
+
+impl LabSpec {
+    pub fn new(prefix: &str, dir: PathBuf, exe: PathBuf) -> Self {
+        Self {
+            prefix: prefix.into(),
+            nodes: 3,
+            backends: 4,
+            spare_backends: 1,
+            sync: true,
+            dir,
+            exe,
+        }
+    }
+}
+
+/// A BIRD daemon started with its own pid file.
+struct Bird {
+    pid_file: PathBuf,
+}
+
+impl Bird {
+    fn start(ns: &NetNs, dir: &Path, name: &str, conf: &str) -> Result<Self> {
+        let c = dir.join(format!("{name}.bird.conf"));
+        let pid_file = dir.join(format!("{name}.bird.pid"));
+        let log = dir.join(format!("{name}.bird.log"));
+        std::fs::write(&c, conf)?;
+        let _ = std::fs::remove_file(&pid_file);
+        let st = ns
+            .command("bird")?
+            .arg("-c")
+            .arg(&c)
+            .arg("-s")
+            .arg(dir.join(format!("{name}.ctl")))
+            .arg("-P")
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::options().append(true).open(&log)?)
+            .status()
+            .context("running bird (bird2 must be installed: scripts/install-deps.sh)")?;
+        if !st.success() {
+            bail!(
+                "bird failed to start with {} ({st}): {}",
+                c.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        let me = Self { pid_file };
+        wait_until("BIRD's pid file", Duration::from_secs(5), || {
+            Ok(me.pid().is_some())
+        })?;
+        Ok(me)
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    fn kill(&self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling the daemon we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            for _ in 0..100 {
+                // Gone, or a zombie nobody reaps (the daemon is not our child).
+                let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let zombie = state
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+                // SAFETY: signal 0 only probes.
+                if zombie || unsafe { libc::kill(pid, 0) } != 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One LB node: its namespace, holdfast-node process and BIRD.
+pub struct LbNode {
+    pub index: usize,
+    pub ns: NetNs,
+    dir: PathBuf,
+    config: PathBuf,
+    pin_dir: PathBuf,
+    bird: Option<Bird>,
+    process: Option<Child>,
+    _nop: Nop,
+}
+
+impl LbNode {
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("node.log")
+    }
+}
+
+struct Backend {
+    _servers: Servers,
+    _decap: Decap,
+    _ns: NetNs,
+}
+
+pub struct Lab {
+    pub spec: LabSpec,
+    pub lbs: Vec<LbNode>,
+    backends: Vec<Backend>,
+    router_bird: Option<Bird>,
+    pub router: NetNs,
+    pub client: NetNs,
+    pub sw: NetNs,
+}
+
+/// Poll `f` every 20 ms until it is true or `timeout` passes.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(true) => return Ok(t0.elapsed()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if t0.elapsed() > timeout {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn router_conf(nodes: usize) -> String {
+    let tpl = include_str!("../../deploy/bird/tor.bird.conf");
+    let mut out = String::new();
+    for line in tpl.lines() {
+        if line.starts_with("protocol bgp lb") {
+            continue;
+        }
+        out.push_str(
+            &line
+                .replace("10.0.0.1;", &format!("{ROUTER_FABRIC};"))
+                .replace("10.200.0.0/16{16,32}", "10.88.100.0/24{24,32}"),
+        );
+        out.push('\n');
+    }
+    for i in 1..=nodes {
+        out.push_str(&format!(
+            "protocol bgp lb{i} from lbpeer {{ neighbor {} as 65100; }}\n",
+            lb_addr(i)
+        ));
+    }
+    out
+}
+
+fn lb_bird_conf(i: usize) -> String {
+    include_str!("../../deploy/bird/lb-node.bird.conf")
+        .replace("10.0.0.11", &lb_addr(i).to_string())
+        .replace("neighbor 10.0.0.1 ", &format!("neighbor {ROUTER_FABRIC} "))
+        .replace("10.200.0.0/24", VIP_CIDR)
+}
+
+impl Lab {
+    /// Build the whole lab and wait until every LB node is a voter, has the
+    /// services programmed and is announced (the router's ECMP route has a
+    /// next hop per node).
+    pub fn up(spec: LabSpec) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the lab needs root (network namespaces, BPF, BIRD)");
+        }
+        if spec.nodes == 0 || spec.nodes > 9 || spec.backends == 0 || spec.backends > 40 {
+            bail!("the lab supports 1..=9 LB nodes and 1..=40 backends");
+        }
+        std::fs::create_dir_all(&spec.dir)?;
+        let p = &spec.prefix;
+        let sw = NetNs::new(&format!("{p}sw"))?;
+        let router = NetNs::new(&format!("{p}r"))?;
+        let client = NetNs::new(&format!("{p}cl"))?;
+        sw.ip("link add brf type bridge")?;
+        sw.ip("link add brb type bridge")?;
+        sw.ip("link set brf up")?;
+        sw.ip("link set brb up")?;
+
+        // Router: fabric, backend segment, client link; ECMP with L4 hash.
+        veth(&router, "r-fab", &sw, "pfr")?;
+        veth(&router, "r-be", &sw, "pbr")?;
+        veth(&router, "r-cl", &client, "c0")?;
+        sw.ip("link set pfr master brf")?;
+        sw.ip("link set pbr master brb")?;
+        router.ip(&format!("addr add {ROUTER_FABRIC}/24 dev r-fab"))?;
+        router.ip("addr add 10.88.1.1/24 dev r-be")?;
+        router.ip("addr add 10.88.2.1/24 dev r-cl")?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.fib_multipath_hash_policy", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.r-fab.rp_filter", "0"),
+            ("net.ipv4.conf.r-be.rp_filter", "0"),
+            ("net.ipv4.conf.r-cl.rp_filter", "0"),
+        ] {
+            router.sysctl(k, v)?;
+        }
+        // The client computes checksums itself (see dplab.rs: a veth leaves
+        // them to the receiver, which XDP cannot finish).
+        client.exec(&["ethtool", "-K", "c0", "tx", "off"])?;
+        client.ip(&format!("addr add {CLIENT}/24 dev c0"))?;
+        client.ip("route add 10.88.100.0/24 via 10.88.2.1")?;
+
+        let mut lab = Self {
+            spec: spec.clone(),
+            lbs: Vec::new(),
+            backends: Vec::new(),
+            router_bird: None,
+            router,
+            client,
+            sw,
+        };
+
+        // Backends.
+        for j in 1..=spec.backends + spec.spare_backends {
+            lab.add_backend_host(j)?;
+        }
+
+        lab.router_bird = Some(Bird::start(
+            &lab.router,
+            &spec.dir,
+            "router",
+            &router_conf(spec.nodes),
+        )?);
+
+        // PKI: one CA, a certificate per node.
+        let pki = spec.dir.join("pki");
+        std::fs::create_dir_all(&pki)?;
+        tls::install_crypto_provider();
+        let (ca, ca_key) = tls::generate_ca("holdfast-lab")?;
+        tls::write_pair(&pki, "ca", &ca, &ca_key)?;
+        for i in 1..=spec.nodes {
+            let (c, k) = tls::issue(
+                &ca,
+                &ca_key,
+                &tls::Subject::Node {
+                    id: i as u64,
+                    ips: vec![lb_addr(i)],
+                },
+            )?;
+            tls::write_pair(&pki, &format!("node-{i}"), &c, &k)?;
+        }
+
+        for i in 1..=spec.nodes {
+            lab.add_lb_host(i)?;
+        }
+        // The first node bootstraps; the services go in; the others join
+        // one at a time.
+        lab.start_node(1)?;
+        lab.wait_status(1, "node 1 to lead", Duration::from_secs(20), |s| {
+            s.leader == Some(1)
+        })?;
+        let mut cmds = vec![
+            put_service(TCP_SERVICE, Proto::Tcp, TCP_PORT),
+            put_service(UDP_SERVICE, Proto::Udp, UDP_PORT),
+        ];
+        for j in 1..=spec.backends {
+            cmds.extend(add_backend_cmds(j));
+        }
+        lab.write(Command::Batch { commands: cmds })?;
+        for i in 2..=spec.nodes {
+            lab.start_node(i)?;
+            lab.wait_status(
+                i,
+                &format!("node {i} to join as a voter"),
+                Duration::from_secs(30),
+                |s| s.voters.contains(&(i as u64)),
+            )?;
+        }
+        lab.wait_ready(Duration::from_secs(30))?;
+        Ok(lab)
+    }
+
+    fn add_backend_host(&mut self, j: usize) -> Result<()> {
+        let be = NetNs::new(&format!("{}b{j}", self.spec.prefix))?;
+        be.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        veth(&be, "b0", &self.sw, &format!("pb{j}"))?;
+        self.sw.ip(&format!("link set pb{j} master brb"))?;
+        be.ip(&format!("addr add {}/24 dev b0", backend_addr(j)))?;
+        be.ip("route add default via 10.88.1.1")?;
+        be.ip(&format!("addr add {VIP}/32 dev lo"))?;
+        be.sysctl("net.ipv4.conf.b0.rp_filter", "0")?;
+        let decap = be.run(|| -> Result<Decap> {
+            let mut d = Decap::load()?;
+            d.add_vip(VIP.parse()?)?;
+            d.attach("b0", AttachMode::Native)?;
+            Ok(d)
+        })??;
+        let vip: IpAddr = VIP.parse()?;
+        let servers = Servers::start(
+            &be,
+            j,
+            SocketAddr::new(vip, TCP_PORT),
+            SocketAddr::new(vip, UDP_PORT),
+        )?;
+        self.backends.push(Backend {
+            _servers: servers,
+            _decap: decap,
+            _ns: be,
+        });
+        Ok(())
+    }
+
+    fn add_lb_host(&mut self, i: usize) -> Result<()> {
+        let ns = NetNs::new(&format!("{}l{i}", self.spec.prefix))?;
+        veth(&ns, "f0", &self.sw, &format!("pf{i}"))?;
+        self.sw.ip(&format!("link set pf{i} master brf"))?;
+        // XDP_TX on f0 hands frames to pf{i}: give it an XDP program (NAPI).
+        let ifx = self.sw.ifindex(&format!("pf{i}"))?;
+        let nop = self.sw.run(move || -> Result<Nop> {
+            let mut nop = Nop::load()?;
+            nop.attach(ifx)?;
+            Ok(nop)
+        })??;
+        ns.ip(&format!("addr add {}/24 dev f0", lb_addr(i)))?;
+        ns.ip(&format!("route add 10.88.1.0/24 via {ROUTER_FABRIC}"))?;
+        ns.ip(&format!("route add 10.88.2.0/24 via {ROUTER_FABRIC}"))?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.f0.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.f0.send_redirects", "0"),
+        ] {
+            ns.sysctl(k, v)?;
+        }
+        let dir = self.spec.dir.join(format!("lb{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(format!("holdfast-lab-{}", ns.name()));
+        let pki = self.spec.dir.join("pki");
+        let cfg = NodeConfig {
+            node_id: i as u64,
+            data_dir: dir.join("data"),
+            raft_addr: SocketAddr::new(lb_addr(i), RAFT_PORT),
+            admin_addr: admin_addr(i).parse()?,
+            bgp_next_hop: Some(lb_addr(i)),
+            bootstrap: i == 1,
+            join: if i == 1 {
+                vec![]
+            } else {
+                (1..i).map(|k| admin_addr(k).parse().expect("addr")).collect()
+            },
+            leave_on_shutdown: false,
+            tls: TlsConfig {
+                ca_cert: pki.join("ca.pem"),
+                cert: pki.join(format!("node-{i}.pem")),
+                key: pki.join(format!("node-{i}.key")),
+            },
+            raft: RaftTuning::default(),
+            datapath: DatapathSection {
+                enabled: true,
+                interface: Some("f0".into()),
+                pin_dir: Some(pin_dir.clone()),
+                keep_on_shutdown: true,
+                max_services: 16,
+                conntrack_size: 65_536,
+                ring_bytes: 4 << 20,
+                ..Default::default()
+            },
+            sync: SyncSection {
+                enabled: self.spec.sync,
+                ..Default::default()
+            },
+            bgp: node::bgp::BgpSection {
+                enabled: true,
+                bird_ctl: dir.join("bird.ctl"),
+                protocol: "vip".into(),
+                ..Default::default()
+            },
+        };
+        let config = dir.join("node.toml");
+        std::fs::write(&config, toml::to_string(&cfg)?)?;
+        self.lbs.push(LbNode {
+            index: i,
+            ns,
+            dir,
+            config,
+            pin_dir,
+            bird: None,
+            process: None,
+            _nop: nop,
+        });
+        Ok(())
+    }
+
+    pub fn lb(&self, i: usize) -> &LbNode {
+        &self.lbs[i - 1]
+    }
+
+    /// Start node `i`'s BIRD (if not running) and holdfast-node.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        let exe = self.spec.exe.clone();
+        let n = &mut self.lbs[i - 1];
+        if n.bird.is_none() {
+            let bird = Bird::start(&n.ns, &n.dir, "bird", &lb_bird_conf(i))?;
+            // The pid/ctl names follow Bird::start's scheme.
+            let ctl = n.dir.join("bird.ctl");
+            wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
+                Ok(ctl.exists())
+            })?;
+            n.bird = Some(bird);
+        }
+        if n.process.is_some() {
+            bail!("node {i} is already running");
+        }
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(n.log_path())?;
+        let child = n
+            .ns
+            .command(&exe)?
+            .arg("_node")
+            .arg("--config")
+            .arg(&n.config)
+            .env("HOLDFAST_LOG_FORMAT", "plain")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} _node", exe.display()))?;
+        n.process = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL node `i`'s holdfast-node (BIRD and the pinned datapath stay).
+    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
+        let n = &mut self.lbs[i - 1];
+        let mut c = n.process.take().ok_or_else(|| anyhow!("node {i} not running"))?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM node `i`'s holdfast-node and wait for it to exit (it
+    /// withdraws its announcement first).
+    pub fn stop_agent(&mut self, i: usize) -> Result<()> {
+        let n = &mut self.lbs[i - 1];
+        let mut c = n.process.take().ok_or_else(|| anyhow!("node {i} not running"))?;
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if c.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                c.kill()?;
+                c.wait()?;
+                bail!("node {i} did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Silent death of LB node `i`: its fabric link goes down first (the
+    /// router sees no link change: it is on a bridge), then holdfast-node
+    /// and BIRD are SIGKILLed. Only BFD can notice.
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        self.lbs[i - 1].ns.ip("link set f0 down")?;
+        if self.lbs[i - 1].process.is_some() {
+            self.kill_agent(i)?;
+        }
+        if let Some(b) = self.lbs[i - 1].bird.take() {
+            b.kill();
+        }
+        Ok(())
+    }
+
+    /// Bring a killed node back: link up, BIRD, holdfast-node (same data
+    /// dir and pinned datapath).
+    pub fn revive_node(&mut self, i: usize) -> Result<()> {
+        self.lbs[i - 1].ns.ip("link set f0 up")?;
+        self.start_node(i)
+    }
+
+    /// Cut node `i` off from the other LB nodes (not from the router) with
+    /// nftables inside its namespace; `heal_partition` removes it.
+    pub fn partition(&self, i: usize) -> Result<()> {
+        let peers: Vec<String> = (1..=self.spec.nodes)
+            .filter(|k| *k != i)
+            .map(|k| lb_addr(k).to_string())
+            .collect();
+        let set = peers.join(", ");
+        let rules = format!(
+            "table inet holdfast_partition {{\n\
+             chain in {{ type filter hook input priority -10; ip saddr {{ {set} }} drop; }}\n\
+             chain out {{ type filter hook output priority -10; ip daddr {{ {set} }} drop; }}\n}}\n"
+        );
+        let f = self.lbs[i - 1].dir.join("partition.nft");
+        std::fs::write(&f, rules)?;
+        self.lbs[i - 1]
+            .ns
+            .exec(&["nft", "-f", &f.to_string_lossy()])?;
+        Ok(())
+    }
+
+    pub fn heal_partition(&self, i: usize) -> Result<()> {
+        self.lbs[i - 1]
+            .ns
+            .exec(&["nft", "delete", "table", "inet", "holdfast_partition"])?;
+        Ok(())
+    }
+
+    /// GET `path` of node `i`'s admin API (from the router's namespace).
+    pub fn api_get<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        i: usize,
+        path: &str,
+    ) -> Result<T> {
+        let addr = admin_addr(i);
+        let path = path.to_string();
+        Ok(self.router.run(move || {
+            node::client::get_blocking::<T>(&addr, &path, Duration::from_secs(3))
+        })??)
+    }
+
+    pub fn status(&self, i: usize) -> Result<LocalStatus> {
+        self.api_get(i, "/status")
+    }
+
+    pub fn members(&self, i: usize) -> Result<Vec<MemberRow>> {
+        self.api_get(i, "/cluster/members")
+    }
+
+    pub fn config(&self) -> Result<ClusterState> {
+        let i = self.running().first().copied().ok_or_else(|| anyhow!("no node running"))?;
+        self.api_get(i, "/config")
+    }
+
+    pub fn conntrack(&self, i: usize) -> Result<Vec<CtRow>> {
+        self.api_get(i, &format!("/conntrack?vip={VIP}&limit=100000"))
+    }
+
+    /// Indexes of the nodes whose holdfast-node runs.
+    pub fn running(&self) -> Vec<usize> {
+        self.lbs
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.index)
+            .collect()
+    }
+
+    fn wait_status(
+        &self,
+        i: usize,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&LocalStatus) -> bool,
+    ) -> Result<Duration> {
+        wait_until(what, timeout, || Ok(f(&self.status(i)?)))
+            .with_context(|| self.log_tail(i))
+    }
+
+    /// The last lines of node `i`'s log (for error messages).
+    pub fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.lb(i).log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "node {i} log ({}):\n{}",
+            self.lb(i).log_path().display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        )
+    }
+
+    /// Commit a config change through any running node (retried across
+    /// leader changes; exactly once by request id).
+    pub fn write(&self, command: Command) -> Result<Response> {
+        let addrs: Vec<String> = self.running().into_iter().map(admin_addr).collect();
+        if addrs.is_empty() {
+            bail!("no node running");
+        }
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let req = Request {
+            id: Some(format!(
+                "lab-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )),
+            command,
+        };
+        let r: Response = self.router.run(move || {
+            node::client::post_retry(&addrs, "/command", &req, Duration::from_secs(20))
+        })??;
+        if let Some(why) = r.rejected {
+            bail!("the cluster rejected the change: {why}");
+        }
+        Ok(r)
+    }
+
+    /// Next hops of the router's route to the VIP prefix.
+    pub fn router_nexthops(&self) -> Result<Vec<IpAddr>> {
+        let out = self.router.ip(&format!("route show {VIP_CIDR}"))?;
+        Ok(out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect())
+    }
+
+    /// Wait until the router's ECMP route is exactly `nodes`.
+    pub fn wait_route(&self, nodes: &[usize], timeout: Duration) -> Result<Duration> {
+        let mut want: Vec<IpAddr> = nodes.iter().map(|i| lb_addr(*i)).collect();
+        want.sort();
+        wait_until(
+            &format!("the router's route via {want:?}"),
+            timeout,
+            || {
+                let mut have = self.router_nexthops()?;
+                have.sort();
+                Ok(have == want)
+            },
+        )
+    }
+
+    /// Wait until every running node is a voter at the committed epoch,
+    /// warm-joined and announced, and the router routes over all of them.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let running = self.running();
+        let t0 = Instant::now();
+        for &i in &running {
+            let left = timeout.saturating_sub(t0.elapsed());
+            self.wait_status(i, &format!("node {i} to be ready and announced"), left, |s| {
+                s.bgp_announced == Some(true)
+                    && s.datapath_attached
+                    && s.config_epoch == s.applied_epoch
+                    && s.sync.as_ref().is_none_or(|y| y.ready)
+            })?;
+        }
+        self.wait_route(&running, timeout.saturating_sub(t0.elapsed()))?;
+        Ok(())
+    }
+
+    /// The backend id of host `j` in `service`.
+    pub fn backend_id(&self, service: &str, j: usize) -> Result<u32> {
+        let cfg = self.config()?;
+        cfg.backends
+            .values()
+            .find(|b| b.service == service && b.addr == backend_addr(j))
+            .map(|b| b.id)
+            .ok_or_else(|| anyhow!("no backend be{j} in {service}"))
+    }
+
+    pub fn add_backend(&self, j: usize) -> Result<Response> {
+        self.write(Command::Batch {
+            commands: add_backend_cmds(j),
+        })
+    }
+
+    pub fn set_backend_state(&self, j: usize, state: BackendState) -> Result<Response> {
+        let commands = [TCP_SERVICE, UDP_SERVICE]
+            .iter()
+            .map(|s| {
+                Ok(Command::SetBackendState {
+                    id: self.backend_id(s, j)?,
+                    state,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write(Command::Batch { commands })
+    }
+
+    pub fn set_backend_weight(&self, j: usize, weight: u32) -> Result<Response> {
+        let commands = [TCP_SERVICE, UDP_SERVICE]
+            .iter()
+            .map(|s| {
+                Ok(Command::SetBackendWeight {
+                    id: self.backend_id(s, j)?,
+                    weight,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write(Command::Batch { commands })
+    }
+
+    /// Wait until every running node's datapath is at `epoch`.
+    pub fn wait_epoch(&self, epoch: u64, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        for i in self.running() {
+            self.wait_status(
+                i,
+                &format!("node {i} to apply epoch {epoch}"),
+                timeout.saturating_sub(t0.elapsed()),
+                |s| s.applied_epoch >= epoch,
+            )?;
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// The node that leads, as the running nodes see it.
+    pub fn leader(&self) -> Result<usize> {
+        for i in self.running() {
+            if let Ok(s) = self.status(i) {
+                if let Some(l) = s.leader {
+                    return Ok(l as usize);
+                }
+            }
+        }
+        bail!("no leader known")
+    }
+}
+
+fn put_service(name: &str, proto: Proto, port: u16) -> Command {
+    Command::PutService {
+        service: Service {
+            name: name.into(),
+            vip: VIP.parse().expect("static"),
+            port,
+            proto,
+            table_size: 1021,
+            mode: ForwardingMode::Dsr,
+        },
+    }
+}
+
+pub fn add_backend_cmds(j: usize) -> Vec<Command> {
+    [(TCP_SERVICE, TCP_PORT), (UDP_SERVICE, UDP_PORT)]
+        .iter()
+        .map(|(s, port)| Command::AddBackend {
+            service: (*s).into(),
+            addr: backend_addr(j),
+            port: *port,
+            weight: 1,
+        })
+        .collect()
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for n in &mut self.lbs {
+            if let Some(mut c) = n.process.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            n.bird.take();
+            let _ = datapath_ebpf::loader::remove_pins(&n.pin_dir);
+        }
+        self.router_bird.take();
+        self.backends.clear();
+    }
+}

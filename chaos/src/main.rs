@@ -1,0 +1,635 @@
+//! `chaos`: Holdfast's BGP/ECMP lab and fault scenarios.
+//!
+//! - `chaos run <scenario>|all [--json] [--sync on|off|both] [--repeat N]`
+//! - `chaos lab up|down|status [--name NAME]` (a lab that stays up with
+//!   traffic running until `lab down`)
+//! - `chaos demo`: lab up with traffic, `clusterctl members`, live
+//!   counters, kill an LB node, the connections surviving.
+//!
+//! Needs root (namespaces, BPF) and bird2. LB nodes run this same binary
+//! as `chaos _node --config FILE`, which is holdfast-node's entry point.
+
+use std::{
+    path::PathBuf,
+    process::{ExitCode, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use chaos::{
+    lab::{self, Lab, LabSpec},
+    scenario::{self, RunOpts, ScenarioResult},
+    traffic::{Traffic, TrafficSpec},
+};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "chaos", version, about = "Holdfast's BGP/ECMP lab and fault scenarios (root)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SyncMode {
+    On,
+    Off,
+    Both,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct Size {
+    /// LB nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Backends in the services (one more host is kept spare for churn).
+    #[arg(long, default_value_t = 4)]
+    backends: usize,
+    /// Long-lived TCP connections.
+    #[arg(long, default_value_t = 1000)]
+    tcp: usize,
+    /// UDP flows.
+    #[arg(long, default_value_t = 200)]
+    udp: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run fault scenarios under load and report broken connections.
+    Run {
+        /// kill-node, churn-then-kill, kill-leader, restart-join,
+        /// agent-restart, partition, rolling-restart, or all.
+        scenario: String,
+        /// One JSON object with a `scenarios` array on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Conntrack replication on (the product), off (the baseline) or both.
+        #[arg(long, value_enum, default_value = "on")]
+        sync: SyncMode,
+        /// Run each scenario this many times.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        #[command(flatten)]
+        size: Size,
+        /// Progress lines on stderr.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// A lab that stays up (with traffic) until `lab down`.
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+    /// The guided demo: lab, traffic, members, kill a node, survivors.
+    Demo {
+        #[command(flatten)]
+        size: Size,
+        /// Conntrack replication on or off (to see what it prevents).
+        #[arg(long, value_enum, default_value = "on")]
+        sync: SyncMode,
+    },
+    /// holdfast-node (used by the lab to run LB nodes).
+    #[command(name = "_node", hide = true)]
+    Node {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Holds a lab for `lab up` (internal).
+    #[command(name = "_keeper", hide = true)]
+    Keeper {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        size: Size,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build the lab in the background, start the traffic, wait until ready.
+    Up {
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[command(flatten)]
+        size: Size,
+    },
+    /// Tear the lab down (every namespace, process and pin).
+    Down {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Members, route and traffic counters of a running lab.
+    Status {
+        #[arg(long, default_value = "default")]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Node { args } = cli.cmd {
+        let mut full = vec![std::ffi::OsString::from("holdfast-node")];
+        full.extend(args);
+        return node::daemon::main_from(full);
+    }
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chaos: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn exe() -> Result<PathBuf> {
+    std::env::current_exe().context("finding this program's path")
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run {
+            scenario,
+            json,
+            sync,
+            repeat,
+            size,
+            verbose,
+        } => run(&scenario, json, sync, repeat, &size, verbose),
+        Cmd::Lab { cmd } => match cmd {
+            LabCmd::Up { name, size } => lab_up(&name, &size),
+            LabCmd::Down { name } => lab_down(&name),
+            LabCmd::Status { name, json } => lab_status(&name, json),
+        },
+        Cmd::Demo { size, sync } => demo(&size, sync != SyncMode::Off),
+        Cmd::Keeper { name, size } => keeper(&name, &size),
+        Cmd::Node { .. } => unreachable!("handled in main"),
+    }
+}
+
+fn run(
+    which: &str,
+    json: bool,
+    sync: SyncMode,
+    repeat: usize,
+    size: &Size,
+    verbose: bool,
+) -> Result<ExitCode> {
+    let names: Vec<&str> = if which == "all" {
+        scenario::SCENARIOS.to_vec()
+    } else if scenario::SCENARIOS.contains(&which) {
+        vec![which]
+    } else {
+        bail!(
+            "unknown scenario {which:?}; one of: {}, all",
+            scenario::SCENARIOS.join(", ")
+        );
+    };
+    if repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    let modes: Vec<bool> = match sync {
+        SyncMode::On => vec![true],
+        SyncMode::Off => vec![false],
+        SyncMode::Both => vec![true, false],
+    };
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    let mut errors = Vec::new();
+    for name in names {
+        for &s in &modes {
+            for k in 0..repeat {
+                let mut opts = RunOpts::new(exe()?);
+                opts.nodes = size.nodes;
+                opts.backends = size.backends;
+                opts.tcp = size.tcp;
+                opts.udp = size.udp;
+                opts.sync = s;
+                opts.verbose = verbose;
+                match scenario::run(name, &opts) {
+                    Ok(r) => {
+                        if !json {
+                            println!("{}", scenario::describe(&r));
+                        }
+                        results.push(r);
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "{name} (replication {}, run {}): {e:#}",
+                            if s { "on" } else { "off" },
+                            k + 1
+                        );
+                        eprintln!("chaos: {msg}");
+                        errors.push(msg);
+                    }
+                }
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({
+                "scenarios": results,
+                "errors": errors,
+            }))?
+        );
+    }
+    // Replication on must not break anything; a scenario that could not
+    // run is a failure too.
+    let broken_with_sync = results
+        .iter()
+        .any(|r| r.sync && (r.tcp_broken > 0 || r.udp_broken > 0));
+    Ok(if errors.is_empty() && !broken_with_sync {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+// ---- demo ----
+
+fn clusterctl_members(lab: &Lab, node: usize) {
+    // The real clusterctl, if it was built next to this program.
+    let ctl = exe().ok().and_then(|e| e.parent().map(|d| d.join("clusterctl")));
+    if let Some(ctl) = ctl.filter(|c| c.exists()) {
+        println!("$ clusterctl --node {} members", lab::admin_addr(node));
+        match lab.router.command(&ctl).and_then(|mut c| {
+            Ok(c.args(["--node", &lab::admin_addr(node), "members"])
+                .stdin(Stdio::null())
+                .output())
+        }) {
+            Ok(Ok(out)) => print!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Ok(Err(e)) => println!("(clusterctl failed: {e})"),
+            Err(e) => println!("(clusterctl failed: {e})"),
+        }
+        return;
+    }
+    match lab.members(node) {
+        Ok(rows) => {
+            println!("(clusterctl not built; members from the admin API)");
+            for r in rows {
+                println!(
+                    "node {} role {:<9} epoch {:?} conntrack {:?} sync_ready {:?} bgp {:?}",
+                    r.node_id,
+                    r.role.unwrap_or_else(|| "-".into()),
+                    r.applied_epoch,
+                    r.conntrack_entries,
+                    r.sync_ready,
+                    r.bgp_announced
+                );
+            }
+        }
+        Err(e) => println!("members: {e:#}"),
+    }
+}
+
+fn counters(t: &Traffic, lab: &Lab) {
+    let l = t.live();
+    let hops: Vec<String> = lab
+        .router_nexthops()
+        .unwrap_or_default()
+        .iter()
+        .map(|h| h.to_string())
+        .collect();
+    println!(
+        "  t={:5.1}s  answers {:>7}  tcp broken {}/{}  udp broken {}/{}  longest stall {:>4} ms  router → [{}]",
+        t.elapsed().as_secs_f64(),
+        l.answers,
+        l.tcp_broken,
+        l.tcp_total,
+        l.udp_broken,
+        l.udp_total,
+        l.max_stall_ms,
+        hops.join(" ")
+    );
+}
+
+fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("holdfast-demo-{}", std::process::id()));
+    let mut spec = LabSpec::new("hfd", dir.clone(), exe()?);
+    spec.nodes = size.nodes.max(2);
+    spec.backends = size.backends;
+    spec.sync = sync;
+    println!(
+        "Bringing up the lab: router (BIRD, ECMP, BFD), {} LB nodes (holdfast-node + BIRD), {} backends, a client ...",
+        spec.nodes, spec.backends
+    );
+    let t0 = Instant::now();
+    let mut lab = Lab::up(spec)?;
+    println!("lab up in {:.1} s (logs in {})", t0.elapsed().as_secs_f64(), dir.display());
+    println!("\n$ ip -n <router> route show {}", lab::VIP_CIDR);
+    print!("{}", lab.router.ip(&format!("route show {}", lab::VIP_CIDR))?);
+    println!(
+        "\nStarting {} TCP connections and {} UDP flows to {} ...",
+        size.tcp,
+        size.udp,
+        lab::VIP
+    );
+    let traffic = Traffic::start(
+        &lab.client,
+        TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, size.tcp, size.udp),
+    )?;
+    traffic.mark();
+    traffic.wait_all_answered(Duration::from_secs(20))?;
+    if sync {
+        for i in lab.running() {
+            lab::wait_until("replication", Duration::from_secs(20), || {
+                Ok(lab.conntrack(i)?.len() >= size.tcp + size.udp)
+            })?;
+        }
+    }
+    println!();
+    clusterctl_members(&lab, 1);
+    println!("\nLive counters:");
+    for _ in 0..3 {
+        counters(&traffic, &lab);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let leader = lab.leader()?;
+    let victim = lab
+        .running()
+        .into_iter()
+        .rfind(|i| *i != leader)
+        .ok_or_else(|| anyhow!("no follower to kill"))?;
+    println!(
+        "\nKilling LB node {victim} silently (link down, SIGKILL of holdfast-node and BIRD) ..."
+    );
+    lab.kill_node(victim)?;
+    let others: Vec<usize> = lab.running();
+    let t = Instant::now();
+    for _ in 0..6 {
+        counters(&traffic, &lab);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let _ = lab.wait_route(&others, Duration::from_secs(5));
+    let _ = t;
+    traffic.mark();
+    let _ = traffic.wait_all_answered(Duration::from_secs(15));
+    counters(&traffic, &lab);
+    println!();
+    clusterctl_members(&lab, others[0]);
+    let r = traffic.stop()?;
+    println!(
+        "\nResult: TCP {}/{} connections broken, UDP {}/{} flows broken, longest stall {} ms (replication {}).",
+        r.tcp_broken,
+        r.tcp_total,
+        r.udp_broken,
+        r.udp_total,
+        r.max_stall_ms,
+        if sync { "on" } else { "off" }
+    );
+    for f in r.broken.iter().take(5) {
+        println!("  broken: {f:?}");
+    }
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(if sync && r.tcp_broken + r.udp_broken > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+// ---- lab up/down/status ----
+
+fn state_dir(name: &str) -> Result<PathBuf> {
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("lab name {name:?}: use 1-32 letters, digits, '-' or '_'");
+    }
+    Ok(PathBuf::from("/run/holdfast-lab").join(name))
+}
+
+fn keeper_pid(dir: &std::path::Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("keeper.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: signal 0 only probes.
+    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+fn lab_up(name: &str, size: &Size) -> Result<ExitCode> {
+    let dir = state_dir(name)?;
+    if let Some(pid) = keeper_pid(&dir) {
+        bail!("lab {name} is already up (keeper pid {pid}); `chaos lab down --name {name}` first");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("keeper.log"))?;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(exe()?)
+        .args([
+            "_keeper",
+            "--name",
+            name,
+            "--nodes",
+            &size.nodes.to_string(),
+            "--backends",
+            &size.backends.to_string(),
+            "--tcp",
+            &size.tcp.to_string(),
+            "--udp",
+            &size.udp.to_string(),
+        ])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    std::fs::write(dir.join("keeper.pid"), child.id().to_string())?;
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "the lab keeper exited ({st}):\n{}",
+                std::fs::read_to_string(dir.join("keeper.log")).unwrap_or_default()
+            );
+        }
+        if let Ok(s) = std::fs::read_to_string(dir.join("status.json")) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) {
+                if v["ready"] == true {
+                    break;
+                }
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("the lab did not come up within 120 s; see {}", dir.join("keeper.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("lab {name} is up in {:.1} s", t0.elapsed().as_secs_f64());
+    lab_status(name, false)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn keeper(name: &str, size: &Size) -> Result<ExitCode> {
+    let dir = state_dir(name)?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let mut spec = LabSpec::new("hfl", dir.join("lab"), exe()?);
+    spec.nodes = size.nodes;
+    spec.backends = size.backends;
+    let lab = Lab::up(spec)?;
+    let traffic = Traffic::start(
+        &lab.client,
+        TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, size.tcp, size.udp),
+    )?;
+    traffic.mark();
+    traffic.wait_all_answered(Duration::from_secs(30))?;
+    eprintln!("lab {name} ready");
+    while !STOP.load(Ordering::Relaxed) {
+        let members = lab
+            .running()
+            .first()
+            .map(|i| lab.members(*i))
+            .transpose()
+            .unwrap_or_else(|e| {
+                eprintln!("members: {e:#}");
+                None
+            });
+        let status = serde_json::json!({
+            "ready": true,
+            "updated_unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            "vip": lab::VIP,
+            "tcp_port": lab::TCP_PORT,
+            "udp_port": lab::UDP_PORT,
+            "namespaces": {
+                "router": lab.router.name(),
+                "client": lab.client.name(),
+                "lb": lab.lbs.iter().map(|n| n.ns.name().to_string()).collect::<Vec<_>>(),
+            },
+            "admin": lab.lbs.iter().map(|n| lab::admin_addr(n.index)).collect::<Vec<_>>(),
+            "router_nexthops": lab.router_nexthops().unwrap_or_default(),
+            "members": members,
+            "traffic": traffic.live(),
+        });
+        let tmp = dir.join("status.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&status)?)?;
+        std::fs::rename(&tmp, dir.join("status.json"))?;
+        for _ in 0..10 {
+            if STOP.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!("lab {name}: tearing down");
+    let r = traffic.stop()?;
+    eprintln!(
+        "lab {name}: traffic stopped: tcp {}/{} broken, udp {}/{} broken, longest stall {} ms",
+        r.tcp_broken, r.tcp_total, r.udp_broken, r.udp_total, r.max_stall_ms
+    );
+    drop(lab);
+    let _ = std::fs::remove_file(dir.join("status.json"));
+    let _ = std::fs::remove_file(dir.join("keeper.pid"));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lab_down(name: &str) -> Result<ExitCode> {
+    let dir = state_dir(name)?;
+    match keeper_pid(&dir) {
+        Some(pid) => {
+            // SAFETY: signalling the keeper we started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let t0 = Instant::now();
+            // SAFETY: signal 0 only probes.
+            while unsafe { libc::kill(pid, 0) } == 0 {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    std::thread::sleep(Duration::from_millis(200));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        None => println!("lab {name} is not running"),
+    }
+    // Namespaces of a keeper that died without cleaning up.
+    for role in ["sw", "r", "cl"] {
+        netns::sweep_stale(&format!("hfl{role}"));
+    }
+    for i in 1..=40 {
+        netns::sweep_stale(&format!("hflb{i}"));
+        netns::sweep_stale(&format!("hfll{i}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("lab {name} is down");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lab_status(name: &str, json: bool) -> Result<ExitCode> {
+    let dir = state_dir(name)?;
+    if keeper_pid(&dir).is_none() {
+        bail!("lab {name} is not running (`chaos lab up --name {name}`)");
+    }
+    let s = std::fs::read_to_string(dir.join("status.json"))
+        .with_context(|| format!("lab {name} is still coming up"))?;
+    if json {
+        println!("{s}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value = serde_json::from_str(&s)?;
+    println!(
+        "VIP {} (TCP {}, UDP {}); router next hops: {}",
+        v["vip"].as_str().unwrap_or("?"),
+        v["tcp_port"],
+        v["udp_port"],
+        v["router_nexthops"]
+    );
+    println!("namespaces: {}", v["namespaces"]);
+    println!(
+        "{:<5} {:<10} {:<6} {:<10} {:<6} {:<6} {:<5}",
+        "NODE", "ROLE", "EPOCH", "CONNTRACK", "SYNC", "BGP", "UP"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<5} {:<10} {:<6} {:<10} {:<6} {:<6} {:<5}",
+            m["node_id"],
+            m["role"].as_str().unwrap_or("-"),
+            m["applied_epoch"],
+            m["conntrack_entries"],
+            m["sync_ready"],
+            m["bgp_announced"],
+            m["reachable"]
+        );
+    }
+    let t = &v["traffic"];
+    println!(
+        "traffic: {} answers; tcp broken {}/{}; udp broken {}/{}; longest stall {} ms",
+        t["answers"],
+        t["tcp_broken"],
+        t["tcp_total"],
+        t["udp_broken"],
+        t["udp_total"],
+        t["max_stall_ms"]
+    );
+    println!(
+        "admin API (from the router namespace): {}",
+        v["admin"]
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,582 @@
+//! The fault scenarios: each builds a fresh [`Lab`], starts the traffic,
+//! waits until every flow is answered (and, with replication on, until
+//! every node's conntrack holds every flow), injects its fault, lets the
+//! traffic run on until every surviving flow is answered again, and
+//! reports what broke.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+
+use crate::{
+    lab::{self, Lab, LabSpec},
+    traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
+};
+
+pub const SCENARIOS: [&str; 7] = [
+    "kill-node",
+    "churn-then-kill",
+    "kill-leader",
+    "restart-join",
+    "agent-restart",
+    "partition",
+    "rolling-restart",
+];
+
+#[derive(Clone, Debug)]
+pub struct RunOpts {
+    pub nodes: usize,
+    pub backends: usize,
+    pub tcp: usize,
+    pub udp: usize,
+    pub sync: bool,
+    /// The program that runs holdfast-node (`{exe} _node --config FILE`).
+    pub exe: PathBuf,
+    /// Keep traffic running this long after everything converged.
+    pub settle: Duration,
+    /// Print progress lines to stderr.
+    pub verbose: bool,
+}
+
+impl RunOpts {
+    pub fn new(exe: PathBuf) -> Self {
+        Self {
+            nodes: 3,
+            backends: 4,
+            tcp: 1000,
+            udp: 200,
+            sync: true,
+            exe,
+            settle: Duration::from_secs(2),
+            verbose: false,
+        }
+    }
+}
+
+/// One scenario run. `tcp_broken`/`udp_broken` count flows that saw a
+/// reset, a close, a wrong answer (another backend) or a 10 s timeout.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScenarioResult {
+    pub name: String,
+    pub sync: bool,
+    pub tcp_total: usize,
+    pub tcp_broken: usize,
+    pub udp_total: usize,
+    pub udp_broken: usize,
+    pub max_stall_ms: u64,
+    /// Times to converge, in ms: `route` (router drops / adds the node's
+    /// next hop), `election` (a new leader), `warm_join` (restarted node
+    /// has the cluster's conntrack), `ready` (announced again), `repair`
+    /// (conntrack identical on every node after a partition heals), ...
+    pub converge_ms: BTreeMap<String, u64>,
+    /// Which node the fault hit.
+    pub victim: Option<usize>,
+    /// Broken flows by reason (first words), and a few examples.
+    pub broken_reasons: BTreeMap<String, usize>,
+    pub broken_examples: Vec<FlowRecord>,
+    /// Flows per backend at the end.
+    pub per_backend: BTreeMap<String, usize>,
+    pub duration_ms: u64,
+}
+
+struct Ctx<'a> {
+    lab: Lab,
+    traffic: Traffic,
+    converge: BTreeMap<String, u64>,
+    victim: Option<usize>,
+    opts: &'a RunOpts,
+    t0: Instant,
+}
+
+impl Ctx<'_> {
+    fn say(&self, msg: impl AsRef<str>) {
+        if self.opts.verbose {
+            let l = self.traffic.live();
+            eprintln!(
+                "[{:6.2}s] {}  (answers {}, broken tcp {} udp {}, max stall {} ms)",
+                self.t0.elapsed().as_secs_f64(),
+                msg.as_ref(),
+                l.answers,
+                l.tcp_broken,
+                l.udp_broken,
+                l.max_stall_ms
+            );
+        }
+    }
+
+    fn ms(&mut self, key: &str, d: Duration) {
+        self.converge.insert(key.into(), d.as_millis() as u64);
+    }
+
+    /// Wait until every flow that is not broken answers again.
+    fn all_answer(&self, timeout: Duration) -> Result<()> {
+        self.traffic.mark();
+        self.traffic.wait_all_answered(timeout)
+    }
+
+    /// With replication on: wait until every running node's conntrack
+    /// holds at least `n` flows of the VIP.
+    fn wait_replicated(&self, n: usize, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        for i in self.lab.running() {
+            lab::wait_until(
+                &format!("node {i}'s conntrack to hold all {n} flows"),
+                timeout.saturating_sub(t0.elapsed()),
+                || Ok(self.lab.conntrack(i)?.len() >= n),
+            )?;
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// The running node whose own datapath created the most flows.
+    fn busiest(&self, exclude_leader: bool) -> Result<usize> {
+        let leader = self.lab.leader()?;
+        let mut best = None;
+        for i in self.lab.running() {
+            if exclude_leader && i == leader {
+                continue;
+            }
+            let own = self
+                .lab
+                .conntrack(i)?
+                .iter()
+                .filter(|r| usize::from(r.origin) == i)
+                .count();
+            if best.is_none_or(|(_, n)| own > n) {
+                best = Some((i, own));
+            }
+        }
+        best.map(|(i, _)| i)
+            .ok_or_else(|| anyhow!("no candidate node"))
+    }
+
+    /// Time until a running node other than `old` reports a leader that
+    /// is not `old`.
+    fn wait_new_leader(&self, old: usize, timeout: Duration) -> Result<Duration> {
+        lab::wait_until("a new leader", timeout, || {
+            for i in self.lab.running() {
+                if let Ok(s) = self.lab.status(i) {
+                    if s.leader.is_some_and(|l| l as usize != old) {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    fn others(&self, i: usize) -> Vec<usize> {
+        self.lab.running().into_iter().filter(|k| *k != i).collect()
+    }
+}
+
+/// Run scenario `name` once.
+pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
+    if !SCENARIOS.contains(&name) {
+        bail!(
+            "unknown scenario {name:?}; one of: {} (or all)",
+            SCENARIOS.join(", ")
+        );
+    }
+    let t0 = Instant::now();
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "holdfast-chaos-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let mut spec = LabSpec::new("hfc", dir.clone(), opts.exe.clone());
+    spec.nodes = opts.nodes;
+    spec.backends = opts.backends;
+    spec.spare_backends = 1;
+    spec.sync = opts.sync;
+    let res = run_in(name, opts, spec, t0);
+    match &res {
+        Ok(_) => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Err(_) => eprintln!("chaos: logs of the failed run are in {}", dir.display()),
+    }
+    res
+}
+
+fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<ScenarioResult> {
+    if opts.verbose {
+        eprintln!(
+            "== {name} (replication {}) ==",
+            if opts.sync { "on" } else { "off" }
+        );
+    }
+    let lab = Lab::up(spec).context("bringing the lab up")?;
+    let tspec = TrafficSpec::new(
+        lab::VIP.parse()?,
+        lab::CLIENT.parse()?,
+        opts.tcp,
+        opts.udp,
+    );
+    let traffic = Traffic::start(&lab.client, tspec).context("starting the traffic")?;
+    let mut cx = Ctx {
+        lab,
+        traffic,
+        converge: BTreeMap::new(),
+        victim: None,
+        opts,
+        t0,
+    };
+    cx.say(format!(
+        "lab up: {} LB nodes, {} TCP + {} UDP flows",
+        opts.nodes, opts.tcp, opts.udp
+    ));
+    cx.all_answer(Duration::from_secs(20))
+        .context("every flow answered once")?;
+    if opts.sync {
+        let d = cx.wait_replicated(opts.tcp + opts.udp, Duration::from_secs(20))?;
+        cx.say(format!("every node holds every flow ({} ms)", d.as_millis()));
+    }
+    match name {
+        "kill-node" => kill_node(&mut cx)?,
+        "churn-then-kill" => churn_then_kill(&mut cx)?,
+        "kill-leader" => kill_leader(&mut cx)?,
+        "restart-join" => restart_join(&mut cx)?,
+        "agent-restart" => agent_restart(&mut cx)?,
+        "partition" => partition(&mut cx)?,
+        "rolling-restart" => rolling_restart(&mut cx)?,
+        _ => unreachable!("checked above"),
+    }
+    // Every surviving flow must answer again; then keep going a little.
+    if let Err(e) = cx.all_answer(Duration::from_secs(15)) {
+        cx.say(format!("not every flow answered again: {e}"));
+    }
+    std::thread::sleep(opts.settle);
+    cx.say("stopping the traffic");
+    let Ctx {
+        lab,
+        traffic,
+        converge,
+        victim,
+        ..
+    } = cx;
+    let report: TrafficReport = traffic.stop()?;
+    drop(lab);
+    let mut reasons = BTreeMap::new();
+    for f in &report.broken {
+        let what = f.failure.as_ref().map(|x| x.what.as_str()).unwrap_or("");
+        let key: String = what
+            .split([':', '('])
+            .next()
+            .unwrap_or(what)
+            .trim()
+            .to_string();
+        *reasons.entry(format!("{} {key}", f.proto)).or_insert(0) += 1;
+    }
+    Ok(ScenarioResult {
+        name: name.into(),
+        sync: opts.sync,
+        tcp_total: report.tcp_total,
+        tcp_broken: report.tcp_broken,
+        udp_total: report.udp_total,
+        udp_broken: report.udp_broken,
+        max_stall_ms: report.max_stall_ms,
+        converge_ms: converge,
+        victim,
+        broken_reasons: reasons,
+        broken_examples: report.broken.iter().take(5).cloned().collect(),
+        per_backend: report.per_backend,
+        duration_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+fn kill_node(cx: &mut Ctx) -> Result<()> {
+    let v = cx.busiest(true)?;
+    cx.victim = Some(v);
+    cx.say(format!("killing LB node {v} (link down, SIGKILL)"));
+    let t = Instant::now();
+    cx.lab.kill_node(v)?;
+    let others = cx.others(v);
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    let d = t.elapsed();
+    cx.ms("route", d);
+    cx.say(format!("router dropped node {v} after {} ms", d.as_millis()));
+    Ok(())
+}
+
+fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
+    let spare = cx.opts.backends + 1;
+    let t = Instant::now();
+    let r = cx.lab.add_backend(spare)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    cx.say(format!("added backend be{spare} (epoch {})", r.epoch));
+    let r = cx
+        .lab
+        .set_backend_state(1, raft_store::cluster::BackendState::Draining)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    cx.say(format!("drained be1 (epoch {})", r.epoch));
+    let r = cx.lab.set_backend_weight(2, 3)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    cx.say(format!("be2 weight 3 (epoch {})", r.epoch));
+    cx.ms("churn", t.elapsed());
+    // The flows keep their backends (conntrack) while the tables changed.
+    cx.all_answer(Duration::from_secs(10))?;
+    let v = cx.busiest(false)?;
+    cx.victim = Some(v);
+    let leader = cx.lab.leader()?;
+    cx.say(format!(
+        "killing LB node {v}, the one that carries the most pinned flows"
+    ));
+    let t = Instant::now();
+    cx.lab.kill_node(v)?;
+    let others = cx.others(v);
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    let d = t.elapsed();
+    cx.ms("route", d);
+    cx.say(format!("router dropped node {v} after {} ms", d.as_millis()));
+    if v == leader {
+        cx.wait_new_leader(v, Duration::from_secs(10))?;
+        cx.ms("election", t.elapsed());
+    }
+    Ok(())
+}
+
+fn kill_leader(cx: &mut Ctx) -> Result<()> {
+    let v = cx.lab.leader()?;
+    cx.victim = Some(v);
+    let spare = cx.opts.backends + 1;
+    // A backend change in flight while the leader dies: submitted through
+    // the other nodes, retried by request id, applied exactly once.
+    let addrs: Vec<String> = cx.others(v).into_iter().map(lab::admin_addr).collect();
+    let req = raft_store::Request {
+        id: Some(format!("kill-leader-{}", std::process::id())),
+        command: raft_store::Command::Batch {
+            commands: lab::add_backend_cmds(spare),
+        },
+    };
+    let pending = cx.lab.router.spawn(move || {
+        node::client::post_retry::<_, raft_store::Response>(
+            &addrs,
+            "/command",
+            &req,
+            Duration::from_secs(20),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(5));
+    cx.say(format!("killing the leader, node {v}, with a backend change in flight"));
+    let t = Instant::now();
+    cx.lab.kill_node(v)?;
+    cx.wait_new_leader(v, Duration::from_secs(10))?;
+    let d = t.elapsed();
+    cx.ms("election", d);
+    cx.say(format!("new leader after {} ms", d.as_millis()));
+    let others = cx.others(v);
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    cx.ms("route", t.elapsed());
+    let r = pending
+        .join()
+        .map_err(|_| anyhow!("writer panicked"))?
+        .context("the in-flight backend change")?;
+    if let Some(why) = r.rejected {
+        bail!("the in-flight change was rejected: {why}");
+    }
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    cx.ms("change_committed", t.elapsed());
+    let cfg = cx.lab.config()?;
+    let n = cfg
+        .backends
+        .values()
+        .filter(|b| b.addr == lab::backend_addr(spare))
+        .count();
+    if n != 2 {
+        bail!("the in-flight change was applied {n} times (expected once: 2 backends)");
+    }
+    cx.say(format!("the change committed once (epoch {})", r.epoch));
+    Ok(())
+}
+
+fn restart_join(cx: &mut Ctx) -> Result<()> {
+    let v = cx.busiest(true)?;
+    cx.victim = Some(v);
+    cx.say(format!("killing LB node {v}"));
+    let t = Instant::now();
+    cx.lab.kill_node(v)?;
+    let others = cx.others(v);
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    cx.ms("route_down", t.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    cx.say(format!("restarting LB node {v}"));
+    let t = Instant::now();
+    cx.lab.revive_node(v)?;
+    let d = lab::wait_until("the warm join", Duration::from_secs(30), || {
+        Ok(cx
+            .lab
+            .status(v)
+            .is_ok_and(|s| s.sync.as_ref().is_none_or(|y| y.ready) && s.applied_epoch > 0))
+    })?;
+    cx.ms("warm_join", d);
+    let mut all = cx.lab.running();
+    all.sort();
+    cx.lab.wait_route(&all, Duration::from_secs(15))?;
+    cx.ms("route_up", t.elapsed());
+    cx.say(format!(
+        "node {v} warm-joined after {} ms, routed again after {} ms",
+        d.as_millis(),
+        t.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+fn agent_restart(cx: &mut Ctx) -> Result<()> {
+    let v = cx.busiest(false)?;
+    cx.victim = Some(v);
+    let prog = |cx: &Ctx| -> Result<String> {
+        let out = cx.lab.lb(v).ns.ip("-d link show f0")?;
+        Ok(out
+            .split("prog/xdp id ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("none")
+            .to_string())
+    };
+    let before = prog(cx)?;
+    cx.say(format!("SIGKILL holdfast-node on node {v} (XDP program {before})"));
+    cx.lab.kill_agent(v)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let during = prog(cx)?;
+    if during == "none" {
+        bail!("the XDP program went away with the agent");
+    }
+    let mut all = cx.lab.running();
+    all.push(v);
+    all.sort();
+    // BIRD still announces: the router keeps routing to the node.
+    let hops = cx.lab.router_nexthops()?;
+    if !hops.contains(&lab::lb_addr(v)) {
+        bail!("the router stopped routing to node {v} while only its agent was down");
+    }
+    let t = Instant::now();
+    cx.lab.start_node(v)?;
+    cx.lab.wait_ready(Duration::from_secs(30))?;
+    cx.ms("ready", t.elapsed());
+    let after = prog(cx)?;
+    cx.say(format!(
+        "agent back and ready after {} ms (XDP program {after})",
+        t.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+fn flow_keys(cx: &Ctx, i: usize) -> Result<BTreeSet<(String, String, u32)>> {
+    Ok(cx
+        .lab
+        .conntrack(i)?
+        .into_iter()
+        .map(|r| (r.client, r.proto, r.backend_id))
+        .collect())
+}
+
+fn partition(cx: &mut Ctx) -> Result<()> {
+    let leader = cx.lab.leader()?;
+    let v = cx.busiest(true)?;
+    cx.victim = Some(v);
+    cx.say(format!("cutting node {v} off from its peers for 10 s"));
+    cx.lab.partition(v)?;
+    // New flows during the partition: the ones that land on the cut-off
+    // node cannot be replicated until the heal.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut extra = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, 100, 0);
+    extra.interval = Duration::from_millis(300);
+    let more = Traffic::start(&cx.lab.client, extra)?;
+    std::thread::sleep(Duration::from_secs(8));
+    cx.lab.heal_partition(v)?;
+    let t = Instant::now();
+    cx.say(format!("healed node {v}"));
+    if cx.opts.sync {
+        let d = lab::wait_until(
+            "conntrack to be identical on every node",
+            Duration::from_secs(30),
+            || {
+                let sets = cx
+                    .lab
+                    .running()
+                    .into_iter()
+                    .map(|i| flow_keys(cx, i))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(sets.windows(2).all(|w| w[0] == w[1]))
+            },
+        )?;
+        cx.ms("repair", d);
+        cx.say(format!("replication repaired in {} ms", d.as_millis()));
+    }
+    let mut all = cx.lab.running();
+    all.sort();
+    cx.lab.wait_ready(Duration::from_secs(30))?;
+    cx.lab.wait_route(&all, Duration::from_secs(10))?;
+    cx.ms("ready", t.elapsed());
+    if cx.lab.leader()? != leader {
+        cx.say("the leader changed during the partition");
+    }
+    let r = more.stop()?;
+    if r.tcp_broken > 0 {
+        bail!(
+            "{} of the {} connections opened during the partition broke: {:?}",
+            r.tcp_broken,
+            r.tcp_total,
+            r.broken.first()
+        );
+    }
+    Ok(())
+}
+
+fn rolling_restart(cx: &mut Ctx) -> Result<()> {
+    let nodes = cx.lab.running();
+    for &i in &nodes {
+        cx.say(format!("restarting node {i} (SIGTERM: withdraw, keep datapath)"));
+        let t = Instant::now();
+        cx.lab.stop_agent(i)?;
+        let others = cx.others(i);
+        cx.lab.wait_route(&others, Duration::from_secs(10))?;
+        cx.lab.start_node(i)?;
+        cx.lab.wait_ready(Duration::from_secs(30))?;
+        cx.ms(&format!("node{i}_back"), t.elapsed());
+        cx.all_answer(Duration::from_secs(15))?;
+        cx.say(format!("node {i} back after {} ms", t.elapsed().as_millis()));
+    }
+    Ok(())
+}
+
+/// Human-readable lines of a result.
+pub fn describe(r: &ScenarioResult) -> String {
+    let mut s = format!(
+        "{:<16} replication {:<3}  tcp {}/{} broken  udp {}/{} broken  longest stall {} ms",
+        r.name,
+        if r.sync { "on" } else { "off" },
+        r.tcp_broken,
+        r.tcp_total,
+        r.udp_broken,
+        r.udp_total,
+        r.max_stall_ms
+    );
+    if let Some(v) = r.victim {
+        s.push_str(&format!("  node {v}"));
+    }
+    if !r.converge_ms.is_empty() {
+        let c: Vec<String> = r
+            .converge_ms
+            .iter()
+            .map(|(k, v)| format!("{k} {v} ms"))
+            .collect();
+        s.push_str(&format!("\n{:<16} converge: {}", "", c.join(", ")));
+    }
+    if !r.broken_reasons.is_empty() {
+        let c: Vec<String> = r
+            .broken_reasons
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        s.push_str(&format!("\n{:<16} broken: {}", "", c.join(", ")));
+    }
+    s
+}
