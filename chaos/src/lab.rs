@@ -150,7 +150,8 @@ impl Bird {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             for _ in 0..100 {
                 // Gone, or a zombie nobody reaps (the daemon is not our child).
-                let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state =
+                    std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
                 let zombie = state
                     .rsplit_once(')')
                     .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
@@ -448,7 +449,9 @@ impl Lab {
             join: if i == 1 {
                 vec![]
             } else {
-                (1..i).map(|k| admin_addr(k).parse().expect("addr")).collect()
+                (1..i)
+                    .map(|k| admin_addr(k).parse().expect("addr"))
+                    .collect()
             },
             leave_on_shutdown: false,
             tls: TlsConfig {
@@ -517,18 +520,17 @@ impl Lab {
             .create(true)
             .append(true)
             .open(n.log_path())?;
-        let child = n
-            .ns
-            .command(&exe)?
-            .arg("_node")
-            .arg("--config")
-            .arg(&n.config)
-            .env("HOLDFAST_LOG_FORMAT", "plain")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {} _node", exe.display()))?;
+        let child =
+            n.ns.command(&exe)?
+                .arg("_node")
+                .arg("--config")
+                .arg(&n.config)
+                .env("HOLDFAST_LOG_FORMAT", "plain")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {} _node", exe.display()))?;
         n.process = Some(child);
         Ok(())
     }
@@ -536,7 +538,10 @@ impl Lab {
     /// SIGKILL node `i`'s holdfast-node (BIRD and the pinned datapath stay).
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         let n = &mut self.lbs[i - 1];
-        let mut c = n.process.take().ok_or_else(|| anyhow!("node {i} not running"))?;
+        let mut c = n
+            .process
+            .take()
+            .ok_or_else(|| anyhow!("node {i} not running"))?;
         c.kill()?;
         c.wait()?;
         Ok(())
@@ -546,7 +551,10 @@ impl Lab {
     /// withdraws its announcement first).
     pub fn stop_agent(&mut self, i: usize) -> Result<()> {
         let n = &mut self.lbs[i - 1];
-        let mut c = n.process.take().ok_or_else(|| anyhow!("node {i} not running"))?;
+        let mut c = n
+            .process
+            .take()
+            .ok_or_else(|| anyhow!("node {i} not running"))?;
         // SAFETY: signalling our child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let t0 = Instant::now();
@@ -563,11 +571,13 @@ impl Lab {
         }
     }
 
-    /// Silent death of LB node `i`: its fabric link goes down first (the
+    /// Silent death of LB node `i`: its switch port goes down first (the
     /// router sees no link change: it is on a bridge), then holdfast-node
     /// and BIRD are SIGKILLed. Only BFD can notice.
     pub fn kill_node(&mut self, i: usize) -> Result<()> {
-        self.lbs[i - 1].ns.ip("link set f0 down")?;
+        // Unplug the cable: the switch port goes down, the node's own
+        // interface and routes stay as they were.
+        self.sw.ip(&format!("link set pf{i} down"))?;
         if self.lbs[i - 1].process.is_some() {
             self.kill_agent(i)?;
         }
@@ -580,7 +590,7 @@ impl Lab {
     /// Bring a killed node back: link up, BIRD, holdfast-node (same data
     /// dir and pinned datapath).
     pub fn revive_node(&mut self, i: usize) -> Result<()> {
-        self.lbs[i - 1].ns.ip("link set f0 up")?;
+        self.sw.ip(&format!("link set pf{i} up"))?;
         self.start_node(i)
     }
 
@@ -620,9 +630,9 @@ impl Lab {
     ) -> Result<T> {
         let addr = admin_addr(i);
         let path = path.to_string();
-        Ok(self.router.run(move || {
-            node::client::get_blocking::<T>(&addr, &path, Duration::from_secs(3))
-        })??)
+        Ok(self
+            .router
+            .run(move || node::client::get_blocking::<T>(&addr, &path, Duration::from_secs(3)))??)
     }
 
     pub fn status(&self, i: usize) -> Result<LocalStatus> {
@@ -634,7 +644,11 @@ impl Lab {
     }
 
     pub fn config(&self) -> Result<ClusterState> {
-        let i = self.running().first().copied().ok_or_else(|| anyhow!("no node running"))?;
+        let i = self
+            .running()
+            .first()
+            .copied()
+            .ok_or_else(|| anyhow!("no node running"))?;
         self.api_get(i, "/config")
     }
 
@@ -651,15 +665,14 @@ impl Lab {
             .collect()
     }
 
-    fn wait_status(
+    pub fn wait_status(
         &self,
         i: usize,
         what: &str,
         timeout: Duration,
         f: impl Fn(&LocalStatus) -> bool,
     ) -> Result<Duration> {
-        wait_until(what, timeout, || Ok(f(&self.status(i)?)))
-            .with_context(|| self.log_tail(i))
+        wait_until(what, timeout, || Ok(f(&self.status(i)?))).with_context(|| self.log_tail(i))
     }
 
     /// The last lines of node `i`'s log (for error messages).
@@ -714,15 +727,11 @@ impl Lab {
     pub fn wait_route(&self, nodes: &[usize], timeout: Duration) -> Result<Duration> {
         let mut want: Vec<IpAddr> = nodes.iter().map(|i| lb_addr(*i)).collect();
         want.sort();
-        wait_until(
-            &format!("the router's route via {want:?}"),
-            timeout,
-            || {
-                let mut have = self.router_nexthops()?;
-                have.sort();
-                Ok(have == want)
-            },
-        )
+        wait_until(&format!("the router's route via {want:?}"), timeout, || {
+            let mut have = self.router_nexthops()?;
+            have.sort();
+            Ok(have == want)
+        })
     }
 
     /// Wait until every running node is a voter at the committed epoch,
@@ -732,12 +741,17 @@ impl Lab {
         let t0 = Instant::now();
         for &i in &running {
             let left = timeout.saturating_sub(t0.elapsed());
-            self.wait_status(i, &format!("node {i} to be ready and announced"), left, |s| {
-                s.bgp_announced == Some(true)
-                    && s.datapath_attached
-                    && s.config_epoch == s.applied_epoch
-                    && s.sync.as_ref().is_none_or(|y| y.ready)
-            })?;
+            self.wait_status(
+                i,
+                &format!("node {i} to be ready and announced"),
+                left,
+                |s| {
+                    s.bgp_announced == Some(true)
+                        && s.datapath_attached
+                        && s.config_epoch == s.applied_epoch
+                        && s.sync.as_ref().is_none_or(|y| y.ready)
+                },
+            )?;
         }
         self.wait_route(&running, timeout.saturating_sub(t0.elapsed()))?;
         Ok(())

@@ -25,7 +25,11 @@ use chaos::{
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "chaos", version, about = "Holdfast's BGP/ECMP lab and fault scenarios (root)")]
+#[command(
+    name = "chaos",
+    version,
+    about = "Holdfast's BGP/ECMP lab and fault scenarios (root)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -252,13 +256,15 @@ fn run(
 
 fn clusterctl_members(lab: &Lab, node: usize) {
     // The real clusterctl, if it was built next to this program.
-    let ctl = exe().ok().and_then(|e| e.parent().map(|d| d.join("clusterctl")));
+    let ctl = exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("clusterctl")));
     if let Some(ctl) = ctl.filter(|c| c.exists()) {
         println!("$ clusterctl --node {} members", lab::admin_addr(node));
-        match lab.router.command(&ctl).and_then(|mut c| {
-            Ok(c.args(["--node", &lab::admin_addr(node), "members"])
+        match lab.router.command(&ctl).map(|mut c| {
+            c.args(["--node", &lab::admin_addr(node), "members"])
                 .stdin(Stdio::null())
-                .output())
+                .output()
         }) {
             Ok(Ok(out)) => print!(
                 "{}{}",
@@ -322,9 +328,16 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
     );
     let t0 = Instant::now();
     let mut lab = Lab::up(spec)?;
-    println!("lab up in {:.1} s (logs in {})", t0.elapsed().as_secs_f64(), dir.display());
+    println!(
+        "lab up in {:.1} s (logs in {})",
+        t0.elapsed().as_secs_f64(),
+        dir.display()
+    );
     println!("\n$ ip -n <router> route show {}", lab::VIP_CIDR);
-    print!("{}", lab.router.ip(&format!("route show {}", lab::VIP_CIDR))?);
+    print!(
+        "{}",
+        lab.router.ip(&format!("route show {}", lab::VIP_CIDR))?
+    );
     println!(
         "\nStarting {} TCP connections and {} UDP flows to {} ...",
         size.tcp,
@@ -344,6 +357,8 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
             })?;
         }
     }
+    // Let the nodes' conntrack counters (every 2 s) catch up.
+    std::thread::sleep(node::node::CT_COUNT_EVERY);
     println!();
     clusterctl_members(&lab, 1);
     println!("\nLive counters:");
@@ -358,7 +373,7 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
         .rfind(|i| *i != leader)
         .ok_or_else(|| anyhow!("no follower to kill"))?;
     println!(
-        "\nKilling LB node {victim} silently (link down, SIGKILL of holdfast-node and BIRD) ..."
+        "\nKilling LB node {victim} silently (switch port down, SIGKILL of holdfast-node and BIRD) ..."
     );
     lab.kill_node(victim)?;
     let others: Vec<usize> = lab.running();
@@ -465,7 +480,10 @@ fn lab_up(name: &str, size: &Size) -> Result<ExitCode> {
             }
         }
         if t0.elapsed() > Duration::from_secs(120) {
-            bail!("the lab did not come up within 120 s; see {}", dir.join("keeper.log").display());
+            bail!(
+                "the lab did not come up within 120 s; see {}",
+                dir.join("keeper.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -605,16 +623,21 @@ fn lab_status(name: &str, json: bool) -> Result<ExitCode> {
         "{:<5} {:<10} {:<6} {:<10} {:<6} {:<6} {:<5}",
         "NODE", "ROLE", "EPOCH", "CONNTRACK", "SYNC", "BGP", "UP"
     );
+    let cell = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
     for m in v["members"].as_array().into_iter().flatten() {
         println!(
             "{:<5} {:<10} {:<6} {:<10} {:<6} {:<6} {:<5}",
-            m["node_id"],
-            m["role"].as_str().unwrap_or("-"),
-            m["applied_epoch"],
-            m["conntrack_entries"],
-            m["sync_ready"],
-            m["bgp_announced"],
-            m["reachable"]
+            cell(&m["node_id"]),
+            cell(&m["role"]),
+            cell(&m["applied_epoch"]),
+            cell(&m["conntrack_entries"]),
+            cell(&m["sync_ready"]),
+            cell(&m["bgp_announced"]),
+            cell(&m["reachable"])
         );
     }
     let t = &v["traffic"];
@@ -627,9 +650,6 @@ fn lab_status(name: &str, json: bool) -> Result<ExitCode> {
         t["udp_total"],
         t["max_stall_ms"]
     );
-    println!(
-        "admin API (from the router namespace): {}",
-        v["admin"]
-    );
+    println!("admin API (from the router namespace): {}", v["admin"]);
     Ok(ExitCode::SUCCESS)
 }

@@ -213,12 +213,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         );
     }
     let lab = Lab::up(spec).context("bringing the lab up")?;
-    let tspec = TrafficSpec::new(
-        lab::VIP.parse()?,
-        lab::CLIENT.parse()?,
-        opts.tcp,
-        opts.udp,
-    );
+    let tspec = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, opts.tcp, opts.udp);
     let traffic = Traffic::start(&lab.client, tspec).context("starting the traffic")?;
     let mut cx = Ctx {
         lab,
@@ -236,7 +231,10 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         .context("every flow answered once")?;
     if opts.sync {
         let d = cx.wait_replicated(opts.tcp + opts.udp, Duration::from_secs(20))?;
-        cx.say(format!("every node holds every flow ({} ms)", d.as_millis()));
+        cx.say(format!(
+            "every node holds every flow ({} ms)",
+            d.as_millis()
+        ));
     }
     match name {
         "kill-node" => kill_node(&mut cx)?,
@@ -301,7 +299,10 @@ fn kill_node(cx: &mut Ctx) -> Result<()> {
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
     let d = t.elapsed();
     cx.ms("route", d);
-    cx.say(format!("router dropped node {v} after {} ms", d.as_millis()));
+    cx.say(format!(
+        "router dropped node {v} after {} ms",
+        d.as_millis()
+    ));
     Ok(())
 }
 
@@ -334,7 +335,10 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
     let d = t.elapsed();
     cx.ms("route", d);
-    cx.say(format!("router dropped node {v} after {} ms", d.as_millis()));
+    cx.say(format!(
+        "router dropped node {v} after {} ms",
+        d.as_millis()
+    ));
     if v == leader {
         cx.wait_new_leader(v, Duration::from_secs(10))?;
         cx.ms("election", t.elapsed());
@@ -364,7 +368,9 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
         )
     });
     std::thread::sleep(Duration::from_millis(5));
-    cx.say(format!("killing the leader, node {v}, with a backend change in flight"));
+    cx.say(format!(
+        "killing the leader, node {v}, with a backend change in flight"
+    ));
     let t = Instant::now();
     cx.lab.kill_node(v)?;
     cx.wait_new_leader(v, Duration::from_secs(10))?;
@@ -441,7 +447,9 @@ fn agent_restart(cx: &mut Ctx) -> Result<()> {
             .to_string())
     };
     let before = prog(cx)?;
-    cx.say(format!("SIGKILL holdfast-node on node {v} (XDP program {before})"));
+    cx.say(format!(
+        "SIGKILL holdfast-node on node {v} (XDP program {before})"
+    ));
     cx.lab.kill_agent(v)?;
     std::thread::sleep(Duration::from_secs(2));
     let during = prog(cx)?;
@@ -533,7 +541,9 @@ fn partition(cx: &mut Ctx) -> Result<()> {
 fn rolling_restart(cx: &mut Ctx) -> Result<()> {
     let nodes = cx.lab.running();
     for &i in &nodes {
-        cx.say(format!("restarting node {i} (SIGTERM: withdraw, keep datapath)"));
+        cx.say(format!(
+            "restarting node {i} (SIGTERM: withdraw, keep datapath)"
+        ));
         let t = Instant::now();
         cx.lab.stop_agent(i)?;
         let others = cx.others(i);
@@ -542,7 +552,10 @@ fn rolling_restart(cx: &mut Ctx) -> Result<()> {
         cx.lab.wait_ready(Duration::from_secs(30))?;
         cx.ms(&format!("node{i}_back"), t.elapsed());
         cx.all_answer(Duration::from_secs(15))?;
-        cx.say(format!("node {i} back after {} ms", t.elapsed().as_millis()));
+        cx.say(format!(
+            "node {i} back after {} ms",
+            t.elapsed().as_millis()
+        ));
     }
     Ok(())
 }

@@ -340,7 +340,13 @@ struct Book {
 }
 
 impl Book {
-    fn new(proto: &'static str, id: usize, local: String, live: Arc<Live>, started: Instant) -> Self {
+    fn new(
+        proto: &'static str,
+        id: usize,
+        local: String,
+        live: Arc<Live>,
+        started: Instant,
+    ) -> Self {
         Self {
             rec: FlowRecord {
                 proto,
@@ -385,7 +391,9 @@ impl Book {
         let mark = self.live.mark.load(Ordering::Relaxed);
         if mark != self.mark_seen {
             self.mark_seen = mark;
-            self.live.answered_since_mark.fetch_add(1, Ordering::Relaxed);
+            self.live
+                .answered_since_mark
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }

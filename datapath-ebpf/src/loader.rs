@@ -21,8 +21,8 @@ use tracing::{debug, info};
 
 use crate::{
     abi::{
-        addr_bytes, Backend, CtKey, CtVal, Iface, Meta, Nh, Stats, Svc, SvcKey, SvcStats, ABI_VERSION,
-        BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
+        addr_bytes, Backend, CtKey, CtVal, Iface, Meta, Nh, Stats, Svc, SvcKey, SvcStats,
+        ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
     error::{Error, Result},

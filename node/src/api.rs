@@ -55,6 +55,9 @@ pub struct LocalStatus {
     pub sync: Option<crate::replication::SyncStatus>,
     /// VIPs announced over BGP (None: BGP not enabled here).
     pub bgp_announced: Option<bool>,
+    /// Why the datapath health check fails (None: healthy or no datapath).
+    #[serde(default)]
+    pub health_error: Option<String>,
 }
 
 /// A row of `clusterctl members`.
@@ -113,6 +116,11 @@ impl From<JsonRejection> for ApiErr {
         err(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
     }
 }
+
+/// How long a forwarded write may take at the leader (a commit takes
+/// milliseconds; a membership change is bounded at 3 s). Past it the client
+/// gets "unavailable" and retries, by then with the new leader.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl From<ClientError> for ApiErr {
     fn from(e: ClientError) -> Self {
@@ -205,6 +213,7 @@ pub fn local_status(node: &Node) -> LocalStatus {
             .bgp
             .enabled
             .then(|| node.bgp_announced.load(Ordering::Relaxed)),
+        health_error: node.health_error.lock().expect("health").clone(),
     }
 }
 
@@ -405,7 +414,7 @@ async fn leader_or_forward<B: Serialize + Send + 'static>(
         .writes_forwarded
         .fetch_add(1, Ordering::Relaxed);
     let r = tokio::task::spawn_blocking(move || {
-        client::post_blocking::<_, Response>(&admin, path, &body, Duration::from_secs(30), true)
+        client::post_blocking::<_, Response>(&admin, path, &body, FORWARD_TIMEOUT, true)
     })
     .await
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;

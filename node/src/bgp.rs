@@ -108,6 +108,35 @@ impl Announcer for Bird {
     }
 }
 
+/// (administratively up, carrier) of interface `name` in this network
+/// namespace (SIOCGIFFLAGS; /sys may belong to another namespace).
+pub fn link_state(name: &str) -> Result<(bool, bool)> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        bail!("bad interface name {name:?}");
+    }
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; zeroed is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: fd is a socket, req a valid ifreq with a NUL-terminated name.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing our fd.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("no interface {name}: {err}");
+    }
+    // SAFETY: SIOCGIFFLAGS filled ifru_flags.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    Ok((flags & libc::IFF_UP != 0, flags & libc::IFF_RUNNING != 0))
+}
+
 /// `[bgp]` of node.toml.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -145,6 +174,8 @@ pub struct Readiness {
     pub datapath_attached: bool,
     /// Conntrack warm join done (or replication off).
     pub sync_ready: bool,
+    /// The datapath health check passes (interface up, backends routable).
+    pub healthy: bool,
 }
 
 impl Readiness {
@@ -156,6 +187,9 @@ impl Readiness {
         }
         if !self.datapath_attached {
             return Err("datapath not attached");
+        }
+        if !self.healthy {
+            return Err("datapath health check failed");
         }
         if !self.leader_known {
             return Err("no Raft leader known");
@@ -183,6 +217,7 @@ mod tests {
             applied_epoch: 7,
             datapath_attached: true,
             sync_ready: true,
+            healthy: true,
         };
         assert_eq!(ok.decide(), Ok(()));
         for (r, why) in [
@@ -229,6 +264,13 @@ mod tests {
                 },
                 "conntrack warm join not done",
             ),
+            (
+                Readiness {
+                    healthy: false,
+                    ..ok
+                },
+                "datapath health check failed",
+            ),
         ] {
             assert_eq!(r.decide(), Err(why));
         }
@@ -248,7 +290,6 @@ mod tests {
         let b = Bird {
             ctl: "/nonexistent/bird.ctl".into(),
             protocol: "vip".into(),
-            restart_grace_ms: 10_000,
         };
         assert!(b
             .announce()

@@ -45,10 +45,15 @@ impl ClientError {
     }
 }
 
+/// Connecting to a live node takes well under a second; a dead or cut-off
+/// one must not hold a call (or a forwarded write) for the whole timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(timeout))
+        .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
         .build()
         .into()
 }

@@ -4,8 +4,8 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::Parser;
 use crate::{config::NodeConfig, telemetry, Node};
+use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]

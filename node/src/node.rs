@@ -33,6 +33,8 @@ use crate::{
 
 /// How often the conntrack entries are counted.
 pub const CT_COUNT_EVERY: Duration = Duration::from_secs(2);
+/// How often the datapath health check runs.
+pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
 
 /// How long one membership change may take before the client is told to retry.
 pub const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -101,6 +103,10 @@ pub struct Node {
     /// Conntrack entries, counted every [`CT_COUNT_EVERY`] by a background
     /// task: counting dumps the whole map, which must not happen per request.
     pub conntrack_entries: AtomicU64,
+    /// Why the datapath health check fails (None: healthy), checked every
+    /// [`HEALTH_EVERY`]: the interface is up with carrier, and forwarding
+    /// is not failing for lack of routes to the backends.
+    pub health_error: Mutex<Option<String>>,
     /// VIP routes announced over BGP right now.
     pub bgp_announced: AtomicBool,
     /// Conntrack replication (datapath and `sync.enabled`).
@@ -150,6 +156,39 @@ pub enum WriteError {
     NoLeader,
     #[error("{0}")]
     Raft(String),
+}
+
+/// What is wrong with forwarding from this node, if anything.
+fn health_problem(
+    iface: Option<String>,
+    backends: std::collections::BTreeSet<std::net::IpAddr>,
+) -> Option<String> {
+    if let Some(i) = &iface {
+        match crate::bgp::link_state(i) {
+            Ok((true, true)) => {}
+            Ok((up, carrier)) => return Some(format!("interface {i}: up {up}, carrier {carrier}")),
+            Err(e) => return Some(format!("interface {i}: {e}")),
+        }
+    }
+    if backends.is_empty() {
+        return None;
+    }
+    let mut last_err = None;
+    for a in &backends {
+        let local: std::net::SocketAddr = match a {
+            std::net::IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            std::net::IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        match std::net::UdpSocket::bind(local).and_then(|s| s.connect((*a, 9))) {
+            Ok(()) => return None,
+            Err(e) => last_err = Some(format!("{a}: {e}")),
+        }
+    }
+    Some(format!(
+        "no route to any of the {} backends ({})",
+        backends.len(),
+        last_err.unwrap_or_default()
+    ))
 }
 
 impl Node {
@@ -234,6 +273,7 @@ impl Node {
             sync: std::sync::OnceLock::new(),
             bgp_announced: AtomicBool::new(false),
             conntrack_entries: AtomicU64::new(0),
+            health_error: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             tasks: Mutex::new(vec![server]),
         });
@@ -242,6 +282,8 @@ impl Node {
         if node.datapath.is_some() {
             let count = tokio::spawn(node.clone().count_loop());
             node.tasks.lock().expect("tasks").push(count);
+            let health = tokio::spawn(node.clone().health_loop());
+            node.tasks.lock().expect("tasks").push(health);
         }
         if let (Some(dp), true) = (&node.datapath, node.cfg.sync.enabled) {
             let svc = crate::replication::SyncService::start(
@@ -315,6 +357,43 @@ impl Node {
         }
     }
 
+    /// The datapath health check: the attached interface must be up with
+    /// carrier, and at least one backend of the config must be routable
+    /// from here (a UDP connect: a route lookup, no packet sent). A node
+    /// failing it would black-hole every flow ECMP gives it, so it is
+    /// unready and BGP withdraws it. (One unroutable backend does not
+    /// withdraw the node: that fault is usually shared by every node.)
+    async fn health_loop(self: Arc<Self>) {
+        let Some(h) = self.datapath.clone() else {
+            return;
+        };
+        loop {
+            let iface = h.interface.clone();
+            let addrs: std::collections::BTreeSet<std::net::IpAddr> = self
+                .sm
+                .current()
+                .state
+                .backends
+                .values()
+                .map(|b| b.addr)
+                .collect();
+            let problem = tokio::task::spawn_blocking(move || health_problem(iface, addrs))
+                .await
+                .unwrap_or_else(|e| Some(format!("health check task: {e}")));
+            {
+                let mut cur = self.health_error.lock().expect("health");
+                if *cur != problem {
+                    match &problem {
+                        Some(p) => warn!(problem = %p, "datapath health check failed"),
+                        None => info!("datapath health check passes"),
+                    }
+                    *cur = problem;
+                }
+            }
+            tokio::time::sleep(HEALTH_EVERY).await;
+        }
+    }
+
     /// Program every new committed epoch into the datapath.
     async fn apply_loop(self: Arc<Self>) {
         let mut rx = self.sm.subscribe();
@@ -381,6 +460,7 @@ impl Node {
             applied_epoch: self.applied_epoch.load(Ordering::Relaxed),
             datapath_attached: attached,
             sync_ready: self.sync.get().is_none_or(|s| s.is_ready()),
+            healthy: self.health_error.lock().expect("health").is_none(),
         }
     }
 

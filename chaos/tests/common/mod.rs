@@ -1,0 +1,36 @@
+//! Shared by the scenario tests: run one scenario with replication on and
+//! check the mission's outcome — every one of the 1000 TCP connections and
+//! 200 UDP flows survives, and no flow stalls longer than 1 s plus BIRD
+//! 2.0.12's 3 s update delay.
+
+use chaos::scenario::{self, RunOpts, ScenarioResult};
+
+pub fn run_clean(name: &str) -> ScenarioResult {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the scenario tests build labs of network namespaces with BPF and BIRD: run as root"
+    );
+    let mut opts = RunOpts::new(env!("CARGO_BIN_EXE_chaos").into());
+    opts.verbose = true;
+    let r = scenario::run(name, &opts).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    println!("{}", scenario::describe(&r));
+    assert_eq!(
+        (r.tcp_total, r.udp_total),
+        (1000, 200),
+        "every flow was opened"
+    );
+    assert_eq!(
+        (r.tcp_broken, r.udp_broken),
+        (0, 0),
+        "{name}: broken flows: {:?}",
+        r.broken_examples
+    );
+    assert!(
+        r.max_stall_ms <= 4000,
+        "{name}: longest stall {} ms",
+        r.max_stall_ms
+    );
+    r
+}
