@@ -117,10 +117,18 @@ impl From<JsonRejection> for ApiErr {
     }
 }
 
-/// How long a forwarded write may take at the leader (a commit takes
-/// milliseconds; a membership change is bounded at 3 s). Past it the client
-/// gets "unavailable" and retries, by then with the new leader.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a forwarded write may take at the leader: a config commit
+/// takes milliseconds, a membership change waits for the learner to catch
+/// up. Past it the client gets "unavailable" and retries (exactly once by
+/// request id), by then with the new leader — a leader that died mid-call
+/// costs the client this long, not more.
+fn forward_timeout(path: &str) -> Duration {
+    if path == "/command" {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    }
+}
 
 impl From<ClientError> for ApiErr {
     fn from(e: ClientError) -> Self {
@@ -414,7 +422,7 @@ async fn leader_or_forward<B: Serialize + Send + 'static>(
         .writes_forwarded
         .fetch_add(1, Ordering::Relaxed);
     let r = tokio::task::spawn_blocking(move || {
-        client::post_blocking::<_, Response>(&admin, path, &body, FORWARD_TIMEOUT, true)
+        client::post_blocking::<_, Response>(&admin, path, &body, forward_timeout(path), true)
     })
     .await
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;

@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub sync: SyncSection,
     #[serde(default)]
     pub bgp: crate::bgp::BgpSection,
+    #[serde(default)]
+    pub kubernetes: crate::k8s::K8sSection,
 }
 
 pub use sync::service::SyncSection;

@@ -315,6 +315,10 @@ impl Node {
             let b = tokio::spawn(node.clone().bgp_loop());
             node.tasks.lock().expect("tasks").push(b);
         }
+        if node.cfg.kubernetes.enabled {
+            let k = tokio::spawn(crate::k8s::leader_loop(node.clone()));
+            node.tasks.lock().expect("tasks").push(k);
+        }
         let reg = tokio::spawn(node.clone().register_loop());
         node.tasks.lock().expect("tasks").push(reg);
         let listener = tokio::net::TcpListener::bind(node.cfg.admin_addr)

@@ -81,6 +81,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, Arc<Node>>,
     pub raft: RaftTuning,
     pub datapath: bool,
+    /// `[kubernetes]` of every node started from now on.
+    pub kubernetes: crate::k8s::K8sSection,
 }
 
 impl Cluster {
@@ -90,6 +92,16 @@ impl Cluster {
     }
 
     pub async fn start_with(n: u64, raft: RaftTuning, datapath: bool) -> Self {
+        Self::start_full(n, raft, datapath, Default::default()).await
+    }
+
+    /// Start `n` nodes whose config has this `[kubernetes]` section.
+    pub async fn start_full(
+        n: u64,
+        raft: RaftTuning,
+        datapath: bool,
+        kubernetes: crate::k8s::K8sSection,
+    ) -> Self {
         init_test_logging();
         if datapath {
             require_root();
@@ -104,6 +116,7 @@ impl Cluster {
             nodes: BTreeMap::new(),
             raft,
             datapath,
+            kubernetes,
         };
         for id in 1..=n {
             c.add_node(id).await;
@@ -139,7 +152,7 @@ impl Cluster {
             raft: self.raft.clone(),
             datapath: DatapathSection {
                 enabled: self.datapath,
-                max_services: 8,
+                max_services: 64,
                 max_backends: 4096,
                 conntrack_size: 4096,
                 ring_bytes: 1 << 16,
@@ -150,6 +163,7 @@ impl Cluster {
                 ..Default::default()
             },
             bgp: Default::default(),
+            kubernetes: self.kubernetes.clone(),
         }
     }
 
