@@ -480,6 +480,7 @@ impl Lab {
                 protocol: "vip".into(),
                 ..Default::default()
             },
+            kubernetes: Default::default(),
         };
         let config = dir.join("node.toml");
         std::fs::write(&config, toml::to_string(&cfg)?)?;

@@ -83,6 +83,8 @@ pub struct Cluster {
     pub datapath: bool,
     /// `[kubernetes]` of every node started from now on.
     pub kubernetes: crate::k8s::K8sSection,
+    /// `[datapath] max_services` of every node started from now on.
+    pub max_services: u32,
 }
 
 impl Cluster {
@@ -102,6 +104,17 @@ impl Cluster {
         datapath: bool,
         kubernetes: crate::k8s::K8sSection,
     ) -> Self {
+        Self::start_sized(n, raft, datapath, kubernetes, 64).await
+    }
+
+    /// As [`Cluster::start_full`], with room for `max_services` services.
+    pub async fn start_sized(
+        n: u64,
+        raft: RaftTuning,
+        datapath: bool,
+        kubernetes: crate::k8s::K8sSection,
+        max_services: u32,
+    ) -> Self {
         init_test_logging();
         if datapath {
             require_root();
@@ -117,6 +130,7 @@ impl Cluster {
             raft,
             datapath,
             kubernetes,
+            max_services,
         };
         for id in 1..=n {
             c.add_node(id).await;
@@ -152,7 +166,7 @@ impl Cluster {
             raft: self.raft.clone(),
             datapath: DatapathSection {
                 enabled: self.datapath,
-                max_services: 64,
+                max_services: self.max_services,
                 max_backends: 4096,
                 conntrack_size: 4096,
                 ring_bytes: 1 << 16,
