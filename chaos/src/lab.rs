@@ -481,6 +481,7 @@ impl Lab {
                 ..Default::default()
             },
             kubernetes: Default::default(),
+            services: vec![],
         };
         let config = dir.join("node.toml");
         std::fs::write(&config, toml::to_string(&cfg)?)?;

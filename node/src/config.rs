@@ -75,6 +75,62 @@ pub struct NodeConfig {
     pub bgp: crate::bgp::BgpSection,
     #[serde(default)]
     pub kubernetes: crate::k8s::K8sSection,
+    /// Services that seed the config of a new cluster: applied once, by
+    /// the node that bootstraps it (later changes: clusterctl).
+    #[serde(default, rename = "service")]
+    pub services: Vec<SeedService>,
+}
+
+/// `[[service]]` of node.toml (bare metal without Kubernetes).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SeedService {
+    pub name: String,
+    pub vip: std::net::IpAddr,
+    pub port: u16,
+    /// "tcp" or "udp".
+    pub proto: raft_store::cluster::Proto,
+    #[serde(default = "default_seed_table")]
+    pub table_size: u32,
+    /// Backend addresses (DSR: they receive VIP:port unchanged).
+    #[serde(default)]
+    pub backends: Vec<std::net::IpAddr>,
+}
+
+fn default_seed_table() -> u32 {
+    raft_store::cluster::DEFAULT_TABLE_SIZE
+}
+
+impl NodeConfig {
+    /// The seed services as one batch of commands.
+    pub fn seed_commands(&self) -> Vec<raft_store::Command> {
+        use raft_store::{
+            cluster::{ForwardingMode, Service},
+            Command,
+        };
+        let mut v = Vec::new();
+        for s in &self.services {
+            v.push(Command::PutService {
+                service: Service {
+                    name: s.name.clone(),
+                    vip: s.vip,
+                    port: s.port,
+                    proto: s.proto,
+                    table_size: s.table_size,
+                    mode: ForwardingMode::Dsr,
+                },
+            });
+            for b in &s.backends {
+                v.push(Command::AddBackend {
+                    service: s.name.clone(),
+                    addr: *b,
+                    port: s.port,
+                    weight: 1,
+                });
+            }
+        }
+        v
+    }
 }
 
 pub use sync::service::SyncSection;
@@ -246,6 +302,15 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.services.is_empty() {
+            // The state machine's own rules, on an empty config.
+            let r = raft_store::ClusterState::default().apply(&raft_store::Command::Batch {
+                commands: self.seed_commands(),
+            });
+            if let Some(why) = r.rejected {
+                return Err(invalid("service", why));
+            }
+        }
         if self.node_id == 0 || self.node_id > u64::from(u16::MAX) {
             return Err(invalid(
                 "node_id",
@@ -362,6 +427,33 @@ enabled = false
         let c = NodeConfig::parse(text).expect("example parses");
         c.validate().expect("example validates");
         assert_eq!(c.datapath.hash_seed, DatapathOptions::default().hash_seed);
+    }
+
+    #[test]
+    fn seed_services_parse_and_follow_the_state_machine_rules() {
+        let text = format!(
+            "{GOOD}\n[[service]]\nname = \"dns\"\nvip = \"10.200.0.53\"\nport = 53\nproto = \"udp\"\nbackends = [\"10.1.0.5\", \"10.1.0.6\"]\n"
+        );
+        let c = NodeConfig::parse(&text).expect("parses");
+        c.validate().expect("valid");
+        let cmds = c.seed_commands();
+        assert_eq!(cmds.len(), 3, "one service, two backends: {cmds:?}");
+        let mut st = raft_store::ClusterState::default();
+        assert!(st
+            .apply(&raft_store::Command::Batch { commands: cmds })
+            .rejected
+            .is_none());
+        assert_eq!(st.backends.len(), 2);
+        // Refused by the state machine's rules: named with the field.
+        let bad = text.replace("name = \"dns\"", "name = \"d n s\"");
+        let e = NodeConfig::parse(&bad)
+            .expect("parses")
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("invalid service"), "{e}");
+        // An unknown protocol is a parse error.
+        let bad = text.replace("\"udp\"", "\"sctp\"");
+        assert!(NodeConfig::parse(&bad).is_err());
     }
 
     #[test]

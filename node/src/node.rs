@@ -310,6 +310,11 @@ impl Node {
             );
             node.raft.initialize(members).await.context("bootstrap")?;
             info!(node = node.cfg.node_id, "bootstrapped a new cluster");
+            let seed = node.cfg.seed_commands();
+            if !seed.is_empty() {
+                let n = node.clone();
+                tokio::spawn(async move { n.seed(seed).await });
+            }
         }
         if node.cfg.bgp.enabled {
             let b = tokio::spawn(node.clone().bgp_loop());
@@ -328,6 +333,28 @@ impl Node {
         node.tasks.lock().expect("tasks").push(api);
         info!(node = node.id(), raft = %node.cfg.raft_addr, admin = %node.cfg.admin_addr, "node started");
         Ok(node)
+    }
+
+    /// Commit the config file's `[[service]]` entries into a cluster this
+    /// node just bootstrapped (once: the request id makes retries safe).
+    async fn seed(self: Arc<Self>, commands: Vec<raft_store::Command>) {
+        let req = Request {
+            id: Some(format!("seed-{}", self.id())),
+            command: raft_store::Command::Batch { commands },
+        };
+        for _ in 0..600 {
+            match self.write(req.clone()).await {
+                Ok(r) => {
+                    match r.rejected {
+                        None => info!(epoch = r.epoch, "seed services committed"),
+                        Some(why) => error!(reason = %why, "seed services refused"),
+                    }
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        error!("seed services: no leader within 60 s");
     }
 
     pub fn id(&self) -> u64 {

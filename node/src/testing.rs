@@ -85,6 +85,8 @@ pub struct Cluster {
     pub kubernetes: crate::k8s::K8sSection,
     /// `[datapath] max_services` of every node started from now on.
     pub max_services: u32,
+    /// `[[service]]` seed of the bootstrap node.
+    pub seed: Vec<crate::config::SeedService>,
 }
 
 impl Cluster {
@@ -115,6 +117,18 @@ impl Cluster {
         kubernetes: crate::k8s::K8sSection,
         max_services: u32,
     ) -> Self {
+        Self::start_seeded(n, raft, datapath, kubernetes, max_services, vec![]).await
+    }
+
+    /// As [`Cluster::start_sized`], node 1 seeding these services.
+    pub async fn start_seeded(
+        n: u64,
+        raft: RaftTuning,
+        datapath: bool,
+        kubernetes: crate::k8s::K8sSection,
+        max_services: u32,
+        seed: Vec<crate::config::SeedService>,
+    ) -> Self {
         init_test_logging();
         if datapath {
             require_root();
@@ -131,6 +145,7 @@ impl Cluster {
             datapath,
             kubernetes,
             max_services,
+            seed,
         };
         for id in 1..=n {
             c.add_node(id).await;
@@ -149,6 +164,7 @@ impl Cluster {
                 .map(|n| n.cfg.admin_addr)
                 .collect::<Vec<SocketAddr>>()
         };
+        let join_empty = join.is_empty();
         NodeConfig {
             node_id: id,
             data_dir: self.dir.path().join(format!("node{id}")),
@@ -178,6 +194,11 @@ impl Cluster {
             },
             bgp: Default::default(),
             kubernetes: self.kubernetes.clone(),
+            services: if join_empty {
+                self.seed.clone()
+            } else {
+                vec![]
+            },
         }
     }
 
