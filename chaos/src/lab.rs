@@ -637,6 +637,20 @@ impl Lab {
             .run(move || node::client::get_blocking::<T>(&addr, &path, Duration::from_secs(3)))??)
     }
 
+    /// Drain (withdraw the VIPs of) node `i`, or undrain it.
+    pub fn drain(&self, i: usize, drain: bool) -> Result<LocalStatus> {
+        let addr = admin_addr(i);
+        Ok(self.router.run(move || {
+            node::client::post_blocking::<_, LocalStatus>(
+                &addr,
+                "/drain",
+                &node::api::DrainRequest { drain },
+                Duration::from_secs(3),
+                false,
+            )
+        })??)
+    }
+
     pub fn status(&self, i: usize) -> Result<LocalStatus> {
         self.api_get(i, "/status")
     }

@@ -2,7 +2,9 @@
 //! LB node 2 loses its route to the backend segment: its health check
 //! (no backend routable) fails, it withdraws over BGP, the router stops
 //! sending it flows and the flows carry on through the others. With the
-//! route back it announces again. No connection breaks.
+//! route back it announces again. Then the operator drains node 3
+//! (`clusterctl drain`): it withdraws, stays a member, and announces again
+//! when undrained. No connection breaks.
 
 use std::time::Duration;
 

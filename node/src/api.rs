@@ -58,6 +58,15 @@ pub struct LocalStatus {
     /// Why the datapath health check fails (None: healthy or no datapath).
     #[serde(default)]
     pub health_error: Option<String>,
+    /// Drained by the operator (`POST /drain`): VIPs withdrawn.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// Body of `POST /drain` (this node only; not forwarded).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DrainRequest {
+    pub drain: bool,
 }
 
 /// A row of `clusterctl members`.
@@ -161,6 +170,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/join", post(join))
         .route("/cluster/remove", post(remove))
         .route("/metrics", get(metrics))
+        .route("/drain", post(drain))
         .route("/conntrack", get(conntrack))
         .with_state(node)
 }
@@ -222,6 +232,7 @@ pub fn local_status(node: &Node) -> LocalStatus {
             .enabled
             .then(|| node.bgp_announced.load(Ordering::Relaxed)),
         health_error: node.health_error.lock().expect("health").clone(),
+        draining: node.draining.load(Ordering::Relaxed),
     }
 }
 
@@ -260,6 +271,26 @@ async fn conntrack(
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(Json(rows))
+}
+
+/// Drain (or undrain) this node: withdraw its VIPs over BGP while it stays
+/// a cluster member with its datapath and conntrack (flows move to the
+/// other nodes, which hold their entries).
+async fn drain(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<DrainRequest>, JsonRejection>,
+) -> Result<Json<LocalStatus>, ApiErr> {
+    let Json(req) = body?;
+    let was = node.draining.swap(req.drain, Ordering::Relaxed);
+    if was != req.drain {
+        tracing::info!(drain = req.drain, "operator drain changed");
+    }
+    let n = node.clone();
+    Ok(Json(
+        tokio::task::spawn_blocking(move || local_status(&n))
+            .await
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?,
+    ))
 }
 
 async fn config(State(node): State<Arc<Node>>) -> Json<ClusterState> {

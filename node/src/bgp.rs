@@ -167,6 +167,8 @@ impl Default for BgpSection {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Readiness {
     pub shutting_down: bool,
+    /// The operator drained the node (`clusterctl drain`).
+    pub draining: bool,
     pub leader_known: bool,
     pub config_epoch: u64,
     pub applied_epoch: u64,
@@ -184,6 +186,9 @@ impl Readiness {
     pub fn decide(&self) -> Result<(), &'static str> {
         if self.shutting_down {
             return Err("shutting down");
+        }
+        if self.draining {
+            return Err("drained by the operator");
         }
         if !self.datapath_attached {
             return Err("datapath not attached");
@@ -212,6 +217,7 @@ mod tests {
     fn readiness_rules() {
         let ok = Readiness {
             shutting_down: false,
+            draining: false,
             leader_known: true,
             config_epoch: 7,
             applied_epoch: 7,
@@ -270,6 +276,13 @@ mod tests {
                     ..ok
                 },
                 "datapath health check failed",
+            ),
+            (
+                Readiness {
+                    draining: true,
+                    ..ok
+                },
+                "drained by the operator",
             ),
         ] {
             assert_eq!(r.decide(), Err(why));

@@ -112,6 +112,8 @@ pub struct Node {
     /// Conntrack replication (datapath and `sync.enabled`).
     pub sync: std::sync::OnceLock<Arc<crate::replication::SyncService>>,
     shutting_down: AtomicBool,
+    /// Operator drain: withdraw the VIPs while staying in the cluster.
+    pub draining: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -275,6 +277,7 @@ impl Node {
             conntrack_entries: AtomicU64::new(0),
             health_error: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             tasks: Mutex::new(vec![server]),
         });
         let apply = tokio::spawn(node.clone().apply_loop());
@@ -486,6 +489,7 @@ impl Node {
         };
         crate::bgp::Readiness {
             shutting_down: self.is_shutting_down(),
+            draining: self.draining.load(Ordering::Relaxed),
             leader_known: self.raft.metrics().borrow().current_leader.is_some(),
             config_epoch: self.sm.current().state.epoch,
             applied_epoch: self.applied_epoch.load(Ordering::Relaxed),

@@ -51,6 +51,11 @@ struct Cli {
 enum Cmd {
     /// This node's Raft and datapath status.
     Status,
+    /// Withdraw this node's VIPs over BGP (it stays a member; its flows
+    /// move to the other nodes, which hold their conntrack entries).
+    Drain,
+    /// Announce this node's VIPs again (when it is ready).
+    Undrain,
     /// One row per member: role, term, log, lag, heartbeat, epoch, datapath.
     Members,
     /// The whole replicated config.
@@ -295,6 +300,28 @@ fn applied(cli: &Cli, r: Response) -> Result<(), Failure> {
 fn run(cli: &Cli) -> Result<(), Failure> {
     let t = Duration::from_secs(cli.timeout_s);
     match &cli.cmd {
+        Cmd::Drain | Cmd::Undrain => {
+            let drain = matches!(cli.cmd, Cmd::Drain);
+            let s: LocalStatus = node::client::post_blocking(
+                &cli.node_api,
+                "/drain",
+                &node::api::DrainRequest { drain },
+                t,
+                false,
+            )?;
+            print(cli.output, &s, |s| {
+                format!(
+                    "node {}: {} (BGP {})\n",
+                    s.node_id,
+                    if s.draining { "drained" } else { "not drained" },
+                    match s.bgp_announced {
+                        Some(true) => "announced",
+                        Some(false) => "withdrawn",
+                        None => "off",
+                    }
+                )
+            })
+        }
         Cmd::Status => {
             let s: LocalStatus = get_blocking(&cli.node_api, "/status", t)?;
             print(cli.output, &s, |s| {
