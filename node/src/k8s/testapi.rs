@@ -69,12 +69,25 @@ impl Kind {
     }
 }
 
+/// A change as watchers see it: the watch event line is serialized once.
 #[derive(Clone, Debug)]
 struct Change {
     rv: u64,
     kind: Kind,
-    kind_of_change: &'static str,
-    object: Value,
+    line: Bytes,
+}
+
+impl Change {
+    fn new(rv: u64, kind: Kind, kind_of_change: &str, object: &Value) -> Self {
+        Self {
+            rv,
+            kind,
+            line: Bytes::from(format!(
+                "{}\n",
+                json!({"type": kind_of_change, "object": object})
+            )),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -201,12 +214,7 @@ impl TestApi {
         } else {
             s.objects.insert((kind, ns, name), obj.clone());
         }
-        let c = Change {
-            rv,
-            kind,
-            kind_of_change: change,
-            object: obj.clone(),
-        };
+        let c = Change::new(rv, kind, change, &obj);
         s.history.push(c.clone());
         let _ = self.shared.tx.send(c);
         obj
@@ -468,11 +476,7 @@ fn watch(sh: Arc<Shared>, kind: Kind, q: BTreeMap<String, String>) -> Response {
         let mut seen = from;
         for c in backlog {
             seen = c.rv;
-            if tx
-                .send(line(json!({"type": c.kind_of_change, "object": c.object})))
-                .await
-                .is_err()
-            {
+            if tx.send(Ok(c.line.clone())).await.is_err() {
                 return;
             }
         }
@@ -485,7 +489,7 @@ fn watch(sh: Arc<Shared>, kind: Kind, q: BTreeMap<String, String>) -> Response {
                     Ok(c) if c.kind == kind && c.rv > seen => {
                         seen = c.rv;
                         last_rv = last_rv.max(c.rv);
-                        if tx.send(line(json!({"type": c.kind_of_change, "object": c.object}))).await.is_err() {
+                        if tx.send(Ok(c.line)).await.is_err() {
                             return;
                         }
                     }
@@ -564,12 +568,7 @@ async fn patch_status(
     let rv = s.rv;
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     s.objects.insert(key, obj.clone());
-    let c = Change {
-        rv,
-        kind: Kind::Service,
-        kind_of_change: "MODIFIED",
-        object: obj.clone(),
-    };
+    let c = Change::new(rv, Kind::Service, "MODIFIED", &obj);
     s.history.push(c.clone());
     let _ = sh.tx.send(c);
     axum::Json(obj).into_response()
