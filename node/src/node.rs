@@ -565,6 +565,12 @@ impl Node {
     /// through `join` addresses, or (as bootstrap leader) register itself.
     async fn register_loop(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
+        // One request id per process: retries apply once, a later restart
+        // (maybe with new addresses) registers again.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         loop {
             if self.shutting_down.load(Ordering::Relaxed) {
                 return;
@@ -580,16 +586,27 @@ impl Node {
                 return;
             }
             let res = if voter || self.cfg.join.is_empty() {
-                // A voter (e.g. the bootstrap node): register through the leader.
-                self.write(
-                    Command::PutMember {
+                // A voter (the bootstrap node, or a joiner whose join call
+                // failed after it was made a voter): register through the
+                // leader — locally if this node leads, else at its admin API.
+                let req = Request {
+                    id: Some(format!("register-{}-{nonce}", self.id())),
+                    command: Command::PutMember {
                         member: self.member(),
+                    },
+                };
+                match self.write(req.clone()).await {
+                    Ok(_) => Ok(()),
+                    Err(WriteError::NotLeader {
+                        leader: Some((_, admin)),
+                    }) if !admin.is_empty() => {
+                        crate::client::post_json::<_, Response>(&admin, "/command", &req)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| anyhow!("registering through the leader: {e}"))
                     }
-                    .into(),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| anyhow!("{e}"))
+                    Err(e) => Err(anyhow!("{e}")),
+                }
             } else {
                 self.join_through_peers().await
             };
@@ -759,6 +776,17 @@ impl Node {
             })
             .await?;
             info!(node = node_id, voter, "removed from the membership");
+        }
+        let state = self.sm.current();
+        if !known && !state.state.members.contains_key(&node_id) {
+            // Idempotent: a retried removal (its first answer lost) finds
+            // the node gone already.
+            info!(node = node_id, "not a member (already removed)");
+            return Ok(Response {
+                epoch: state.state.epoch,
+                rejected: None,
+                backend_ids: vec![],
+            });
         }
         let resp = self.write(Command::RemoveMember { node_id }.into()).await?;
         Ok(resp)
