@@ -107,6 +107,9 @@ pub struct ApplyReport {
     pub tables_written: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+    /// Maglev slots written (only the slots that differ from what the
+    /// region already holds).
+    pub slots_written: usize,
 }
 
 /// The load balancer datapath of one node.
@@ -119,6 +122,10 @@ pub struct Datapath {
     applied: Option<DatapathConfig>,
     /// Backends present in the backends map, by id.
     live_backends: HashMap<u32, Backend>,
+    /// What each Maglev region (service slot id, half) holds, as written by
+    /// this process: a table change writes only the slots that differ.
+    /// Empty after load/adopt (the first write of a region is whole).
+    regions: HashMap<(u32, u32), Vec<u32>>,
     links: HashMap<String, HeldLink>,
     adopted: bool,
 }
@@ -259,6 +266,7 @@ impl Datapath {
             slots: HashMap::new(),
             applied: None,
             live_backends: HashMap::new(),
+            regions: HashMap::new(),
             links: HashMap::new(),
             adopted,
         };
@@ -611,13 +619,30 @@ impl Datapath {
                         .pop_first()
                         .ok_or_else(|| Error::invalid("services", "no free service slot"))?;
                     self.reset_svc_stats(id)?;
+                    // A reused id: its regions hold an old service's table.
+                    self.regions.remove(&(id, 0));
+                    self.regions.remove(&(id, 1));
                     report.services_added += 1;
                     Slot { id, half: 0 }
                 }
             };
             let base = (2 * slot.id + slot.half) * self.opts.max_table_size;
-            let keys: Vec<u32> = (base..base + svc.table_size).collect();
-            self.write_batch(M_MAGLEV, &keys, &table)?;
+            // Write only what differs from the region's current content
+            // (Maglev moves ~1/N of the slots when a backend changes).
+            let (keys, vals): (Vec<u32>, Vec<u32>) = match self.regions.get(&(slot.id, slot.half)) {
+                Some(old) if old.len() == table.len() => table
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, v)| old[*i] != **v)
+                    .map(|(i, v)| (base + i as u32, *v))
+                    .unzip(),
+                _ => ((base..base + svc.table_size).collect(), table.clone()),
+            };
+            if !keys.is_empty() {
+                self.write_batch(M_MAGLEV, &keys, &vals)?;
+            }
+            report.slots_written += keys.len();
+            self.regions.insert((slot.id, slot.half), table);
             self.services_map()?
                 .insert(
                     key,

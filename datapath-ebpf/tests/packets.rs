@@ -1151,3 +1151,108 @@ fn t11_frames_for_other_macs_are_not_ours() {
         &[case("detached: no filter", other, Expect::Tx(opick)).counts(stat::PASS_OTHERHOST, 0)],
     );
 }
+
+/// A table change writes only the Maglev slots that differ from what the
+/// (inactive) region holds, and the active table is always exactly the
+/// Maglev table of the active backends — through adds, drains and removals
+/// that alternate the two regions, and a service removed and re-added.
+#[test]
+fn t12_table_changes_write_only_the_differing_slots() {
+    use datapath_ebpf::maglev::{build_table, MaglevBackend};
+    let mut fx = Fixture::new("hfpkt12");
+    let key = skey(VIP, 80, IPPROTO_TCP);
+    let steps: Vec<Vec<(u32, BackendState)>> = vec![
+        vec![
+            (1, BackendState::Active),
+            (2, BackendState::Active),
+            (3, BackendState::Active),
+        ],
+        vec![
+            (1, BackendState::Active),
+            (2, BackendState::Active),
+            (3, BackendState::Active),
+            (4, BackendState::Active),
+        ],
+        vec![
+            (1, BackendState::Active),
+            (2, BackendState::Draining),
+            (3, BackendState::Active),
+            (4, BackendState::Active),
+        ],
+        vec![
+            (1, BackendState::Active),
+            (3, BackendState::Active),
+            (4, BackendState::Active),
+        ],
+        vec![
+            (1, BackendState::Active),
+            (3, BackendState::Active),
+            (4, BackendState::Active),
+            (5, BackendState::Active),
+        ],
+    ];
+    let mut epoch = 10;
+    let mut written = Vec::new();
+    for (k, backends) in steps.iter().enumerate() {
+        epoch += 1;
+        let mut cfg = fx.cfg.clone();
+        cfg.epoch = epoch;
+        // Only this service: the other fixture services use ids 4 and up.
+        cfg.services.truncate(1);
+        cfg.services[0].backends = backends
+            .iter()
+            .map(|(id, st)| common::be(*id, *st))
+            .collect();
+        let report = fx.dp.apply(&cfg).expect("apply");
+        fx.cfg = cfg;
+        let want = build_table(
+            &backends
+                .iter()
+                .filter(|(_, st)| *st == BackendState::Active)
+                .map(|(id, _)| MaglevBackend { id: *id, weight: 1 })
+                .collect::<Vec<_>>(),
+            common::TABLE,
+        )
+        .expect("table");
+        assert_eq!(
+            fx.dp.table(&key).expect("read").expect("service"),
+            want,
+            "step {k}: the active table is not the Maglev table"
+        );
+        written.push(report.slots_written);
+    }
+    // Step 0 changes nothing for this service (the base config has 1,2,3).
+    // The first write of each region is whole; later ones only the diff.
+    assert!(written[1] > 0 && written[2] > 0);
+    for (k, w) in written.iter().enumerate().skip(3) {
+        assert!(
+            *w < common::TABLE as usize / 2,
+            "step {k} wrote {w} of {} slots",
+            common::TABLE
+        );
+    }
+    // Removed and re-added: a fresh slot id is written whole and right.
+    let mut cfg = fx.cfg.clone();
+    let saved = cfg.services.remove(0);
+    cfg.epoch += 1;
+    fx.dp.apply(&cfg).expect("remove");
+    assert!(fx.dp.table(&key).expect("read").is_none());
+    cfg.services.insert(0, saved.clone());
+    cfg.epoch += 1;
+    let report = fx.dp.apply(&cfg).expect("re-add");
+    assert!(report.slots_written >= common::TABLE as usize);
+    let want = build_table(
+        &saved
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| MaglevBackend {
+                id: b.id,
+                weight: 1,
+            })
+            .collect::<Vec<_>>(),
+        common::TABLE,
+    )
+    .expect("table");
+    assert_eq!(fx.dp.table(&key).expect("read").expect("service"), want);
+}

@@ -50,7 +50,7 @@ pub fn neighbours() -> Vec<(&'static str, &'static str, Mac)> {
     NEIGHBOURS.to_vec()
 }
 
-fn be(id: u32, state: BackendState) -> BackendSpec {
+pub fn be(id: u32, state: BackendState) -> BackendSpec {
     let addr = backend_addrs()
         .into_iter()
         .find(|(i, _)| *i == id)
