@@ -99,9 +99,9 @@ async fn main() -> Result<()> {
     let t0 = Instant::now();
     loop {
         let ok = c.nodes.values().all(|n| {
-            let s = n.sm.current().state.clone();
-            n.applied_epoch.load(Ordering::Relaxed) == s.epoch
-                && s.backends.len() == SERVICES * INITIAL
+            let cur = n.sm.current();
+            n.applied_epoch.load(Ordering::Relaxed) == cur.state.epoch
+                && cur.state.backends.len() == SERVICES * INITIAL
         });
         if ok {
             break;
@@ -142,7 +142,10 @@ async fn main() -> Result<()> {
         let now = Instant::now();
         let mut present: Option<BTreeSet<IpAddr>> = None;
         for n in &nodes {
-            let s = n.sm.current().state.clone();
+            // The state is shared (Arc), not copied: the poller must not eat
+            // the CPU the nodes need.
+            let cur = n.sm.current();
+            let s = &cur.state;
             // Only what the datapath runs counts.
             let set: BTreeSet<IpAddr> = if n.applied_epoch.load(Ordering::Relaxed) >= s.epoch {
                 s.backends.values().map(|b| b.addr).collect()

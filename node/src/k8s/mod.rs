@@ -244,6 +244,7 @@ async fn reconcile(
     pcfg: &plan::PlanConfig,
     recorded: &mut HashSet<plan::Note>,
 ) -> Result<()> {
+    let t0 = std::time::Instant::now();
     // Plan against everything committed so far (a new leader may not
     // have applied its predecessor's last entries yet).
     node.raft
@@ -253,7 +254,9 @@ async fn reconcile(
     let services: Vec<Service> = svc_store.state().iter().map(|s| (**s).clone()).collect();
     let slices: Vec<EndpointSlice> = sl_store.state().iter().map(|s| (**s).clone()).collect();
     let state = node.sm.current().state.clone();
+    let t_read = t0.elapsed();
     let p = plan::plan(&services, &slices, &state, pcfg);
+    let t_plan = t0.elapsed();
     tracing::Span::current().record("commands", p.commands.len());
     if !p.commands.is_empty() {
         info!(commands = p.commands.len(), "committing Kubernetes changes");
@@ -283,6 +286,14 @@ async fn reconcile(
                 }
             }
         }
+    }
+    if !p.commands.is_empty() {
+        tracing::debug!(
+            read_ms = t_read.as_secs_f64() * 1e3,
+            plan_ms = (t_plan - t_read).as_secs_f64() * 1e3,
+            commit_ms = (t0.elapsed() - t_plan).as_secs_f64() * 1e3,
+            "reconcile timing"
+        );
     }
     // status.loadBalancer.ingress
     for ((ns, name), vips) in &p.statuses {
