@@ -6,7 +6,7 @@
 //! means the same config on every node.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, VecDeque},
     net::IpAddr,
 };
 
@@ -515,11 +515,10 @@ impl ClusterState {
                 svc.table_size
             ));
         }
-        let used: BTreeSet<u32> = self.backends.keys().copied().collect();
         let limit = self.backend_id_limit.max(1);
         let id = (0..limit)
             .map(|i| (self.next_backend_id + i) % limit)
-            .find(|id| !used.contains(id))
+            .find(|id| !self.backends.contains_key(id))
             .ok_or_else(|| format!("all {limit} backend ids are in use"))?;
         self.next_backend_id = (id + 1) % limit;
         self.backends.insert(
