@@ -171,6 +171,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/cluster/remove", post(remove))
         .route("/metrics", get(metrics))
         .route("/drain", post(drain))
+        .route("/ready", get(ready))
         .route("/conntrack", get(conntrack))
         .with_state(node)
 }
@@ -271,6 +272,20 @@ async fn conntrack(
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(Json(rows))
+}
+
+/// Readiness probe: 200 when the node would announce its VIPs (datapath
+/// attached and at the committed epoch, healthy, leader known, warm join
+/// done, not drained), else 503 with the reason.
+async fn ready(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value>, ApiErr> {
+    let n = node.clone();
+    let r = tokio::task::spawn_blocking(move || n.readiness())
+        .await
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match r.decide() {
+        Ok(()) => Ok(Json(serde_json::json!({"ready": true}))),
+        Err(why) => Err(err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)),
+    }
 }
 
 /// Drain (or undrain) this node: withdraw its VIPs over BGP while it stays

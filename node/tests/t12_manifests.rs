@@ -1,0 +1,192 @@
+//! t12: the Kubernetes manifests in deploy/kubernetes/base parse into the
+//! k8s-openapi types (required fields present, no field the type does not
+//! know), the kustomization lists them, the RBAC grants exactly the calls
+//! the controller makes (`k8s::API_CALLS`), the ConfigMap's node.toml is a
+//! valid node config and its bird.conf parses with BIRD.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Namespace, Secret, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde_json::Value;
+
+fn base() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base")
+}
+
+fn load(file: &str) -> Value {
+    let text = std::fs::read_to_string(base().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: not YAML: {e}"))
+}
+
+/// Every field of `orig` must survive a round trip through the typed
+/// object: a field the type does not know is dropped, and reported here.
+fn unknown_fields(orig: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (orig, typed) {
+        (Value::Object(o), Value::Object(t)) => {
+            for (k, v) in o {
+                match t.get(k) {
+                    Some(tv) => unknown_fields(v, tv, &format!("{path}.{k}"), out),
+                    None if v.is_null() => {}
+                    None => out.push(format!("{path}.{k}")),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(t)) => {
+            for (i, (a, b)) in o.iter().zip(t).enumerate() {
+                unknown_fields(a, b, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(file: &str) -> T {
+    let v = load(file);
+    let t: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{file}: not a valid object of its kind: {e}"));
+    let back = serde_json::to_value(&t).expect("serialize");
+    let mut unknown = Vec::new();
+    unknown_fields(&v, &back, "", &mut unknown);
+    assert!(unknown.is_empty(), "{file}: unknown fields {unknown:?}");
+    t
+}
+
+#[test]
+fn t12_manifests_are_valid_objects() {
+    let ns: Namespace = typed("namespace.yaml");
+    let sa: ServiceAccount = typed("serviceaccount.yaml");
+    let role: ClusterRole = typed("clusterrole.yaml");
+    let binding: ClusterRoleBinding = typed("clusterrolebinding.yaml");
+    let cm: ConfigMap = typed("configmap.yaml");
+    let ds: DaemonSet = typed("daemonset-lb.yaml");
+    let _secret: Secret = typed("secret-pki.example.yaml");
+
+    // The kustomization lists every manifest but the example Secret.
+    let k = load("kustomization.yaml");
+    let listed: BTreeSet<&str> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    let mut files: BTreeSet<String> = std::fs::read_dir(base())
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    files.remove("secret-pki.example.yaml");
+    assert_eq!(listed, files.iter().map(|s| s.as_str()).collect());
+    let nsname = ns.metadata.name.as_deref().expect("ns name");
+    assert_eq!(k["namespace"], nsname);
+
+    // The binding gives the role to the DaemonSet's service account.
+    let sa_name = sa.metadata.name.as_deref().expect("sa name");
+    assert_eq!(
+        binding.role_ref.name,
+        role.metadata.name.clone().expect("role name")
+    );
+    let subj = &binding.subjects.as_ref().expect("subjects")[0];
+    assert_eq!(
+        (subj.name.as_str(), subj.namespace.as_deref()),
+        (sa_name, Some(nsname))
+    );
+    let pod = ds
+        .spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some(sa_name));
+    assert_eq!(pod.host_network, Some(true));
+
+    // RBAC grants exactly the controller's calls, nothing more.
+    let mut granted = BTreeSet::new();
+    for r in role.rules.as_ref().expect("rules") {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    granted.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    let wanted: BTreeSet<(String, String, String)> = node::k8s::API_CALLS
+        .iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(granted, wanted, "RBAC must grant exactly k8s::API_CALLS");
+
+    // Containers: only the capabilities needed, probes on the admin API,
+    // preStop drains, bpffs and /sys mounted.
+    let node_c = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "holdfast-node")
+        .expect("node container");
+    let caps = node_c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_ne!(
+        node_c.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    let ready = node_c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("readiness");
+    assert_eq!(ready.path.as_deref(), Some("/ready"));
+    let pre = serde_json::to_string(&node_c.lifecycle).expect("lifecycle");
+    assert!(pre.contains("drain"), "preStop drains: {pre}");
+    let mounts: BTreeSet<&str> = node_c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert!(
+        mounts.contains("/sys/fs/bpf") && mounts.contains("/sys") && mounts.contains("/run/bird")
+    );
+    assert!(
+        pod.containers.iter().any(|c| c.name == "bird"),
+        "BIRD sidecar"
+    );
+
+    // The ConfigMap's node.toml is a valid config once the start script's
+    // environment is applied; its bird.conf parses with BIRD.
+    let data = cm.data.as_ref().expect("data");
+    let mut cfg = node::config::NodeConfig::parse(&data["node.toml"]).expect("node.toml parses");
+    cfg.apply_env(|k| match k {
+        "HOLDFAST_NODE_ID" => Some("11".into()),
+        "HOLDFAST_RAFT_ADDR" => Some("10.0.0.11:7001".into()),
+        "HOLDFAST_ADMIN_ADDR" => Some("10.0.0.11:7101".into()),
+        "HOLDFAST_JOIN" => Some(data["join"].clone()),
+        _ => None,
+    })
+    .expect("environment");
+    cfg.validate().expect("node.toml validates");
+    assert!(cfg.kubernetes.enabled && cfg.bgp.enabled);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bird = dir.path().join("bird.conf");
+    std::fs::write(&bird, &data["bird.conf"]).expect("write");
+    let out = std::process::Command::new("bird")
+        .arg("-p")
+        .arg("-c")
+        .arg(&bird)
+        .output()
+        .expect("bird2 must be installed (scripts/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "bird.conf: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
