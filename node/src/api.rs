@@ -582,6 +582,20 @@ pub fn render_metrics(node: &Node) -> String {
         st.config_epoch as f64,
     );
     w.gauge(
+        "holdfast_ready",
+        "1 if the node would announce its VIPs (readiness: datapath at the committed epoch, healthy, leader known, warm join done, not drained)",
+        &[],
+        if node.readiness().decide().is_ok() { 1.0 } else { 0.0 },
+    );
+    if let Some(a) = st.bgp_announced {
+        w.gauge(
+            "holdfast_bgp_announced",
+            "1 if the VIPs are announced over BGP (absent: BGP off)",
+            &[],
+            if a { 1.0 } else { 0.0 },
+        );
+    }
+    w.gauge(
         "holdfast_datapath_applied_epoch",
         "Config epoch programmed into this node's datapath",
         &[],
