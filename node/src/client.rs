@@ -102,6 +102,33 @@ pub fn get_blocking<T: DeserializeOwned>(
     finish(addr, agent(timeout).get(&url).call())
 }
 
+/// Blocking GET of a text body (e.g. `/metrics`).
+pub fn get_text_blocking(addr: &str, path: &str, timeout: Duration) -> Result<String, ClientError> {
+    let url = format!("http://{addr}{path}");
+    let mut resp = agent(timeout)
+        .get(&url)
+        .call()
+        .map_err(|e| ClientError::Unreachable {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| ClientError::Protocol {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })?;
+    if !(200..300).contains(&status) {
+        return Err(ClientError::Protocol {
+            addr: addr.into(),
+            reason: format!("HTTP {status}: {body}"),
+        });
+    }
+    Ok(body)
+}
+
 /// Blocking POST of JSON.
 pub fn post_blocking<B: Serialize, T: DeserializeOwned>(
     addr: &str,

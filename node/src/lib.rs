@@ -15,6 +15,7 @@ pub mod node;
 pub mod raft_net;
 pub mod telemetry;
 pub mod testing;
+pub mod top;
 
 pub use sync::{service as replication, tls, transport};
 

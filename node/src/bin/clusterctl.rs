@@ -56,6 +56,15 @@ enum Cmd {
     Drain,
     /// Announce this node's VIPs again (when it is ready).
     Undrain,
+    /// Live view: per-service rates over all nodes and per-node health.
+    Top {
+        /// Seconds between the two samples of each refresh.
+        #[arg(long, default_value = "1")]
+        interval_s: f64,
+        /// Print one view and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// One row per member: role, term, log, lag, heartbeat, epoch, datapath.
     Members,
     /// The whole replicated config.
@@ -300,6 +309,73 @@ fn applied(cli: &Cli, r: Response) -> Result<(), Failure> {
 fn run(cli: &Cli) -> Result<(), Failure> {
     let t = Duration::from_secs(cli.timeout_s);
     match &cli.cmd {
+        Cmd::Top { interval_s, once } => {
+            let (interval_s, once) = (*interval_s, *once);
+            if !(interval_s > 0.0 && interval_s <= 3600.0) {
+                return Err(Failure::Other(anyhow!("--interval-s must be in (0, 3600]")));
+            }
+            let interval = Duration::from_secs_f64(interval_s);
+            loop {
+                let v = node::top::sample(&cli.node_api, interval)?;
+                if !once && matches!(cli.output, Output::Table) {
+                    // Clear the screen and go home.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print(cli.output, &v, |v| {
+                    let mut s = table(
+                        &[
+                            "SERVICE",
+                            "PKT/S",
+                            "BYTES/S",
+                            "NEW FLOWS/S",
+                            "MIDFLOW MISS/S",
+                        ],
+                        v.services
+                            .iter()
+                            .map(|r| {
+                                vec![
+                                    r.service.clone(),
+                                    format!("{:.0}", r.packets_per_s),
+                                    format!("{:.0}", r.bytes_per_s),
+                                    format!("{:.1}", r.new_flows_per_s),
+                                    format!("{:.1}", r.midflow_misses_per_s),
+                                ]
+                            })
+                            .collect(),
+                    );
+                    s.push('\n');
+                    s += &table(
+                        &["NODE", "ROLE", "EPOCH", "CONNTRACK", "SYNC", "BGP"],
+                        v.nodes
+                            .iter()
+                            .map(|n| {
+                                vec![
+                                    n.node_id.to_string(),
+                                    n.role.clone().unwrap_or_else(|| "unreachable".into()),
+                                    opt(&n.applied_epoch),
+                                    opt(&n.conntrack_entries),
+                                    match n.sync_ready {
+                                        Some(true) => "ready".into(),
+                                        Some(false) => "joining".into(),
+                                        None => "-".into(),
+                                    },
+                                    match n.bgp_announced {
+                                        Some(true) => "announced".into(),
+                                        Some(false) => "withdrawn".into(),
+                                        None => "-".into(),
+                                    },
+                                ]
+                            })
+                            .collect(),
+                    );
+                    s
+                })?;
+                if once {
+                    break;
+                }
+            }
+            Ok(())
+        }
         Cmd::Drain | Cmd::Undrain => {
             let drain = matches!(cli.cmd, Cmd::Drain);
             let s: LocalStatus = node::client::post_blocking(
