@@ -170,6 +170,22 @@ impl Ctx<'_> {
         })
     }
 
+    /// Kill node `v` silently and wait until the router has dropped it;
+    /// records `key` (ms since the kill) and returns the kill's instant.
+    fn kill_and_reroute(&mut self, v: usize, key: &str) -> Result<Instant> {
+        let t = Instant::now();
+        self.lab.kill_node(v)?;
+        let others = self.others(v);
+        self.lab.wait_route(&others, Duration::from_secs(10))?;
+        let d = t.elapsed();
+        self.ms(key, d);
+        self.say(format!(
+            "router dropped node {v} after {} ms",
+            d.as_millis()
+        ));
+        Ok(t)
+    }
+
     fn others(&self, i: usize) -> Vec<usize> {
         self.lab.running().into_iter().filter(|k| *k != i).collect()
     }
@@ -292,17 +308,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
 fn kill_node(cx: &mut Ctx) -> Result<()> {
     let v = cx.busiest(true)?;
     cx.victim = Some(v);
-    cx.say(format!("killing LB node {v} (link down, SIGKILL)"));
-    let t = Instant::now();
-    cx.lab.kill_node(v)?;
-    let others = cx.others(v);
-    cx.lab.wait_route(&others, Duration::from_secs(10))?;
-    let d = t.elapsed();
-    cx.ms("route", d);
-    cx.say(format!(
-        "router dropped node {v} after {} ms",
-        d.as_millis()
-    ));
+    cx.say(format!("killing LB node {v} (switch port down, SIGKILL)"));
+    cx.kill_and_reroute(v, "route")?;
     Ok(())
 }
 
@@ -329,16 +336,7 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
     cx.say(format!(
         "killing LB node {v}, the one that carries the most pinned flows"
     ));
-    let t = Instant::now();
-    cx.lab.kill_node(v)?;
-    let others = cx.others(v);
-    cx.lab.wait_route(&others, Duration::from_secs(10))?;
-    let d = t.elapsed();
-    cx.ms("route", d);
-    cx.say(format!(
-        "router dropped node {v} after {} ms",
-        d.as_millis()
-    ));
+    let t = cx.kill_and_reroute(v, "route")?;
     if v == leader {
         cx.wait_new_leader(v, Duration::from_secs(10))?;
         cx.ms("election", t.elapsed());
@@ -406,11 +404,7 @@ fn restart_join(cx: &mut Ctx) -> Result<()> {
     let v = cx.busiest(true)?;
     cx.victim = Some(v);
     cx.say(format!("killing LB node {v}"));
-    let t = Instant::now();
-    cx.lab.kill_node(v)?;
-    let others = cx.others(v);
-    cx.lab.wait_route(&others, Duration::from_secs(10))?;
-    cx.ms("route_down", t.elapsed());
+    cx.kill_and_reroute(v, "route_down")?;
     std::thread::sleep(Duration::from_secs(2));
     cx.say(format!("restarting LB node {v}"));
     let t = Instant::now();

@@ -58,10 +58,11 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-fn finish<T: DeserializeOwned>(
+/// Status and body of an answer (or the node was unreachable).
+fn read(
     addr: &str,
     res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-) -> Result<T, ClientError> {
+) -> Result<(u16, String), ClientError> {
     let mut resp = res.map_err(|e| ClientError::Unreachable {
         addr: addr.into(),
         reason: e.to_string(),
@@ -74,6 +75,14 @@ fn finish<T: DeserializeOwned>(
             addr: addr.into(),
             reason: e.to_string(),
         })?;
+    Ok((status, body))
+}
+
+fn finish<T: DeserializeOwned>(
+    addr: &str,
+    res: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<T, ClientError> {
+    let (status, body) = read(addr, res)?;
     if (200..300).contains(&status) {
         return serde_json::from_str(&body).map_err(|e| ClientError::Protocol {
             addr: addr.into(),
@@ -105,21 +114,7 @@ pub fn get_blocking<T: DeserializeOwned>(
 /// Blocking GET of a text body (e.g. `/metrics`).
 pub fn get_text_blocking(addr: &str, path: &str, timeout: Duration) -> Result<String, ClientError> {
     let url = format!("http://{addr}{path}");
-    let mut resp = agent(timeout)
-        .get(&url)
-        .call()
-        .map_err(|e| ClientError::Unreachable {
-            addr: addr.into(),
-            reason: e.to_string(),
-        })?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| ClientError::Protocol {
-            addr: addr.into(),
-            reason: e.to_string(),
-        })?;
+    let (status, body) = read(addr, agent(timeout).get(&url).call())?;
     if !(200..300).contains(&status) {
         return Err(ClientError::Protocol {
             addr: addr.into(),
