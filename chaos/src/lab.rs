@@ -717,6 +717,7 @@ impl Lab {
                 SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             )),
             command,
+            trace: None,
         };
         let r: Response = self.router.run(move || {
             node::client::post_retry(&addrs, "/command", &req, Duration::from_secs(20))

@@ -356,6 +356,7 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
         command: raft_store::Command::Batch {
             commands: lab::add_backend_cmds(spare),
         },
+        trace: None,
     };
     let pending = cx.lab.router.spawn(move || {
         node::client::post_retry::<_, raft_store::Response>(

@@ -46,9 +46,11 @@ struct {
 /*
  * All Maglev tables: two regions of LB_MAX_TABLE slots per service
  * (2 * LB_MAX_SERVICES * LB_MAX_TABLE entries). A slot holds a backend id.
+ * Memory-mapped by the agent, which writes tables without syscalls.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 2 * LB_MAX_SERVICES * LB_MAX_TABLE);
 	__type(key, __u32);
 	__type(value, __u32);

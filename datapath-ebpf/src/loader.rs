@@ -122,10 +122,9 @@ pub struct Datapath {
     applied: Option<DatapathConfig>,
     /// Backends present in the backends map, by id.
     live_backends: HashMap<u32, Backend>,
-    /// What each Maglev region (service slot id, half) holds, as written by
-    /// this process: a table change writes only the slots that differ.
-    /// Empty after load/adopt (the first write of a region is whole).
-    regions: HashMap<(u32, u32), Vec<u32>>,
+    /// The Maglev map, memory-mapped: tables are written (only the slots
+    /// that differ from the region's content) without a syscall per slot.
+    maglev: sys::MmapU32Array,
     links: HashMap<String, HeldLink>,
     adopted: bool,
 }
@@ -258,6 +257,21 @@ impl Datapath {
         xdp_mut(&mut bpf, PROGRAM)?
             .load()
             .map_err(Error::program(PROGRAM))?;
+        let maglev = sys::MmapU32Array::map(map_data(&bpf, M_MAGLEV)?.fd().as_fd(), maglev_slots)
+            .map_err(|source| match (&opts.pin_dir, adopted) {
+            (Some(dir), true) => Error::Pinned {
+                path: dir.join(M_MAGLEV),
+                reason: format!(
+                    "the pinned Maglev map cannot be memory-mapped ({source}): it was made by \
+                     an older Holdfast (ABI < 3); drain the node and remove the pins"
+                ),
+            },
+            _ => Error::Syscall {
+                call: "mmap",
+                map: M_MAGLEV,
+                source,
+            },
+        })?;
 
         let mut dp = Self {
             bpf,
@@ -266,7 +280,7 @@ impl Datapath {
             slots: HashMap::new(),
             applied: None,
             live_backends: HashMap::new(),
-            regions: HashMap::new(),
+            maglev,
             links: HashMap::new(),
             adopted,
         };
@@ -367,6 +381,11 @@ impl Datapath {
             self.free_ids.remove(&svc.id);
             self.slots.insert(key, Slot { id: svc.id, half });
         }
+        self.recover_backends()
+    }
+
+    /// What the backends map holds, by id.
+    fn recover_backends(&mut self) -> Result<()> {
         let backends: Vec<(u32, Backend)> =
             sys::lookup_all(self.fd(M_BACKENDS)?, 4096).map_err(|source| Error::Syscall {
                 call: "BPF_MAP_LOOKUP_BATCH",
@@ -546,6 +565,26 @@ impl Datapath {
     /// using them.
     pub fn apply(&mut self, cfg: &DatapathConfig) -> Result<ApplyReport> {
         cfg.validate(&self.opts)?;
+        let r = self.apply_validated(cfg);
+        if r.is_err() {
+            // Part of it may be in the maps: re-read the backends they hold,
+            // rebuild every table on the next apply (written only where the
+            // map differs) and forget every cached next hop, so nothing this
+            // process believed about the maps outlives the failure.
+            self.applied = None;
+            let all: Vec<u32> = (0..self.opts.max_backends).collect();
+            if let Err(e) = self
+                .recover_backends()
+                .and_then(|()| self.invalidate_next_hops(&all))
+            {
+                tracing::warn!(error = %e, "resynchronising after a failed apply");
+                self.live_backends.clear();
+            }
+        }
+        r
+    }
+
+    fn apply_validated(&mut self, cfg: &DatapathConfig) -> Result<ApplyReport> {
         let mut report = ApplyReport {
             epoch: cfg.epoch,
             ..Default::default()
@@ -570,7 +609,14 @@ impl Datapath {
                 vals.push(backend_value(b.addr, b.state));
             }
         }
-        report.backends_written = self.write_batch(M_BACKENDS, &ids, &vals)?;
+        // Only what is new or changed (the map holds the rest already).
+        let (w_ids, w_vals): (Vec<u32>, Vec<Backend>) = ids
+            .iter()
+            .zip(&vals)
+            .filter(|(id, v)| self.live_backends.get(id) != Some(v))
+            .map(|(id, v)| (*id, *v))
+            .unzip();
+        report.backends_written = self.write_batch(M_BACKENDS, &w_ids, &w_vals)?;
         // A backend id now at another address must not reuse the old next hop.
         let moved: Vec<u32> = ids
             .iter()
@@ -619,30 +665,15 @@ impl Datapath {
                         .pop_first()
                         .ok_or_else(|| Error::invalid("services", "no free service slot"))?;
                     self.reset_svc_stats(id)?;
-                    // A reused id: its regions hold an old service's table.
-                    self.regions.remove(&(id, 0));
-                    self.regions.remove(&(id, 1));
                     report.services_added += 1;
                     Slot { id, half: 0 }
                 }
             };
             let base = (2 * slot.id + slot.half) * self.opts.max_table_size;
             // Write only what differs from the region's current content
-            // (Maglev moves ~1/N of the slots when a backend changes).
-            let (keys, vals): (Vec<u32>, Vec<u32>) = match self.regions.get(&(slot.id, slot.half)) {
-                Some(old) if old.len() == table.len() => table
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, v)| old[*i] != **v)
-                    .map(|(i, v)| (base + i as u32, *v))
-                    .unzip(),
-                _ => ((base..base + svc.table_size).collect(), table.clone()),
-            };
-            if !keys.is_empty() {
-                self.write_batch(M_MAGLEV, &keys, &vals)?;
-            }
-            report.slots_written += keys.len();
-            self.regions.insert((slot.id, slot.half), table);
+            // (Maglev moves ~1/N of the slots when a backend changes); the
+            // region is not in use (the service points at the other half).
+            report.slots_written += self.maglev.write_diff(base, &table);
             self.services_map()?
                 .insert(
                     key,
@@ -807,16 +838,7 @@ impl Datapath {
         let Some(svc) = self.service(key)? else {
             return Ok(None);
         };
-        let arr: Array<&MapData, u32> = Array::try_from(
-            self.bpf
-                .map(M_MAGLEV)
-                .ok_or(Error::MissingMap { map: M_MAGLEV })?,
-        )
-        .map_err(Error::map(M_MAGLEV))?;
-        (svc.ring_base..svc.ring_base + svc.ring_size)
-            .map(|i| arr.get(&i, 0).map_err(Error::map(M_MAGLEV)))
-            .collect::<Result<Vec<u32>>>()
-            .map(Some)
+        Ok(Some(self.maglev.read(svc.ring_base, svc.ring_size)))
     }
 
     /// The backend in slot `id` (state EMPTY if none).

@@ -98,7 +98,9 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>> {
     }
     let perms: Vec<(u64, u64)> = sorted.iter().map(|b| permutation(b.id, m)).collect();
     let max_weight = u64::from(sorted.iter().map(|b| b.weight).max().unwrap_or(1));
-    let mut next = vec![0u64; sorted.len()];
+    // pos[i] = (offset + next * skip) % m, advanced by one addition and a
+    // conditional subtraction instead of a division per probe (skip < m).
+    let mut pos: Vec<u64> = perms.iter().map(|(offset, _)| *offset).collect();
     let mut credit = vec![0u64; sorted.len()];
     let mut filled = 0u64;
 
@@ -109,14 +111,18 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>> {
                 continue;
             }
             credit[i] -= max_weight;
-            let (offset, skip) = perms[i];
-            let mut slot = (offset + next[i] * skip) % m;
-            while table[slot as usize] != NO_BACKEND {
-                next[i] += 1;
-                slot = (offset + next[i] * skip) % m;
+            let skip = perms[i].1;
+            let advance = |p: &mut u64| {
+                *p += skip;
+                if *p >= m {
+                    *p -= m;
+                }
+            };
+            while table[pos[i] as usize] != NO_BACKEND {
+                advance(&mut pos[i]);
             }
-            table[slot as usize] = b.id;
-            next[i] += 1;
+            table[pos[i] as usize] = b.id;
+            advance(&mut pos[i]);
             filled += 1;
             if filled == m {
                 return Ok(table);

@@ -185,3 +185,95 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(
         }
     }
 }
+
+/// A `BPF_F_MMAPABLE` array map of `u32` values mapped into this process:
+/// writing a Maglev table is a memcpy instead of a syscall that copies
+/// every key and value from user space (the kernel stores array elements
+/// 8 bytes apart, so element `i` is the `u32` at byte `8 * i`).
+pub struct MmapU32Array {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value until
+// Drop unmaps it; every access goes through atomics.
+unsafe impl Send for MmapU32Array {}
+// SAFETY: as above.
+unsafe impl Sync for MmapU32Array {}
+
+/// Array maps place their elements `round_up(value_size, 8)` bytes apart.
+const U32_ELEM_STRIDE: usize = 8;
+
+impl MmapU32Array {
+    /// Map the whole array; fails (EINVAL/EPERM) unless the map was created
+    /// with `BPF_F_MMAPABLE`.
+    pub fn map(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
+        let len = (entries as usize * U32_ELEM_STRIDE).max(1);
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the length against the map's size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap"))?;
+        Ok(Self { ptr, len, entries })
+    }
+
+    fn cell(&self, i: u32) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < self.entries, "element {i} of {}", self.entries);
+        // SAFETY: i is in bounds, the offset is 8-byte aligned inside the
+        // live mapping, and the kernel's BPF programs access the element
+        // with ordinary aligned 32-bit loads.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(
+                self.ptr
+                    .as_ptr()
+                    .add(i as usize * U32_ELEM_STRIDE)
+                    .cast::<u32>(),
+            )
+        }
+    }
+
+    /// Elements `base..base + len`.
+    pub fn read(&self, base: u32, len: u32) -> Vec<u32> {
+        (base..base + len)
+            .map(|i| self.cell(i).load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Write `vals` at `base..`, touching only the elements that differ;
+    /// returns how many did. The writes are released: a later syscall that
+    /// publishes them (a service entry pointing here) is ordered after them.
+    pub fn write_diff(&self, base: u32, vals: &[u32]) -> usize {
+        use std::sync::atomic::Ordering;
+        let mut n = 0;
+        for (i, v) in vals.iter().enumerate() {
+            let c = self.cell(base + i as u32);
+            if c.load(Ordering::Relaxed) != *v {
+                c.store(*v, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        std::sync::atomic::fence(Ordering::Release);
+        n
+    }
+}
+
+impl Drop for MmapU32Array {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the mapping made in `map`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}

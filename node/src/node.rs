@@ -344,6 +344,7 @@ impl Node {
         let req = Request {
             id: Some(format!("seed-{}", self.id())),
             command: raft_store::Command::Batch { commands },
+            trace: None,
         };
         for _ in 0..600 {
             match self.write(req.clone()).await {
@@ -594,6 +595,7 @@ impl Node {
                     command: Command::PutMember {
                         member: self.member(),
                     },
+                    trace: None,
                 };
                 match self.write(req.clone()).await {
                     Ok(_) => Ok(()),
@@ -661,24 +663,59 @@ impl Node {
     pub async fn write(&self, req: Request) -> Result<Response, WriteError> {
         let t0 = Instant::now();
         match self.raft.client_write(req).await {
-            Ok(r) => {
-                self.metrics.commit_latency.observe(t0.elapsed());
-                if r.data.rejected.is_some() {
-                    self.metrics
-                        .commands_rejected
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(r.data)
-            }
-            Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                match f.leader_id {
-                    Some(_) => Err(WriteError::NotLeader {
-                        leader: self.leader(),
-                    }),
-                    None => Err(WriteError::NoLeader),
-                }
-            }
+            Ok(r) => Ok(self.written(t0, r)),
+            Err(openraft::error::RaftError::APIError(e)) => Err(self.write_error(e)),
             Err(e) => Err(WriteError::Raft(e.to_string())),
+        }
+    }
+
+    /// Several writes, pipelined: all are handed to Raft at once, in this
+    /// order (so they are appended, committed and applied in this order),
+    /// and replication of one does not wait for the commit of the one
+    /// before. One result per request, in order.
+    pub async fn write_pipelined(&self, reqs: Vec<Request>) -> Vec<Result<Response, WriteError>> {
+        let t0 = Instant::now();
+        let mut pending = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            pending.push(self.raft.client_write_ff(req).await);
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Err(fatal) => Err(WriteError::Raft(fatal.to_string())),
+                Ok(rx) => match rx.await {
+                    Ok(Ok(r)) => Ok(self.written(t0, r)),
+                    Ok(Err(e)) => Err(self.write_error(e)),
+                    Err(_) => Err(WriteError::Raft("Raft stopped before answering".into())),
+                },
+            });
+        }
+        out
+    }
+
+    fn written(
+        &self,
+        t0: Instant,
+        r: openraft::raft::ClientWriteResponse<raft_store::TypeConfig>,
+    ) -> Response {
+        self.metrics.commit_latency.observe(t0.elapsed());
+        if r.data.rejected.is_some() {
+            self.metrics
+                .commands_rejected
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        r.data
+    }
+
+    fn write_error(&self, e: ClientWriteError<u64, BasicNode>) -> WriteError {
+        match e {
+            ClientWriteError::ForwardToLeader(f) => match f.leader_id {
+                Some(_) => WriteError::NotLeader {
+                    leader: self.leader(),
+                },
+                None => WriteError::NoLeader,
+            },
+            e => WriteError::Raft(e.to_string()),
         }
     }
 

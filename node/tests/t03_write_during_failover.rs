@@ -31,6 +31,7 @@ async fn t03_write_during_failover_exactly_once() {
                 let req = Request {
                     id: Some(format!("t03-{i}")),
                     command: backend("web", &format!("10.1.0.{i}"), 80),
+                    trace: None,
                 };
                 let r =
                     post_retry::<_, Response>(&addrs, "/command", &req, Duration::from_secs(15));

@@ -163,11 +163,20 @@ pub struct Request {
     #[serde(default)]
     pub id: Option<String>,
     pub command: Command,
+    /// W3C `traceparent` of the span that submitted the request: every node
+    /// that applies the entry continues that trace (it is not part of the
+    /// config and never changes what the command does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl From<Command> for Request {
     fn from(command: Command) -> Self {
-        Self { id: None, command }
+        Self {
+            id: None,
+            command,
+            trace: None,
+        }
     }
 }
 
@@ -634,6 +643,7 @@ mod tests {
         let req = Request {
             id: Some("r1".into()),
             command: add("web", "10.0.0.1", 80),
+            trace: None,
         };
         let first = s.apply_request(&req);
         let again = s.apply_request(&req);

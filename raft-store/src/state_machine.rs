@@ -1,16 +1,25 @@
-//! The config state machine in redb. `apply` persists the new state (with
-//! the last applied log id and membership) before it returns, so a restart
-//! resumes from disk; snapshots are the serialized state, stored too. Every
-//! applied state is published on a watch channel for the node to program its
-//! datapath from.
+//! The config state machine in redb. `apply` writes the new state (with the
+//! last applied log id and membership) before it returns, but fsyncs it
+//! only every [`DURABLE_EVERY`] applies or [`DURABLE_AFTER`]: the Raft log
+//! is already durable, so after a crash openraft re-applies the entries
+//! after the last durable state (etcd's backend does the same with its
+//! consistent index). Snapshots are the serialized state, always written
+//! durably; on open, a snapshot newer than the stored state wins, so the
+//! log purged behind a snapshot is never needed. Every applied state is
+//! published on a watch channel for the node to program its datapath from.
 
-use std::{io::Cursor, path::PathBuf, sync::Arc};
+use std::{
+    io::Cursor,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use openraft::{
     storage::{RaftSnapshotBuilder, RaftStateMachine},
     AnyError, EntryPayload, OptionalSend, StorageIOError,
 };
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
@@ -24,13 +33,26 @@ const SM: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 const K_STATE: &str = "state";
 const K_SNAPSHOT: &str = "snapshot";
 
+/// An applied state is fsynced at least every this many applies...
+pub const DURABLE_EVERY: u32 = 64;
+/// ...and when the last durable one is older than this.
+pub const DURABLE_AFTER: Duration = Duration::from_secs(1);
+
 /// What the state machine persists: the config plus Raft's bookkeeping.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SmData {
     pub last_applied: Option<LogId>,
     pub last_membership: StoredMembership,
     pub state: ClusterState,
+    /// The trace contexts (W3C traceparent) of recently applied requests,
+    /// with the epoch each left the config at: the node continues those
+    /// traces when it programs that epoch. Not persisted; bounded.
+    #[serde(skip)]
+    pub traces: std::collections::VecDeque<(u64, String)>,
 }
+
+/// How many applied trace contexts [`SmData::traces`] keeps.
+pub const RECENT_TRACES: usize = 256;
 
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -42,6 +64,9 @@ struct Inner {
     data: SmData,
     /// Snapshots built by this process (for unique snapshot ids).
     built: u64,
+    /// Applies written without fsync since the last durable write.
+    nondurable: u32,
+    last_durable: Instant,
 }
 
 /// The state machine store; clones share state (the snapshot builder is one).
@@ -61,10 +86,20 @@ impl StateMachineStore {
             tx.commit().map_err(any)?;
             let rx = db.begin_read().map_err(any)?;
             let t = rx.open_table(SM).map_err(any)?;
-            let data = match t.get(K_STATE).map_err(any)? {
+            let mut data: SmData = match t.get(K_STATE).map_err(any)? {
                 Some(v) => serde_json::from_slice(v.value()).map_err(any)?,
                 None => SmData::default(),
             };
+            // The state is fsynced lazily, the snapshot always: after a
+            // crash the snapshot may be the newer of the two.
+            if let Some(v) = t.get(K_SNAPSHOT).map_err(any)? {
+                let snap: StoredSnapshot = serde_json::from_slice(v.value()).map_err(any)?;
+                if snap.meta.last_log_id > data.last_applied {
+                    data = serde_json::from_slice(&snap.data).map_err(any)?;
+                    data.last_applied = snap.meta.last_log_id;
+                    data.last_membership = snap.meta.last_membership.clone();
+                }
+            }
             Ok((db, data))
         })
         .await
@@ -72,7 +107,12 @@ impl StateMachineStore {
         let (tx, _) = watch::channel(Arc::new(data.clone()));
         Ok(Self {
             db: Arc::new(db),
-            inner: Arc::new(Mutex::new(Inner { data, built: 0 })),
+            inner: Arc::new(Mutex::new(Inner {
+                data,
+                built: 0,
+                nondurable: 0,
+                last_durable: Instant::now(),
+            })),
             tx: Arc::new(tx),
         })
     }
@@ -87,19 +127,27 @@ impl StateMachineStore {
         self.tx.borrow().clone()
     }
 
+    /// Write the state (and, when given, the snapshot) in one transaction;
+    /// fsynced when `durable`.
     async fn persist(
         &self,
-        data: &SmData,
+        data: Option<&SmData>,
         snapshot: Option<&StoredSnapshot>,
+        durable: bool,
     ) -> Result<(), AnyError> {
-        let state = serde_json::to_vec(data).map_err(any)?;
+        let state = data.map(serde_json::to_vec).transpose().map_err(any)?;
         let snap = snapshot.map(serde_json::to_vec).transpose().map_err(any)?;
         let db = self.db.clone();
         blocking(move || {
-            let tx = db.begin_write().map_err(any)?;
+            let mut tx = db.begin_write().map_err(any)?;
+            if !durable {
+                tx.set_durability(Durability::None).map_err(any)?;
+            }
             {
                 let mut t = tx.open_table(SM).map_err(any)?;
-                t.insert(K_STATE, state.as_slice()).map_err(any)?;
+                if let Some(s) = &state {
+                    t.insert(K_STATE, s.as_slice()).map_err(any)?;
+                }
                 if let Some(s) = &snap {
                     t.insert(K_SNAPSHOT, s.as_slice()).map_err(any)?;
                 }
@@ -136,7 +184,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data: bytes.clone(),
         };
-        self.persist(&data, Some(&stored))
+        // Only the snapshot: the state on disk may already be newer.
+        self.persist(None, Some(&stored), true)
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         Ok(Snapshot {
@@ -172,6 +221,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 }),
                 EntryPayload::Normal(req) => {
                     let r = inner.data.state.apply_request(&req);
+                    if let Some(tp) = req.trace {
+                        if inner.data.traces.len() == RECENT_TRACES {
+                            inner.data.traces.pop_front();
+                        }
+                        let epoch = inner.data.state.epoch;
+                        inner.data.traces.push_back((epoch, tp));
+                    }
                     if let Some(why) = &r.rejected {
                         tracing::info!(index = entry.log_id.index, reason = %why, "command rejected");
                     }
@@ -187,11 +243,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         if let Some(log_id) = last {
-            let data = inner.data.clone();
-            self.persist(&data, None)
+            inner.nondurable += 1;
+            let durable =
+                inner.nondurable >= DURABLE_EVERY || inner.last_durable.elapsed() >= DURABLE_AFTER;
+            let data = Arc::new(inner.data.clone());
+            self.persist(Some(&data), None, durable)
                 .await
                 .map_err(|e| StorageIOError::apply(log_id, e))?;
-            self.publish(&data);
+            if durable {
+                inner.nondurable = 0;
+                inner.last_durable = Instant::now();
+            }
+            self.tx.send_replace(data);
         }
         Ok(responses)
     }
@@ -219,9 +282,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data: bytes,
         };
         let mut inner = self.inner.lock().await;
-        self.persist(&data, Some(&stored))
+        self.persist(Some(&data), Some(&stored), true)
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        inner.nondurable = 0;
+        inner.last_durable = Instant::now();
         inner.data = data.clone();
         self.publish(&data);
         Ok(())

@@ -284,6 +284,7 @@ fn command(cli: &Cli, command: Command) -> Result<Response, ClientError> {
         &Request {
             id: Some(request_id()),
             command,
+            trace: None,
         },
     )
 }

@@ -261,23 +261,33 @@ async fn reconcile(
     if !p.commands.is_empty() {
         info!(commands = p.commands.len(), "committing Kubernetes changes");
     }
-    for chunk in p.commands.chunks(MAX_BATCH) {
-        let req = Request {
+    // Every batch at once (pipelined, in order): the second does not wait
+    // for the first one's commit.
+    let chunks: Vec<&[Command]> = p.commands.chunks(MAX_BATCH).collect();
+    let reqs = chunks
+        .iter()
+        .map(|chunk| Request {
             id: Some(format!("k8s-{}-{}", state.epoch, digest(chunk))),
             command: Command::Batch {
                 commands: chunk.to_vec(),
             },
-        };
-        let r = node.write(req).await.map_err(|e| anyhow!("{e}"))?;
+            trace: None,
+        })
+        .collect();
+    let results = node.write_pipelined(reqs).await;
+    for (chunk, r) in chunks.into_iter().zip(results) {
+        let r = r.map_err(|e| anyhow!("{e}"))?;
         if let Some(why) = r.rejected {
             // One bad command must not block the others: apply them one
-            // by one and report what is refused.
+            // by one and report what is refused. (A later batch that
+            // depended on this one was refused too and comes next.)
             warn!(reason = %why, "batch refused; applying one by one");
             for c in chunk {
                 let r = node
                     .write(Request {
                         id: None,
                         command: c.clone(),
+                        trace: None,
                     })
                     .await
                     .map_err(|e| anyhow!("{e}"))?;
@@ -295,21 +305,30 @@ async fn reconcile(
             "reconcile timing"
         );
     }
-    // status.loadBalancer.ingress
-    for ((ns, name), vips) in &p.statuses {
-        let have: Vec<String> = services
-            .iter()
-            .find(|s| {
-                s.metadata.namespace.as_deref() == Some(ns)
-                    && s.metadata.name.as_deref() == Some(name)
-            })
-            .and_then(|s| s.status.as_ref())
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref())
-            .map(|i| i.iter().filter_map(|x| x.ip.clone()).collect())
-            .unwrap_or_default();
-        let want: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
-        if have != want {
+    // status.loadBalancer.ingress, written concurrently (after a restart
+    // or a relist there may be hundreds to write; one at a time that
+    // would hold up the next reconcile).
+    let patches: Vec<_> = p
+        .statuses
+        .iter()
+        .filter_map(|((ns, name), vips)| {
+            let have: Vec<String> = services
+                .iter()
+                .find(|s| {
+                    s.metadata.namespace.as_deref() == Some(ns)
+                        && s.metadata.name.as_deref() == Some(name)
+                })
+                .and_then(|s| s.status.as_ref())
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .map(|i| i.iter().filter_map(|x| x.ip.clone()).collect())
+                .unwrap_or_default();
+            let want: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
+            (have != want).then_some((ns, name, want))
+        })
+        .collect();
+    futures::stream::iter(patches)
+        .for_each_concurrent(STATUS_CONCURRENCY, |(ns, name, want)| async move {
             let api: Api<Service> = Api::namespaced(client.clone(), ns);
             let body = serde_json::json!({"status": {"loadBalancer": {"ingress":
                 want.iter().map(|ip| serde_json::json!({"ip": ip})).collect::<Vec<_>>()}}});
@@ -320,8 +339,8 @@ async fn reconcile(
                 Ok(_) => info!(service = %format!("{ns}/{name}"), vips = ?want, "status written"),
                 Err(e) => warn!(service = %format!("{ns}/{name}"), error = %e, "writing status"),
             }
-        }
-    }
+        })
+        .await;
     // Events for what was skipped (once per object and reason).
     for n in p.notes {
         if recorded.contains(&n) {
@@ -371,6 +390,9 @@ async fn reconcile(
     }
     Ok(())
 }
+
+/// Status patches in flight at once.
+const STATUS_CONCURRENCY: usize = 16;
 
 /// A short stable digest of commands (request ids of retried batches).
 fn digest(cmds: &[Command]) -> String {
