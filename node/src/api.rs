@@ -721,12 +721,7 @@ pub fn render_metrics(node: &Node) -> String {
                     "holdfast_datapath_{}_total",
                     name.trim_start_matches("LB_STAT_").to_lowercase()
                 );
-                w.counter(
-                    &metric,
-                    "Datapath counter (see docs/operations.md)",
-                    &[],
-                    s.c[*i],
-                );
+                w.counter(&metric, datapath_stat_help(name), &[], s.c[*i]);
             }
         }
         if let Some(n) = st.conntrack_entries {
@@ -744,7 +739,7 @@ pub fn render_metrics(node: &Node) -> String {
                     "holdfast_service_{}_total",
                     name.trim_start_matches("LB_SVC_").to_lowercase()
                 );
-                w.family(&metric, "Per-service datapath counter", "counter");
+                w.family(&metric, service_stat_help(name), "counter");
                 for (key, v) in &per {
                     let svc = state
                         .state
@@ -768,4 +763,46 @@ pub fn render_metrics(node: &Node) -> String {
         }
     }
     out
+}
+
+/// Help text of each datapath counter (`holdfast_datapath_<name>_total`).
+fn datapath_stat_help(stat: &str) -> &'static str {
+    match stat {
+        "LB_STAT_FWD_PACKETS" => "Packets forwarded to a backend (IPIP)",
+        "LB_STAT_FWD_BYTES" => "Bytes forwarded to backends, before encapsulation",
+        "LB_STAT_NEW_FLOWS" => "Flows entered into conntrack by a Maglev pick",
+        "LB_STAT_CT_HITS" => "Packets forwarded by an existing conntrack entry",
+        "LB_STAT_MIDFLOW_MISS" => {
+            "Mid-flow packets (TCP without SYN) with no conntrack entry: each a connection that may have broken"
+        }
+        "LB_STAT_REPICK_GONE" => "Conntrack entries whose backend was removed, re-picked by Maglev",
+        "LB_STAT_REPICK_STALE" => "SYN or UDP packets that re-picked a stale conntrack entry",
+        "LB_STAT_RING_LOST" => "New-flow events lost because the ring buffer to the agent was full",
+        "LB_STAT_FIB_NO_NEIGH" => "Packets handed to the kernel to forward because the next hop was unresolved",
+        "LB_STAT_FIB_FAIL" => "Packets dropped because no route led to the backend",
+        "LB_STAT_ICMP_TOO_BIG" => "ICMP fragmentation-needed / packet-too-big sent for oversized packets",
+        "LB_STAT_ICMP_ERR_FWD" => "ICMP errors about VIP flows sent on to their backends",
+        "LB_STAT_PASS_MALFORMED" => "Malformed frames not addressed to a VIP, passed to the kernel",
+        "LB_STAT_PASS_VIP_OTHER" => "VIP packets for a port or protocol with no service, passed to the kernel",
+        "LB_STAT_DROP_MALFORMED" => "Malformed packets to a VIP, dropped",
+        "LB_STAT_DROP_FRAGMENT" => "Fragments to a VIP (not balanceable), dropped",
+        "LB_STAT_DROP_NO_BACKEND" => "Packets for a service with no active backend, dropped",
+        "LB_STAT_DROP_UNSUPPORTED" => "VIP packets of an unsupported kind (IP options, extension headers), dropped",
+        "LB_STAT_DROP_ADJUST" => "Packets dropped because the frame could not be grown for encapsulation",
+        "LB_STAT_PASS_OTHERHOST" => "Unicast frames for another MAC (flooded or promiscuous), left to the kernel",
+        _ => "Datapath counter (see docs/operations.md)",
+    }
+}
+
+/// Help text of each per-service counter (`holdfast_service_<name>_total`).
+fn service_stat_help(stat: &str) -> &'static str {
+    match stat {
+        "LB_SVC_PACKETS" => "Packets forwarded for the service",
+        "LB_SVC_BYTES" => "Bytes forwarded for the service, before encapsulation",
+        "LB_SVC_NEW_FLOWS" => "New flows of the service",
+        "LB_SVC_CT_HITS" => "Packets of the service forwarded by conntrack",
+        "LB_SVC_MIDFLOW_MISS" => "Mid-flow packets of the service with no conntrack entry",
+        "LB_SVC_DROPS" => "Packets of the service dropped",
+        _ => "Per-service datapath counter",
+    }
 }

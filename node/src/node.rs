@@ -21,7 +21,7 @@ use raft_store::{
     types::Raft,
     Command, Request, Response, StateMachineStore,
 };
-use tracing::{error, info, instrument, warn};
+use tracing::{error, info, instrument, warn, Instrument};
 
 use crate::{
     config::{NodeConfig, XdpMode},
@@ -435,30 +435,44 @@ impl Node {
         loop {
             let data = rx.borrow_and_update().clone();
             let epoch = data.state.epoch;
-            if epoch != self.applied_epoch.load(Ordering::Relaxed) || epoch == 0 {
+            let prev = self.applied_epoch.load(Ordering::Relaxed);
+            if epoch != prev || epoch == 0 {
+                // Continue the traces of the requests that led to this epoch.
+                let span = tracing::info_span!("datapath_apply", node = self.id(), epoch);
+                crate::telemetry::continue_traces(
+                    &span,
+                    data.traces
+                        .iter()
+                        .filter(|(e, _)| *e > prev && *e <= epoch)
+                        .map(|(_, tp)| tp.as_str()),
+                );
                 let t0 = Instant::now();
-                let ok = match &self.datapath {
-                    Some(h) => {
-                        let h = h.clone();
-                        let cfg = to_datapath(&data.state);
-                        match tokio::task::spawn_blocking(move || {
-                            h.dp.lock().expect("dp").apply(&cfg)
-                        })
-                        .await
-                        {
-                            Ok(Ok(_)) => true,
-                            Ok(Err(e)) => {
-                                error!(epoch, error = %e, "datapath refused config epoch");
-                                false
-                            }
-                            Err(e) => {
-                                error!(epoch, error = %e, "datapath apply task failed");
-                                false
+                let ok = async {
+                    match &self.datapath {
+                        Some(h) => {
+                            let h = h.clone();
+                            let cfg = to_datapath(&data.state);
+                            match tokio::task::spawn_blocking(move || {
+                                h.dp.lock().expect("dp").apply(&cfg)
+                            })
+                            .await
+                            {
+                                Ok(Ok(_)) => true,
+                                Ok(Err(e)) => {
+                                    error!(epoch, error = %e, "datapath refused config epoch");
+                                    false
+                                }
+                                Err(e) => {
+                                    error!(epoch, error = %e, "datapath apply task failed");
+                                    false
+                                }
                             }
                         }
+                        None => true,
                     }
-                    None => true,
-                };
+                }
+                .instrument(span)
+                .await;
                 if ok {
                     self.metrics.datapath_apply.observe(t0.elapsed());
                     self.applied_epoch.store(epoch, Ordering::Relaxed);
@@ -660,7 +674,11 @@ impl Node {
 
     /// Submit a request on this node (must be the leader).
     #[instrument(skip_all, fields(node = self.id()))]
-    pub async fn write(&self, req: Request) -> Result<Response, WriteError> {
+    #[instrument(name = "raft_write", skip_all, fields(node = self.id()))]
+    pub async fn write(&self, mut req: Request) -> Result<Response, WriteError> {
+        if req.trace.is_none() {
+            req.trace = crate::telemetry::traceparent();
+        }
         let t0 = Instant::now();
         match self.raft.client_write(req).await {
             Ok(r) => Ok(self.written(t0, r)),
@@ -673,10 +691,15 @@ impl Node {
     /// order (so they are appended, committed and applied in this order),
     /// and replication of one does not wait for the commit of the one
     /// before. One result per request, in order.
+    #[instrument(name = "raft_write", skip_all, fields(node = self.id(), batches = reqs.len()))]
     pub async fn write_pipelined(&self, reqs: Vec<Request>) -> Vec<Result<Response, WriteError>> {
         let t0 = Instant::now();
+        let trace = crate::telemetry::traceparent();
         let mut pending = Vec::with_capacity(reqs.len());
-        for req in reqs {
+        for mut req in reqs {
+            if req.trace.is_none() {
+                req.trace = trace.clone();
+            }
             pending.push(self.raft.client_write_ff(req).await);
         }
         let mut out = Vec::with_capacity(pending.len());
