@@ -14,6 +14,10 @@ struct Args {
     /// The node's TOML config file (HOLDFAST_* environment variables override it).
     #[arg(long, short)]
     config: PathBuf,
+    /// Only load and validate the config (with the environment applied),
+    /// print it as JSON and exit: 0 if it would start, 2 if not.
+    #[arg(long)]
+    check: bool,
 }
 
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
@@ -21,7 +25,8 @@ pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(2);
+            // --help and --version are not errors.
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -55,6 +60,13 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        match serde_json::to_string_pretty(&cfg) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("holdfast-node: {e}"),
+        }
+        return ExitCode::SUCCESS;
+    }
     let leave = cfg.leave_on_shutdown;
     let node = match Node::start(cfg).await {
         Ok(n) => n,

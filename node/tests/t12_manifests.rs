@@ -63,6 +63,7 @@ fn t12_manifests_are_valid_objects() {
     let binding: ClusterRoleBinding = typed("clusterrolebinding.yaml");
     let cm: ConfigMap = typed("configmap.yaml");
     let ds: DaemonSet = typed("daemonset-lb.yaml");
+    let decap: DaemonSet = typed("daemonset-decap.yaml");
     let _secret: Secret = typed("secret-pki.example.yaml");
 
     // The kustomization lists every manifest but the example Secret.
@@ -161,9 +162,61 @@ fn t12_manifests_are_valid_objects() {
         "BIRD sidecar"
     );
 
+    // The decap DaemonSet: on every node but the LB nodes, host network,
+    // only its capabilities, ready once attached, its VIPs = the CIDRs the
+    // LB nodes announce (bird.conf's static routes).
+    let dpod = decap
+        .spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    assert_eq!(dpod.host_network, Some(true));
+    let aff = serde_json::to_string(&dpod.affinity).expect("affinity");
+    assert!(
+        aff.contains("holdfast.io/lb") && aff.contains("NotIn"),
+        "decap must stay off the LB nodes (their NIC runs the LB program): {aff}"
+    );
+    let dc = &dpod.containers[0];
+    let script = dc.args.as_ref().expect("args").join(" ");
+    assert!(
+        script.contains("holdfast-decap")
+            && script.contains("--ready-file /run/holdfast-decap/ready")
+    );
+    let probe = serde_json::to_string(&dc.readiness_probe).expect("probe");
+    assert!(probe.contains("/run/holdfast-decap/ready"), "{probe}");
+    let dcaps = dc
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .expect("capabilities");
+    assert_eq!(dcaps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let envs: BTreeSet<String> = dc
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value_from.as_ref()?.config_map_key_ref.as_ref())
+        .map(|r| r.key.clone())
+        .collect();
+    let data = cm.data.as_ref().expect("data");
+    for key in &envs {
+        assert!(data.contains_key(key), "the ConfigMap has no {key}");
+    }
+    let announced: BTreeSet<&str> = data["bird.conf"]
+        .split("route ")
+        .skip(1)
+        .filter_map(|r| r.split_whitespace().next())
+        .collect();
+    let decap_vips: BTreeSet<&str> = data["decap_vips"].split_whitespace().collect();
+    assert_eq!(
+        decap_vips, announced,
+        "decap_vips must be the announced VIP CIDRs"
+    );
+
     // The ConfigMap's node.toml is a valid config once the start script's
     // environment is applied; its bird.conf parses with BIRD.
-    let data = cm.data.as_ref().expect("data");
     let mut cfg = node::config::NodeConfig::parse(&data["node.toml"]).expect("node.toml parses");
     cfg.apply_env(|k| match k {
         "HOLDFAST_NODE_ID" => Some("11".into()),
