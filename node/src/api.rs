@@ -712,6 +712,18 @@ pub fn render_metrics(node: &Node) -> String {
                 w.sample(name, &[("peer", p.peer.to_string())], v as f64);
             }
         }
+        w.family(
+            "holdfast_sync_peer_connected",
+            "1 while the replication session to the peer is up",
+            "gauge",
+        );
+        for p in &st.peers {
+            w.sample(
+                "holdfast_sync_peer_connected",
+                &[("peer", p.peer.to_string())],
+                if p.connected { 1.0 } else { 0.0 },
+            );
+        }
     }
     if let Some(h) = &node.datapath {
         let dp = h.dp.lock().expect("dp");

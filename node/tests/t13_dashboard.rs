@@ -80,16 +80,32 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
     c.write(backend("web", "10.1.0.9", 80)).await;
     c.wait_converged(Duration::from_secs(10)).await;
     let admin = c.node(1).cfg.admin_addr.to_string();
-    let text = tokio::task::spawn_blocking(move || {
-        ureq::get(&format!("http://{admin}/metrics"))
-            .call()
-            .expect("GET /metrics")
-            .body_mut()
-            .read_to_string()
-            .expect("body")
-    })
-    .await
-    .expect("task");
+    // Once the replication session to node 2 is up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let a = admin.clone();
+        let text = tokio::task::spawn_blocking(move || {
+            ureq::get(&format!("http://{a}/metrics"))
+                .call()
+                .expect("GET /metrics")
+                .body_mut()
+                .read_to_string()
+                .expect("body")
+        })
+        .await
+        .expect("task");
+        if text
+            .lines()
+            .any(|l| l == "holdfast_sync_peer_connected{peer=\"2\"} 1")
+        {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replication session to peer 2 never showed as connected:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let problems = lint(&text);
     assert!(problems.is_empty(), "{problems:#?}\n{text}");
     for want in [
@@ -117,6 +133,7 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
             .any(|l| l.starts_with("holdfast_sync_sent_total{peer=\"2\"}")),
         "no per-peer replication series for peer 2"
     );
+
     // The linter itself catches what it is meant to.
     for (bad, why) in [
         ("# HELP holdfast_x_total x\n# TYPE holdfast_x_total gauge\nholdfast_x_total 1\n", "_total"),
