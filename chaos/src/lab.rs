@@ -28,7 +28,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use datapath_ebpf::{decap::Decap, testrun::Nop, AttachMode};
+use datapath_ebpf::testrun::Nop;
 use netns::{veth, NetNs};
 use node::{
     api::{LocalStatus, MemberRow},
@@ -196,8 +196,30 @@ impl LbNode {
 
 struct Backend {
     _servers: Servers,
-    _decap: Decap,
+    /// `holdfast-decap` (as `{exe} _decap`), what a backend host runs.
+    decap: Option<std::process::Child>,
     _ns: NetNs,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.decap.take() {
+            // SIGTERM: it detaches and prints its counters to its log.
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 pub struct Lab {
@@ -391,12 +413,36 @@ impl Lab {
         be.ip("route add default via 10.88.1.1")?;
         be.ip(&format!("addr add {VIP}/32 dev lo"))?;
         be.sysctl("net.ipv4.conf.b0.rp_filter", "0")?;
-        let decap = be.run(|| -> Result<Decap> {
-            let mut d = Decap::load()?;
-            d.add_vip(VIP.parse()?)?;
-            d.attach("b0", AttachMode::Native)?;
-            Ok(d)
-        })??;
+        // The backend host runs holdfast-decap, as an operator's would.
+        let ready = self.spec.dir.join(format!("decap-b{j}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::File::create(self.spec.dir.join(format!("decap-b{j}.log")))?;
+        let exe = self.spec.exe.clone();
+        let mut child = be
+            .command(&exe)?
+            .args(["_decap", "--iface", "b0", "--vip", VIP, "--ready-file"])
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} _decap", exe.display()))?;
+        let started = wait_until(
+            "holdfast-decap on a backend",
+            Duration::from_secs(10),
+            || {
+                if let Some(st) = child.try_wait()? {
+                    bail!("holdfast-decap exited ({st}); see decap-b{j}.log");
+                }
+                Ok(ready.exists())
+            },
+        );
+        if let Err(e) = started {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        let decap = Some(child);
         let vip: IpAddr = VIP.parse()?;
         let servers = Servers::start(
             &be,
@@ -406,7 +452,7 @@ impl Lab {
         )?;
         self.backends.push(Backend {
             _servers: servers,
-            _decap: decap,
+            decap,
             _ns: be,
         });
         Ok(())

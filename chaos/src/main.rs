@@ -99,6 +99,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// holdfast-decap (used by the lab on its backends).
+    #[command(name = "_decap", hide = true)]
+    Decap {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Holds a lab for `lab up` (internal).
     #[command(name = "_keeper", hide = true)]
     Keeper {
@@ -139,6 +145,9 @@ fn main() -> ExitCode {
         full.extend(args);
         return node::daemon::main_from(full);
     }
+    if let Cmd::Decap { args } = cli.cmd {
+        return node::decap_agent::main_from(std::iter::once("holdfast-decap".into()).chain(args));
+    }
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -169,7 +178,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Demo { size, sync } => demo(&size, sync != SyncMode::Off),
         Cmd::Keeper { name, size } => keeper(&name, &size),
-        Cmd::Node { .. } => unreachable!("handled in main"),
+        Cmd::Node { .. } | Cmd::Decap { .. } => unreachable!("handled in main"),
     }
 }
 

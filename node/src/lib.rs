@@ -9,6 +9,7 @@ pub mod bgp;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod decap_agent;
 pub mod k8s;
 pub mod metrics;
 pub mod node;
