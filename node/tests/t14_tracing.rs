@@ -240,5 +240,9 @@ async fn t14_k8s_change_to_every_datapath_is_one_trace() {
         rec.parent_span_id.is_empty(),
         "the reconcile is the trace root"
     );
+    assert!(
+        int_attr(&rec, "events").unwrap_or(0) >= 1,
+        "the reconcile does not say how many watch events led to it"
+    );
     drop(c);
 }

@@ -164,6 +164,9 @@ async fn run(node: Arc<Node>) -> Result<()> {
     let (sl_store, sl_w) = reflector::store::<EndpointSlice>();
     let changed = Arc::new(tokio::sync::Notify::new());
     let (c1, c2) = (changed.clone(), changed.clone());
+    // Watch events since the last reconcile (its span's `events`).
+    let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (e1, e2) = (events.clone(), events.clone());
     let svc_stream = reflector(
         svc_w,
         watcher(
@@ -176,6 +179,7 @@ async fn run(node: Arc<Node>) -> Result<()> {
         if let Err(e) = ev {
             warn!(error = %e, "watching Services");
         }
+        e1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         c1.notify_one();
         futures::future::ready(())
     });
@@ -191,6 +195,7 @@ async fn run(node: Arc<Node>) -> Result<()> {
         if let Err(e) = ev {
             warn!(error = %e, "watching EndpointSlices");
         }
+        e2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         c2.notify_one();
         futures::future::ready(())
     });
@@ -215,7 +220,11 @@ async fn run(node: Arc<Node>) -> Result<()> {
         table_size: cfg.table_size,
     };
     loop {
-        let span = info_span!("k8s_reconcile", commands = tracing::field::Empty);
+        let span = info_span!(
+            "k8s_reconcile",
+            events = events.swap(0, std::sync::atomic::Ordering::Relaxed),
+            commands = tracing::field::Empty
+        );
         reconcile(&node, &client, &svc_store, &sl_store, &pcfg, &mut recorded)
             .instrument(span)
             .await?;
