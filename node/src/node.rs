@@ -673,7 +673,6 @@ impl Node {
     }
 
     /// Submit a request on this node (must be the leader).
-    #[instrument(skip_all, fields(node = self.id()))]
     #[instrument(name = "raft_write", skip_all, fields(node = self.id()))]
     pub async fn write(&self, mut req: Request) -> Result<Response, WriteError> {
         if req.trace.is_none() {
