@@ -618,9 +618,9 @@ impl Datapath {
             .unzip();
         report.backends_written = self.write_batch(M_BACKENDS, &w_ids, &w_vals)?;
         // A backend id now at another address must not reuse the old next hop.
-        let moved: Vec<u32> = ids
+        let moved: Vec<u32> = w_ids
             .iter()
-            .zip(&vals)
+            .zip(&w_vals)
             .filter(|(id, v)| {
                 self.live_backends
                     .get(id)
