@@ -23,8 +23,9 @@ use std::{
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use datapath_ebpf::{decap::Decap, AttachMode};
+use raft_store::cluster::parse_cidr;
 
 /// The most VIP addresses the decap map is given.
 const MAX_VIPS: u128 = 65_536;
@@ -42,42 +43,24 @@ const USAGE: &str =
 
 /// Every address of `s` (an address or a CIDR).
 fn expand(s: &str) -> Result<Vec<IpAddr>> {
-    let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (s, None),
-    };
-    let addr: IpAddr = addr
-        .parse()
-        .with_context(|| format!("--vip {s:?}: not an IP address or CIDR"))?;
-    let bits: u32 = if addr.is_ipv4() { 32 } else { 128 };
-    let len: u32 = match len {
-        None => bits,
-        Some(l) => l
+    let (net, len) = if s.contains('/') {
+        parse_cidr(s).map_err(|e| anyhow!("--vip {s:?}: {e}"))?
+    } else {
+        let a: IpAddr = s
             .parse()
-            .ok()
-            .filter(|l| *l <= bits)
-            .with_context(|| format!("--vip {s:?}: prefix length must be 0..={bits}"))?,
+            .with_context(|| format!("--vip {s:?}: not an IP address or CIDR"))?;
+        (a, if a.is_ipv4() { 32 } else { 128 })
     };
-    let count: u128 = 1u128 << (bits - len).min(127);
-    if bits - len >= 17 || count > MAX_VIPS {
-        bail!("--vip {s:?}: {count} addresses; at most {MAX_VIPS} in all");
+    let host_bits = if net.is_ipv4() { 32 } else { 128 } - u32::from(len);
+    if host_bits > MAX_VIPS.ilog2() {
+        bail!("--vip {s:?}: 2^{host_bits} addresses; at most {MAX_VIPS} in all");
     }
-    let start: u128 = match addr {
+    let start: u128 = match net {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
     };
-    let mask: u128 = !(count - 1);
-    if start & mask != start {
-        bail!("--vip {s:?}: host bits set (did you mean {}?)", {
-            let base = start & mask;
-            match addr {
-                IpAddr::V4(_) => format!("{}/{len}", Ipv4Addr::from(base as u32)),
-                IpAddr::V6(_) => format!("{}/{len}", Ipv6Addr::from(base)),
-            }
-        });
-    }
-    Ok((0..count)
-        .map(|i| match addr {
+    Ok((0..1u128 << host_bits)
+        .map(|i| match net {
             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from((start + i) as u32)),
             IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(start + i)),
         })
