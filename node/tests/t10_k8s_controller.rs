@@ -21,7 +21,7 @@ use std::{
 use node::{
     k8s::{
         testapi::{Kind, TestApi},
-        K8sSection, API_CALLS,
+        API_CALLS,
     },
     testing::Cluster,
 };
@@ -72,17 +72,7 @@ fn ready(n: usize, base: u8) -> Vec<(String, bool, bool, bool)> {
 
 async fn k8s_cluster(api: &TestApi) -> (Cluster, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = dir.path().join("ca.pem");
-    let tok = dir.path().join("token");
-    std::fs::write(&ca, &api.ca_pem).expect("ca");
-    std::fs::write(&tok, &api.token).expect("token");
-    let k = K8sSection {
-        enabled: true,
-        api_url: Some(format!("https://{}", api.addr)),
-        ca_file: Some(ca),
-        token_file: Some(tok),
-        ..Default::default()
-    };
+    let k = api.k8s_section(dir.path()).expect("kubernetes section");
     let c = Cluster::start_full(3, Default::default(), true, k).await;
     for (name, cidr) in [("v4", "10.210.0.0/28"), ("v6", "fd00:210::/120")] {
         let r = c

@@ -55,6 +55,16 @@ fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(file: &str) -> T {
     t
 }
 
+fn pod_spec(ds: &DaemonSet) -> &k8s_openapi::api::core::v1::PodSpec {
+    ds.spec
+        .as_ref()
+        .expect("spec")
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec")
+}
+
 #[test]
 fn t12_manifests_are_valid_objects() {
     let ns: Namespace = typed("namespace.yaml");
@@ -95,14 +105,7 @@ fn t12_manifests_are_valid_objects() {
         (subj.name.as_str(), subj.namespace.as_deref()),
         (sa_name, Some(nsname))
     );
-    let pod = ds
-        .spec
-        .as_ref()
-        .expect("spec")
-        .template
-        .spec
-        .as_ref()
-        .expect("pod spec");
+    let pod = pod_spec(&ds);
     assert_eq!(pod.service_account_name.as_deref(), Some(sa_name));
     assert_eq!(pod.host_network, Some(true));
 
@@ -165,14 +168,7 @@ fn t12_manifests_are_valid_objects() {
     // The decap DaemonSet: on every node but the LB nodes, host network,
     // only its capabilities, ready once attached, its VIPs = the CIDRs the
     // LB nodes announce (bird.conf's static routes).
-    let dpod = decap
-        .spec
-        .as_ref()
-        .expect("spec")
-        .template
-        .spec
-        .as_ref()
-        .expect("pod spec");
+    let dpod = pod_spec(&decap);
     assert_eq!(dpod.host_network, Some(true));
     let aff = serde_json::to_string(&dpod.affinity).expect("affinity");
     assert!(

@@ -42,16 +42,7 @@ async fn t13_dashboard_metrics_exist() {
     c.write(backend("web", "10.1.0.9", 80)).await;
     c.wait_converged(Duration::from_secs(10)).await;
     let admin = c.node(1).cfg.admin_addr.to_string();
-    let metrics = tokio::task::spawn_blocking(move || {
-        ureq::get(&format!("http://{admin}/metrics"))
-            .call()
-            .expect("GET /metrics")
-            .body_mut()
-            .read_to_string()
-            .expect("body")
-    })
-    .await
-    .expect("task");
+    let metrics = metrics(&admin).await;
     let exported: BTreeSet<&str> = metrics
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -83,17 +74,7 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
     // Once the replication session to node 2 is up.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let text = loop {
-        let a = admin.clone();
-        let text = tokio::task::spawn_blocking(move || {
-            ureq::get(&format!("http://{a}/metrics"))
-                .call()
-                .expect("GET /metrics")
-                .body_mut()
-                .read_to_string()
-                .expect("body")
-        })
-        .await
-        .expect("task");
+        let text = metrics(&admin).await;
         if text
             .lines()
             .any(|l| l == "holdfast_sync_peer_connected{peer=\"2\"} 1")
@@ -144,6 +125,17 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
         let p = lint(bad);
         assert!(p.iter().any(|m| m.contains(why)), "lint missed {why}: {p:?}");
     }
+}
+
+/// A node's `/metrics` text.
+async fn metrics(admin: &str) -> String {
+    let a = admin.to_string();
+    tokio::task::spawn_blocking(move || {
+        node::client::get_text_blocking(&a, "/metrics", Duration::from_secs(5))
+            .expect("GET /metrics")
+    })
+    .await
+    .expect("task")
 }
 
 /// A histogram as exposed: buckets (le, cumulative count) in order, whether

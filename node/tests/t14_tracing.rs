@@ -18,10 +18,7 @@ use std::{
 };
 
 use node::{
-    k8s::{
-        testapi::{Kind, TestApi},
-        K8sSection,
-    },
+    k8s::testapi::{Kind, TestApi},
     testing::Cluster,
 };
 use opentelemetry_proto::tonic::{
@@ -101,15 +98,7 @@ async fn t14_k8s_change_to_every_datapath_is_one_trace() {
 
     let api = TestApi::start().await.expect("test API server");
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("ca.pem"), &api.ca_pem).expect("ca");
-    std::fs::write(dir.path().join("token"), &api.token).expect("token");
-    let k = K8sSection {
-        enabled: true,
-        api_url: Some(format!("https://{}", api.addr)),
-        ca_file: Some(dir.path().join("ca.pem")),
-        token_file: Some(dir.path().join("token")),
-        ..Default::default()
-    };
+    let k = api.k8s_section(dir.path()).expect("kubernetes section");
     let c = Cluster::start_full(3, Default::default(), true, k).await;
     let r = c
         .write(Command::PutVipPool {

@@ -8,7 +8,6 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -104,8 +103,8 @@ fn decapsulates_vip_traffic_and_nothing_else() {
     sock.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
 
-    let dir = tempfile_dir();
-    let ready = dir.join("ready");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ready = dir.path().join("ready");
     let mut child = Reap(Some(
         worker
             .command(BIN)
@@ -183,7 +182,6 @@ fn decapsulates_vip_traffic_and_nothing_else() {
     assert!(!ready.exists(), "ready file left behind");
     let shown = worker.ip("-d link show w0").expect("link");
     assert!(!shown.contains("holdfast_decap"), "still attached: {shown}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The agent process, killed if the test fails before it is stopped.
@@ -205,10 +203,4 @@ impl Drop for Reap {
             let _ = c.wait();
         }
     }
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let d = Path::new("/tmp").join(format!("hf-decap-{}", std::process::id()));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
 }

@@ -69,15 +69,9 @@ async fn main() -> Result<()> {
     }
     let api = TestApi::start().await?;
     let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("ca.pem"), &api.ca_pem)?;
-    std::fs::write(dir.path().join("token"), &api.token)?;
     let k = K8sSection {
-        enabled: true,
-        api_url: Some(format!("https://{}", api.addr)),
-        ca_file: Some(dir.path().join("ca.pem")),
-        token_file: Some(dir.path().join("token")),
         debounce_ms: 5,
-        ..Default::default()
+        ..api.k8s_section(dir.path())?
     };
     let c = Cluster::start_sized(3, Default::default(), true, k, 128).await;
     let r = c

@@ -12,7 +12,10 @@ use std::{
     net::IpAddr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use raft_store::{
     cluster::{
         cidr_contains, parse_cidr, BackendState, ForwardingMode, Proto, Service as HfService,
@@ -155,6 +158,16 @@ pub fn owner_of(hf_name: &str) -> Option<(String, String)> {
     Some((ns.into(), name.into()))
 }
 
+/// An object's namespace, name and uid, with Kubernetes' defaults for the
+/// missing ones.
+fn ident(m: &ObjectMeta) -> (String, String, String) {
+    (
+        m.namespace.clone().unwrap_or_else(|| "default".into()),
+        m.name.clone().unwrap_or_default(),
+        m.uid.clone().unwrap_or_default(),
+    )
+}
+
 /// Compute what must change. `services` and `slices` are the API's
 /// current objects; `state` is the committed cluster config.
 pub fn plan(
@@ -183,13 +196,8 @@ pub fn plan(
     let existing: BTreeSet<(String, String)> = services
         .iter()
         .map(|s| {
-            (
-                s.metadata
-                    .namespace
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
-                s.metadata.name.clone().unwrap_or_default(),
-            )
+            let (ns, name, _) = ident(&s.metadata);
+            (ns, name)
         })
         .collect();
     for (k, ips) in &current {
@@ -216,13 +224,7 @@ pub fn plan(
     // First pass: decide the VIPs (keeping current ones), in age order.
     let mut vips_of: Vec<(&Service, Vec<IpAddr>, bool)> = Vec::new();
     for s in &svcs {
-        let ns = s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = s.metadata.name.clone().unwrap_or_default();
-        let uid = s.metadata.uid.clone().unwrap_or_default();
+        let (ns, name, uid) = ident(&s.metadata);
         known.insert((ns.clone(), name.clone()));
         let Some(spec) = &s.spec else { continue };
         let is_lb = spec.type_.as_deref() == Some("LoadBalancer")
@@ -355,12 +357,7 @@ pub fn plan(
     // Slices by Service.
     let mut by_svc: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for sl in slices {
-        let ns = sl
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let slname = sl.metadata.name.clone().unwrap_or_default();
+        let (ns, slname, sluid) = ident(&sl.metadata);
         let owner = sl
             .metadata
             .labels
@@ -375,7 +372,7 @@ pub fn plan(
                 "EndpointSlice",
                 &ns,
                 &slname,
-                sl.metadata.uid.as_deref().unwrap_or_default(),
+                &sluid,
                 "UnknownService",
                 format!("EndpointSlice names Service {ns}/{o}, which does not exist; skipped"),
             )),
@@ -385,13 +382,7 @@ pub fn plan(
 
     // Second pass: ports and backends.
     for (s, vips, is_lb) in vips_of {
-        let ns = s
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = s.metadata.name.clone().unwrap_or_default();
-        let uid = s.metadata.uid.clone().unwrap_or_default();
+        let (ns, name, uid) = ident(&s.metadata);
         let spec = s.spec.as_ref().expect("filtered above");
         let ports = spec.ports.clone().unwrap_or_default();
         let mut any = false;

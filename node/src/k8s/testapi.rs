@@ -184,6 +184,23 @@ impl TestApi {
         Ok(())
     }
 
+    /// A `[kubernetes]` section (controller on) that reaches this server:
+    /// its CA certificate and token are written into `dir`.
+    pub fn k8s_section(&self, dir: &std::path::Path) -> Result<super::K8sSection> {
+        let ca = dir.join("ca.pem");
+        let token = dir.join("token");
+        std::fs::write(&ca, &self.ca_pem).with_context(|| format!("writing {}", ca.display()))?;
+        std::fs::write(&token, &self.token)
+            .with_context(|| format!("writing {}", token.display()))?;
+        Ok(super::K8sSection {
+            enabled: true,
+            api_url: Some(format!("https://{}", self.addr)),
+            ca_file: Some(ca),
+            token_file: Some(token),
+            ..Default::default()
+        })
+    }
+
     /// A kube client for this server.
     pub fn client_config(&self) -> Result<kube::Config> {
         let url: axum::http::Uri = format!("https://{}", self.addr).parse()?;
