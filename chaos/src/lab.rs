@@ -31,10 +31,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use datapath_ebpf::testrun::Nop;
 use netns::{veth, NetNs};
 use node::{
-    api::{LocalStatus, MemberRow},
+    client::Client,
     config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig},
     replication::CtRow,
     tls,
+    wire::{LocalStatus, MemberRow},
 };
 use raft_store::{
     cluster::{BackendState, Command, ForwardingMode, Proto, Response, Service},
@@ -53,6 +54,9 @@ pub const TCP_SERVICE: &str = "echo";
 pub const UDP_SERVICE: &str = "dns";
 const RAFT_PORT: u16 = 7001;
 const ADMIN_PORT: u16 = 7101;
+const METRICS_PORT: u16 = 7102;
+/// The lab's operator certificate (`pki/client-lab.pem`, role admin).
+pub const LAB_CLIENT: &str = "lab";
 
 /// Fabric address of LB node `i` (1-based).
 pub fn lb_addr(i: usize) -> IpAddr {
@@ -61,6 +65,11 @@ pub fn lb_addr(i: usize) -> IpAddr {
 
 pub fn admin_addr(i: usize) -> String {
     format!("{}:{ADMIN_PORT}", lb_addr(i))
+}
+
+/// The plain metrics/probe listener of LB node `i`.
+pub fn metrics_addr(i: usize) -> String {
+    format!("{}:{METRICS_PORT}", lb_addr(i))
 }
 
 /// Address of backend host `j` (1-based).
@@ -230,6 +239,9 @@ pub struct Lab {
     pub router: NetNs,
     pub client: NetNs,
     pub sw: NetNs,
+    /// The admin API client (the lab's admin certificate); set once the
+    /// PKI exists.
+    api: Option<Client>,
 }
 
 /// Poll `f` every 20 ms until it is true or `timeout` passes.
@@ -342,6 +354,7 @@ impl Lab {
             router,
             client,
             sw,
+            api: None,
         };
 
         // Backends.
@@ -373,6 +386,18 @@ impl Lab {
             )?;
             tls::write_pair(&pki, &format!("node-{i}"), &c, &k)?;
         }
+        let (c, k) = tls::issue(
+            &ca,
+            &ca_key,
+            &tls::Subject::Client {
+                name: LAB_CLIENT.into(),
+                role: "admin".into(),
+            },
+        )?;
+        tls::write_pair(&pki, &format!("client-{LAB_CLIENT}"), &c, &k)?;
+        lab.api = Some(Client::from_identity(&tls::Identity::from_pem(
+            &ca, &c, &k,
+        )?)?);
 
         for i in 1..=spec.nodes {
             lab.add_lb_host(i)?;
@@ -490,6 +515,8 @@ impl Lab {
             data_dir: dir.join("data"),
             raft_addr: SocketAddr::new(lb_addr(i), RAFT_PORT),
             admin_addr: admin_addr(i).parse()?,
+            metrics_addr: metrics_addr(i).parse()?,
+            admin: Default::default(),
             bgp_next_hop: Some(lb_addr(i)),
             bootstrap: i == 1,
             join: if i == 1 {
@@ -504,6 +531,7 @@ impl Lab {
                 ca_cert: pki.join("ca.pem"),
                 cert: pki.join(format!("node-{i}.pem")),
                 key: pki.join(format!("node-{i}.key")),
+                reload_interval_ms: 2_000,
             },
             raft: RaftTuning::default(),
             datapath: DatapathSection {
@@ -670,6 +698,32 @@ impl Lab {
         Ok(())
     }
 
+    /// The admin API client of the lab's operator (role admin).
+    pub fn api(&self) -> Result<Client> {
+        self.api
+            .clone()
+            .ok_or_else(|| anyhow!("the lab's PKI is not made yet"))
+    }
+
+    /// The PKI directory (CA, node and client certificates).
+    pub fn pki(&self) -> PathBuf {
+        self.spec.dir.join("pki")
+    }
+
+    /// clusterctl's credentials for this lab, as command-line arguments.
+    pub fn clusterctl_args(&self) -> Vec<String> {
+        let pki = self.pki();
+        let p = |f: &str| pki.join(f).to_string_lossy().into_owned();
+        vec![
+            "--ca".into(),
+            p("ca.pem"),
+            "--cert".into(),
+            p(&format!("client-{LAB_CLIENT}.pem")),
+            "--key".into(),
+            p(&format!("client-{LAB_CLIENT}.key")),
+        ]
+    }
+
     /// GET `path` of node `i`'s admin API (from the router's namespace).
     pub fn api_get<T: serde::de::DeserializeOwned + Send + 'static>(
         &self,
@@ -678,21 +732,22 @@ impl Lab {
     ) -> Result<T> {
         let addr = admin_addr(i);
         let path = path.to_string();
+        let api = self.api()?.for_node(i as u64);
         Ok(self
             .router
-            .run(move || node::client::get_blocking::<T>(&addr, &path, Duration::from_secs(3)))??)
+            .run(move || api.get::<T>(&addr, &path, Duration::from_secs(3)))??)
     }
 
     /// Drain (withdraw the VIPs of) node `i`, or undrain it.
     pub fn drain(&self, i: usize, drain: bool) -> Result<LocalStatus> {
         let addr = admin_addr(i);
+        let api = self.api()?.for_node(i as u64);
         Ok(self.router.run(move || {
-            node::client::post_blocking::<_, LocalStatus>(
+            api.post::<_, LocalStatus>(
                 &addr,
                 "/drain",
-                &node::api::DrainRequest { drain },
+                &node::wire::DrainRequest { drain },
                 Duration::from_secs(3),
-                false,
             )
         })??)
     }
@@ -765,9 +820,10 @@ impl Lab {
             command,
             trace: None,
         };
-        let r: Response = self.router.run(move || {
-            node::client::post_retry(&addrs, "/command", &req, Duration::from_secs(20))
-        })??;
+        let api = self.api()?;
+        let r: Response = self
+            .router
+            .run(move || api.post_retry(&addrs, "/command", &req, Duration::from_secs(20)))??;
         if let Some(why) = r.rejected {
             bail!("the cluster rejected the change: {why}");
         }

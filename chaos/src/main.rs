@@ -269,9 +269,16 @@ fn clusterctl_members(lab: &Lab, node: usize) {
         .ok()
         .and_then(|e| e.parent().map(|d| d.join("clusterctl")));
     if let Some(ctl) = ctl.filter(|c| c.exists()) {
-        println!("$ clusterctl --node {} members", lab::admin_addr(node));
+        println!(
+            "$ clusterctl --node {} --ca pki/ca.pem --cert pki/client-{}.pem --key pki/client-{}.key members",
+            lab::admin_addr(node),
+            lab::LAB_CLIENT,
+            lab::LAB_CLIENT
+        );
         match lab.router.command(&ctl).map(|mut c| {
-            c.args(["--node", &lab::admin_addr(node), "members"])
+            c.args(["--node", &lab::admin_addr(node)])
+                .args(lab.clusterctl_args())
+                .arg("members")
                 .stdin(Stdio::null())
                 .output()
         }) {

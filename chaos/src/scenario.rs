@@ -358,13 +358,9 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
         },
         trace: None,
     };
+    let api = cx.lab.api()?;
     let pending = cx.lab.router.spawn(move || {
-        node::client::post_retry::<_, raft_store::Response>(
-            &addrs,
-            "/command",
-            &req,
-            Duration::from_secs(20),
-        )
+        api.post_retry::<_, raft_store::Response>(&addrs, "/command", &req, Duration::from_secs(20))
     });
     std::thread::sleep(Duration::from_millis(5));
     cx.say(format!(

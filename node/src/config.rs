@@ -12,6 +12,10 @@ pub const ENV_NODE_ID: &str = "HOLDFAST_NODE_ID";
 pub const ENV_DATA_DIR: &str = "HOLDFAST_DATA_DIR";
 pub const ENV_RAFT_ADDR: &str = "HOLDFAST_RAFT_ADDR";
 pub const ENV_ADMIN_ADDR: &str = "HOLDFAST_ADMIN_ADDR";
+pub const ENV_METRICS_ADDR: &str = "HOLDFAST_METRICS_ADDR";
+pub const ENV_TLS_CA: &str = "HOLDFAST_TLS_CA";
+pub const ENV_TLS_CERT: &str = "HOLDFAST_TLS_CERT";
+pub const ENV_TLS_KEY: &str = "HOLDFAST_TLS_KEY";
 pub const ENV_JOIN: &str = "HOLDFAST_JOIN";
 pub const ENV_BOOTSTRAP: &str = "HOLDFAST_BOOTSTRAP";
 pub const ENV_LOG: &str = "HOLDFAST_LOG";
@@ -47,10 +51,19 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// QUIC listen address, also the address peers dial (Raft and sync).
     pub raft_addr: SocketAddr,
-    /// Admin API (HTTP/JSON and /metrics). Bind it to loopback unless
-    /// something else protects it.
+    /// Admin API: HTTPS, every call authenticated by a client certificate
+    /// from the cluster CA and authorized by its role. Peers join and
+    /// forward writes through it, so in a cluster it listens on the node's
+    /// address.
     #[serde(default = "default_admin")]
     pub admin_addr: SocketAddr,
+    /// Plain HTTP for `/metrics`, `/ready` and `/live` only (Prometheus,
+    /// kubelet probes): nothing that writes or shows conntrack.
+    #[serde(default = "default_metrics")]
+    pub metrics_addr: SocketAddr,
+    /// Limits of the admin API's listeners.
+    #[serde(default)]
+    pub admin: AdminSection,
     /// The next hop this node announces over BGP.
     #[serde(default)]
     pub bgp_next_hop: Option<std::net::IpAddr>,
@@ -139,6 +152,78 @@ fn default_admin() -> SocketAddr {
     "127.0.0.1:7101".parse().expect("static")
 }
 
+fn default_metrics() -> SocketAddr {
+    "127.0.0.1:7102".parse().expect("static")
+}
+
+/// `[admin]`: limits of the admin API (and the plain metrics listener),
+/// so that a misbehaving client cannot stall the node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_ip: usize,
+    /// The TLS handshake must finish within this.
+    pub handshake_timeout_ms: u64,
+    /// The request line and headers must arrive within this.
+    pub request_timeout_ms: u64,
+    /// The request body must arrive within this.
+    pub body_timeout_ms: u64,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// No connection lives longer (a forwarded join takes up to ~11 s).
+    pub connection_lifetime_ms: u64,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_connections_per_ip: 64,
+            handshake_timeout_ms: 5_000,
+            request_timeout_ms: 5_000,
+            body_timeout_ms: 5_000,
+            max_body_bytes: 1 << 20,
+            connection_lifetime_ms: 30_000,
+        }
+    }
+}
+
+impl AdminSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 || self.max_connections > 65_536 {
+            return Err(invalid("admin.max_connections", "must be 1..=65536"));
+        }
+        if self.max_connections_per_ip == 0 || self.max_connections_per_ip > self.max_connections {
+            return Err(invalid(
+                "admin.max_connections_per_ip",
+                "must be 1..=admin.max_connections",
+            ));
+        }
+        for (field, v) in [
+            ("admin.handshake_timeout_ms", self.handshake_timeout_ms),
+            ("admin.request_timeout_ms", self.request_timeout_ms),
+            ("admin.body_timeout_ms", self.body_timeout_ms),
+        ] {
+            if !(100..=60_000).contains(&v) {
+                return Err(invalid(field, "must be 100..=60000"));
+            }
+        }
+        if !(15_000..=600_000).contains(&self.connection_lifetime_ms) {
+            return Err(invalid(
+                "admin.connection_lifetime_ms",
+                "must be 15000..=600000 (a forwarded join takes up to ~11 s)",
+            ));
+        }
+        if !(4096..=(64 << 20)).contains(&self.max_body_bytes) {
+            return Err(invalid("admin.max_body_bytes", "must be 4096..=67108864"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -147,6 +232,14 @@ pub struct TlsConfig {
     /// This node's certificate (PEM), issued by `clusterctl certs issue`.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// How often the three files are checked for a rotation (their
+    /// content; 0: never — a restart picks up new certificates).
+    #[serde(default = "default_reload_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_reload_ms() -> u64 {
+    2_000
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -284,6 +377,20 @@ impl NodeConfig {
                 .parse()
                 .map_err(|_| invalid(ENV_ADMIN_ADDR, format!("{v:?} is not ip:port")))?;
         }
+        if let Some(v) = get(ENV_METRICS_ADDR) {
+            self.metrics_addr = v
+                .parse()
+                .map_err(|_| invalid(ENV_METRICS_ADDR, format!("{v:?} is not ip:port")))?;
+        }
+        if let Some(v) = get(ENV_TLS_CA) {
+            self.tls.ca_cert = v.into();
+        }
+        if let Some(v) = get(ENV_TLS_CERT) {
+            self.tls.cert = v.into();
+        }
+        if let Some(v) = get(ENV_TLS_KEY) {
+            self.tls.key = v.into();
+        }
         if let Some(v) = get(ENV_JOIN) {
             self.join = v
                 .split(',')
@@ -326,6 +433,22 @@ impl NodeConfig {
         if self.raft_addr.port() == 0 || self.admin_addr.port() == 0 {
             return Err(invalid("raft_addr/admin_addr", "port 0 is not allowed"));
         }
+        if self.metrics_addr.port() == 0 {
+            return Err(invalid("metrics_addr", "port 0 is not allowed"));
+        }
+        if self.metrics_addr == self.admin_addr {
+            return Err(invalid(
+                "metrics_addr",
+                "must differ from admin_addr (one is HTTPS with client certificates, the other plain)",
+            ));
+        }
+        if self.tls.reload_interval_ms != 0 && self.tls.reload_interval_ms < 100 {
+            return Err(invalid(
+                "tls.reload_interval_ms",
+                "must be 0 (off) or at least 100",
+            ));
+        }
+        self.admin.validate()?;
         if self.bootstrap && !self.join.is_empty() {
             return Err(invalid(
                 "bootstrap",

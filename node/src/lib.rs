@@ -5,9 +5,11 @@
 //! is the operator's CLI.
 
 pub mod api;
+pub mod auth;
 pub mod bgp;
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod decap_agent;
 pub mod k8s;
@@ -17,6 +19,7 @@ pub mod raft_net;
 pub mod telemetry;
 pub mod testing;
 pub mod top;
+pub mod wire;
 
 pub use sync::{service as replication, tls, transport};
 

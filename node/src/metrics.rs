@@ -15,6 +15,10 @@ pub struct Metrics {
     pub datapath_apply_errors: AtomicU64,
     pub commands_rejected: AtomicU64,
     pub writes_forwarded: AtomicU64,
+    /// Admin API refusals by [`crate::auth::Refusal::index`].
+    pub admin_refused: [AtomicU64; crate::auth::Refusal::REASONS.len()],
+    /// Raft RPCs refused (sender not a member, or not whom it claims).
+    pub raft_rpcs_refused: std::sync::Arc<AtomicU64>,
 }
 
 /// Helpers to write metric families.

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use datapath_ebpf::{
     AttachMode, BackendSpec, BackendState as DpState, Datapath, DatapathConfig, Proto as DpProto,
     ServiceSpec,
@@ -24,7 +24,9 @@ use raft_store::{
 use tracing::{error, info, instrument, warn, Instrument};
 
 use crate::{
+    client::Client,
     config::{NodeConfig, XdpMode},
+    credentials::Credentials,
     metrics::Metrics,
     raft_net::{handler, HeartbeatClock, RaftNet},
     tls::Identity,
@@ -38,6 +40,10 @@ pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
 
 /// How long one membership change may take before the client is told to retry.
 pub const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one join or registration call through a peer may take before
+/// it is retried.
+pub const JOIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a joining node may take to catch up as a learner.
 pub const JOIN_CATCH_UP: Duration = Duration::from_secs(8);
@@ -112,6 +118,10 @@ pub struct Node {
     /// Conntrack replication (datapath and `sync.enabled`).
     pub sync: std::sync::OnceLock<Arc<crate::replication::SyncService>>,
     shutting_down: AtomicBool,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    /// The TLS identity in use (admin API, client calls, QUIC), rotated
+    /// from the files without a restart.
+    pub credentials: Credentials,
     /// Operator drain: withdraw the VIPs while staying in the cluster.
     pub draining: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -200,18 +210,27 @@ impl Node {
         crate::tls::install_crypto_provider();
         cfg.validate()?;
         let identity = Identity::load(&cfg.tls.ca_cert, &cfg.tls.cert, &cfg.tls.key)?;
-        let cert_id = identity.node_id()?;
-        if cert_id != cfg.node_id {
-            bail!(
-                "the certificate {} is for node {cert_id}, but node_id is {}",
-                cfg.tls.cert.display(),
-                cfg.node_id
-            );
-        }
+        let credentials = Credentials::new(cfg.node_id, &identity)
+            .with_context(|| format!("certificate {}", cfg.tls.cert.display()))?;
         let (log, sm) = raft_store::open(&cfg.raft_dir())
             .await
             .map_err(|e| anyhow!("opening raft storage in {}: {e}", cfg.raft_dir().display()))?;
         let transport = Transport::bind(cfg.raft_addr, &identity)?;
+        // Peers whose certificate the cluster revoked are refused (and
+        // dropped when the revocation commits: `revocation_loop`).
+        let revoked_sm = sm.clone();
+        transport.set_peer_check(Some(Arc::new(
+            move |c: &crate::tls::CertInfo| match revoked_sm
+                .current()
+                .state
+                .revoked
+                .contains_key(&c.serial)
+            {
+                true => Err(format!("serial {} is revoked", c.serial)),
+                false => Ok(()),
+            },
+        )));
+        let metrics = Arc::new(Metrics::default());
         let rc = openraft::Config {
             cluster_name: "holdfast".into(),
             heartbeat_interval: cfg.raft.heartbeat_ms,
@@ -236,7 +255,11 @@ impl Node {
         .await
         .context("starting raft")?;
         let heartbeat = Arc::new(HeartbeatClock::default());
-        let server = transport.serve(handler(raft.clone(), heartbeat.clone()));
+        let server = transport.serve(handler(
+            raft.clone(),
+            heartbeat.clone(),
+            metrics.raft_rpcs_refused.clone(),
+        ));
 
         let datapath = if cfg.datapath.enabled {
             let opts = cfg.datapath.options(cfg.node_id);
@@ -268,7 +291,7 @@ impl Node {
             sm,
             transport,
             datapath,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             heartbeat,
             applied_epoch: Arc::new(AtomicU64::new(0)),
             applied_tx,
@@ -277,6 +300,8 @@ impl Node {
             conntrack_entries: AtomicU64::new(0),
             health_error: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
+            shutdown_tx: tokio::sync::watch::channel(false).0,
+            credentials,
             draining: AtomicBool::new(false),
             tasks: Mutex::new(vec![server]),
         });
@@ -329,12 +354,31 @@ impl Node {
         }
         let reg = tokio::spawn(node.clone().register_loop());
         node.tasks.lock().expect("tasks").push(reg);
-        let listener = tokio::net::TcpListener::bind(node.cfg.admin_addr)
-            .await
-            .with_context(|| format!("binding the admin API on {}", node.cfg.admin_addr))?;
-        let api = tokio::spawn(crate::api::serve(node.clone(), listener));
-        node.tasks.lock().expect("tasks").push(api);
-        info!(node = node.id(), raft = %node.cfg.raft_addr, admin = %node.cfg.admin_addr, "node started");
+        let rev = tokio::spawn(node.clone().revocation_loop());
+        node.tasks.lock().expect("tasks").push(rev);
+        if node.cfg.tls.reload_interval_ms > 0 {
+            let r = tokio::spawn(node.clone().reload_loop());
+            node.tasks.lock().expect("tasks").push(r);
+        }
+        for (addr, tls, what) in [
+            (node.cfg.admin_addr, true, "the admin API"),
+            (node.cfg.metrics_addr, false, "the metrics listener"),
+        ] {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {what} on {addr}"))?;
+            let api = tokio::spawn(crate::api::serve(node.clone(), listener, tls));
+            node.tasks.lock().expect("tasks").push(api);
+        }
+        info!(
+            node = node.id(),
+            raft = %node.cfg.raft_addr,
+            admin = %node.cfg.admin_addr,
+            metrics = %node.cfg.metrics_addr,
+            certificate = %node.credentials.cert().subject(),
+            serial = %node.credentials.cert().serial,
+            "node started"
+        );
         Ok(node)
     }
 
@@ -363,6 +407,102 @@ impl Node {
 
     pub fn id(&self) -> u64 {
         self.cfg.node_id
+    }
+
+    /// The client this node calls other nodes' admin APIs with (its node
+    /// certificate, as rotated).
+    pub fn client(&self) -> Client {
+        self.credentials.client()
+    }
+
+    /// Whether the cluster revoked this certificate serial.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.sm.current().state.revoked.contains_key(serial)
+    }
+
+    /// Resolves once the node is shutting down.
+    pub async fn shut_down(&self) {
+        let mut rx = self.shutdown_tx.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Pick up rotated certificate files (content checked every
+    /// `tls.reload_interval_ms`): valid ones replace the identity of the
+    /// admin API, of this node's calls and of the QUIC endpoint for every
+    /// new connection; invalid ones are reported and ignored.
+    async fn reload_loop(self: Arc<Self>) {
+        let files = crate::auth::CertFiles {
+            ca: self.cfg.tls.ca_cert.clone(),
+            cert: self.cfg.tls.cert.clone(),
+            key: self.cfg.tls.key.clone(),
+        };
+        let mut watcher = {
+            let f = files.clone();
+            match tokio::task::spawn_blocking(move || crate::auth::Watcher::new(f)).await {
+                Ok(w) => w,
+                Err(e) => {
+                    error!(error = %e, "certificate watcher");
+                    return;
+                }
+            }
+        };
+        let every = Duration::from_millis(self.cfg.tls.reload_interval_ms);
+        loop {
+            tokio::time::sleep(every).await;
+            let (w, change) = match tokio::task::spawn_blocking(move || {
+                let c = watcher.poll();
+                (watcher, c)
+            })
+            .await
+            {
+                Ok(x) => x,
+                Err(e) => {
+                    error!(error = %e, "certificate watcher");
+                    return;
+                }
+            };
+            watcher = w;
+            match change {
+                crate::auth::Change::None => {}
+                crate::auth::Change::Valid(id) => {
+                    match self.credentials.rotate(&id, &self.transport) {
+                        Ok(cert) => info!(
+                            subject = %cert.subject(),
+                            serial = %cert.serial,
+                            not_after = cert.not_after,
+                            "certificate rotated"
+                        ),
+                        Err(e) => {
+                            self.credentials
+                                .reload_errors
+                                .fetch_add(1, Ordering::Relaxed);
+                            warn!(error = %format!("{e:#}"), "rotated certificate refused; keeping the current one");
+                        }
+                    }
+                }
+                crate::auth::Change::Invalid(e) => {
+                    self.credentials
+                        .reload_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %format!("{e:#}"), "certificate files changed but do not form a valid identity; keeping the current one");
+                }
+            }
+        }
+    }
+
+    /// When the revocation list changes, close the QUIC connections of
+    /// peers it now names (admin API calls check it per connection).
+    async fn revocation_loop(self: Arc<Self>) {
+        let mut rx = self.sm.subscribe();
+        let mut last = rx.borrow_and_update().state.revoked.clone();
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow_and_update().state.revoked.clone();
+            if now != last {
+                let closed = self.transport.enforce_peer_check();
+                info!(revoked = now.len(), closed, "revocation list changed");
+                last = now;
+            }
+        }
     }
 
     fn member(&self) -> Member {
@@ -614,13 +754,14 @@ impl Node {
                 match self.write(req.clone()).await {
                     Ok(_) => Ok(()),
                     Err(WriteError::NotLeader {
-                        leader: Some((_, admin)),
-                    }) if !admin.is_empty() => {
-                        crate::client::post_json::<_, Response>(&admin, "/command", &req)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| anyhow!("registering through the leader: {e}"))
-                    }
+                        leader: Some((leader, admin)),
+                    }) if !admin.is_empty() => self
+                        .client()
+                        .for_node(leader)
+                        .post_async::<_, Response>(&admin, "/command", &req, JOIN_CALL_TIMEOUT)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| anyhow!("registering through the leader: {e}")),
                     Err(e) => Err(anyhow!("{e}")),
                 }
             } else {
@@ -641,12 +782,15 @@ impl Node {
         let member = self.member();
         let mut last = anyhow!("no join address");
         for addr in &self.cfg.join {
-            match crate::client::post_json::<_, serde_json::Value>(
-                &addr.to_string(),
-                "/cluster/join",
-                &member,
-            )
-            .await
+            match self
+                .client()
+                .post_async::<_, serde_json::Value>(
+                    &addr.to_string(),
+                    "/cluster/join",
+                    &member,
+                    JOIN_CALL_TIMEOUT,
+                )
+                .await
             {
                 Ok(_) => {
                     info!(via = %addr, "joined the cluster");
@@ -861,6 +1005,7 @@ impl Node {
         if self.shutting_down.swap(true, Ordering::Relaxed) {
             return;
         }
+        self.shutdown_tx.send_replace(true);
         // Stop attracting traffic first.
         if self.cfg.bgp.enabled && self.bgp_announced.swap(false, Ordering::Relaxed) {
             use crate::bgp::Announcer;
@@ -872,7 +1017,7 @@ impl Node {
             }
         }
         if leave {
-            if let Err(e) = crate::client::leave(self).await {
+            if let Err(e) = self.leave().await {
                 warn!(error = %e, "could not leave the cluster cleanly");
             }
         }
@@ -901,6 +1046,43 @@ impl Node {
             }
         }
         info!(node = self.id(), "stopped");
+    }
+
+    /// Leave the cluster gracefully: ask the leader to remove this node,
+    /// retrying through leader changes for up to 10 s.
+    async fn leave(&self) -> Result<()> {
+        if self.voters() == [self.id()] {
+            info!("last voter of the cluster: stopping without leaving");
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = match self.leader() {
+                Some((id, _)) if id == self.id() => self
+                    .remove_member(self.id())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| anyhow!("{e}")),
+                Some((id, admin)) if !admin.is_empty() => self
+                    .client()
+                    .for_node(id)
+                    .post_async::<_, serde_json::Value>(
+                        &admin,
+                        "/cluster/remove",
+                        &crate::wire::RemoveRequest { node_id: self.id() },
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| anyhow!("{e}")),
+                _ => Err(anyhow!("no leader known")),
+            };
+            match res {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     /// The voters of the membership this node knows.

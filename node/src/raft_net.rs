@@ -154,31 +154,85 @@ fn reply<T: Serialize>(r: &T) -> Result<Vec<u8>, String> {
     serde_json::to_vec(r).map_err(|e| format!("encoding response: {e}"))
 }
 
-/// The server side: decode, hand to the local Raft, encode its result.
-pub fn handler(raft: Raft, heartbeat: Arc<HeartbeatClock>) -> Handler {
-    Arc::new(move |_peer, kind, body| {
+/// Whether `peer` may send this node Raft RPCs as `claimed` (the node the
+/// RPC says it comes from: the leader or candidate in its vote).
+///
+/// Refused: an RPC claiming another node than the certificate names (no
+/// node speaks for another), and one from a node outside this node's
+/// membership — unless this node has no membership yet (a new node waiting
+/// for the leader that adds it), or the RPC itself carries a membership
+/// naming the sender (`carried`: how a new leader reaches a follower that
+/// missed its join). A vote always needs the sender in the membership.
+pub fn admit(
+    raft: &Raft,
+    peer: NodeId,
+    claimed: Option<NodeId>,
+    carried: bool,
+) -> Result<(), String> {
+    if claimed != Some(peer) {
+        return Err(format!(
+            "node {peer} sent an RPC as {}",
+            claimed.map_or("nobody".to_string(), |c| format!("node {c}"))
+        ));
+    }
+    let m = raft.metrics().borrow().membership_config.clone();
+    let mut nodes = m.membership().nodes().map(|(id, _)| *id).peekable();
+    if nodes.peek().is_none() {
+        return Ok(());
+    }
+    if nodes.any(|id| id == peer) || carried {
+        return Ok(());
+    }
+    Err(format!("node {peer} is not a member"))
+}
+
+/// The server side: check the sender, decode, hand to the local Raft,
+/// encode its result. Refusals count in `refused`.
+pub fn handler(raft: Raft, heartbeat: Arc<HeartbeatClock>, refused: Arc<AtomicU64>) -> Handler {
+    Arc::new(move |peer, kind, body| {
         let raft = raft.clone();
         let heartbeat = heartbeat.clone();
+        let refused = refused.clone();
         Box::pin(async move {
+            let deny = |why: String| {
+                refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer, kind, reason = %why, "Raft RPC refused");
+                why
+            };
             match kind {
                 RPC_APPEND => {
                     let req: AppendEntriesRequest<TypeConfig> = serde_json::from_slice(&body)
-                        .map_err(|e| format!("bad append_entries: {e}"))?;
+                        .map_err(|e| deny(format!("bad append_entries: {e}")))?;
+                    let carried = req.entries.iter().any(|e| match &e.payload {
+                        openraft::EntryPayload::Membership(m) => {
+                            m.nodes().any(|(id, _)| *id == peer)
+                        }
+                        _ => false,
+                    });
+                    admit(&raft, peer, req.vote.leader_id().voted_for(), carried).map_err(deny)?;
                     heartbeat.beat();
                     reply(&raft.append_entries(req).await)
                 }
                 RPC_VOTE => {
-                    let req: VoteRequest<NodeId> =
-                        serde_json::from_slice(&body).map_err(|e| format!("bad vote: {e}"))?;
+                    let req: VoteRequest<NodeId> = serde_json::from_slice(&body)
+                        .map_err(|e| deny(format!("bad vote: {e}")))?;
+                    admit(&raft, peer, req.vote.leader_id().voted_for(), false).map_err(deny)?;
                     reply(&raft.vote(req).await)
                 }
                 RPC_SNAPSHOT => {
                     let req: InstallSnapshotRequest<TypeConfig> = serde_json::from_slice(&body)
-                        .map_err(|e| format!("bad install_snapshot: {e}"))?;
+                        .map_err(|e| deny(format!("bad install_snapshot: {e}")))?;
+                    let carried = req
+                        .meta
+                        .last_membership
+                        .membership()
+                        .nodes()
+                        .any(|(id, _)| *id == peer);
+                    admit(&raft, peer, req.vote.leader_id().voted_for(), carried).map_err(deny)?;
                     heartbeat.beat();
                     reply(&raft.install_snapshot(req).await)
                 }
-                other => Err(format!("unknown RPC kind {other}")),
+                other => Err(deny(format!("unknown RPC kind {other}"))),
             }
         })
     })

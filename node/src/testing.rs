@@ -74,6 +74,37 @@ pub fn issue_node(dir: &Path, id: u64) {
     tls::write_pair(dir, &format!("node-{id}"), &c, &k).expect("write cert");
 }
 
+/// Issue a client certificate `client-<name>.pem/.key` with `role` in `dir`.
+pub fn issue_client(dir: &Path, name: &str, role: crate::auth::Role) {
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem");
+    let key = std::fs::read_to_string(dir.join("ca.key")).expect("ca.key");
+    let (c, k) = tls::issue(
+        &ca,
+        &key,
+        &tls::Subject::Client {
+            name: name.into(),
+            role: role.as_str().into(),
+        },
+    )
+    .expect("issue client");
+    tls::write_pair(dir, &format!("client-{name}"), &c, &k).expect("write cert");
+}
+
+/// The identity in `dir`'s `ca.pem` and `<stem>.pem/.key`.
+pub fn identity(dir: &Path, stem: &str) -> tls::Identity {
+    tls::Identity::load(
+        &dir.join("ca.pem"),
+        &dir.join(format!("{stem}.pem")),
+        &dir.join(format!("{stem}.key")),
+    )
+    .expect("load identity")
+}
+
+/// An admin API client presenting `dir`'s `<stem>.pem` certificate.
+pub fn client_from(dir: &Path, stem: &str) -> crate::client::Client {
+    crate::client::Client::from_identity(&identity(dir, stem)).expect("client")
+}
+
 pub struct Cluster {
     pub dir: TempDir,
     pub pki: PathBuf,
@@ -136,6 +167,9 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = dir.path().join("pki");
         make_ca(&pki, "test");
+        for role in crate::auth::Role::ALL {
+            issue_client(&pki, role.as_str(), role);
+        }
         let mut c = Self {
             dir,
             pki,
@@ -170,6 +204,8 @@ impl Cluster {
             data_dir: self.dir.path().join(format!("node{id}")),
             raft_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             admin_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            metrics_addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            admin: Default::default(),
             bgp_next_hop: None,
             bootstrap: join.is_empty(),
             join,
@@ -178,6 +214,7 @@ impl Cluster {
                 ca_cert: pki.join("ca.pem"),
                 cert: pki.join(format!("node-{id}.pem")),
                 key: pki.join(format!("node-{id}.key")),
+                reload_interval_ms: 500,
             },
             raft: self.raft.clone(),
             datapath: DatapathSection {
@@ -226,6 +263,34 @@ impl Cluster {
         let node = Node::start(cfg).await.expect("restart node");
         self.nodes.insert(id, node.clone());
         node
+    }
+
+    /// An admin API client with the `admin` role (certificates made at start).
+    pub fn client(&self) -> crate::client::Client {
+        self.client_as(crate::auth::Role::Admin)
+    }
+
+    /// An admin API client with `role`.
+    pub fn client_as(&self, role: crate::auth::Role) -> crate::client::Client {
+        client_from(&self.pki, &format!("client-{}", role.as_str()))
+    }
+
+    /// The environment that gives clusterctl the `role` client certificate.
+    pub fn clusterctl_env(&self, role: crate::auth::Role) -> [(&'static str, PathBuf); 3] {
+        let stem = format!("client-{}", role.as_str());
+        [
+            ("HOLDFAST_CA", self.pki.join("ca.pem")),
+            ("HOLDFAST_CERT", self.pki.join(format!("{stem}.pem"))),
+            ("HOLDFAST_KEY", self.pki.join(format!("{stem}.key"))),
+        ]
+    }
+
+    /// Admin addresses of the live nodes.
+    pub fn admin_addrs(&self) -> Vec<String> {
+        self.nodes
+            .values()
+            .map(|n| n.cfg.admin_addr.to_string())
+            .collect()
     }
 
     pub fn node(&self, id: u64) -> &Arc<Node> {
@@ -352,5 +417,3 @@ pub fn backend(service: &str, addr: &str, port: u16) -> Command {
         weight: 1,
     }
 }
-
-pub use crate::client::post_retry;

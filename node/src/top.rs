@@ -9,7 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{api::MemberRow, client};
+use crate::{
+    client::{Client, ClientError},
+    wire::MemberRow,
+};
 
 /// Per-service counters that `top` turns into rates.
 const SERVICE_COUNTERS: [&str; 4] = ["packets", "bytes", "new_flows", "midflow_miss"];
@@ -52,13 +55,18 @@ fn parse(text: &str) -> BTreeMap<(String, &'static str), f64> {
 }
 
 fn scrape(
-    addrs: &[String],
+    client: &Client,
+    addrs: &[(u64, String)],
     timeout: Duration,
 ) -> (BTreeMap<(String, &'static str), f64>, Vec<String>) {
     let mut sum = BTreeMap::new();
     let mut bad = Vec::new();
-    for a in addrs {
-        match client::get_text_blocking(a, "/metrics", timeout) {
+    for (id, a) in addrs {
+        match client
+            .clone()
+            .for_node(*id)
+            .get_text(a, "/metrics", timeout)
+        {
             Ok(text) => {
                 for (k, v) in parse(&text) {
                     *sum.entry(k).or_insert(0.0) += v;
@@ -70,16 +78,20 @@ fn scrape(
     (sum, bad)
 }
 
-/// Sample every member twice, `interval` apart, through `node` (any member).
-pub fn sample(node: &str, interval: Duration) -> Result<TopView, client::ClientError> {
+/// Sample every member twice, `interval` apart, through `node` (any
+/// member), with `client`'s certificate (viewer suffices).
+pub fn sample(client: &Client, node: &str, interval: Duration) -> Result<TopView, ClientError> {
     let timeout = Duration::from_secs(3);
-    let nodes: Vec<MemberRow> = client::get_blocking(node, "/cluster/members", timeout)?;
-    let addrs: Vec<String> = nodes.iter().filter_map(|n| n.admin_addr.clone()).collect();
+    let nodes: Vec<MemberRow> = client.get(node, "/cluster/members", timeout)?;
+    let addrs: Vec<(u64, String)> = nodes
+        .iter()
+        .filter_map(|n| n.admin_addr.clone().map(|a| (n.node_id, a)))
+        .collect();
     let t0 = Instant::now();
-    let (a, _) = scrape(&addrs, timeout);
+    let (a, _) = scrape(client, &addrs, timeout);
     std::thread::sleep(interval.saturating_sub(t0.elapsed()));
     let t1 = Instant::now();
-    let (b, unreachable) = scrape(&addrs, timeout);
+    let (b, unreachable) = scrape(client, &addrs, timeout);
     let dt = t1.duration_since(t0).as_secs_f64().max(1e-3);
     let mut by_svc: BTreeMap<String, ServiceRates> = BTreeMap::new();
     for ((svc, c), v1) in &b {

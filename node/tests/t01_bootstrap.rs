@@ -7,8 +7,8 @@
 use std::{collections::HashSet, time::Duration};
 
 use datapath_ebpf::abi::{SvcKey, IPPROTO_TCP};
-use node::api::MemberRow;
 use node::testing::{backend, service, Cluster};
+use node::wire::MemberRow;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t01_three_nodes_bootstrap_and_program_their_datapaths() {
@@ -44,16 +44,24 @@ async fn t01_three_nodes_bootstrap_and_program_their_datapaths() {
         assert_eq!(dp.applied_epoch().expect("epoch"), epoch);
     }
 
-    // /metrics of the leader, in Prometheus text format.
-    let lead = c.node(leader).cfg.admin_addr.to_string();
-    let text = tokio::task::spawn_blocking(move || {
-        let mut r = ureq::get(&format!("http://{lead}/metrics"))
-            .call()
+    // /metrics of the leader, in Prometheus text format, from the plain
+    // listener and (the same families) from the admin API with a viewer
+    // certificate.
+    let lead = c.node(leader).cfg.metrics_addr.to_string();
+    let lead_admin = c.node(leader).cfg.admin_addr.to_string();
+    let viewer = c.client_as(node::auth::Role::Viewer);
+    let (text, over_tls) = tokio::task::spawn_blocking(move || {
+        let (status, text) = node::client::get_plain(&lead, "/metrics", Duration::from_secs(5))
             .expect("GET /metrics");
-        r.body_mut().read_to_string().expect("body")
+        assert_eq!(status, 200, "{text}");
+        let tls = viewer
+            .get_text(&lead_admin, "/metrics", Duration::from_secs(5))
+            .expect("GET /metrics over mTLS");
+        (text, tls)
     })
     .await
     .expect("join");
+    assert!(over_tls.contains("holdfast_raft_role{role=\"leader\"} 1"));
     for want in [
         "holdfast_raft_role{role=\"leader\"} 1",
         &format!("holdfast_datapath_applied_epoch {epoch}"),
@@ -66,9 +74,16 @@ async fn t01_three_nodes_bootstrap_and_program_their_datapaths() {
 
     // clusterctl, as an operator runs it.
     let admin = c.node(2).cfg.admin_addr.to_string();
+    let pki = c.pki.clone();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
             .args(["--node", &admin, "members", "-o", "json"])
+            .arg("--ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("client-viewer.pem"))
+            .arg("--key")
+            .arg(pki.join("client-viewer.key"))
             .output()
             .expect("run clusterctl")
     })

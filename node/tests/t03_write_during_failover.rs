@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use node::testing::post_retry;
 use node::testing::{backend, service, Cluster};
 use raft_store::{Request, Response};
 
@@ -27,14 +26,19 @@ async fn t03_write_during_failover_exactly_once() {
     let writers: Vec<_> = (0..20)
         .map(|i| {
             let addrs = addrs.to_vec();
+            let client = c.client();
             tokio::task::spawn_blocking(move || {
                 let req = Request {
                     id: Some(format!("t03-{i}")),
                     command: backend("web", &format!("10.1.0.{i}"), 80),
                     trace: None,
                 };
-                let r =
-                    post_retry::<_, Response>(&addrs, "/command", &req, Duration::from_secs(15));
+                let r = client.post_retry::<_, Response>(
+                    &addrs,
+                    "/command",
+                    &req,
+                    Duration::from_secs(15),
+                );
                 (i, r.map_err(|e| e.to_string()))
             })
         })

@@ -4,8 +4,8 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use node::api::RemoveRequest;
-use node::testing::{backend, post_retry, service, Cluster};
+use node::testing::{backend, service, Cluster};
+use node::wire::RemoveRequest;
 use raft_store::Response;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,8 +22,9 @@ async fn t05_fourth_node_joins_then_one_is_removed() {
 
     // Remove node 1 through node 3's admin API.
     let admin = vec![c.node(3).cfg.admin_addr.to_string()];
+    let client = c.client();
     let r: Response = tokio::task::spawn_blocking(move || {
-        post_retry(
+        client.post_retry(
             &admin,
             "/cluster/remove",
             &RemoveRequest { node_id: 1 },

@@ -232,8 +232,10 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
 
     // clusterctl conntrack, as an operator lists node 2's entries.
     let admin = c.node(1).cfg.admin_addr.to_string();
+    let env = c.clusterctl_env(node::auth::Role::Viewer);
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
+            .envs(env)
             .args([
                 "--node",
                 &admin,

@@ -41,7 +41,7 @@ async fn t13_dashboard_metrics_exist() {
     c.write(service("web", "10.200.0.9", 80)).await;
     c.write(backend("web", "10.1.0.9", 80)).await;
     c.wait_converged(Duration::from_secs(10)).await;
-    let admin = c.node(1).cfg.admin_addr.to_string();
+    let admin = c.node(1).cfg.metrics_addr.to_string();
     let metrics = metrics(&admin).await;
     let exported: BTreeSet<&str> = metrics
         .lines()
@@ -70,7 +70,7 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
     c.write(service("web", "10.200.0.9", 80)).await;
     c.write(backend("web", "10.1.0.9", 80)).await;
     c.wait_converged(Duration::from_secs(10)).await;
-    let admin = c.node(1).cfg.admin_addr.to_string();
+    let admin = c.node(1).cfg.metrics_addr.to_string();
     // Once the replication session to node 2 is up.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let text = loop {
@@ -127,12 +127,14 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
     }
 }
 
-/// A node's `/metrics` text.
-async fn metrics(admin: &str) -> String {
-    let a = admin.to_string();
+/// A node's `/metrics` text (its plain metrics listener).
+async fn metrics(addr: &str) -> String {
+    let a = addr.to_string();
     tokio::task::spawn_blocking(move || {
-        node::client::get_text_blocking(&a, "/metrics", Duration::from_secs(5))
-            .expect("GET /metrics")
+        let (status, text) =
+            node::client::get_plain(&a, "/metrics", Duration::from_secs(5)).expect("GET /metrics");
+        assert_eq!(status, 200, "{text}");
+        text
     })
     .await
     .expect("task")

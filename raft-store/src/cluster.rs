@@ -103,6 +103,39 @@ pub struct VipPool {
     pub cidr: String,
 }
 
+/// Most certificates the revocation list holds (each entry is checked
+/// per admin request and per QUIC connection, by a map lookup).
+pub const MAX_REVOKED: usize = 10_000;
+
+/// A revoked certificate: every node's admin API and QUIC endpoint refuse
+/// it from the epoch that commits the revocation on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    /// Serial number: lowercase hex, no separators, no leading zero byte.
+    pub serial: String,
+    /// Free text for operators (whose certificate, why).
+    #[serde(default)]
+    pub note: String,
+}
+
+/// A certificate serial as the revocation list keeps it.
+pub fn valid_serial(serial: &str) -> Result<(), String> {
+    let ok = (2..=40).contains(&serial.len())
+        && serial.len().is_multiple_of(2)
+        && serial
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        && (serial == "00" || !serial.starts_with("00"));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "serial {serial:?} must be 1-20 bytes of lowercase hex without separators or leading zero bytes"
+        ))
+    }
+}
+
 /// A change to the cluster config.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
@@ -141,6 +174,14 @@ pub enum Command {
     },
     PutVipPool {
         pool: VipPool,
+    },
+    /// Refuse a certificate (by serial) cluster-wide.
+    RevokeCertificate {
+        revocation: Revocation,
+    },
+    /// Take a serial off the revocation list.
+    UnrevokeCertificate {
+        serial: String,
     },
     RemoveVipPool {
         name: String,
@@ -205,6 +246,9 @@ pub struct ClusterState {
     /// Recently applied request ids and their responses (bounded).
     #[serde(default)]
     pub recent: VecDeque<(String, Response)>,
+    /// Revoked certificates by serial.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, Revocation>,
 }
 
 impl Default for ClusterState {
@@ -218,6 +262,7 @@ impl Default for ClusterState {
             backend_id_limit: DEFAULT_BACKEND_ID_LIMIT,
             next_backend_id: 0,
             recent: VecDeque::new(),
+            revoked: BTreeMap::new(),
         }
     }
 }
@@ -424,6 +469,27 @@ impl ClusterState {
                 .remove(name)
                 .map(|_| ())
                 .ok_or_else(|| format!("no pool {name:?}")),
+            Command::RevokeCertificate { revocation } => {
+                valid_serial(&revocation.serial)?;
+                if revocation.note.len() > 256 {
+                    return Err("revocation note longer than 256 bytes".into());
+                }
+                if !self.revoked.contains_key(&revocation.serial)
+                    && self.revoked.len() >= MAX_REVOKED
+                {
+                    return Err(format!(
+                        "the revocation list is full ({MAX_REVOKED}); rotate the CA"
+                    ));
+                }
+                self.revoked
+                    .insert(revocation.serial.clone(), revocation.clone());
+                Ok(())
+            }
+            Command::UnrevokeCertificate { serial } => self
+                .revoked
+                .remove(serial)
+                .map(|_| ())
+                .ok_or_else(|| format!("serial {serial} is not revoked")),
             Command::Batch { commands } => {
                 for (i, c) in commands.iter().enumerate() {
                     if matches!(c, Command::Batch { .. }) {
@@ -685,5 +751,41 @@ mod tests {
         assert!(s.apply(&pool("a", "10.200.0.0/24")).rejected.is_none());
         assert!(s.apply(&pool("b", "10.200.0.128/25")).rejected.is_some());
         assert!(s.apply(&pool("c", "fd00:200::/112")).rejected.is_none());
+    }
+
+    #[test]
+    fn revocations_are_validated_and_removable() {
+        let mut s = ClusterState::default();
+        let revoke = |serial: &str| Command::RevokeCertificate {
+            revocation: Revocation {
+                serial: serial.into(),
+                note: "lost laptop".into(),
+            },
+        };
+        for bad in ["", "0", "ABCD", "00ab", "xy", "0a:bc", &"ab".repeat(21)] {
+            let r = s.apply(&revoke(bad));
+            assert!(r.rejected.is_some(), "{bad:?} accepted");
+        }
+        assert_eq!(s.epoch, 0);
+        assert!(s.apply(&revoke("7fab01")).rejected.is_none());
+        assert!(s.revoked.contains_key("7fab01"));
+        assert!(s
+            .apply(&Command::UnrevokeCertificate {
+                serial: "7fab01".into()
+            })
+            .rejected
+            .is_none());
+        assert!(s.revoked.is_empty());
+        assert!(s
+            .apply(&Command::UnrevokeCertificate {
+                serial: "7fab01".into()
+            })
+            .rejected
+            .is_some());
+        // A state written before revocations existed still loads.
+        let mut v = serde_json::to_value(ClusterState::default()).expect("json");
+        v.as_object_mut().expect("object").remove("revoked");
+        let old: ClusterState = serde_json::from_value(v).expect("old state loads");
+        assert!(old.revoked.is_empty());
     }
 }

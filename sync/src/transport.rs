@@ -4,9 +4,20 @@
 //! replication will share this endpoint.
 //!
 //! A peer whose certificate is not signed by the cluster CA fails the TLS
-//! handshake and is counted in `refused`. [`Transport::isolate`] drops all
-//! traffic to and from given peers: fault injection for partition tests and
-//! the chaos lab.
+//! handshake and is counted in `refused`; so is one that fails the node's
+//! peer check (a revoked serial: [`Transport::set_peer_check`]), now or
+//! later ([`Transport::enforce_peer_check`] closes its connections).
+//!
+//! Bounds, so that no peer — not even one with a valid certificate — can
+//! exhaust the node: at most [`MAX_CONNECTIONS`] connections (handshaking
+//! included) and [`MAX_CONNECTIONS_PER_PEER`] per peer id, at most
+//! [`crate::tls::MAX_STREAMS_PER_CONNECTION`] streams per connection, an RPC
+//! of at most [`MAX_RPC_BYTES`], and all RPCs being read together hold at
+//! most [`RPC_MEMORY_BUDGET`] bytes. [`Transport::reload`] swaps the
+//! certificates for new connections (rotation without restart).
+//!
+//! [`Transport::isolate`] drops all traffic to and from given peers: fault
+//! injection for partition tests and the chaos lab.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -23,10 +34,21 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{debug, info, warn};
 
-use crate::tls::{node_id_of, node_server_name, Identity};
+use crate::tls::{cert_info, node_server_name, CertInfo, Identity};
 
 /// Largest RPC message (request or response) accepted.
 pub const MAX_RPC_BYTES: usize = 64 << 20;
+/// Bytes of RPC requests being read at once, over every peer: past it a
+/// new chunk is refused (the stream is reset) instead of buffered.
+pub const RPC_MEMORY_BUDGET: usize = 256 << 20;
+/// Connections the endpoint holds at once (handshaking ones included).
+pub const MAX_CONNECTIONS: usize = 512;
+/// Incoming connections of one peer id at once (a node needs one).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
+/// Decides whether a peer's (CA-verified) certificate may talk to this
+/// node: `Err(reason)` refuses it (e.g. a revoked serial).
+pub type PeerCheck = Arc<dyn Fn(&CertInfo) -> Result<(), String> + Send + Sync>;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// Handles one RPC: (peer node id, kind, body) → response body or error text.
@@ -44,32 +66,120 @@ pub const STREAM_KINDS: u8 = 0x10;
 #[derive(Default)]
 pub struct TransportStats {
     pub accepted: AtomicU64,
-    /// Handshakes that failed (e.g. a certificate from another CA).
+    /// Handshakes that failed (e.g. a certificate from another CA), peers
+    /// refused by the peer check, connections over the limits.
     pub refused: AtomicU64,
+    /// Of `refused`: connections over [`MAX_CONNECTIONS`] or
+    /// [`MAX_CONNECTIONS_PER_PEER`].
+    pub over_limit: AtomicU64,
+    /// RPC streams reset for exceeding [`MAX_RPC_BYTES`] or the budget.
+    pub oversized: AtomicU64,
     pub rpcs_served: AtomicU64,
+}
+
+struct Incoming {
+    peer: u64,
+    cert: CertInfo,
+    conn: quinn::Connection,
 }
 
 pub struct Transport {
     endpoint: quinn::Endpoint,
+    /// Client side of connections this node opens (swapped by `reload`).
+    client: Mutex<quinn::ClientConfig>,
     conns: tokio::sync::Mutex<HashMap<u64, quinn::Connection>>,
+    /// Accepted connections by quinn's stable id.
+    incoming: Mutex<HashMap<usize, Incoming>>,
     isolated: Mutex<HashSet<u64>>,
     streams: Mutex<Option<StreamHandler>>,
+    peer_check: Mutex<Option<PeerCheck>>,
+    budget: Arc<tokio::sync::Semaphore>,
     pub stats: TransportStats,
 }
 
 impl Transport {
     /// Bind the endpoint (server and client side).
     pub fn bind(addr: SocketAddr, identity: &Identity) -> Result<Arc<Self>> {
-        let mut endpoint = quinn::Endpoint::server(identity.quic_server()?, addr)
+        let endpoint = quinn::Endpoint::server(identity.quic_server()?, addr)
             .with_context(|| format!("binding QUIC endpoint on {addr}"))?;
-        endpoint.set_default_client_config(identity.quic_client()?);
+        let client = identity.quic_client()?;
         Ok(Arc::new(Self {
             endpoint,
+            client: Mutex::new(client),
             conns: tokio::sync::Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
             isolated: Mutex::new(HashSet::new()),
             streams: Mutex::new(None),
+            peer_check: Mutex::new(None),
+            budget: Arc::new(tokio::sync::Semaphore::new(RPC_MEMORY_BUDGET)),
             stats: TransportStats::default(),
         }))
+    }
+
+    /// New certificates (and CA) for every connection from now on;
+    /// established connections keep the identity they were authenticated
+    /// with until they close.
+    pub fn reload(&self, identity: &Identity) -> Result<()> {
+        let server = identity.quic_server()?;
+        let client = identity.quic_client()?;
+        self.endpoint.set_server_config(Some(server));
+        *self.client.lock().expect("client config") = client;
+        Ok(())
+    }
+
+    /// Install the check every peer certificate must pass (at connect and
+    /// accept, and at each [`Transport::enforce_peer_check`]).
+    pub fn set_peer_check(&self, check: Option<PeerCheck>) {
+        *self.peer_check.lock().expect("peer check") = check;
+    }
+
+    fn check_peer(&self, cert: &CertInfo) -> Result<(), String> {
+        let check = self.peer_check.lock().expect("peer check").clone();
+        match check {
+            Some(f) => f(cert),
+            None => Ok(()),
+        }
+    }
+
+    /// Close every connection (in and out) whose peer fails the peer check
+    /// now (e.g. after a revocation was committed). Returns how many.
+    pub fn enforce_peer_check(&self) -> usize {
+        let mut closed = 0;
+        let incoming: Vec<(usize, CertInfo, quinn::Connection)> = self
+            .incoming
+            .lock()
+            .expect("incoming")
+            .iter()
+            .map(|(k, i)| (*k, i.cert.clone(), i.conn.clone()))
+            .collect();
+        for (k, cert, conn) in incoming {
+            if let Err(why) = self.check_peer(&cert) {
+                warn!(subject = %cert.subject(), remote = %conn.remote_address(), reason = %why, "closing a peer's connection");
+                conn.close(3u32.into(), b"certificate refused");
+                self.incoming.lock().expect("incoming").remove(&k);
+                closed += 1;
+            }
+        }
+        if let Ok(mut out) = self.conns.try_lock() {
+            out.retain(|peer, conn| match peer_cert(conn) {
+                Ok(cert) if self.check_peer(&cert).is_ok() => true,
+                _ => {
+                    warn!(
+                        peer,
+                        "closing the connection to a peer whose certificate is refused"
+                    );
+                    conn.close(3u32.into(), b"certificate refused");
+                    closed += 1;
+                    false
+                }
+            });
+        }
+        closed
+    }
+
+    /// Incoming connections open now.
+    pub fn incoming_connections(&self) -> usize {
+        self.incoming.lock().expect("incoming").len()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -93,40 +203,79 @@ impl Transport {
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(incoming) = me.endpoint.accept().await {
+                if me.endpoint.open_connections() > MAX_CONNECTIONS {
+                    me.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    me.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+                    debug!(remote = %incoming.remote_address(), "QUIC connection refused: too many");
+                    incoming.refuse();
+                    continue;
+                }
                 let me = me.clone();
                 let handler = handler.clone();
-                tokio::spawn(async move {
-                    let conn = match incoming.await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            me.stats.refused.fetch_add(1, Ordering::Relaxed);
-                            warn!(error = %e, "QUIC handshake refused");
-                            return;
-                        }
-                    };
-                    let peer = match peer_id(&conn) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            me.stats.refused.fetch_add(1, Ordering::Relaxed);
-                            warn!(error = %e, remote = %conn.remote_address(), "peer refused");
-                            conn.close(1u32.into(), b"not a node certificate");
-                            return;
-                        }
-                    };
-                    me.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    debug!(peer, remote = %conn.remote_address(), "peer connected");
-                    while let Ok((send, recv)) = conn.accept_bi().await {
-                        let me = me.clone();
-                        let handler = handler.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = me.serve_stream(peer, send, recv, handler).await {
-                                debug!(peer, error = %e, "RPC stream failed");
-                            }
-                        });
-                    }
-                });
+                tokio::spawn(async move { me.serve_connection(incoming, handler).await });
             }
         })
+    }
+
+    async fn serve_connection(self: Arc<Self>, incoming: quinn::Incoming, handler: Handler) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, %remote, "QUIC handshake refused");
+                return;
+            }
+        };
+        let admitted = peer_cert(&conn).and_then(|cert| {
+            let peer = cert.node_id().ok_or_else(|| {
+                anyhow!("certificate {} is not a node certificate", cert.subject())
+            })?;
+            self.check_peer(&cert)
+                .map_err(|why| anyhow!("{}: {why}", cert.subject()))?;
+            Ok((peer, cert))
+        });
+        let (peer, cert) = match admitted {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, %remote, "peer refused");
+                conn.close(1u32.into(), b"certificate refused");
+                return;
+            }
+        };
+        let key = conn.stable_id();
+        {
+            let mut inc = self.incoming.lock().expect("incoming");
+            if inc.values().filter(|i| i.peer == peer).count() >= MAX_CONNECTIONS_PER_PEER {
+                drop(inc);
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+                warn!(peer, %remote, "peer refused: too many connections from this node id");
+                conn.close(2u32.into(), b"too many connections");
+                return;
+            }
+            inc.insert(
+                key,
+                Incoming {
+                    peer,
+                    cert,
+                    conn: conn.clone(),
+                },
+            );
+        }
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        debug!(peer, %remote, "peer connected");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let me = self.clone();
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.serve_stream(peer, send, recv, handler).await {
+                    debug!(peer, error = %e, "RPC stream failed");
+                }
+            });
+        }
+        self.incoming.lock().expect("incoming").remove(&key);
     }
 
     /// Install (or with `None` remove) the handler of long-lived streams.
@@ -157,7 +306,16 @@ impl Transport {
             }
             return Ok(());
         }
-        let body = recv.read_to_end(MAX_RPC_BYTES).await?;
+        let (body, _held) = match self.read_bounded(&mut recv).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.stats.oversized.fetch_add(1, Ordering::Relaxed);
+                let _ = recv.stop(4u32.into());
+                let _ = send.reset(4u32.into());
+                warn!(peer, error = %e, "RPC refused");
+                return Err(e);
+            }
+        };
         self.stats.rpcs_served.fetch_add(1, Ordering::Relaxed);
         let (status, payload) = match handler(peer, kind, body).await {
             Ok(p) => (0u8, p),
@@ -170,6 +328,32 @@ impl Transport {
         Ok(())
     }
 
+    /// Read a whole RPC request, within [`MAX_RPC_BYTES`] and the shared
+    /// [`RPC_MEMORY_BUDGET`] (held until the returned permit is dropped).
+    async fn read_bounded(
+        &self,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>)> {
+        let mut body = Vec::new();
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        while let Some(chunk) = recv.read_chunk(64 << 10, true).await? {
+            if body.len() + chunk.bytes.len() > MAX_RPC_BYTES {
+                bail!("RPC larger than {MAX_RPC_BYTES} bytes");
+            }
+            let permit = self
+                .budget
+                .clone()
+                .try_acquire_many_owned(chunk.bytes.len() as u32)
+                .map_err(|_| anyhow!("RPC memory budget ({RPC_MEMORY_BUDGET} bytes) exhausted"))?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+            body.extend_from_slice(&chunk.bytes);
+        }
+        Ok((body, held))
+    }
+
     async fn connection(&self, peer: u64, addr: SocketAddr) -> Result<quinn::Connection> {
         if let Some(c) = self.conns.lock().await.get(&peer) {
             if c.close_reason().is_none() && c.remote_address() == addr {
@@ -178,11 +362,17 @@ impl Transport {
         }
         // Connect without holding the cache lock: a dead peer's handshake
         // must not delay RPCs to live ones.
+        let client = self.client.lock().expect("client config").clone();
         let conn = self
             .endpoint
-            .connect(addr, &node_server_name(peer))?
+            .connect_with(client, addr, &node_server_name(peer))?
             .await
             .with_context(|| format!("connecting to node {peer} at {addr}"))?;
+        let cert = peer_cert(&conn)?;
+        if let Err(why) = self.check_peer(&cert) {
+            conn.close(1u32.into(), b"certificate refused");
+            bail!("node {peer} at {addr} presents {}: {why}", cert.subject());
+        }
         info!(peer, %addr, "connected to peer");
         self.conns.lock().await.insert(peer, conn.clone());
         Ok(conn)
@@ -286,6 +476,13 @@ pub enum CallError {
 
 /// The node id of a connected peer, from its verified client certificate.
 pub fn peer_id(conn: &quinn::Connection) -> Result<u64> {
+    let cert = peer_cert(conn)?;
+    cert.node_id()
+        .ok_or_else(|| anyhow!("certificate {} is not a node certificate", cert.subject()))
+}
+
+/// What a connected peer's (verified) certificate says.
+pub fn peer_cert(conn: &quinn::Connection) -> Result<CertInfo> {
     let certs = conn
         .peer_identity()
         .ok_or_else(|| anyhow!("peer presented no certificate"))?
@@ -294,5 +491,5 @@ pub fn peer_id(conn: &quinn::Connection) -> Result<u64> {
     let first = certs
         .first()
         .ok_or_else(|| anyhow!("empty certificate chain"))?;
-    node_id_of(first)
+    cert_info(first)
 }

@@ -1,24 +1,32 @@
 //! clusterctl: the operator's CLI for a Holdfast cluster. Talks to the admin
-//! API of any node (`--node`, or HOLDFAST_ADMIN); writes go to the leader.
+//! API of any node (`--node`, or HOLDFAST_ADMIN) over HTTPS with a client
+//! certificate from the cluster CA (`--cert/--key/--ca`, HOLDFAST_CERT /
+//! HOLDFAST_KEY / HOLDFAST_CA, or clusterctl.toml); writes go to the leader.
 //!
 //! Exit codes: 0 success; 2 bad arguments or request; 3 node unreachable;
 //! 4 no leader / cluster unavailable; 5 command rejected (the reason is
-//! printed); 6 any other failure.
+//! printed); 6 any other failure; 7 refused: no or untrusted certificate,
+//! role too weak, or the server's certificate does not verify.
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use node::{
-    api::{LocalStatus, MemberRow, RemoveRequest},
-    client::{get_blocking, post_retry, ClientError},
+    auth::Role,
+    client::{Client, ClientError},
     tls,
+    wire::{LocalStatus, MemberRow, RemoveRequest},
 };
 use raft_store::{
-    cluster::{BackendState, ForwardingMode, Member, Proto, Service},
+    cluster::{BackendState, ForwardingMode, Member, Proto, Revocation, Service},
     ClusterState, Command, Request, Response,
 };
-use serde::Serialize;
+use rustls::pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables of clusterctl.
+const ENV_CONFIG: &str = "HOLDFAST_CLUSTERCTL_CONFIG";
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
@@ -29,14 +37,27 @@ enum Output {
 #[derive(Parser)]
 #[command(version, about = "Operate a Holdfast L4 load-balancer cluster")]
 struct Cli {
-    /// Admin API address of any node of the cluster.
-    #[arg(
-        long = "node",
-        global = true,
-        env = "HOLDFAST_ADMIN",
-        default_value = "127.0.0.1:7101"
-    )]
-    node_api: String,
+    /// Admin API address of any node of the cluster [default: clusterctl.toml's
+    /// `node`, else 127.0.0.1:7101].
+    #[arg(long = "node", global = true, env = "HOLDFAST_ADMIN")]
+    node_api: Option<String>,
+    /// The cluster CA certificate (PEM) the node's certificate must chain to.
+    #[arg(long, global = true, env = "HOLDFAST_CA")]
+    ca: Option<PathBuf>,
+    /// Your client certificate (PEM), from `clusterctl certs issue --client`.
+    #[arg(long, global = true, env = "HOLDFAST_CERT")]
+    cert: Option<PathBuf>,
+    /// The key of --cert.
+    #[arg(long, global = true, env = "HOLDFAST_KEY")]
+    key: Option<PathBuf>,
+    /// Verify the node's certificate against this name instead of the
+    /// address dialed (e.g. node-3.holdfast).
+    #[arg(long, global = true, env = "HOLDFAST_SERVER_NAME")]
+    server_name: Option<String>,
+    /// Config file [default: $XDG_CONFIG_HOME/holdfast/clusterctl.toml,
+    /// ~/.config/holdfast/clusterctl.toml, /etc/holdfast/clusterctl.toml].
+    #[arg(long, global = true, env = ENV_CONFIG)]
+    config: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -111,7 +132,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Cluster CA, node and admin certificates.
+    /// Cluster CA, node and client certificates; the revocation list.
     Certs {
         #[command(subcommand)]
         cmd: CertCmd,
@@ -179,7 +200,9 @@ enum CertCmd {
         #[arg(long, default_value = "holdfast")]
         cluster: String,
     },
-    /// Issue node-N.pem/.key (with --node-id) or admin-NAME.pem/.key (with --admin).
+    /// Issue node-N.pem/.key (--node-id N --ip ADDR...) or a client
+    /// certificate client-NAME.pem/.key (--client NAME --role ROLE; --admin
+    /// NAME is --client NAME --role admin).
     Issue {
         #[arg(long)]
         dir: PathBuf,
@@ -188,12 +211,133 @@ enum CertCmd {
         #[arg(long)]
         ip: Vec<IpAddr>,
         #[arg(long)]
+        client: Option<String>,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
         admin: Option<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = tls::DEFAULT_CERT_DAYS)]
+        days: u32,
     },
+    /// Subject, role, serial and validity of a certificate file.
+    Show { file: PathBuf },
+    /// Revoke a certificate cluster-wide (by --serial, or the serial of --file).
+    Revoke {
+        #[arg(long)]
+        serial: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Whose certificate and why (kept in the list).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Take a serial off the revocation list.
+    Unrevoke {
+        #[arg(long)]
+        serial: String,
+    },
+    /// The revocation list.
+    Revoked,
+}
+
+/// clusterctl.toml: defaults for the global options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+/// Where the config file is looked for, in order.
+fn config_candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        v.push(PathBuf::from(x).join("holdfast/clusterctl.toml"));
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        v.push(PathBuf::from(h).join(".config/holdfast/clusterctl.toml"));
+    }
+    v.push(PathBuf::from("/etc/holdfast/clusterctl.toml"));
+    v
+}
+
+/// The options in effect: flag, else environment, else config file.
+struct Settings {
+    node: String,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+    /// The file the defaults came from, for messages.
+    file: Option<PathBuf>,
+}
+
+impl Settings {
+    fn resolve(cli: &Cli) -> anyhow::Result<Self> {
+        let (file, fc) = match &cli.config {
+            Some(p) => (Some(p.clone()), Some(read_config(p)?)),
+            None => match config_candidates().into_iter().find(|p| p.exists()) {
+                Some(p) => {
+                    let c = read_config(&p)?;
+                    (Some(p), Some(c))
+                }
+                None => (None, None),
+            },
+        };
+        let fc = fc.unwrap_or_default();
+        Ok(Self {
+            node: cli
+                .node_api
+                .clone()
+                .or(fc.node)
+                .unwrap_or_else(|| "127.0.0.1:7101".into()),
+            ca: cli.ca.clone().or(fc.ca),
+            cert: cli.cert.clone().or(fc.cert),
+            key: cli.key.clone().or(fc.key),
+            server_name: cli.server_name.clone().or(fc.server_name),
+            file,
+        })
+    }
+
+    /// The admin API client, or why there is none.
+    fn client(&self) -> Result<Client, Failure> {
+        let hint = match &self.file {
+            Some(f) => format!("--cert/--key/--ca, HOLDFAST_CERT/HOLDFAST_KEY/HOLDFAST_CA, or {}", f.display()),
+            None => "--cert/--key/--ca, HOLDFAST_CERT/HOLDFAST_KEY/HOLDFAST_CA, or ~/.config/holdfast/clusterctl.toml".into(),
+        };
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return Err(Failure::Auth(format!(
+                "no client certificate: the admin API accepts only certificates from the cluster CA; give {hint} (issue one with `clusterctl certs issue --client NAME --role admin|operator|viewer`)"
+            )));
+        };
+        let Some(ca) = &self.ca else {
+            return Err(Failure::Auth(format!(
+                "no CA certificate to verify the node with: give {hint}"
+            )));
+        };
+        let id = tls::Identity::load(ca, cert, key).map_err(|e| Failure::Auth(format!("{e:#}")))?;
+        let c = Client::from_identity(&id).map_err(|e| Failure::Auth(format!("{e:#}")))?;
+        Ok(match &self.server_name {
+            Some(n) => c.with_server_name(n.clone()),
+            None => c,
+        })
+    }
+}
+
+fn read_config(p: &std::path::Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
 enum Failure {
     Client(ClientError),
+    /// No usable credentials (exit 7).
+    Auth(String),
     Other(anyhow::Error),
 }
 
@@ -266,20 +410,34 @@ fn request_id() -> String {
     format!("clusterctl-{}-{nanos}", std::process::id())
 }
 
+/// What a command talks to: the node and the client.
+struct Ctx<'a> {
+    cli: &'a Cli,
+    node: String,
+    client: Client,
+}
+
+impl Ctx<'_> {
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.client
+            .get(&self.node, path, Duration::from_secs(self.cli.timeout_s))
+    }
+}
+
 /// POST a write, retrying through leader changes; the same request id makes
 /// retries apply at most once.
-fn write<B: Serialize>(cli: &Cli, path: &str, body: &B) -> Result<Response, ClientError> {
-    post_retry(
-        std::slice::from_ref(&cli.node_api),
+fn write<B: Serialize>(cx: &Ctx, path: &str, body: &B) -> Result<Response, ClientError> {
+    cx.client.post_retry(
+        std::slice::from_ref(&cx.node),
         path,
         body,
-        Duration::from_secs(cli.timeout_s),
+        Duration::from_secs(cx.cli.timeout_s),
     )
 }
 
-fn command(cli: &Cli, command: Command) -> Result<Response, ClientError> {
+fn command(cx: &Ctx, command: Command) -> Result<Response, ClientError> {
     write(
-        cli,
+        cx,
         "/command",
         &Request {
             id: Some(request_id()),
@@ -308,6 +466,17 @@ fn applied(cli: &Cli, r: Response) -> Result<(), Failure> {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Cmd::Certs { cmd } = &cli.cmd {
+        if let Some(r) = certs_local(cli, cmd) {
+            return r;
+        }
+    }
+    let settings = Settings::resolve(cli)?;
+    let cx = Ctx {
+        cli,
+        client: settings.client()?,
+        node: settings.node.clone(),
+    };
     let t = Duration::from_secs(cli.timeout_s);
     match &cli.cmd {
         Cmd::Top { interval_s, once } => {
@@ -317,7 +486,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             }
             let interval = Duration::from_secs_f64(interval_s);
             loop {
-                let v = node::top::sample(&cli.node_api, interval)?;
+                let v = node::top::sample(&cx.client, &cx.node, interval)?;
                 if !once && matches!(cli.output, Output::Table) {
                     // Clear the screen and go home.
                     print!("\x1b[2J\x1b[H");
@@ -379,13 +548,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Cmd::Drain | Cmd::Undrain => {
             let drain = matches!(cli.cmd, Cmd::Drain);
-            let s: LocalStatus = node::client::post_blocking(
-                &cli.node_api,
-                "/drain",
-                &node::api::DrainRequest { drain },
-                t,
-                false,
-            )?;
+            let s: LocalStatus =
+                cx.client
+                    .post(&cx.node, "/drain", &node::wire::DrainRequest { drain }, t)?;
             print(cli.output, &s, |s| {
                 format!(
                     "node {}: {} (BGP {})\n",
@@ -400,7 +565,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             })
         }
         Cmd::Status => {
-            let s: LocalStatus = get_blocking(&cli.node_api, "/status", t)?;
+            let s: LocalStatus = cx.get("/status")?;
             print(cli.output, &s, |s| {
                 format!(
                     "node {} ({}) {} term {} leader {} log {} applied {} config epoch {} datapath epoch {} datapath {}\n",
@@ -424,7 +589,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             })
         }
         Cmd::Members => {
-            let rows: Vec<MemberRow> = get_blocking(&cli.node_api, "/cluster/members", t)?;
+            let rows: Vec<MemberRow> = cx.get("/cluster/members")?;
             print(cli.output, &rows, |rows| {
                 table(
                     &[
@@ -485,14 +650,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             })
         }
         Cmd::Config => {
-            let c: ClusterState = get_blocking(&cli.node_api, "/config", t)?;
+            let c: ClusterState = cx.get("/config")?;
             print(cli.output, &c, |c| {
                 serde_json::to_string_pretty(c).unwrap_or_default() + "\n"
             })
         }
         Cmd::Services { cmd } => match cmd.as_ref().unwrap_or(&SvcCmd::List) {
             SvcCmd::List => {
-                let c: ClusterState = get_blocking(&cli.node_api, "/config", t)?;
+                let c: ClusterState = cx.get("/config")?;
                 let list: Vec<&Service> = c.services.values().collect();
                 print(cli.output, &list, |list| {
                     table(
@@ -525,7 +690,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     other => return Err(anyhow!("--proto {other:?}: use tcp or udp").into()),
                 };
                 let r = command(
-                    cli,
+                    &cx,
                     Command::PutService {
                         service: Service {
                             name: name.clone(),
@@ -540,13 +705,13 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 applied(cli, r)
             }
             SvcCmd::Remove { name } => {
-                let r = command(cli, Command::RemoveService { name: name.clone() })?;
+                let r = command(&cx, Command::RemoveService { name: name.clone() })?;
                 applied(cli, r)
             }
         },
         Cmd::Backends { cmd } => match cmd.as_ref().unwrap_or(&BeCmd::List { service: None }) {
             BeCmd::List { service } => {
-                let c: ClusterState = get_blocking(&cli.node_api, "/config", t)?;
+                let c: ClusterState = cx.get("/config")?;
                 let list: Vec<_> = c
                     .backends
                     .values()
@@ -579,7 +744,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 let port = match port {
                     Some(p) => *p,
                     None => {
-                        let c: ClusterState = get_blocking(&cli.node_api, "/config", t)?;
+                        let c: ClusterState = cx.get("/config")?;
                         c.services
                             .get(service)
                             .map(|s| s.port)
@@ -587,7 +752,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     }
                 };
                 let r = command(
-                    cli,
+                    &cx,
                     Command::AddBackend {
                         service: service.clone(),
                         addr: *addr,
@@ -597,11 +762,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 )?;
                 applied(cli, r)
             }
-            BeCmd::Remove { id } => applied(cli, command(cli, Command::RemoveBackend { id: *id })?),
+            BeCmd::Remove { id } => applied(cli, command(&cx, Command::RemoveBackend { id: *id })?),
             BeCmd::Drain { id } => applied(
                 cli,
                 command(
-                    cli,
+                    &cx,
                     Command::SetBackendState {
                         id: *id,
                         state: BackendState::Draining,
@@ -611,7 +776,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             BeCmd::Undrain { id } => applied(
                 cli,
                 command(
-                    cli,
+                    &cx,
                     Command::SetBackendState {
                         id: *id,
                         state: BackendState::Active,
@@ -621,7 +786,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             BeCmd::Weight { id, weight } => applied(
                 cli,
                 command(
-                    cli,
+                    &cx,
                     Command::SetBackendWeight {
                         id: *id,
                         weight: *weight,
@@ -636,7 +801,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             bgp_next_hop,
         } => {
             let r = write(
-                cli,
+                &cx,
                 "/cluster/join",
                 &Member {
                     node_id: *node_id,
@@ -648,7 +813,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             applied(cli, r)
         }
         Cmd::Leave { node_id } | Cmd::Remove { node_id } => {
-            let r = write(cli, "/cluster/remove", &RemoveRequest { node_id: *node_id })?;
+            let r = write(&cx, "/cluster/remove", &RemoveRequest { node_id: *node_id })?;
             applied(cli, r)
         }
         Cmd::Conntrack {
@@ -657,9 +822,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             limit,
         } => {
             let addr = match node_id {
-                None => cli.node_api.clone(),
+                None => cx.node.clone(),
                 Some(id) => {
-                    let c: ClusterState = get_blocking(&cli.node_api, "/config", t)?;
+                    let c: ClusterState = cx.get("/config")?;
                     c.members
                         .get(id)
                         .map(|m| m.admin_addr.clone())
@@ -670,7 +835,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             if let Some(v) = vip {
                 path += &format!("&vip={v}");
             }
-            let rows: Vec<node::replication::CtRow> = get_blocking(&addr, &path, t)?;
+            let client = match node_id {
+                Some(id) if cli.server_name.is_none() => cx.client.clone().for_node(*id),
+                _ => cx.client.clone(),
+            };
+            let rows: Vec<node::replication::CtRow> = client.get(&addr, &path, t)?;
             print(cli.output, &rows, |rows| {
                 table(
                     &[
@@ -697,13 +866,14 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 )
             })
         }
-        Cmd::Certs { cmd } => certs(cmd),
+        Cmd::Certs { cmd } => certs_remote(&cx, cmd),
     }
 }
 
-fn certs(cmd: &CertCmd) -> Result<(), Failure> {
-    match cmd {
-        CertCmd::Init { dir, cluster } => {
+/// The certificate commands that need no cluster (None: it needs one).
+fn certs_local(cli: &Cli, cmd: &CertCmd) -> Option<Result<(), Failure>> {
+    Some(match cmd {
+        CertCmd::Init { dir, cluster } => (|| {
             if dir.join("ca.key").exists() {
                 return Err(anyhow!(
                     "{} already holds a CA; refusing to overwrite it",
@@ -715,34 +885,145 @@ fn certs(cmd: &CertCmd) -> Result<(), Failure> {
             tls::write_pair(dir, "ca", &cert, &key)?;
             println!("wrote {0}/ca.pem and {0}/ca.key", dir.display());
             Ok(())
-        }
+        })(),
         CertCmd::Issue {
             dir,
             node_id,
             ip,
+            client,
+            role,
             admin,
-        } => {
-            let ca = std::fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem")?;
-            let ca_key = std::fs::read_to_string(dir.join("ca.key")).context("reading ca.key")?;
-            let (subject, name) = match (node_id, admin) {
-                (Some(id), None) => (
+            days,
+        } => (|| {
+            if *days == 0 || *days > 36_500 {
+                return Err(anyhow!("--days must be 1..=36500").into());
+            }
+            let (subject, name) = match (node_id, client, admin) {
+                (Some(id), None, None) if role.is_none() => (
                     tls::Subject::Node {
                         id: *id,
                         ips: ip.clone(),
                     },
                     format!("node-{id}"),
                 ),
-                (None, Some(a)) => (
-                    tls::Subject::Admin { name: a.clone() },
-                    format!("admin-{a}"),
+                (None, Some(c), None) => {
+                    let Some(r) = role.as_deref() else {
+                        return Err(anyhow!("--client needs --role admin|operator|viewer").into());
+                    };
+                    let r = Role::parse(r)
+                        .ok_or_else(|| anyhow!("--role {r:?}: use admin, operator or viewer"))?;
+                    (
+                        tls::Subject::Client {
+                            name: c.clone(),
+                            role: r.as_str().into(),
+                        },
+                        format!("client-{c}"),
+                    )
+                }
+                (None, None, Some(a)) if role.is_none() => (
+                    tls::Subject::Client {
+                        name: a.clone(),
+                        role: Role::Admin.as_str().into(),
+                    },
+                    format!("client-{a}"),
                 ),
-                _ => return Err(anyhow!("give exactly one of --node-id or --admin").into()),
+                _ => {
+                    return Err(anyhow!(
+                    "give exactly one of --node-id N, --client NAME --role ROLE, or --admin NAME"
+                )
+                    .into())
+                }
             };
-            let (cert, key) = tls::issue(&ca, &ca_key, &subject)?;
+            if !ip.is_empty() && node_id.is_none() {
+                return Err(anyhow!("--ip is for node certificates (--node-id)").into());
+            }
+            let ca = std::fs::read_to_string(dir.join("ca.pem")).context("reading ca.pem")?;
+            let ca_key = std::fs::read_to_string(dir.join("ca.key")).context("reading ca.key")?;
+            let (cert, key) = tls::issue_with(&ca, &ca_key, &subject, tls::Validity::days(*days))?;
             tls::write_pair(dir, &name, &cert, &key)?;
-            println!("wrote {0}/{name}.pem and {0}/{name}.key", dir.display());
+            let info = tls::Identity::from_pem(&ca, &cert, &key)?.info()?;
+            println!(
+                "wrote {0}/{name}.pem and {0}/{name}.key ({1}, serial {2})",
+                dir.display(),
+                info.subject(),
+                info.serial
+            );
             Ok(())
+        })(),
+        CertCmd::Show { file } => (|| {
+            let der = rustls_pki_types::CertificateDer::from_pem_file(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let info = tls::cert_info(&der)?;
+            print(cli.output, &info, |i| {
+                format!(
+                    "subject {}\nissuer  {}\nserial  {}\nvalid   {} .. {} (Unix time)\n",
+                    i.subject(),
+                    i.issuer,
+                    i.serial,
+                    i.not_before,
+                    i.not_after
+                )
+            })
+        })(),
+        _ => return None,
+    })
+}
+
+/// The certificate commands that read or change the cluster config.
+fn certs_remote(cx: &Ctx, cmd: &CertCmd) -> Result<(), Failure> {
+    match cmd {
+        CertCmd::Revoke { serial, file, note } => {
+            let serial = match (serial, file) {
+                (Some(s), None) => tls::normalize_serial(s)?,
+                (None, Some(f)) => {
+                    let der = rustls_pki_types::CertificateDer::from_pem_file(f)
+                        .with_context(|| format!("reading {}", f.display()))?;
+                    tls::cert_info(&der)?.serial
+                }
+                _ => return Err(anyhow!("give exactly one of --serial or --file").into()),
+            };
+            let r = command(
+                cx,
+                Command::RevokeCertificate {
+                    revocation: Revocation {
+                        serial,
+                        note: note.clone(),
+                    },
+                },
+            )?;
+            applied(cx.cli, r)
         }
+        CertCmd::Unrevoke { serial } => {
+            let serial = tls::normalize_serial(serial)?;
+            let r = command(cx, Command::UnrevokeCertificate { serial })?;
+            applied(cx.cli, r)
+        }
+        CertCmd::Revoked => {
+            let c: ClusterState = cx.get("/config")?;
+            let list: Vec<&Revocation> = c.revoked.values().collect();
+            print(cx.cli.output, &list, |l| {
+                table(
+                    &["SERIAL", "NOTE"],
+                    l.iter()
+                        .map(|r| vec![r.serial.clone(), r.note.clone()])
+                        .collect(),
+                )
+            })
+        }
+        _ => Err(anyhow!("not a cluster command").into()),
+    }
+}
+
+/// What to do about a refusal, added to the server's reason.
+fn hint(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Api { status: 403, .. } => {
+            "\nhint: your certificate's role is too weak for this; use a certificate with the role named above (`clusterctl certs show FILE` shows yours)"
+        }
+        ClientError::Api { status: 401, .. } => {
+            "\nhint: use a current, unrevoked client certificate issued by this cluster's CA (`clusterctl certs issue --client NAME --role ROLE`)"
+        }
+        _ => "",
     }
 }
 
@@ -752,8 +1033,12 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Client(e)) => {
-            eprintln!("clusterctl: {e}");
+            eprintln!("clusterctl: {e}{}", hint(&e));
             ExitCode::from(e.exit_code() as u8)
+        }
+        Err(Failure::Auth(why)) => {
+            eprintln!("clusterctl: {why}");
+            ExitCode::from(7)
         }
         Err(Failure::Other(e)) => {
             eprintln!("clusterctl: {e:#}");

@@ -1,0 +1,148 @@
+//! The admin API's wire types: what the server answers and what clients
+//! (clusterctl, nodes, tests) send and parse. Both sides depend on this
+//! module; it depends on neither.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Set by a node that forwards a call to the leader: the caller it acts
+/// for (`node-<id>` or `<role>:<name>`), as that node authenticated it.
+/// Honoured from node certificates only; a forwarded call is not
+/// forwarded again.
+pub const ON_BEHALF_HEADER: &str = "x-holdfast-on-behalf-of";
+
+/// Which listener serves an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Listener {
+    /// `admin_addr`: HTTPS with client certificates.
+    Admin,
+    /// `admin_addr` and the plain `metrics_addr`.
+    Both,
+}
+
+/// An endpoint of the admin API and what calling it needs.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Endpoint {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// Writes: whether the call changes the config (or this node).
+    pub write: bool,
+    pub needs: &'static str,
+    pub listener: Listener,
+}
+
+/// Every endpoint (docs/operations.md lists the same; the attack tests
+/// call each of them).
+pub const ENDPOINTS: &[Endpoint] = &[
+    Endpoint { method: "GET", path: "/status", write: false, needs: "viewer", listener: Listener::Admin },
+    Endpoint { method: "GET", path: "/cluster/members", write: false, needs: "viewer", listener: Listener::Admin },
+    Endpoint { method: "GET", path: "/config", write: false, needs: "viewer", listener: Listener::Admin },
+    Endpoint { method: "GET", path: "/conntrack", write: false, needs: "viewer", listener: Listener::Admin },
+    Endpoint { method: "GET", path: "/metrics", write: false, needs: "viewer (none on metrics_addr)", listener: Listener::Both },
+    Endpoint { method: "GET", path: "/ready", write: false, needs: "viewer (none on metrics_addr)", listener: Listener::Both },
+    Endpoint { method: "POST", path: "/command", write: true, needs: "per command: operator for backend drain/undrain/weight, admin for the rest; node N may register itself", listener: Listener::Admin },
+    Endpoint { method: "POST", path: "/cluster/join", write: true, needs: "admin, or node N joining as N", listener: Listener::Admin },
+    Endpoint { method: "POST", path: "/cluster/remove", write: true, needs: "admin, or node N removing itself", listener: Listener::Admin },
+    Endpoint { method: "POST", path: "/drain", write: true, needs: "operator, or this node itself", listener: Listener::Admin },
+];
+
+/// An error body of the admin API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Machine-readable kind: bad_request, rejected, no_leader, unavailable,
+    /// internal, unauthenticated (401), forbidden (403), too_large (413),
+    /// timeout (408).
+    pub kind: String,
+    pub error: String,
+}
+
+/// One node's view of itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LocalStatus {
+    pub node_id: u64,
+    pub raft_addr: String,
+    pub admin_addr: String,
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    /// Epoch of the replicated config this node's state machine holds.
+    pub config_epoch: u64,
+    /// Epoch programmed into this node's datapath.
+    pub applied_epoch: u64,
+    pub heartbeat_age_ms: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// On the leader: matched log index per follower.
+    pub replication: Option<BTreeMap<u64, Option<u64>>>,
+    pub datapath_enabled: bool,
+    pub datapath_attached: bool,
+    /// Conntrack entries (counted every 2 s, not per request).
+    pub conntrack_entries: Option<u64>,
+    /// Conntrack replication, if enabled.
+    pub sync: Option<sync::service::SyncStatus>,
+    /// VIPs announced over BGP (None: BGP not enabled here).
+    pub bgp_announced: Option<bool>,
+    /// Why the datapath health check fails (None: healthy or no datapath).
+    #[serde(default)]
+    pub health_error: Option<String>,
+    /// Drained by the operator (`POST /drain`): VIPs withdrawn.
+    #[serde(default)]
+    pub draining: bool,
+    /// The certificate this node serves and calls with now.
+    #[serde(default)]
+    pub certificate: Option<crate::tls::CertInfo>,
+}
+
+/// Body of `POST /drain` (this node only; not forwarded).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    pub drain: bool,
+}
+
+/// A row of `clusterctl members`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemberRow {
+    pub node_id: u64,
+    pub raft_addr: String,
+    pub admin_addr: Option<String>,
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub role: Option<String>,
+    pub term: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied_index: Option<u64>,
+    /// Log entries behind the leader (leader's view).
+    pub lag: Option<u64>,
+    pub heartbeat_age_ms: Option<u64>,
+    pub applied_epoch: Option<u64>,
+    pub datapath_attached: Option<bool>,
+    pub conntrack_entries: Option<u64>,
+    /// Warm join done (None: replication off or node unreachable).
+    pub sync_ready: Option<bool>,
+    /// Replication streams to peers that are up.
+    pub sync_peers_connected: Option<usize>,
+    /// Replication lag p99 on this node (creation on the origin → applied here).
+    pub sync_lag_p99_ms: Option<f64>,
+    /// VIPs announced over BGP (None: BGP off or node unreachable).
+    pub bgp_announced: Option<bool>,
+}
+
+/// Body of `POST /cluster/remove`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRequest {
+    pub node_id: u64,
+}
+
+/// Query of `GET /conntrack`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtQuery {
+    pub vip: Option<std::net::IpAddr>,
+    pub limit: Option<usize>,
+}
