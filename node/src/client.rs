@@ -164,6 +164,16 @@ impl Client {
         decode(addr, status, &body)
     }
 
+    /// GET: status and body, whatever the status (tests, probes).
+    pub fn get_raw(
+        &self,
+        addr: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        self.request(addr, "GET", path, None, timeout)
+    }
+
     /// POST raw bytes (tests of malformed bodies): status and body.
     pub fn post_raw(
         &self,

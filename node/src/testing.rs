@@ -15,6 +15,11 @@ use crate::{
     config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig},
     tls, Node,
 };
+use datapath_ebpf::{
+    abi::{CtKey, CT_F_REMOTE, IPPROTO_TCP},
+    packet::{Packet, TCP_SYN},
+    testrun,
+};
 use raft_store::{
     cluster::{ForwardingMode, Proto, Service},
     Command, Request, Response,
@@ -291,6 +296,78 @@ impl Cluster {
             .values()
             .map(|n| n.cfg.admin_addr.to_string())
             .collect()
+    }
+
+    /// Open `n` flows on node `id`'s datapath (BPF_PROG_TEST_RUN of a SYN each).
+    pub fn open_flows(&self, id: u64, vip: &str, first: u16, n: u16) -> Vec<CtKey> {
+        let dp = self
+            .node(id)
+            .datapath
+            .as_ref()
+            .expect("datapath")
+            .dp
+            .lock()
+            .expect("dp");
+        (first..first + n)
+            .map(|p| {
+                let syn = Packet::tcp("192.0.2.10", p, vip, 80, TCP_SYN);
+                testrun::run(dp.program(), &syn.frame(), 0).expect("test run");
+                CtKey::new(
+                    "192.0.2.10".parse().expect("ip"),
+                    p,
+                    vip.parse().expect("vip"),
+                    80,
+                    IPPROTO_TCP,
+                )
+            })
+            .collect()
+    }
+
+    /// Wait until node `id` holds every key as a replicated entry of
+    /// `origin` with the origin's backend.
+    pub async fn wait_entries(&self, id: u64, keys: &[CtKey], origin: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (found, ok) = {
+                let dp = self
+                    .node(id)
+                    .datapath
+                    .as_ref()
+                    .expect("dp")
+                    .dp
+                    .lock()
+                    .expect("dp");
+                let src = self
+                    .node(origin as u64)
+                    .datapath
+                    .as_ref()
+                    .expect("dp")
+                    .dp
+                    .lock()
+                    .expect("dp");
+                let mut found = 0;
+                let mut ok = true;
+                for k in keys {
+                    if let Some(v) = dp.ct_get(k).expect("lookup") {
+                        found += 1;
+                        let want = src.ct_get(k).expect("lookup").expect("origin has it");
+                        ok &= v.backend_id == want.backend_id && v.origin == origin;
+                        ok &= v.flags & CT_F_REMOTE != 0;
+                    }
+                }
+                (found, ok)
+            };
+            assert!(ok, "node {id}: replicated entries differ from the origin's");
+            if found == keys.len() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} has {found}/{} entries",
+                keys.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn node(&self, id: u64) -> &Arc<Node> {

@@ -11,11 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_ebpf::{
-    abi::{CtKey, CT_F_REMOTE, IPPROTO_TCP},
-    packet::{Packet, TCP_SYN},
-    testrun,
-};
+use datapath_ebpf::abi::{CtKey, IPPROTO_TCP};
 use node::{
     replication::{CtRow, KIND_SNAPSHOT, KIND_SYNC},
     testing::{backend, issue_node, service, Cluster},
@@ -25,76 +21,6 @@ use node::{
 use sync::wire::{frame, Msg, WireEntry, VERSION};
 
 const VIP: &str = "10.200.0.1";
-
-/// Open `n` flows on node `id`'s datapath (BPF_PROG_TEST_RUN of a SYN each).
-fn open_flows(c: &Cluster, id: u64, first: u16, n: u16) -> Vec<CtKey> {
-    let dp = c
-        .node(id)
-        .datapath
-        .as_ref()
-        .expect("datapath")
-        .dp
-        .lock()
-        .expect("dp");
-    (first..first + n)
-        .map(|p| {
-            let syn = Packet::tcp("192.0.2.10", p, VIP, 80, TCP_SYN);
-            testrun::run(dp.program(), &syn.frame(), 0).expect("test run");
-            CtKey::new(
-                "192.0.2.10".parse().expect("ip"),
-                p,
-                VIP.parse().expect("vip"),
-                80,
-                IPPROTO_TCP,
-            )
-        })
-        .collect()
-}
-
-async fn wait_entries(c: &Cluster, id: u64, keys: &[CtKey], origin: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (found, ok) = {
-            let dp = c
-                .node(id)
-                .datapath
-                .as_ref()
-                .expect("dp")
-                .dp
-                .lock()
-                .expect("dp");
-            let src = c
-                .node(origin as u64)
-                .datapath
-                .as_ref()
-                .expect("dp")
-                .dp
-                .lock()
-                .expect("dp");
-            let mut found = 0;
-            let mut ok = true;
-            for k in keys {
-                if let Some(v) = dp.ct_get(k).expect("lookup") {
-                    found += 1;
-                    let want = src.ct_get(k).expect("lookup").expect("origin has it");
-                    ok &= v.backend_id == want.backend_id && v.origin == origin;
-                    ok &= v.flags & CT_F_REMOTE != 0;
-                }
-            }
-            (found, ok)
-        };
-        assert!(ok, "node {id}: replicated entries differ from the origin's");
-        if found == keys.len() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {id} has {found}/{} entries",
-            keys.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn wait_ready(c: &Cluster, id: u64) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -116,16 +42,16 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
         wait_ready(&c, id).await;
     }
 
-    let first = open_flows(&c, 1, 20_000, 50);
-    wait_entries(&c, 2, &first, 1).await;
-    wait_entries(&c, 3, &first, 1).await;
+    let first = c.open_flows(1, VIP, 20_000, 50);
+    c.wait_entries(2, &first, 1).await;
+    c.wait_entries(3, &first, 1).await;
     let lag = c.node(2).sync.get().expect("sync").status().lag_p99_ms;
     assert!(lag.is_some(), "lag is measured");
 
     // Node 3 restarts with an empty map and warm-joins.
     c.kill(3).await;
-    let second = open_flows(&c, 1, 30_000, 50);
-    wait_entries(&c, 2, &second, 1).await;
+    let second = c.open_flows(1, VIP, 30_000, 50);
+    c.wait_entries(2, &second, 1).await;
     c.restart(3).await;
     wait_ready(&c, 3).await;
     let st = c.node(3).sync.get().expect("sync").status();
@@ -135,7 +61,7 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
         st.snapshot_entries
     );
     let all: Vec<CtKey> = first.iter().chain(&second).copied().collect();
-    wait_entries(&c, 3, &all, 1).await; // already there when ready
+    c.wait_entries(3, &all, 1).await; // already there when ready
 
     // A node with a valid cluster certificate that is not a member.
     let pki = c.pki.clone();
