@@ -177,9 +177,15 @@ impl Transport {
         closed
     }
 
-    /// Incoming connections open now.
-    pub fn incoming_connections(&self) -> usize {
-        self.incoming.lock().expect("incoming").len()
+    /// Incoming connections open now: (peer node id, certificate serial).
+    pub fn incoming_peers(&self) -> Vec<(u64, String)> {
+        self.incoming
+            .lock()
+            .expect("incoming")
+            .values()
+            .filter(|i| i.conn.close_reason().is_none())
+            .map(|i| (i.peer, i.cert.serial.clone()))
+            .collect()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
