@@ -201,6 +201,21 @@ impl LbNode {
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("node.log")
     }
+
+    /// Pid of this node's holdfast-node, if running.
+    pub fn node_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.id())
+    }
+
+    /// Pid of this node's BIRD, if running.
+    pub fn bird_pid(&self) -> Option<u32> {
+        let b = self.bird.as_ref()?;
+        std::fs::read_to_string(&b.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
 }
 
 struct Backend {
