@@ -75,6 +75,15 @@ fn t12_manifests_are_valid_objects() {
     let ds: DaemonSet = typed("daemonset-lb.yaml");
     let decap: DaemonSet = typed("daemonset-decap.yaml");
     let _secret: Secret = typed("secret-pki.example.yaml");
+    let client_secret: Secret = typed("secret-clusterctl.example.yaml");
+    let keys: BTreeSet<&str> = client_secret
+        .string_data
+        .as_ref()
+        .expect("stringData")
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert!(keys.contains("ca.pem") && keys.iter().any(|k| k.starts_with("client-")));
 
     // The kustomization lists every manifest but the example Secret.
     let k = load("kustomization.yaml");
@@ -89,7 +98,7 @@ fn t12_manifests_are_valid_objects() {
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
         .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
         .collect();
-    files.remove("secret-pki.example.yaml");
+    files.retain(|f| !f.ends_with(".example.yaml"));
     assert_eq!(listed, files.iter().map(|s| s.as_str()).collect());
     let nsname = ns.metadata.name.as_deref().expect("ns name");
     assert_eq!(k["namespace"], nsname);
@@ -143,14 +152,79 @@ fn t12_manifests_are_valid_objects() {
         node_c.security_context.as_ref().and_then(|s| s.privileged),
         Some(true)
     );
-    let ready = node_c
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .expect("readiness");
-    assert_eq!(ready.path.as_deref(), Some("/ready"));
+    // The probes use the plain listener (metrics_addr, no client
+    // certificate), never the HTTPS admin port.
+    let port_of = |name: &str| -> i32 {
+        node_c
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("container port {name}"))
+            .container_port
+    };
+    let script = node_c.args.as_ref().expect("args").join(" ");
+    let env_port = |var: &str| -> i32 {
+        script
+            .split(&format!("export {var}=\"${{NODE_IP}}:"))
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the start script sets {var}"))
+    };
+    assert_eq!(port_of("metrics"), env_port("HOLDFAST_METRICS_ADDR"));
+    assert_eq!(port_of("admin-https"), env_port("HOLDFAST_ADMIN_ADDR"));
+    assert_eq!(port_of("quic"), env_port("HOLDFAST_RAFT_ADDR"));
+    for (what, probe, path) in [
+        ("readiness", &node_c.readiness_probe, "/ready"),
+        ("liveness", &node_c.liveness_probe, "/live"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("{what} probe"));
+        assert_eq!(get.path.as_deref(), Some(path), "{what}");
+        let port = match &get.port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n) => port_of(n),
+        };
+        assert_eq!(
+            port,
+            port_of("metrics"),
+            "{what} probe on the plain listener"
+        );
+        assert_ne!(get.scheme.as_deref(), Some("HTTPS"), "{what}");
+    }
+    // The certificates are read in place from the Secret mount (so a
+    // renewed Secret rotates them), and preStop drains with the node's own.
+    for var in ["HOLDFAST_TLS_CA", "HOLDFAST_TLS_CERT", "HOLDFAST_TLS_KEY"] {
+        assert!(
+            script.contains(&format!("export {var}=/etc/holdfast/pki/"))
+                || script.contains(&format!("export {var}=\"/etc/holdfast/pki/")),
+            "{var} points into the Secret mount: {script}"
+        );
+    }
+    assert!(
+        !script.contains("cp "),
+        "certificates must not be copied: {script}"
+    );
+    let pki_mount = node_c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/etc/holdfast/pki")
+        .expect("pki mount");
+    assert_eq!(pki_mount.read_only, Some(true));
+    assert!(
+        pki_mount.sub_path.is_none(),
+        "a subPath mount never sees Secret updates"
+    );
     let pre = serde_json::to_string(&node_c.lifecycle).expect("lifecycle");
     assert!(pre.contains("drain"), "preStop drains: {pre}");
+    assert!(
+        pre.contains("--cert") && pre.contains("--key") && pre.contains("--ca"),
+        "preStop's clusterctl presents the node's certificate: {pre}"
+    );
     let mounts: BTreeSet<&str> = node_c
         .volume_mounts
         .iter()
@@ -218,6 +292,7 @@ fn t12_manifests_are_valid_objects() {
         "HOLDFAST_NODE_ID" => Some("11".into()),
         "HOLDFAST_RAFT_ADDR" => Some("10.0.0.11:7001".into()),
         "HOLDFAST_ADMIN_ADDR" => Some("10.0.0.11:7101".into()),
+        "HOLDFAST_METRICS_ADDR" => Some("10.0.0.11:7102".into()),
         "HOLDFAST_JOIN" => Some(data["join"].clone()),
         _ => None,
     })
