@@ -93,6 +93,15 @@ fn self_signed_admin() -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// A call that must be refused with 403 and `text` in the answer.
+struct Check {
+    what: &'static str,
+    client: Client,
+    addr: String,
+    path: &'static str,
+    text: &'static str,
+}
+
 fn refused(c: &Cluster, id: u64, r: &Refusal) -> u64 {
     c.node(id).metrics.admin_refused[r.index()].load(Ordering::Relaxed)
 }
@@ -334,74 +343,75 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
         .find(|i| *i != 2 && *i != leader)
         .expect("a third node");
     let other_addr = c.node(other).cfg.admin_addr.to_string();
-    let checks: Vec<(&str, Client, String, &str, Vec<u8>, &str)> = vec![
-        (
-            "node 2 joins as node 7",
-            node2.clone(),
-            leader_addr.clone(),
-            "/cluster/join",
-            body("/cluster/join"),
-            "joining as node 7",
-        ),
-        (
-            "node 2 removes node 3",
-            node2.clone(),
-            leader_addr.clone(),
-            "/cluster/remove",
-            body("/cluster/remove"),
-            "removing node 3",
-        ),
-        (
-            "node 2 adds a backend",
-            node2.clone(),
-            leader_addr.clone(),
-            "/command",
-            body("/command"),
-            "needs role admin",
-        ),
-        (
-            "node 2 drains another node",
-            node2.clone(),
-            other_addr.clone(),
-            "/drain",
-            body("/drain"),
-            "POST /drain",
-        ),
-        (
-            // The leader checks the joining id too: node 2 forwarding a
-            // join "for node 8" that claims id 7.
-            "forwarded join with another id",
-            node2.clone().on_behalf_of(&Caller::Node(8)),
-            leader_addr.clone(),
-            "/cluster/join",
-            body("/cluster/join"),
-            "joining as node 7",
-        ),
-        (
-            "an admin certificate acting on behalf of another",
-            c.client().on_behalf_of(&Caller::Node(7)),
-            leader_addr.clone(),
-            "/cluster/join",
-            body("/cluster/join"),
-            "only node certificates",
-        ),
-        (
-            "a viewer made admin by a forwarding header it cannot send",
-            viewer.clone().on_behalf_of(&Caller::Client {
+    let checks = vec![
+        Check {
+            what: "node 2 joins as node 7",
+            client: node2.clone(),
+            addr: leader_addr.clone(),
+            path: "/cluster/join",
+            text: "joining as node 7",
+        },
+        Check {
+            what: "node 2 removes node 3",
+            client: node2.clone(),
+            addr: leader_addr.clone(),
+            path: "/cluster/remove",
+            text: "removing node 3",
+        },
+        Check {
+            what: "node 2 adds a backend",
+            client: node2.clone(),
+            addr: leader_addr.clone(),
+            path: "/command",
+            text: "needs role admin",
+        },
+        Check {
+            what: "node 2 drains another node",
+            client: node2.clone(),
+            addr: other_addr.clone(),
+            path: "/drain",
+            text: "POST /drain",
+        },
+        // The leader checks the joining id too: node 2 forwarding a
+        // join "for node 8" that claims id 7.
+        Check {
+            what: "forwarded join with another id",
+            client: node2.clone().on_behalf_of(&Caller::Node(8)),
+            addr: leader_addr.clone(),
+            path: "/cluster/join",
+            text: "joining as node 7",
+        },
+        Check {
+            what: "an admin certificate acting on behalf of another",
+            client: c.client().on_behalf_of(&Caller::Node(7)),
+            addr: leader_addr.clone(),
+            path: "/cluster/join",
+            text: "only node certificates",
+        },
+        Check {
+            what: "a viewer made admin by a forwarding header it cannot send",
+            client: viewer.clone().on_behalf_of(&Caller::Client {
                 name: "x".into(),
                 role: Role::Admin,
             }),
-            leader_addr.clone(),
-            "/command",
-            body("/command"),
-            "only node certificates",
-        ),
+            addr: leader_addr.clone(),
+            path: "/command",
+            text: "only node certificates",
+        },
     ];
-    for (what, client, a, path, b, text) in checks {
-        let (status, out) =
-            tokio::task::spawn_blocking(move || client.post_raw(&a, path, &b, T).expect("call"))
-                .await
-                .expect("task");
+    for Check {
+        what,
+        client,
+        addr,
+        path,
+        text,
+    } in checks
+    {
+        let (status, out) = tokio::task::spawn_blocking(move || {
+            client.post_raw(&addr, path, &body(path), T).expect("call")
+        })
+        .await
+        .expect("task");
         let out = String::from_utf8_lossy(&out).into_owned();
         assert_eq!(status, 403, "{what}: {out}");
         assert!(out.contains(text), "{what}: {out}");

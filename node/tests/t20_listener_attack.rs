@@ -184,7 +184,7 @@ async fn t20_garbage_at_every_port_while_the_cluster_works() {
         let (stop, ok, failed, worst_ms) =
             (stop.clone(), ok.clone(), failed.clone(), worst_ms.clone());
         let client = c.client();
-        let addrs = vec![
+        let addrs = [
             c.node(2).cfg.admin_addr.to_string(),
             c.node(3).cfg.admin_addr.to_string(),
         ];
