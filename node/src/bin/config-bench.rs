@@ -3,12 +3,16 @@
 //! until every node's datapath has applied the change.
 //!
 //! ```text
-//! cargo run --release -p node --bin config-bench [-- --json] [--changes N]
+//! cargo run --release -p node --bin config-bench [-- --json] [--changes N] [--via direct|leader|follower]
 //! ```
 //! Root (each node loads a real BPF datapath). Each change is submitted on
 //! the leader and timed until committed and applied there (commit); then
 //! until all three nodes report the new epoch programmed into their
-//! datapaths (applied_all).
+//! datapaths (applied_all). `--via leader` submits through the leader's
+//! admin API (HTTPS with an admin client certificate, a new TLS session
+//! per call, as clusterctl does), `--via follower` through a follower's
+//! (which forwards it to the leader's over a second TLS session);
+//! `direct` (default) calls the leader's Raft write in process.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +30,7 @@ fn pct(v: &mut [Duration], q: f64) -> f64 {
 async fn main() -> Result<()> {
     let mut json = false;
     let mut changes = 500usize;
+    let mut via = "direct".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -37,7 +42,15 @@ async fn main() -> Result<()> {
                     .parse()
                     .context("--changes needs a number")?
             }
-            other => bail!("unknown argument {other:?} (--json, --changes N)"),
+            "--via" => {
+                via = args.next().context("--via needs direct, leader or follower")?;
+                if !["direct", "leader", "follower"].contains(&via.as_str()) {
+                    bail!("--via {via:?}: use direct, leader or follower");
+                }
+            }
+            other => bail!(
+                "unknown argument {other:?} (--json, --changes N, --via direct|leader|follower)"
+            ),
         }
     }
     // SAFETY: geteuid has no preconditions.
@@ -58,6 +71,16 @@ async fn main() -> Result<()> {
     c.wait_converged(Duration::from_secs(10)).await;
     let leader = c.wait_leader(Duration::from_secs(5)).await;
     let ln = c.node(leader).clone();
+    let api_addr = match via.as_str() {
+        "leader" => Some(ln.cfg.admin_addr.to_string()),
+        "follower" => c
+            .nodes
+            .values()
+            .find(|n| n.id() != leader)
+            .map(|n| n.cfg.admin_addr.to_string()),
+        _ => None,
+    };
+    let client = c.client();
     let mut watchers: Vec<_> = c.nodes.values().map(|n| n.applied_tx.subscribe()).collect();
 
     let mut commit = Vec::with_capacity(changes);
@@ -69,7 +92,22 @@ async fn main() -> Result<()> {
             weight: 1 + (i as u32 % 7),
         };
         let t0 = Instant::now();
-        let r = ln.write(cmd.into()).await.context("write")?;
+        let r = match &api_addr {
+            None => ln.write(cmd.into()).await.context("write")?,
+            Some(a) => {
+                let (cl, a) = (client.clone(), a.clone());
+                tokio::task::spawn_blocking(move || {
+                    cl.post::<_, raft_store::Response>(
+                        &a,
+                        "/command",
+                        &raft_store::Request::from(cmd),
+                        Duration::from_secs(5),
+                    )
+                })
+                .await?
+                .context("write through the admin API")?
+            }
+        };
         let committed = Instant::now();
         if r.rejected.is_some() {
             bail!("change {i} rejected: {:?}", r.rejected);
@@ -95,6 +133,7 @@ async fn main() -> Result<()> {
             "{}",
             serde_json::json!({
                 "changes": changes,
+                "via": via,
                 "commit_p50_ms": c50,
                 "commit_p99_ms": c99,
                 "applied_all_p50_ms": a50,
@@ -103,7 +142,7 @@ async fn main() -> Result<()> {
             })
         );
     } else {
-        println!("3-node cluster on loopback (QUIC + mTLS, redb fsync), {changes} config changes, 65537-slot Maglev table:");
+        println!("3-node cluster on loopback (QUIC + mTLS, redb fsync), {changes} config changes via {via}, 65537-slot Maglev table:");
         println!(
             "  commit (leader: submit -> committed and applied)  p50 {c50:.2} ms  p99 {c99:.2} ms"
         );
