@@ -156,10 +156,7 @@ impl Client {
         body: &B,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Protocol {
-            addr: addr.into(),
-            reason: format!("encoding the request: {e}"),
-        })?;
+        let bytes = encode(addr, body)?;
         let (status, body) = self.request(addr, "POST", path, Some(&bytes), timeout)?;
         decode(addr, status, &body)
     }
@@ -240,17 +237,17 @@ impl Client {
         body: &B,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_value(body).map_err(|e| ClientError::Protocol {
-            addr: addr.into(),
-            reason: format!("encoding the request: {e}"),
-        })?;
+        let bytes = encode(addr, body)?;
         let (c, a, p) = (self.clone(), addr.to_string(), path.to_string());
-        tokio::task::spawn_blocking(move || c.post(&a, &p, &body, timeout))
-            .await
-            .map_err(|e| ClientError::Protocol {
-                addr: addr.into(),
-                reason: e.to_string(),
-            })?
+        tokio::task::spawn_blocking(move || {
+            let (status, body) = c.request(&a, "POST", &p, Some(&bytes), timeout)?;
+            decode(&a, status, &body)
+        })
+        .await
+        .map_err(|e| ClientError::Protocol {
+            addr: addr.into(),
+            reason: e.to_string(),
+        })?
     }
 
     /// One request on a new connection: status and body.
@@ -500,6 +497,13 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
         out.extend_from_slice(&b[..size]);
         b = &b[size + 2..];
     }
+}
+
+fn encode<B: Serialize + ?Sized>(addr: &str, body: &B) -> Result<Vec<u8>, ClientError> {
+    serde_json::to_vec(body).map_err(|e| ClientError::Protocol {
+        addr: addr.into(),
+        reason: format!("encoding the request: {e}"),
+    })
 }
 
 fn api_error(addr: &str, status: u16, body: &[u8]) -> ClientError {

@@ -64,35 +64,151 @@ pub fn make_ca(dir: &Path, name: &str) {
     tls::write_pair(dir, "ca", &c, &k).expect("write CA");
 }
 
-pub fn issue_node(dir: &Path, id: u64) {
+/// Issue `subject` from `dir`'s CA into `dir/<stem>.pem/.key`, valid as
+/// given: (certificate PEM, key PEM).
+pub fn issue_into(
+    dir: &Path,
+    stem: &str,
+    subject: &tls::Subject,
+    validity: tls::Validity,
+) -> (String, String) {
     let ca = std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem");
     let key = std::fs::read_to_string(dir.join("ca.key")).expect("ca.key");
-    let (c, k) = tls::issue(
-        &ca,
-        &key,
+    let (c, k) = tls::issue_with(&ca, &key, subject, validity).expect("issue");
+    tls::write_pair(dir, stem, &c, &k).expect("write cert");
+    (c, k)
+}
+
+/// Issue `node-<id>.pem/.key` (for 127.0.0.1) in `dir`.
+pub fn issue_node(dir: &Path, id: u64) {
+    issue_into(
+        dir,
+        &format!("node-{id}"),
         &tls::Subject::Node {
             id,
             ips: vec!["127.0.0.1".parse().expect("ip")],
         },
-    )
-    .expect("issue");
-    tls::write_pair(dir, &format!("node-{id}"), &c, &k).expect("write cert");
+        tls::Validity::days(30),
+    );
 }
 
 /// Issue a client certificate `client-<name>.pem/.key` with `role` in `dir`.
 pub fn issue_client(dir: &Path, name: &str, role: crate::auth::Role) {
-    let ca = std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem");
-    let key = std::fs::read_to_string(dir.join("ca.key")).expect("ca.key");
-    let (c, k) = tls::issue(
-        &ca,
-        &key,
+    issue_client_valid(dir, name, role, tls::Validity::days(30));
+}
+
+/// As [`issue_client`], valid as given (an expired one, say).
+pub fn issue_client_valid(
+    dir: &Path,
+    name: &str,
+    role: crate::auth::Role,
+    validity: tls::Validity,
+) {
+    issue_into(
+        dir,
+        &format!("client-{name}"),
         &tls::Subject::Client {
             name: name.into(),
             role: role.as_str().into(),
         },
-    )
-    .expect("issue client");
-    tls::write_pair(dir, &format!("client-{name}"), &c, &k).expect("write cert");
+        validity,
+    );
+}
+
+/// A validity that ended yesterday.
+pub fn expired() -> tls::Validity {
+    let day = Duration::from_secs(86_400);
+    tls::Validity {
+        not_before: std::time::SystemTime::now() - 2 * day,
+        not_after: std::time::SystemTime::now() - day,
+    }
+}
+
+/// Config writes in the background (backend weight changes of `backend`,
+/// each with its own request id, through `addrs` in turn, every
+/// `every`), counted until [`BackgroundWrites::stop`].
+pub struct BackgroundWrites {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub ok: Arc<std::sync::atomic::AtomicU64>,
+    pub failed: Arc<std::sync::atomic::AtomicU64>,
+    /// Slowest successful write, ms.
+    pub worst_ms: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BackgroundWrites {
+    pub fn start(
+        client: crate::client::Client,
+        addrs: Vec<String>,
+        backend: u32,
+        tag: &str,
+        every: Duration,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed, worst_ms) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (s, o, f, w, tag) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            worst_ms.clone(),
+            tag.to_string(),
+        );
+        let task = tokio::task::spawn_blocking(move || {
+            let mut k = 0u32;
+            while !s.load(Ordering::Relaxed) {
+                k += 1;
+                let req = Request {
+                    id: Some(format!("{tag}-{k}")),
+                    command: Command::SetBackendWeight {
+                        id: backend,
+                        weight: 1 + k % 7,
+                    },
+                    trace: None,
+                };
+                let addr = &addrs[k as usize % addrs.len()];
+                let t0 = Instant::now();
+                match client.post_retry::<_, Response>(
+                    std::slice::from_ref(addr),
+                    "/command",
+                    &req,
+                    Duration::from_secs(5),
+                ) {
+                    Ok(_) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                        w.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("{tag}: write {k} through {addr} failed: {e}");
+                        f.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(every);
+            }
+        });
+        Self {
+            stop,
+            ok,
+            failed,
+            worst_ms,
+            task,
+        }
+    }
+
+    /// Stop and wait: (writes that succeeded, writes that failed).
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("background writer");
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// The identity in `dir`'s `ca.pem` and `<stem>.pem/.key`.

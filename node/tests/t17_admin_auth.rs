@@ -10,17 +10,16 @@
 //! failure: no certificate, wrong CA, role too weak, server certificate
 //! not matching, expired certificate; it reads its config file.
 
-use std::{
-    path::Path,
-    sync::atomic::Ordering,
-    time::{Duration, SystemTime},
-};
+use std::{path::Path, sync::atomic::Ordering, time::Duration};
 
 use node::{
     auth::{self, Caller, Refusal, Role},
     client::Client,
     config::RaftTuning,
-    testing::{backend, identity, issue_client, make_ca, service, Cluster},
+    testing::{
+        backend, client_from, expired, identity, issue_client, issue_client_valid, make_ca,
+        service, Cluster,
+    },
     tls::{self, Identity},
     wire::{Listener, ENDPOINTS},
 };
@@ -119,8 +118,6 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
     c.write(service("web", "10.200.0.1", 80)).await;
     let be = c.write(backend("web", "10.0.0.1", 80)).await.backend_ids[0];
     let pki = c.pki.clone();
-    let ca_pem = std::fs::read_to_string(pki.join("ca.pem")).expect("ca");
-    let ca_key = std::fs::read_to_string(pki.join("ca.key")).expect("ca key");
 
     // The bad credentials.
     let anonymous = Client::new(
@@ -136,21 +133,8 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
     );
     let (ss_cert, ss_key) = self_signed_admin();
     let self_signed = client_with(&pki.join("ca.pem"), &ss_cert, &ss_key);
-    let day = Duration::from_secs(86_400);
-    let (ex_cert, ex_key) = tls::issue_with(
-        &ca_pem,
-        &ca_key,
-        &tls::Subject::Client {
-            name: "old".into(),
-            role: "admin".into(),
-        },
-        tls::Validity {
-            not_before: SystemTime::now() - 2 * day,
-            not_after: SystemTime::now() - day,
-        },
-    )
-    .expect("expired cert");
-    let expired = client_with(&pki.join("ca.pem"), &ex_cert, &ex_key);
+    issue_client_valid(&pki, "old", Role::Admin, expired());
+    let expired = client_from(&pki, "client-old");
     issue_client(&pki, "gone", Role::Admin);
     let gone = identity(&pki, "client-gone");
     let serial = gone.info().expect("info").serial;
@@ -558,27 +542,11 @@ async fn t17_clusterctl_explains_each_refusal() {
         );
         assert!(err.contains("role is too weak"), "{err}");
         // An expired client certificate.
-        let ca = std::fs::read_to_string(p("ca.pem")).expect("ca");
-        let key = std::fs::read_to_string(p("ca.key")).expect("key");
-        let day = Duration::from_secs(86_400);
-        let (ec, ek) = tls::issue_with(
-            &ca,
-            &key,
-            &tls::Subject::Client {
-                name: "old".into(),
-                role: "admin".into(),
-            },
-            tls::Validity {
-                not_before: SystemTime::now() - 2 * day,
-                not_after: SystemTime::now() - day,
-            },
-        )
-        .expect("issue");
-        tls::write_pair(&dir, "expired", &ec, &ek).expect("write");
+        issue_client_valid(&pki, "old", Role::Admin, expired());
         let expired = [
             ("HOLDFAST_CA", p("ca.pem")),
-            ("HOLDFAST_CERT", dir.join("expired.pem")),
-            ("HOLDFAST_KEY", dir.join("expired.key")),
+            ("HOLDFAST_CERT", p("client-old.pem")),
+            ("HOLDFAST_KEY", p("client-old.key")),
         ];
         let (code, _, err) = run(&["--node", &addr, "status"], &expired);
         assert_eq!(code, 7, "{err}");

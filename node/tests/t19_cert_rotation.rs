@@ -9,23 +9,17 @@
 //! write succeeds and every flow replicates.
 
 use std::{
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use node::{
     client::Client,
-    testing::{backend, identity, service, Cluster},
+    testing::{backend, identity, service, BackgroundWrites, Cluster},
     tls::{self, CertInfo},
     wire::LocalStatus,
 };
-use raft_store::{
-    cluster::{Command, Revocation},
-    Request,
-};
+use raft_store::cluster::{Command, Revocation};
 
 const VIP: &str = "10.200.0.1";
 const T: Duration = Duration::from_secs(10);
@@ -96,41 +90,13 @@ async fn t19_rotate_while_serving_and_replicating() {
 
     // Writes through node 2 all the time (forwarded to the leader when it
     // does not lead, with node 2's own certificate).
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let writer = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let client = c.client();
-        let addr = n2.cfg.admin_addr.to_string();
-        let id = ids[0];
-        tokio::task::spawn_blocking(move || {
-            let mut k = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                k += 1;
-                let req = Request {
-                    id: Some(format!("t19-{k}")),
-                    command: Command::SetBackendWeight {
-                        id,
-                        weight: 1 + k % 5,
-                    },
-                    trace: None,
-                };
-                match client.post_retry::<_, raft_store::Response>(
-                    std::slice::from_ref(&addr),
-                    "/command",
-                    &req,
-                    Duration::from_secs(5),
-                ) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("write {k} failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
+    let writes = BackgroundWrites::start(
+        c.client(),
+        vec![n2.cfg.admin_addr.to_string()],
+        ids[0],
+        "t19",
+        Duration::from_millis(50),
+    );
 
     let before = c.open_flows(2, VIP, 10_000, 40);
     c.wait_entries(1, &before, 2).await;
@@ -257,9 +223,7 @@ async fn t19_rotate_while_serving_and_replicating() {
     assert!(e.to_string().contains("revoked"), "{e}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.expect("writer");
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = writes.stop().await;
     eprintln!("t19: {ok} writes through node 2 during the rotation, {failed} failed");
     assert_eq!(failed, 0, "writes failed during the rotation");
     assert!(ok >= 10, "only {ok} writes went through");

@@ -18,20 +18,16 @@
 use std::{
     io::Write as _,
     net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use node::{
     auth::Refusal,
     raft_net::RPC_APPEND,
-    testing::{backend, identity, issue_node, service, Cluster},
+    testing::{backend, identity, issue_node, service, BackgroundWrites, Cluster},
     transport::{CallError, Transport},
 };
-use raft_store::{cluster::Command, Request};
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -174,53 +170,16 @@ async fn t20_garbage_at_every_port_while_the_cluster_works() {
 
     // Load: writes through node 2 and 3 (forwarded to the leader), and
     // flows opened on node 1, all through the attack.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, worst_ms) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let writer = {
-        let (stop, ok, failed, worst_ms) =
-            (stop.clone(), ok.clone(), failed.clone(), worst_ms.clone());
-        let client = c.client();
-        let addrs = [
+    let writes = BackgroundWrites::start(
+        c.client(),
+        vec![
             c.node(2).cfg.admin_addr.to_string(),
             c.node(3).cfg.admin_addr.to_string(),
-        ];
-        let id = ids[0];
-        tokio::task::spawn_blocking(move || {
-            let mut k = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                k += 1;
-                let req = Request {
-                    id: Some(format!("t20-{k}")),
-                    command: Command::SetBackendWeight {
-                        id,
-                        weight: 1 + k % 7,
-                    },
-                    trace: None,
-                };
-                let t0 = Instant::now();
-                match client.post_retry::<_, raft_store::Response>(
-                    &addrs[(k as usize % 2)..=(k as usize % 2)],
-                    "/command",
-                    &req,
-                    Duration::from_secs(5),
-                ) {
-                    Ok(_) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        worst_ms.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("t20: write {k} failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+        ],
+        ids[0],
+        "t20",
+        Duration::from_millis(20),
+    );
 
     let attack_start = Instant::now();
     // --- QUIC port: random datagrams, truncated Initials, 1000 handshakes
@@ -371,7 +330,7 @@ async fn t20_garbage_at_every_port_while_the_cluster_works() {
         g.await.expect("garbage task");
     }
     let attack = attack_start.elapsed();
-    let ok_during = ok.load(Ordering::Relaxed);
+    let ok_during = writes.ok.load(Ordering::Relaxed);
     let m = &n1.metrics.admin_refused;
     let refused_conns = m[Refusal::TooManyConnections.index()].load(Ordering::Relaxed);
     assert!(
@@ -392,17 +351,13 @@ async fn t20_garbage_at_every_port_while_the_cluster_works() {
     ));
     rogue.close();
     tokio::time::sleep(Duration::from_secs(7)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.expect("writer");
+    let worst = writes.worst_ms.load(Ordering::Relaxed);
+    let (_, failed) = writes.stop().await;
     let after = c.open_flows(1, VIP, 30_000, 100);
     c.wait_entries(2, &after, 1).await;
     c.wait_entries(3, &after, 1).await;
     let rss_after = rss_kib();
-    let (ok, failed, worst) = (
-        ok_during,
-        failed.load(Ordering::Relaxed),
-        worst_ms.load(Ordering::Relaxed),
-    );
+    let ok = ok_during;
     eprintln!(
         "t20: attack {:.1} s; {ok} writes committed through the cluster during it ({failed} failed, slowest {worst} ms); \
          200 flows replicated; {refused_conns} connections refused over the limits; {quic_conns} QUIC peers connected at the end; \

@@ -43,7 +43,9 @@ async fn main() -> Result<()> {
                     .context("--changes needs a number")?
             }
             "--via" => {
-                via = args.next().context("--via needs direct, leader or follower")?;
+                via = args
+                    .next()
+                    .context("--via needs direct, leader or follower")?;
                 if !["direct", "leader", "follower"].contains(&via.as_str()) {
                     bail!("--via {via:?}: use direct, leader or follower");
                 }
