@@ -50,6 +50,12 @@ async fn main() -> Result<()> {
                     bail!("--via {via:?}: use direct, leader or follower");
                 }
             }
+            "-h" | "--help" => {
+                println!(
+                    "usage: config-bench [--json] [--changes N] [--via direct|leader|follower]"
+                );
+                return Ok(());
+            }
             other => bail!(
                 "unknown argument {other:?} (--json, --changes N, --via direct|leader|follower)"
             ),

@@ -62,7 +62,17 @@ fn pct(v: &[f64], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() -> Result<()> {
-    let json_out = std::env::args().any(|a| a == "--json");
+    let mut json_out = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--json" => json_out = true,
+            "-h" | "--help" => {
+                println!("usage: k8s-bench [--json]   (root: three nodes with BPF datapaths and a test API server)");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?} (--json)"),
+        }
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("k8s-bench loads a BPF datapath per node: run as root");

@@ -139,6 +139,10 @@ async fn main() -> Result<()> {
             "--rate" => rate = num("--rate")? as u32,
             "--secs" => secs = num("--secs")?,
             "--burst" => burst = num("--burst")? as u32,
+            "-h" | "--help" => {
+                println!("usage: sync-bench [--json] [--rate N] [--secs S] [--burst N]");
+                return Ok(());
+            }
             other => bail!("unknown argument {other:?} (--json --rate N --secs S --burst N)"),
         }
     }
