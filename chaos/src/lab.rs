@@ -358,6 +358,9 @@ impl Lab {
         // The client computes checksums itself (see dplab.rs: a veth leaves
         // them to the receiver, which XDP cannot finish).
         client.exec(&["ethtool", "-K", "c0", "tx", "off"])?;
+        // Short connections at hundreds a second: reuse TIME_WAIT ports.
+        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        client.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
         client.ip(&format!("addr add {CLIENT}/24 dev c0"))?;
         client.ip("route add 10.88.100.0/24 via 10.88.2.1")?;
 

@@ -56,6 +56,9 @@ struct Size {
     /// UDP flows.
     #[arg(long, default_value_t = 200)]
     udp: usize,
+    /// Short TCP connections opened (and closed) per second besides.
+    #[arg(long, default_value_t = 0)]
+    short_rate: u32,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +160,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The lab traffic of `size`.
+fn traffic_spec(size: &Size) -> Result<TrafficSpec> {
+    let mut t = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, size.tcp, size.udp);
+    t.short_per_s = size.short_rate;
+    Ok(t)
+}
+
 fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("finding this program's path")
 }
@@ -218,6 +228,7 @@ fn run(
                 opts.backends = size.backends;
                 opts.tcp = size.tcp;
                 opts.udp = size.udp;
+                opts.short_per_s = size.short_rate;
                 opts.sync = s;
                 opts.verbose = verbose;
                 match scenario::run(name, &opts) {
@@ -360,10 +371,7 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
         size.udp,
         lab::VIP
     );
-    let traffic = Traffic::start(
-        &lab.client,
-        TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, size.tcp, size.udp),
-    )?;
+    let traffic = Traffic::start(&lab.client, traffic_spec(size)?)?;
     traffic.mark();
     traffic.wait_all_answered(Duration::from_secs(20))?;
     if sync {
@@ -524,10 +532,7 @@ fn keeper(name: &str, size: &Size) -> Result<ExitCode> {
     spec.nodes = size.nodes;
     spec.backends = size.backends;
     let lab = Lab::up(spec)?;
-    let traffic = Traffic::start(
-        &lab.client,
-        TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, size.tcp, size.udp),
-    )?;
+    let traffic = Traffic::start(&lab.client, traffic_spec(size)?)?;
     traffic.mark();
     traffic.wait_all_answered(Duration::from_secs(30))?;
     eprintln!("lab {name} ready");

@@ -34,6 +34,8 @@ pub struct RunOpts {
     pub backends: usize,
     pub tcp: usize,
     pub udp: usize,
+    /// Short TCP connections opened per second beside the long-lived flows.
+    pub short_per_s: u32,
     pub sync: bool,
     /// The program that runs holdfast-node (`{exe} _node --config FILE`).
     pub exe: PathBuf,
@@ -50,6 +52,7 @@ impl RunOpts {
             backends: 4,
             tcp: 1000,
             udp: 200,
+            short_per_s: 0,
             sync: true,
             exe,
             settle: Duration::from_secs(2),
@@ -81,6 +84,9 @@ pub struct ScenarioResult {
     pub broken_examples: Vec<FlowRecord>,
     /// Flows per backend at the end.
     pub per_backend: BTreeMap<String, usize>,
+    /// Short connections (when `short_per_s` > 0): completed, failed,
+    /// failures by the second they were opened in.
+    pub short: crate::traffic::ShortReport,
     pub duration_ms: u64,
 }
 
@@ -229,7 +235,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         );
     }
     let lab = Lab::up(spec).context("bringing the lab up")?;
-    let tspec = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, opts.tcp, opts.udp);
+    let mut tspec = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, opts.tcp, opts.udp);
+    tspec.short_per_s = opts.short_per_s;
     let traffic = Traffic::start(&lab.client, tspec).context("starting the traffic")?;
     let mut cx = Ctx {
         lab,
@@ -301,6 +308,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         broken_reasons: reasons,
         broken_examples: report.broken.iter().take(5).cloned().collect(),
         per_backend: report.per_backend,
+        short: report.short,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
 }
@@ -573,6 +581,25 @@ pub fn describe(r: &ScenarioResult) -> String {
             .map(|(k, v)| format!("{k} {v} ms"))
             .collect();
         s.push_str(&format!("\n{:<16} converge: {}", "", c.join(", ")));
+    }
+    if r.short.ok + r.short.failed > 0 {
+        let per: Vec<String> = r
+            .short
+            .failed_per_s
+            .iter()
+            .map(|(s, n)| format!("{n} at {s} s"))
+            .collect();
+        s.push_str(&format!(
+            "\n{:<16} short connections: {} ok, {} failed{}",
+            "",
+            r.short.ok,
+            r.short.failed,
+            if per.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", per.join(", "))
+            }
+        ));
     }
     if !r.broken_reasons.is_empty() {
         let c: Vec<String> = r

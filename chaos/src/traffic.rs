@@ -7,6 +7,13 @@
 //! (what, when). Every flow also records its longest stall: the longest
 //! time any of its requests waited for the answer.
 //!
+//! Besides, short connections can be opened at a set rate (`short_per_s`):
+//! each connects, sends one request, checks the answer and closes. A short
+//! connection fails when it cannot connect, is reset or gets no or a wrong
+//! answer within `short_timeout`; failures are counted per second of the
+//! run, so a failover's effect on new connections shows, not only on
+//! long-lived ones.
+//!
 //! All flows run on one tokio runtime on a thread inside the client's
 //! namespace.
 
@@ -45,6 +52,10 @@ pub struct TrafficSpec {
     pub broken_after: Duration,
     /// UDP: resend an unanswered request after this long.
     pub udp_retry: Duration,
+    /// Short TCP connections opened per second (0: none).
+    pub short_per_s: u32,
+    /// A short connection must connect, be answered and close within this.
+    pub short_timeout: Duration,
 }
 
 impl TrafficSpec {
@@ -59,6 +70,8 @@ impl TrafficSpec {
             interval: Duration::from_millis(200),
             broken_after: Duration::from_secs(10),
             udp_retry: Duration::from_millis(250),
+            short_per_s: 0,
+            short_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -92,6 +105,9 @@ pub struct Live {
     pub answered_since_mark: AtomicUsize,
     pub mark: AtomicU64,
     pub max_stall_us: AtomicU64,
+    /// Short connections that completed, and that failed.
+    pub short_ok: AtomicU64,
+    pub short_failed: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -102,6 +118,36 @@ pub struct LiveSnapshot {
     pub udp_broken: usize,
     pub answers: u64,
     pub max_stall_ms: u64,
+    pub short_ok: u64,
+    pub short_failed: u64,
+}
+
+/// Short connections of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ShortReport {
+    pub ok: u64,
+    pub failed: u64,
+    /// Failed short connections by the second (since traffic start) they
+    /// were opened in.
+    pub failed_per_s: std::collections::BTreeMap<u64, u64>,
+    /// A few failures.
+    pub examples: Vec<Failure>,
+}
+
+impl ShortReport {
+    /// Failures of connections opened outside the given windows (ms since
+    /// traffic start, inclusive).
+    pub fn failed_outside(&self, windows: &[(u64, u64)]) -> u64 {
+        self.failed_per_s
+            .iter()
+            .filter(|(s, _)| {
+                !windows
+                    .iter()
+                    .any(|(a, b)| **s * 1000 + 999 >= *a && **s * 1000 <= *b)
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 /// What a traffic run saw.
@@ -117,13 +163,14 @@ pub struct TrafficReport {
     pub per_backend: std::collections::BTreeMap<String, usize>,
     /// Every broken flow.
     pub broken: Vec<FlowRecord>,
+    pub short: ShortReport,
 }
 
 pub struct Traffic {
     spec: TrafficSpec,
     live: Arc<Live>,
     stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<Result<Vec<FlowRecord>>>>,
+    thread: Option<JoinHandle<Result<(Vec<FlowRecord>, ShortReport)>>>,
     started: Instant,
 }
 
@@ -136,7 +183,7 @@ impl Traffic {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let started = Instant::now();
         let (l, s) = (live.clone(), spec.clone());
-        let thread = ns.spawn(move || -> Result<Vec<FlowRecord>> {
+        let thread = ns.spawn(move || -> Result<(Vec<FlowRecord>, ShortReport)> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -177,6 +224,8 @@ impl Traffic {
             udp_broken: self.live.udp_broken.load(Ordering::Relaxed),
             answers: self.live.answers.load(Ordering::Relaxed),
             max_stall_ms: self.live.max_stall_us.load(Ordering::Relaxed) / 1000,
+            short_ok: self.live.short_ok.load(Ordering::Relaxed),
+            short_failed: self.live.short_failed.load(Ordering::Relaxed),
         }
     }
 
@@ -207,7 +256,7 @@ impl Traffic {
     /// Stop every flow and collect the report.
     pub fn stop(mut self) -> Result<TrafficReport> {
         let _ = self.stop.send(true);
-        let flows = self
+        let (flows, short) = self
             .thread
             .take()
             .expect("running")
@@ -233,6 +282,7 @@ impl Traffic {
             max_stall_ms: flows.iter().map(|f| f.max_stall_ms).max().unwrap_or(0),
             per_backend,
             broken,
+            short,
         })
     }
 }
@@ -252,7 +302,7 @@ async fn run(
     stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<()>>,
     started: Instant,
-) -> Result<Vec<FlowRecord>> {
+) -> Result<(Vec<FlowRecord>, ShortReport)> {
     // Connect every TCP flow first (200 at a time), then start them all.
     let mut streams = Vec::with_capacity(spec.tcp);
     let to = SocketAddr::new(spec.vip, spec.tcp_port);
@@ -323,12 +373,113 @@ async fn run(
             started,
         ));
     }
+    let short = (spec.short_per_s > 0).then(|| {
+        tokio::spawn(short_connections(
+            spec.clone(),
+            live.clone(),
+            stop.clone(),
+            started,
+        ))
+    });
     let mut out = Vec::new();
     while let Some(r) = tasks.join_next().await {
         out.push(r.map_err(|e| anyhow!("flow task: {e}"))?);
     }
     out.sort_by_key(|f| (f.proto, f.id));
-    Ok(out)
+    let short = match short {
+        Some(t) => t.await.map_err(|e| anyhow!("short connections: {e}"))?,
+        None => ShortReport::default(),
+    };
+    Ok((out, short))
+}
+
+/// Open `short_per_s` connections a second until stopped: connect, one
+/// request, check the answer, close.
+async fn short_connections(
+    spec: TrafficSpec,
+    live: Arc<Live>,
+    stop: watch::Receiver<bool>,
+    started: Instant,
+) -> ShortReport {
+    let every = Duration::from_secs_f64(1.0 / f64::from(spec.short_per_s));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut set: JoinSet<(u64, Result<(), String>)> = JoinSet::new();
+    let mut report = ShortReport::default();
+    let mut n = 0u64;
+    let record = |report: &mut ShortReport, (sec, r): (u64, Result<(), String>)| match r {
+        Ok(()) => {
+            report.ok += 1;
+            live.short_ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(what) => {
+            report.failed += 1;
+            live.short_failed.fetch_add(1, Ordering::Relaxed);
+            *report.failed_per_s.entry(sec).or_insert(0) += 1;
+            if report.examples.len() < 10 {
+                report.examples.push(Failure {
+                    at_ms: sec * 1000,
+                    what,
+                });
+            }
+        }
+    };
+    while !*stop.borrow() {
+        tick.tick().await;
+        n += 1;
+        let (src, to, timeout) = (
+            spec.src,
+            SocketAddr::new(spec.vip, spec.tcp_port),
+            spec.short_timeout,
+        );
+        let sec = started.elapsed().as_secs();
+        set.spawn(async move {
+            let r = tokio::time::timeout(timeout, short_one(src, to, n)).await;
+            let r = match r {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            };
+            (sec, r)
+        });
+        while let Some(done) = set.try_join_next() {
+            if let Ok(x) = done {
+                record(&mut report, x);
+            }
+        }
+    }
+    while let Some(done) = set.join_next().await {
+        if let Ok(x) = done {
+            record(&mut report, x);
+        }
+    }
+    report
+}
+
+async fn short_one(src: IpAddr, to: SocketAddr, n: u64) -> Result<(), String> {
+    let sock = match src {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    sock.bind(SocketAddr::new(src, 0))
+        .map_err(|e| format!("bind: {e}"))?;
+    let s = sock
+        .connect(to)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let (r, mut w) = s.into_split();
+    let msg = format!("s{n}:1");
+    w.write_all(format!("{msg}\n").as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut lines = BufReader::new(r).lines();
+    match lines.next_line().await {
+        Ok(Some(l)) if l.trim_end().split_once(' ').is_some_and(|(_, m)| m == msg) => Ok(()),
+        Ok(Some(l)) => Err(format!("wrong answer {l:?} to {msg:?}")),
+        Ok(None) => Err("closed before the answer".into()),
+        Err(e) => Err(format!("receive: {e}")),
+    }
 }
 
 /// Per-flow bookkeeping shared by the TCP and UDP loops.
