@@ -66,7 +66,8 @@ enum Cmd {
     /// Run fault scenarios under load and report broken connections.
     Run {
         /// kill-node, churn-then-kill, kill-leader, restart-join,
-        /// agent-restart, partition, rolling-restart, or all.
+        /// agent-restart, partition, rolling-restart, kill-two (5 nodes at
+        /// least), or all.
         scenario: String,
         /// One JSON object with a `scenarios` array on stdout.
         #[arg(long)]

@@ -18,7 +18,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 8] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -26,7 +26,16 @@ pub const SCENARIOS: [&str; 7] = [
     "agent-restart",
     "partition",
     "rolling-restart",
+    "kill-two",
 ];
+
+/// The fewest LB nodes a scenario runs with (`--nodes` can ask for more).
+pub fn min_nodes(name: &str) -> usize {
+    match name {
+        "kill-two" => 5,
+        _ => 3,
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct RunOpts {
@@ -66,6 +75,8 @@ impl RunOpts {
 #[derive(Clone, Debug, Serialize)]
 pub struct ScenarioResult {
     pub name: String,
+    /// LB nodes of the lab.
+    pub nodes: usize,
     pub sync: bool,
     pub tcp_total: usize,
     pub tcp_broken: usize,
@@ -213,7 +224,7 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let mut spec = LabSpec::new("hfc", dir.clone(), opts.exe.clone());
-    spec.nodes = opts.nodes;
+    spec.nodes = opts.nodes.max(min_nodes(name));
     spec.backends = opts.backends;
     spec.spare_backends = 1;
     spec.sync = opts.sync;
@@ -248,7 +259,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
     };
     cx.say(format!(
         "lab up: {} LB nodes, {} TCP + {} UDP flows",
-        opts.nodes, opts.tcp, opts.udp
+        cx.lab.spec.nodes, opts.tcp, opts.udp
     ));
     cx.all_answer(Duration::from_secs(20))
         .context("every flow answered once")?;
@@ -267,6 +278,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "agent-restart" => agent_restart(&mut cx)?,
         "partition" => partition(&mut cx)?,
         "rolling-restart" => rolling_restart(&mut cx)?,
+        "kill-two" => kill_two(&mut cx)?,
         _ => unreachable!("checked above"),
     }
     // Every surviving flow must answer again; then keep going a little.
@@ -283,6 +295,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         ..
     } = cx;
     let report: TrafficReport = traffic.stop()?;
+    let nodes = lab.spec.nodes;
     drop(lab);
     let mut reasons = BTreeMap::new();
     for f in &report.broken {
@@ -297,6 +310,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
     }
     Ok(ScenarioResult {
         name: name.into(),
+        nodes,
         sync: opts.sync,
         tcp_total: report.tcp_total,
         tcp_broken: report.tcp_broken,
@@ -352,37 +366,40 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-fn kill_leader(cx: &mut Ctx) -> Result<()> {
-    let v = cx.lab.leader()?;
-    cx.victim = Some(v);
+/// A backend change in flight: submitted through the nodes other than
+/// `avoid`, retried by request id; [`committed_once`] checks its outcome.
+fn change_in_flight(
+    cx: &Ctx,
+    avoid: &[usize],
+) -> Result<std::thread::JoinHandle<Result<raft_store::Response, node::client::ClientError>>> {
     let spare = cx.opts.backends + 1;
-    // A backend change in flight while the leader dies: submitted through
-    // the other nodes, retried by request id, applied exactly once.
-    let addrs: Vec<String> = cx.others(v).into_iter().map(lab::admin_addr).collect();
+    let addrs: Vec<String> = cx
+        .lab
+        .running()
+        .into_iter()
+        .filter(|i| !avoid.contains(i))
+        .map(lab::admin_addr)
+        .collect();
     let req = raft_store::Request {
-        id: Some(format!("kill-leader-{}", std::process::id())),
+        id: Some(format!("in-flight-{}", std::process::id())),
         command: raft_store::Command::Batch {
             commands: lab::add_backend_cmds(spare),
         },
         trace: None,
     };
     let api = cx.lab.api()?;
-    let pending = cx.lab.router.spawn(move || {
+    Ok(cx.lab.router.spawn(move || {
         api.post_retry::<_, raft_store::Response>(&addrs, "/command", &req, Duration::from_secs(20))
-    });
-    std::thread::sleep(Duration::from_millis(5));
-    cx.say(format!(
-        "killing the leader, node {v}, with a backend change in flight"
-    ));
-    let t = Instant::now();
-    cx.lab.kill_node(v)?;
-    cx.wait_new_leader(v, Duration::from_secs(10))?;
-    let d = t.elapsed();
-    cx.ms("election", d);
-    cx.say(format!("new leader after {} ms", d.as_millis()));
-    let others = cx.others(v);
-    cx.lab.wait_route(&others, Duration::from_secs(10))?;
-    cx.ms("route", t.elapsed());
+    }))
+}
+
+/// The in-flight change committed, exactly once, on every running node.
+fn committed_once(
+    cx: &mut Ctx,
+    pending: std::thread::JoinHandle<Result<raft_store::Response, node::client::ClientError>>,
+    t: Instant,
+) -> Result<()> {
+    let spare = cx.opts.backends + 1;
     let r = pending
         .join()
         .map_err(|_| anyhow!("writer panicked"))?
@@ -403,6 +420,60 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
     }
     cx.say(format!("the change committed once (epoch {})", r.epoch));
     Ok(())
+}
+
+fn kill_leader(cx: &mut Ctx) -> Result<()> {
+    let v = cx.lab.leader()?;
+    cx.victim = Some(v);
+    let pending = change_in_flight(cx, &[v])?;
+    std::thread::sleep(Duration::from_millis(5));
+    cx.say(format!(
+        "killing the leader, node {v}, with a backend change in flight"
+    ));
+    let t = Instant::now();
+    cx.lab.kill_node(v)?;
+    cx.wait_new_leader(v, Duration::from_secs(10))?;
+    let d = t.elapsed();
+    cx.ms("election", d);
+    cx.say(format!("new leader after {} ms", d.as_millis()));
+    let others = cx.others(v);
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    cx.ms("route", t.elapsed());
+    committed_once(cx, pending, t)
+}
+
+/// Two LB nodes die in the same second — the Raft leader and the node
+/// that carries the most flows — with a backend change in flight (a rack
+/// switch taking two nodes). Needs 5 nodes: 3 keep the quorum.
+fn kill_two(cx: &mut Ctx) -> Result<()> {
+    let leader = cx.lab.leader()?;
+    let other = cx.busiest(true)?;
+    cx.victim = Some(leader);
+    let pending = change_in_flight(cx, &[leader, other])?;
+    std::thread::sleep(Duration::from_millis(5));
+    cx.say(format!(
+        "killing the leader (node {leader}) and node {other} together, with a backend change in flight"
+    ));
+    let t = Instant::now();
+    cx.lab.kill_node(leader)?;
+    cx.lab.kill_node(other)?;
+    cx.ms("second_kill", t.elapsed());
+    let survivors: Vec<usize> = cx
+        .lab
+        .running()
+        .into_iter()
+        .filter(|i| *i != leader && *i != other)
+        .collect();
+    cx.wait_new_leader(leader, Duration::from_secs(10))?;
+    cx.ms("election", t.elapsed());
+    cx.lab.wait_route(&survivors, Duration::from_secs(10))?;
+    let d = t.elapsed();
+    cx.ms("route", d);
+    cx.say(format!(
+        "router sends everything to {survivors:?} after {} ms",
+        d.as_millis()
+    ));
+    committed_once(cx, pending, t)
 }
 
 fn restart_join(cx: &mut Ctx) -> Result<()> {

@@ -5,7 +5,14 @@
 
 use chaos::scenario::{self, RunOpts, ScenarioResult};
 
+#[allow(dead_code)] // not every scenario test uses it
 pub fn run_clean(name: &str) -> ScenarioResult {
+    run_clean_with(name, |_| {})
+}
+
+/// As [`run_clean`], with the options adjusted by `adjust`.
+#[allow(dead_code)]
+pub fn run_clean_with(name: &str, adjust: impl FnOnce(&mut RunOpts)) -> ScenarioResult {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
@@ -14,6 +21,7 @@ pub fn run_clean(name: &str) -> ScenarioResult {
     );
     let mut opts = RunOpts::new(env!("CARGO_BIN_EXE_chaos").into());
     opts.verbose = true;
+    adjust(&mut opts);
     let r = scenario::run(name, &opts).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     println!("{}", scenario::describe(&r));
     assert_eq!(
