@@ -569,7 +569,7 @@ impl Lab {
             bgp: node::bgp::BgpSection {
                 enabled: true,
                 bird_ctl: dir.join("bird.ctl"),
-                protocol: "vip".into(),
+                protocols: vec!["vip".into(), "vip6".into()],
                 ..Default::default()
             },
             kubernetes: Default::default(),

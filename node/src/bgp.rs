@@ -2,8 +2,8 @@
 //! datapath programmed with the committed config, a Raft leader known,
 //! conntrack warm join done); an [`Announcer`] does it. [`Bird`] drives a
 //! BIRD 2 daemon through its control socket by enabling or disabling the
-//! static protocol that carries the VIP routes; another BGP agent can
-//! replace it behind the same trait.
+//! static protocols that carry the VIP routes (one per address family:
+//! `vip`, `vip6`); another BGP agent can replace it behind the same trait.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -26,8 +26,9 @@ pub trait Announcer: Send + Sync {
 #[derive(Clone, Debug)]
 pub struct Bird {
     pub ctl: PathBuf,
-    /// The protocol carrying the VIP routes (e.g. `protocol static vip`).
-    pub protocol: String,
+    /// The protocols carrying the VIP routes (e.g. `protocol static vip`
+    /// for IPv4 and `vip6` for IPv6), driven together.
+    pub protocols: Vec<String>,
 }
 
 impl Bird {
@@ -67,44 +68,63 @@ impl Bird {
         }
     }
 
-    fn check_name(&self) -> Result<()> {
-        if self.protocol.is_empty()
-            || !self
-                .protocol
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
-            bail!(
-                "bgp.protocol {:?} is not a BIRD protocol name",
-                self.protocol
-            );
+    fn check_names(&self) -> Result<()> {
+        if self.protocols.is_empty() {
+            bail!("bgp.protocols is empty");
+        }
+        for p in &self.protocols {
+            check_protocol_name(p)?;
         }
         Ok(())
     }
 }
 
+/// A BIRD protocol name: letters, digits, `_` (nothing BIRD's CLI would
+/// read as more than a name).
+pub fn check_protocol_name(p: &str) -> Result<()> {
+    if p.is_empty() || p.len() > 64 || !p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        bail!("bgp.protocols: {p:?} is not a BIRD protocol name");
+    }
+    Ok(())
+}
+
 impl Announcer for Bird {
     fn announce(&self) -> Result<()> {
-        self.check_name()?;
-        self.command(&format!("enable {}", self.protocol))
-            .map(|_| ())
+        self.check_names()?;
+        for p in &self.protocols {
+            self.command(&format!("enable {p}"))?;
+        }
+        Ok(())
     }
 
+    /// Withdraw every family, even when one of them fails.
     fn withdraw(&self) -> Result<()> {
-        self.check_name()?;
-        self.command(&format!("disable {}", self.protocol))
-            .map(|_| ())
+        self.check_names()?;
+        let mut first_err = None;
+        for p in &self.protocols {
+            if let Err(e) = self.command(&format!("disable {p}")) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
+    /// Announced only when every protocol is up (a half-announced node is
+    /// announced again, which enables the missing one).
     fn is_announced(&self) -> Result<bool> {
-        self.check_name()?;
-        let lines = self.command(&format!("show protocols {}", self.protocol))?;
-        let row = lines
-            .iter()
-            .find(|l| l.starts_with("1002-") || l.starts_with("1002 "))
-            .ok_or_else(|| anyhow!("BIRD shows no protocol {}", self.protocol))?;
-        // Name Proto Table State Since Info
-        Ok(row[5..].split_whitespace().nth(3) == Some("up"))
+        self.check_names()?;
+        for p in &self.protocols {
+            let lines = self.command(&format!("show protocols {p}"))?;
+            let row = lines
+                .iter()
+                .find(|l| l.starts_with("1002-") || l.starts_with("1002 "))
+                .ok_or_else(|| anyhow!("BIRD shows no protocol {p}"))?;
+            // Name Proto Table State Since Info
+            if row[5..].split_whitespace().nth(3) != Some("up") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -144,7 +164,10 @@ pub struct BgpSection {
     /// Announce through BIRD (off: the node never touches BGP).
     pub enabled: bool,
     pub bird_ctl: PathBuf,
-    pub protocol: String,
+    /// BIRD's static protocols that carry the VIP routes, one per address
+    /// family (`vip` for IPv4, `vip6` for IPv6); enabled and disabled
+    /// together.
+    pub protocols: Vec<String>,
     /// After an agent restart that adopted a pinned, forwarding datapath
     /// while BIRD still announces: keep announcing for up to this long while
     /// the node catches up (Raft, warm join), instead of withdrawing and
@@ -157,7 +180,7 @@ impl Default for BgpSection {
         Self {
             enabled: false,
             bird_ctl: "/run/bird/bird.ctl".into(),
-            protocol: "vip".into(),
+            protocols: vec!["vip".into()],
             restart_grace_ms: 10_000,
         }
     }
@@ -293,7 +316,7 @@ mod tests {
     fn protocol_names_are_checked_before_talking_to_bird() {
         let b = Bird {
             ctl: "/nonexistent".into(),
-            protocol: "vip; shutdown".into(),
+            protocols: vec!["vip".into(), "vip6; shutdown".into()],
         };
         assert!(b
             .announce()
@@ -302,7 +325,7 @@ mod tests {
             .contains("not a BIRD protocol name"));
         let b = Bird {
             ctl: "/nonexistent/bird.ctl".into(),
-            protocol: "vip".into(),
+            protocols: vec!["vip".into()],
         };
         assert!(b
             .announce()

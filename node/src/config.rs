@@ -475,14 +475,12 @@ impl NodeConfig {
             if !self.datapath.enabled {
                 return Err(invalid("bgp.enabled", "announcing needs the datapath"));
             }
-            if self.bgp.protocol.is_empty()
-                || !self
-                    .bgp
-                    .protocol
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(invalid("bgp.protocol", "must be a BIRD protocol name"));
+            if self.bgp.protocols.is_empty() {
+                return Err(invalid("bgp.protocols", "name at least one BIRD protocol"));
+            }
+            for p in &self.bgp.protocols {
+                crate::bgp::check_protocol_name(p)
+                    .map_err(|e| invalid("bgp.protocols", e.to_string()))?;
             }
         }
         if self.sync.enabled && self.datapath.enabled {

@@ -632,7 +632,7 @@ impl Node {
     fn announcer(&self) -> crate::bgp::Bird {
         crate::bgp::Bird {
             ctl: self.cfg.bgp.bird_ctl.clone(),
-            protocol: self.cfg.bgp.protocol.clone(),
+            protocols: self.cfg.bgp.protocols.clone(),
         }
     }
 

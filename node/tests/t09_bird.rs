@@ -94,7 +94,7 @@ fn t09_bird_announce_and_withdraw() {
     );
     let b = Bird {
         ctl: dir.path().join("lb.ctl"),
-        protocol: "vip".into(),
+        protocols: vec!["vip".into()],
     };
     wait("BIRD's control socket", || b.is_announced().is_ok());
     assert!(!b.is_announced().expect("show"), "starts withdrawn");
@@ -112,7 +112,7 @@ fn t09_bird_announce_and_withdraw() {
 
     let bad = Bird {
         ctl: b.ctl.clone(),
-        protocol: "nosuch".into(),
+        protocols: vec!["nosuch".into()],
     };
     let e = bad.announce().unwrap_err().to_string();
     assert!(e.contains("BIRD refused"), "{e}");
@@ -143,4 +143,8 @@ fn t09_shipped_bird_configs_parse() {
     )
     .expect("read");
     assert!(lb.contains("protocol static vip {") && lb.contains("disabled;"));
+    assert!(
+        lb.contains("protocol static vip6 {"),
+        "the template announces IPv6 VIPs too"
+    );
 }
