@@ -17,8 +17,14 @@
 //! ```
 //!
 //! The VIP prefix 10.88.100.0/24 is announced by every ready LB node; the
-//! service VIP is 10.88.100.1. A dead LB node keeps its fabric link on the
-//! router's side (the bridge), so only BFD detects it, as in a datacenter.
+//! service VIP is 10.88.100.1. The lab is dual-stack: every segment also
+//! has an IPv6 prefix (fabric fd88::/64, backends fd88:1::/64, client
+//! fd88:2::/64), the IPv6 VIP prefix fd88:100::/120 (VIP fd88:100::1, the
+//! services `echo6` and `dns6` on the same backends) is announced over the
+//! same BGP sessions (MP-BGP, next hop the LB node's fabric IPv6 address),
+//! and the router hashes IPv6 flows over the LB nodes too. A dead LB node
+//! keeps its fabric link on the router's side (the bridge), so only BFD
+//! detects it, as in a datacenter.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -48,6 +54,12 @@ pub const VIP: &str = "10.88.100.1";
 pub const VIP_CIDR: &str = "10.88.100.0/24";
 pub const CLIENT: &str = "10.88.2.100";
 pub const ROUTER_FABRIC: &str = "10.88.0.1";
+pub const VIP6: &str = "fd88:100::1";
+pub const VIP6_CIDR: &str = "fd88:100::/120";
+pub const CLIENT6: &str = "fd88:2::100";
+pub const ROUTER_FABRIC6: &str = "fd88::1";
+pub const TCP_SERVICE6: &str = "echo6";
+pub const UDP_SERVICE6: &str = "dns6";
 pub const TCP_PORT: u16 = 8007;
 pub const UDP_PORT: u16 = 5353;
 pub const TCP_SERVICE: &str = "echo";
@@ -63,6 +75,11 @@ pub fn lb_addr(i: usize) -> IpAddr {
     format!("10.88.0.{}", 10 + i).parse().expect("static")
 }
 
+/// Fabric IPv6 address of LB node `i`: its next hop for the IPv6 VIPs.
+pub fn lb_addr6(i: usize) -> IpAddr {
+    format!("fd88::{}", 10 + i).parse().expect("static")
+}
+
 pub fn admin_addr(i: usize) -> String {
     format!("{}:{ADMIN_PORT}", lb_addr(i))
 }
@@ -75,6 +92,11 @@ pub fn metrics_addr(i: usize) -> String {
 /// Address of backend host `j` (1-based).
 pub fn backend_addr(j: usize) -> IpAddr {
     format!("10.88.1.{}", 10 + j).parse().expect("static")
+}
+
+/// IPv6 address of backend host `j`.
+pub fn backend_addr6(j: usize) -> IpAddr {
+    format!("fd88:1::{}", 10 + j).parse().expect("static")
 }
 
 #[derive(Clone, Debug)]
@@ -220,6 +242,7 @@ impl LbNode {
 
 struct Backend {
     _servers: Servers,
+    _servers6: Servers,
     /// `holdfast-decap` (as `{exe} _decap`), what a backend host runs.
     decap: Option<std::process::Child>,
     _ns: NetNs,
@@ -293,7 +316,8 @@ fn router_conf(nodes: usize) -> String {
         out.push_str(
             &line
                 .replace("10.0.0.1;", &format!("{ROUTER_FABRIC};"))
-                .replace("10.200.0.0/16{16,32}", "10.88.100.0/24{24,32}"),
+                .replace("10.200.0.0/16{16,32}", "10.88.100.0/24{24,32}")
+                .replace("fd00:200::/48{48,128}", "fd88:100::/48{48,128}"),
         );
         out.push('\n');
     }
@@ -311,6 +335,7 @@ fn lb_bird_conf(i: usize) -> String {
         .replace("10.0.0.11", &lb_addr(i).to_string())
         .replace("neighbor 10.0.0.1 ", &format!("neighbor {ROUTER_FABRIC} "))
         .replace("10.200.0.0/24", VIP_CIDR)
+        .replace("fd00:200::/120", VIP6_CIDR)
 }
 
 impl Lab {
@@ -344,6 +369,9 @@ impl Lab {
         router.ip(&format!("addr add {ROUTER_FABRIC}/24 dev r-fab"))?;
         router.ip("addr add 10.88.1.1/24 dev r-be")?;
         router.ip("addr add 10.88.2.1/24 dev r-cl")?;
+        router.ip(&format!("addr add {ROUTER_FABRIC6}/64 dev r-fab nodad"))?;
+        router.ip("addr add fd88:1::1/64 dev r-be nodad")?;
+        router.ip("addr add fd88:2::1/64 dev r-cl nodad")?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.fib_multipath_hash_policy", "1"),
@@ -352,6 +380,8 @@ impl Lab {
             ("net.ipv4.conf.r-fab.rp_filter", "0"),
             ("net.ipv4.conf.r-be.rp_filter", "0"),
             ("net.ipv4.conf.r-cl.rp_filter", "0"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.fib_multipath_hash_policy", "1"),
         ] {
             router.sysctl(k, v)?;
         }
@@ -363,6 +393,8 @@ impl Lab {
         client.sysctl("net.ipv4.ip_local_port_range", "10000 65000")?;
         client.ip(&format!("addr add {CLIENT}/24 dev c0"))?;
         client.ip("route add 10.88.100.0/24 via 10.88.2.1")?;
+        client.ip(&format!("addr add {CLIENT6}/64 dev c0 nodad"))?;
+        client.ip(&format!("-6 route add {VIP6_CIDR} via fd88:2::1"))?;
 
         let mut lab = Self {
             spec: spec.clone(),
@@ -427,8 +459,10 @@ impl Lab {
             s.leader == Some(1)
         })?;
         let mut cmds = vec![
-            put_service(TCP_SERVICE, Proto::Tcp, TCP_PORT),
-            put_service(UDP_SERVICE, Proto::Udp, UDP_PORT),
+            put_service(TCP_SERVICE, VIP, Proto::Tcp, TCP_PORT),
+            put_service(UDP_SERVICE, VIP, Proto::Udp, UDP_PORT),
+            put_service(TCP_SERVICE6, VIP6, Proto::Tcp, TCP_PORT),
+            put_service(UDP_SERVICE6, VIP6, Proto::Udp, UDP_PORT),
         ];
         for j in 1..=spec.backends {
             cmds.extend(add_backend_cmds(j));
@@ -455,6 +489,9 @@ impl Lab {
         be.ip(&format!("addr add {}/24 dev b0", backend_addr(j)))?;
         be.ip("route add default via 10.88.1.1")?;
         be.ip(&format!("addr add {VIP}/32 dev lo"))?;
+        be.ip(&format!("addr add {}/64 dev b0 nodad", backend_addr6(j)))?;
+        be.ip("-6 route add default via fd88:1::1")?;
+        be.ip(&format!("addr add {VIP6}/128 dev lo nodad"))?;
         be.sysctl("net.ipv4.conf.b0.rp_filter", "0")?;
         // The backend host runs holdfast-decap, as an operator's would.
         let ready = self.spec.dir.join(format!("decap-b{j}.ready"));
@@ -463,7 +500,16 @@ impl Lab {
         let exe = self.spec.exe.clone();
         let mut child = be
             .command(&exe)?
-            .args(["_decap", "--iface", "b0", "--vip", VIP, "--ready-file"])
+            .args([
+                "_decap",
+                "--iface",
+                "b0",
+                "--vip",
+                VIP,
+                "--vip",
+                VIP6,
+                "--ready-file",
+            ])
             .arg(&ready)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -493,8 +539,16 @@ impl Lab {
             SocketAddr::new(vip, TCP_PORT),
             SocketAddr::new(vip, UDP_PORT),
         )?;
+        let vip6: IpAddr = VIP6.parse()?;
+        let servers6 = Servers::start(
+            &be,
+            j,
+            SocketAddr::new(vip6, TCP_PORT),
+            SocketAddr::new(vip6, UDP_PORT),
+        )?;
         self.backends.push(Backend {
             _servers: servers,
+            _servers6: servers6,
             decap,
             _ns: be,
         });
@@ -515,12 +569,17 @@ impl Lab {
         ns.ip(&format!("addr add {}/24 dev f0", lb_addr(i)))?;
         ns.ip(&format!("route add 10.88.1.0/24 via {ROUTER_FABRIC}"))?;
         ns.ip(&format!("route add 10.88.2.0/24 via {ROUTER_FABRIC}"))?;
+        ns.ip(&format!("addr add {}/64 dev f0 nodad", lb_addr6(i)))?;
+        ns.ip(&format!("-6 route add fd88:1::/64 via {ROUTER_FABRIC6}"))?;
+        ns.ip(&format!("-6 route add fd88:2::/64 via {ROUTER_FABRIC6}"))?;
         for (k, v) in [
             ("net.ipv4.ip_forward", "1"),
             ("net.ipv4.conf.all.rp_filter", "0"),
             ("net.ipv4.conf.f0.rp_filter", "0"),
             ("net.ipv4.conf.all.send_redirects", "0"),
             ("net.ipv4.conf.f0.send_redirects", "0"),
+            // bpf_fib_lookup for IPv6 backends needs forwarding on.
+            ("net.ipv6.conf.all.forwarding", "1"),
         ] {
             ns.sysctl(k, v)?;
         }
@@ -787,8 +846,11 @@ impl Lab {
         self.api_get(i, "/config")
     }
 
+    /// Node `i`'s conntrack entries of both VIPs.
     pub fn conntrack(&self, i: usize) -> Result<Vec<CtRow>> {
-        self.api_get(i, &format!("/conntrack?vip={VIP}&limit=100000"))
+        let mut v: Vec<CtRow> = self.api_get(i, &format!("/conntrack?vip={VIP}&limit=100000"))?;
+        v.extend(self.api_get::<Vec<CtRow>>(i, &format!("/conntrack?vip={VIP6}&limit=100000"))?);
+        Ok(v)
     }
 
     /// Indexes of the nodes whose holdfast-node runs.
@@ -848,9 +910,19 @@ impl Lab {
         Ok(r)
     }
 
-    /// Next hops of the router's route to the VIP prefix.
+    /// Next hops of the router's route to the IPv4 VIP prefix.
     pub fn router_nexthops(&self) -> Result<Vec<IpAddr>> {
-        let out = self.router.ip(&format!("route show {VIP_CIDR}"))?;
+        self.nexthops(VIP_CIDR)
+    }
+
+    /// Next hops of the router's route to the IPv6 VIP prefix.
+    pub fn router_nexthops6(&self) -> Result<Vec<IpAddr>> {
+        self.nexthops(VIP6_CIDR)
+    }
+
+    fn nexthops(&self, prefix: &str) -> Result<Vec<IpAddr>> {
+        let family = if prefix.contains(':') { "-6" } else { "-4" };
+        let out = self.router.ip(&format!("{family} route show {prefix}"))?;
         Ok(out
             .split_whitespace()
             .collect::<Vec<_>>()
@@ -860,15 +932,24 @@ impl Lab {
             .collect())
     }
 
-    /// Wait until the router's ECMP route is exactly `nodes`.
+    /// Wait until the router's ECMP routes (IPv4 and IPv6) are exactly
+    /// `nodes`.
     pub fn wait_route(&self, nodes: &[usize], timeout: Duration) -> Result<Duration> {
         let mut want: Vec<IpAddr> = nodes.iter().map(|i| lb_addr(*i)).collect();
         want.sort();
-        wait_until(&format!("the router's route via {want:?}"), timeout, || {
-            let mut have = self.router_nexthops()?;
-            have.sort();
-            Ok(have == want)
-        })
+        let mut want6: Vec<IpAddr> = nodes.iter().map(|i| lb_addr6(*i)).collect();
+        want6.sort();
+        wait_until(
+            &format!("the router's routes via {want:?} and {want6:?}"),
+            timeout,
+            || {
+                let mut have = self.router_nexthops()?;
+                have.sort();
+                let mut have6 = self.router_nexthops6()?;
+                have6.sort();
+                Ok(have == want && have6 == want6)
+            },
+        )
     }
 
     /// Wait until every running node is a voter at the committed epoch,
@@ -899,7 +980,9 @@ impl Lab {
         let cfg = self.config()?;
         cfg.backends
             .values()
-            .find(|b| b.service == service && b.addr == backend_addr(j))
+            .find(|b| {
+                b.service == service && (b.addr == backend_addr(j) || b.addr == backend_addr6(j))
+            })
             .map(|b| b.id)
             .ok_or_else(|| anyhow!("no backend be{j} in {service}"))
     }
@@ -911,7 +994,7 @@ impl Lab {
     }
 
     pub fn set_backend_state(&self, j: usize, state: BackendState) -> Result<Response> {
-        let commands = [TCP_SERVICE, UDP_SERVICE]
+        let commands = SERVICES
             .iter()
             .map(|s| {
                 Ok(Command::SetBackendState {
@@ -924,7 +1007,7 @@ impl Lab {
     }
 
     pub fn set_backend_weight(&self, j: usize, weight: u32) -> Result<Response> {
-        let commands = [TCP_SERVICE, UDP_SERVICE]
+        let commands = SERVICES
             .iter()
             .map(|s| {
                 Ok(Command::SetBackendWeight {
@@ -963,11 +1046,15 @@ impl Lab {
     }
 }
 
-fn put_service(name: &str, proto: Proto, port: u16) -> Command {
+/// The lab's four services (TCP and UDP, IPv4 and IPv6), all on every
+/// backend host.
+pub const SERVICES: [&str; 4] = [TCP_SERVICE, UDP_SERVICE, TCP_SERVICE6, UDP_SERVICE6];
+
+fn put_service(name: &str, vip: &str, proto: Proto, port: u16) -> Command {
     Command::PutService {
         service: Service {
             name: name.into(),
-            vip: VIP.parse().expect("static"),
+            vip: vip.parse().expect("static"),
             port,
             proto,
             table_size: 1021,
@@ -976,16 +1063,23 @@ fn put_service(name: &str, proto: Proto, port: u16) -> Command {
     }
 }
 
+/// Backend host `j` in every service (its IPv4 address in the IPv4
+/// services, its IPv6 address in the IPv6 ones).
 pub fn add_backend_cmds(j: usize) -> Vec<Command> {
-    [(TCP_SERVICE, TCP_PORT), (UDP_SERVICE, UDP_PORT)]
-        .iter()
-        .map(|(s, port)| Command::AddBackend {
-            service: (*s).into(),
-            addr: backend_addr(j),
-            port: *port,
-            weight: 1,
-        })
-        .collect()
+    [
+        (TCP_SERVICE, TCP_PORT, backend_addr(j)),
+        (UDP_SERVICE, UDP_PORT, backend_addr(j)),
+        (TCP_SERVICE6, TCP_PORT, backend_addr6(j)),
+        (UDP_SERVICE6, UDP_PORT, backend_addr6(j)),
+    ]
+    .iter()
+    .map(|(s, port, addr)| Command::AddBackend {
+        service: (*s).into(),
+        addr: *addr,
+        port: *port,
+        weight: 1,
+    })
+    .collect()
 }
 
 impl Drop for Lab {

@@ -56,6 +56,12 @@ struct Size {
     /// UDP flows.
     #[arg(long, default_value_t = 200)]
     udp: usize,
+    /// Long-lived IPv6 TCP connections (scenarios; to the IPv6 VIP).
+    #[arg(long, default_value_t = 300)]
+    tcp6: usize,
+    /// IPv6 UDP flows (scenarios).
+    #[arg(long, default_value_t = 100)]
+    udp6: usize,
     /// Short TCP connections opened (and closed) per second besides.
     #[arg(long, default_value_t = 0)]
     short_rate: u32,
@@ -230,6 +236,8 @@ fn run(
                 opts.tcp = size.tcp;
                 opts.udp = size.udp;
                 opts.short_per_s = size.short_rate;
+                opts.tcp6 = size.tcp6;
+                opts.udp6 = size.udp6;
                 opts.sync = s;
                 opts.verbose = verbose;
                 match scenario::run(name, &opts) {

@@ -18,7 +18,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -27,6 +27,7 @@ pub const SCENARIOS: [&str; 8] = [
     "partition",
     "rolling-restart",
     "kill-two",
+    "ipv6",
 ];
 
 /// The fewest LB nodes a scenario runs with (`--nodes` can ask for more).
@@ -43,6 +44,10 @@ pub struct RunOpts {
     pub backends: usize,
     pub tcp: usize,
     pub udp: usize,
+    /// Long-lived IPv6 TCP connections and UDP flows (to the IPv6 VIP),
+    /// beside the IPv4 ones.
+    pub tcp6: usize,
+    pub udp6: usize,
     /// Short TCP connections opened per second beside the long-lived flows.
     pub short_per_s: u32,
     pub sync: bool,
@@ -61,6 +66,8 @@ impl RunOpts {
             backends: 4,
             tcp: 1000,
             udp: 200,
+            tcp6: 300,
+            udp6: 100,
             short_per_s: 0,
             sync: true,
             exe,
@@ -98,13 +105,33 @@ pub struct ScenarioResult {
     /// Short connections (when `short_per_s` > 0): completed, failed,
     /// failures by the second they were opened in.
     pub short: crate::traffic::ShortReport,
+    /// The IPv6 flows, reported apart (the fields above are IPv4's).
+    pub v6: FamilyResult,
+    /// Scenario-specific counts (e.g. `v6_flows_on_node_2`).
+    pub counts: BTreeMap<String, u64>,
     pub duration_ms: u64,
+}
+
+/// What one address family's long-lived flows saw.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FamilyResult {
+    pub tcp_total: usize,
+    pub tcp_broken: usize,
+    pub udp_total: usize,
+    pub udp_broken: usize,
+    pub max_stall_ms: u64,
+    pub broken_examples: Vec<FlowRecord>,
+    /// The flows that stalled longest.
+    pub slowest: Vec<FlowRecord>,
 }
 
 struct Ctx<'a> {
     lab: Lab,
     traffic: Traffic,
+    /// The IPv6 flows (none when `tcp6 + udp6` is 0).
+    traffic6: Option<Traffic>,
     converge: BTreeMap<String, u64>,
+    counts: BTreeMap<String, u64>,
     victim: Option<usize>,
     opts: &'a RunOpts,
     t0: Instant,
@@ -114,8 +141,16 @@ impl Ctx<'_> {
     fn say(&self, msg: impl AsRef<str>) {
         if self.opts.verbose {
             let l = self.traffic.live();
+            let v6 = self
+                .traffic6
+                .as_ref()
+                .map(|t| {
+                    let l = t.live();
+                    format!(", v6 broken tcp {} udp {}", l.tcp_broken, l.udp_broken)
+                })
+                .unwrap_or_default();
             eprintln!(
-                "[{:6.2}s] {}  (answers {}, broken tcp {} udp {}, max stall {} ms)",
+                "[{:6.2}s] {}  (answers {}, broken tcp {} udp {}{v6}, max stall {} ms)",
                 self.t0.elapsed().as_secs_f64(),
                 msg.as_ref(),
                 l.answers,
@@ -132,8 +167,18 @@ impl Ctx<'_> {
 
     /// Wait until every flow that is not broken answers again.
     fn all_answer(&self, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
         self.traffic.mark();
-        self.traffic.wait_all_answered(timeout)
+        if let Some(t) = &self.traffic6 {
+            t.mark();
+        }
+        self.traffic.wait_all_answered(timeout)?;
+        match &self.traffic6 {
+            Some(t) => t
+                .wait_all_answered(timeout.saturating_sub(t0.elapsed()))
+                .context("IPv6 flows"),
+            None => Ok(()),
+        }
     }
 
     /// With replication on: wait until every running node's conntrack
@@ -249,22 +294,38 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
     let mut tspec = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, opts.tcp, opts.udp);
     tspec.short_per_s = opts.short_per_s;
     let traffic = Traffic::start(&lab.client, tspec).context("starting the traffic")?;
+    let traffic6 = if opts.tcp6 + opts.udp6 > 0 {
+        let t6 = TrafficSpec::new(
+            lab::VIP6.parse()?,
+            lab::CLIENT6.parse()?,
+            opts.tcp6,
+            opts.udp6,
+        );
+        Some(Traffic::start(&lab.client, t6).context("starting the IPv6 traffic")?)
+    } else {
+        None
+    };
     let mut cx = Ctx {
         lab,
         traffic,
+        traffic6,
         converge: BTreeMap::new(),
+        counts: BTreeMap::new(),
         victim: None,
         opts,
         t0,
     };
     cx.say(format!(
-        "lab up: {} LB nodes, {} TCP + {} UDP flows",
-        cx.lab.spec.nodes, opts.tcp, opts.udp
+        "lab up: {} LB nodes, {} TCP + {} UDP flows, IPv6 {} TCP + {} UDP",
+        cx.lab.spec.nodes, opts.tcp, opts.udp, opts.tcp6, opts.udp6
     ));
     cx.all_answer(Duration::from_secs(20))
         .context("every flow answered once")?;
     if opts.sync {
-        let d = cx.wait_replicated(opts.tcp + opts.udp, Duration::from_secs(20))?;
+        let d = cx.wait_replicated(
+            opts.tcp + opts.udp + opts.tcp6 + opts.udp6,
+            Duration::from_secs(20),
+        )?;
         cx.say(format!(
             "every node holds every flow ({} ms)",
             d.as_millis()
@@ -279,6 +340,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "partition" => partition(&mut cx)?,
         "rolling-restart" => rolling_restart(&mut cx)?,
         "kill-two" => kill_two(&mut cx)?,
+        "ipv6" => ipv6(&mut cx)?,
         _ => unreachable!("checked above"),
     }
     // Every surviving flow must answer again; then keep going a little.
@@ -290,11 +352,28 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
     let Ctx {
         lab,
         traffic,
+        traffic6,
         converge,
+        counts,
         victim,
         ..
     } = cx;
     let report: TrafficReport = traffic.stop()?;
+    let v6 = match traffic6 {
+        Some(t) => {
+            let r = t.stop()?;
+            FamilyResult {
+                tcp_total: r.tcp_total,
+                tcp_broken: r.tcp_broken,
+                udp_total: r.udp_total,
+                udp_broken: r.udp_broken,
+                max_stall_ms: r.max_stall_ms,
+                broken_examples: r.broken.iter().take(5).cloned().collect(),
+                slowest: r.slowest,
+            }
+        }
+        None => FamilyResult::default(),
+    };
     let nodes = lab.spec.nodes;
     drop(lab);
     let mut reasons = BTreeMap::new();
@@ -323,6 +402,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         broken_examples: report.broken.iter().take(5).cloned().collect(),
         per_backend: report.per_backend,
         short: report.short,
+        v6,
+        counts,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
 }
@@ -440,6 +521,67 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
     cx.ms("route", t.elapsed());
     committed_once(cx, pending, t)
+}
+
+/// IPv6 over the whole tier: the IPv6 VIP is announced over the same BGP
+/// sessions (MP-BGP) and the router hashes IPv6 flows over every LB node
+/// (checked: more than one node created IPv6 flows); then the backends
+/// change and the node that created the most IPv6 flows dies. With
+/// replication every IPv6 flow (and IPv4 one) survives.
+fn ipv6(cx: &mut Ctx) -> Result<()> {
+    let vip6: std::net::IpAddr = lab::VIP6.parse()?;
+    // Each node's own entries (with replication off the maps hold nothing
+    // else).
+    let mut per_node: BTreeMap<usize, u64> = BTreeMap::new();
+    for i in cx.lab.running() {
+        let own = cx
+            .lab
+            .conntrack(i)?
+            .iter()
+            .filter(|r| usize::from(r.origin) == i)
+            .filter(|r| {
+                r.vip
+                    .parse::<std::net::SocketAddr>()
+                    .is_ok_and(|a| a.ip() == vip6)
+            })
+            .count() as u64;
+        if own > 0 {
+            per_node.insert(i, own);
+        }
+    }
+    for (n, c) in &per_node {
+        cx.counts
+            .insert(format!("v6_flows_created_by_node_{n}"), *c);
+    }
+    if per_node.len() < 2 {
+        bail!("IPv6 flows were not spread over the LB nodes by ECMP: {per_node:?}");
+    }
+    cx.say(format!("IPv6 flows created per node: {per_node:?}"));
+    let spare = cx.opts.backends + 1;
+    let r = cx.lab.add_backend(spare)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    let r = cx
+        .lab
+        .set_backend_state(1, raft_store::cluster::BackendState::Draining)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    cx.say(format!("added be{spare}, drained be1 (epoch {})", r.epoch));
+    cx.all_answer(Duration::from_secs(10))?;
+    let v = *per_node
+        .iter()
+        .max_by_key(|(_, c)| **c)
+        .map(|(n, _)| n)
+        .ok_or_else(|| anyhow!("no IPv6 flows"))?;
+    cx.victim = Some(v);
+    cx.say(format!(
+        "killing LB node {v}, which created the most IPv6 flows"
+    ));
+    let leader = cx.lab.leader()?;
+    let t = cx.kill_and_reroute(v, "route")?;
+    if v == leader {
+        cx.wait_new_leader(v, Duration::from_secs(10))?;
+        cx.ms("election", t.elapsed());
+    }
+    Ok(())
 }
 
 /// Two LB nodes die in the same second — the Raft leader and the node
@@ -644,6 +786,12 @@ pub fn describe(r: &ScenarioResult) -> String {
     );
     if let Some(v) = r.victim {
         s.push_str(&format!("  node {v}"));
+    }
+    if r.v6.tcp_total + r.v6.udp_total > 0 {
+        s.push_str(&format!(
+            "\n{:<16} IPv6: tcp {}/{} broken  udp {}/{} broken  longest stall {} ms",
+            "", r.v6.tcp_broken, r.v6.tcp_total, r.v6.udp_broken, r.v6.udp_total, r.v6.max_stall_ms
+        ));
     }
     if !r.converge_ms.is_empty() {
         let c: Vec<String> = r

@@ -163,6 +163,8 @@ pub struct TrafficReport {
     pub per_backend: std::collections::BTreeMap<String, usize>,
     /// Every broken flow.
     pub broken: Vec<FlowRecord>,
+    /// The three flows that stalled longest.
+    pub slowest: Vec<FlowRecord>,
     pub short: ShortReport,
 }
 
@@ -282,6 +284,12 @@ impl Traffic {
             max_stall_ms: flows.iter().map(|f| f.max_stall_ms).max().unwrap_or(0),
             per_backend,
             broken,
+            slowest: {
+                let mut v = flows.clone();
+                v.sort_by_key(|f| std::cmp::Reverse(f.max_stall_ms));
+                v.truncate(3);
+                v
+            },
             short,
         })
     }

@@ -3,7 +3,8 @@
 //! flows keep their backends through conntrack), then the LB node carrying
 //! the most flows dies. With replication every flow survives; without it
 //! the surviving nodes pick by the new tables and break the moved flows —
-//! the failure of the classic design this product fixes.
+//! the failure of the classic design this product fixes. IPv6 flows run
+//! beside the IPv4 ones and are counted apart.
 
 use chaos::scenario::{self, RunOpts};
 
@@ -31,6 +32,13 @@ fn t05_churn_then_kill_with_and_without_replication() {
         "longest stall {} ms",
         on.max_stall_ms
     );
+    assert_eq!((on.v6.tcp_total, on.v6.udp_total), (300, 100));
+    assert_eq!(
+        (on.v6.tcp_broken, on.v6.udp_broken),
+        (0, 0),
+        "IPv6 with replication: {:?}",
+        on.v6.broken_examples
+    );
 
     opts.sync = false;
     let off = scenario::run("churn-then-kill", &opts).expect("runs without replication");
@@ -41,6 +49,11 @@ fn t05_churn_then_kill_with_and_without_replication() {
         "without replication the moved flows should break: tcp {} udp {}",
         off.tcp_broken,
         off.udp_broken
+    );
+    assert!(
+        off.v6.tcp_broken + off.v6.udp_broken > 0,
+        "without replication moved IPv6 flows break too: {:?}",
+        off.v6
     );
     // Broken by the backend change, as the design predicts: resets for
     // TCP, another backend answering for UDP.

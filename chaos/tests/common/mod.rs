@@ -1,7 +1,8 @@
 //! Shared by the scenario tests: run one scenario with replication on and
 //! check the mission's outcome — every one of the 1000 TCP connections and
-//! 200 UDP flows survives, and no flow stalls longer than 1 s plus BIRD
-//! 2.0.12's 3 s update delay.
+//! 200 UDP flows, and of the 300 IPv6 TCP connections and 100 IPv6 UDP
+//! flows beside them, survives, and no flow stalls longer than 1 s plus
+//! BIRD 2.0.12's 3 s update delay.
 
 use chaos::scenario::{self, RunOpts, ScenarioResult};
 
@@ -34,6 +35,22 @@ pub fn run_clean_with(name: &str, adjust: impl FnOnce(&mut RunOpts)) -> Scenario
         (0, 0),
         "{name}: broken flows: {:?}",
         r.broken_examples
+    );
+    assert_eq!(
+        (r.v6.tcp_total, r.v6.udp_total),
+        (300, 100),
+        "every IPv6 flow was opened"
+    );
+    assert_eq!(
+        (r.v6.tcp_broken, r.v6.udp_broken),
+        (0, 0),
+        "{name}: broken IPv6 flows: {:?}",
+        r.v6.broken_examples
+    );
+    assert!(
+        r.v6.max_stall_ms <= 4000,
+        "{name}: longest IPv6 stall {} ms",
+        r.v6.max_stall_ms
     );
     assert!(
         r.max_stall_ms <= 4000,
