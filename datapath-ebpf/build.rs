@@ -5,7 +5,7 @@ use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-const PROGRAMS: &[&str] = &["lb", "decap", "nop"];
+const PROGRAMS: &[&str] = &["lb", "decap", "nop", "impair"];
 
 fn find_clang() -> String {
     if let Ok(c) = env::var("HOLDFAST_CLANG") {

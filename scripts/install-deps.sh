@@ -3,7 +3,7 @@
 # only missing packages are installed, and apt-get update runs only then.
 set -euo pipefail
 
-PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool linux-libc-dev procps nftables conntrackd conntrack bird2 systemd)
+PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool linux-libc-dev procps nftables conntrackd conntrack bird2 systemd iputils-ping)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "install-deps: run as root (BPF programs, network namespaces, apt-get)" >&2

@@ -280,6 +280,8 @@ pub struct Lab {
     /// The admin API client (the lab's admin certificate); set once the
     /// PKI exists.
     api: Option<Client>,
+    /// Loss and delay on the links between LB nodes, while set.
+    impair: Option<crate::impair::LinkImpairment>,
 }
 
 /// Poll `f` every 20 ms until it is true or `timeout` passes.
@@ -405,6 +407,7 @@ impl Lab {
             client,
             sw,
             api: None,
+            impair: None,
         };
 
         // Backends.
@@ -910,6 +913,52 @@ impl Lab {
         Ok(r)
     }
 
+    /// Drop `loss_ppm` per million of the frames between LB nodes and delay
+    /// the rest by `delay` (one way), in both directions; traffic to and
+    /// from the router is not touched (crate::impair).
+    pub fn impair_lb_links(&mut self, loss_ppm: u32, delay: Duration) -> Result<()> {
+        if self.impair.is_some() {
+            bail!("the LB links are impaired already");
+        }
+        // Frames of the nodes' own stacks must carry full checksums: the
+        // delay line copies them as they are (a veth leaves them partial).
+        for n in &self.lbs {
+            n.ns.exec(&["ethtool", "-K", "f0", "tx", "off"])?;
+        }
+        let ports: Vec<String> = self.lbs.iter().map(|n| format!("pf{}", n.index)).collect();
+        self.impair = Some(crate::impair::LinkImpairment::start(
+            &self.sw,
+            "brf",
+            &ports,
+            datapath_ebpf::impair::ImpairSpec {
+                net: "10.88.0.0".parse()?,
+                prefix: 24,
+                exclude: ROUTER_FABRIC.parse()?,
+                loss_ppm,
+                redirect_ifindex: 0,
+            },
+            delay,
+        )?);
+        Ok(())
+    }
+
+    /// What the impairment did: frames matched, dropped, redirected, and
+    /// sent on by the delay line.
+    pub fn impair_stats(&self) -> Result<(datapath_ebpf::impair::ImpairStats, u64)> {
+        match &self.impair {
+            Some(i) => i.stats(),
+            None => bail!("the LB links are not impaired"),
+        }
+    }
+
+    /// Take the impairment away.
+    pub fn heal_lb_links(&mut self) -> Result<()> {
+        if self.impair.take().is_some() {
+            self.sw.ip("link del dl0")?;
+        }
+        Ok(())
+    }
+
     /// Next hops of the router's route to the IPv4 VIP prefix.
     pub fn router_nexthops(&self) -> Result<Vec<IpAddr>> {
         self.nexthops(VIP_CIDR)
@@ -1092,6 +1141,7 @@ impl Drop for Lab {
             n.bird.take();
             let _ = datapath_ebpf::loader::remove_pins(&n.pin_dir);
         }
+        self.impair.take();
         self.router_bird.take();
         self.backends.clear();
     }

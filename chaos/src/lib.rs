@@ -8,6 +8,7 @@
 //! - `scenario`: the fault scenarios of `chaos run`.
 
 pub mod dplab;
+pub mod impair;
 pub mod lab;
 pub mod scenario;
 pub mod servers;

@@ -18,7 +18,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -28,6 +28,7 @@ pub const SCENARIOS: [&str; 9] = [
     "rolling-restart",
     "kill-two",
     "ipv6",
+    "lossy-sync",
 ];
 
 /// The fewest LB nodes a scenario runs with (`--nodes` can ask for more).
@@ -341,6 +342,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "rolling-restart" => rolling_restart(&mut cx)?,
         "kill-two" => kill_two(&mut cx)?,
         "ipv6" => ipv6(&mut cx)?,
+        "lossy-sync" => lossy_sync(&mut cx)?,
         _ => unreachable!("checked above"),
     }
     // Every surviving flow must answer again; then keep going a little.
@@ -521,6 +523,120 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
     cx.ms("route", t.elapsed());
     committed_once(cx, pending, t)
+}
+
+/// Lossy links between the LB nodes (5% loss, 20 ms more each way; the
+/// links to the router are clean): the backends change, 200 new TCP
+/// connections and 40 UDP flows open and must replicate over the bad links,
+/// then the node carrying the most flows dies. Replication keeps up and
+/// repairs: nothing breaks, and every node holds every flow.
+fn lossy_sync(cx: &mut Ctx) -> Result<()> {
+    const LOSS_PPM: u32 = 50_000;
+    const DELAY: Duration = Duration::from_millis(20);
+    cx.lab.impair_lb_links(LOSS_PPM, DELAY)?;
+    // The impairment is real: ping from one LB node to another.
+    let nodes = cx.lab.running();
+    let rtt = ping_avg_ms(cx, nodes[0], lab::lb_addr(nodes[1]))?;
+    cx.counts.insert("lb_to_lb_rtt_ms".into(), rtt as u64);
+    if rtt < (2 * DELAY).as_secs_f64() * 1000.0 {
+        bail!("the links between LB nodes are not delayed: ping rtt {rtt:.1} ms");
+    }
+    cx.say(format!(
+        "links between LB nodes: 5% loss, 20 ms delay each way (ping rtt {rtt:.1} ms)"
+    ));
+    let spare = cx.opts.backends + 1;
+    let r = cx.lab.add_backend(spare)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(20))?;
+    let r = cx
+        .lab
+        .set_backend_state(1, raft_store::cluster::BackendState::Draining)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(20))?;
+    cx.say(format!(
+        "added be{spare}, drained be1 (epoch {}) over the lossy links",
+        r.epoch
+    ));
+    let extra = TrafficSpec::new(lab::VIP.parse()?, lab::CLIENT.parse()?, 200, 40);
+    let more = Traffic::start(&cx.lab.client, extra)?;
+    more.mark();
+    more.wait_all_answered(Duration::from_secs(20))?;
+    let all = cx.opts.tcp + cx.opts.udp + cx.opts.tcp6 + cx.opts.udp6 + 240;
+    if cx.opts.sync {
+        let d = cx.wait_replicated(all, Duration::from_secs(30))?;
+        cx.ms("replicated_new_flows", d);
+        cx.say(format!(
+            "the new flows reached every node over the lossy links in {} ms",
+            d.as_millis()
+        ));
+    }
+    // Some seconds on the bad links: Raft heartbeats, replication
+    // refreshes and acks all go through them.
+    std::thread::sleep(Duration::from_secs(5));
+    let lag = cx
+        .lab
+        .running()
+        .into_iter()
+        .filter_map(|i| cx.lab.status(i).ok()?.sync?.lag_p99_ms)
+        .fold(0.0f64, f64::max);
+    cx.counts
+        .insert("sync_lag_p99_us".into(), (lag * 1000.0) as u64);
+    let v = cx.busiest(false)?;
+    cx.victim = Some(v);
+    let leader = cx.lab.leader()?;
+    cx.say(format!(
+        "killing LB node {v} (replication lag p99 {lag:.1} ms)"
+    ));
+    let t = cx.kill_and_reroute(v, "route")?;
+    if v == leader {
+        cx.wait_new_leader(v, Duration::from_secs(10))?;
+        cx.ms("election", t.elapsed());
+    }
+    more.mark();
+    let _ = more.wait_all_answered(Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(2));
+    let (st, delayed) = cx.lab.impair_stats()?;
+    cx.counts.insert("impair_matched".into(), st.matched);
+    cx.counts.insert("impair_dropped".into(), st.dropped);
+    cx.counts.insert("impair_delayed".into(), delayed);
+    cx.say(format!(
+        "impairment: {} frames between LB nodes, {} dropped, {} delayed",
+        st.matched, st.dropped, delayed
+    ));
+    cx.lab.heal_lb_links()?;
+    let r = more.stop()?;
+    cx.counts.insert(
+        "new_flows_broken".into(),
+        (r.tcp_broken + r.udp_broken) as u64,
+    );
+    if cx.opts.sync && r.tcp_broken + r.udp_broken > 0 {
+        bail!(
+            "{} TCP and {} UDP of the flows opened over the lossy links broke: {:?}",
+            r.tcp_broken,
+            r.udp_broken,
+            r.broken.first()
+        );
+    }
+    Ok(())
+}
+
+/// Mean ping round trip from LB node `i` to `to`, in ms.
+fn ping_avg_ms(cx: &Ctx, i: usize, to: std::net::IpAddr) -> Result<f64> {
+    let out = cx.lab.lb(i).ns.exec(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        "10",
+        "-i",
+        "0.05",
+        "-W",
+        "1",
+        &to.to_string(),
+    ])?;
+    // rtt min/avg/max/mdev = a/b/c/d ms
+    out.lines()
+        .find_map(|l| l.split_once(" = ").filter(|(k, _)| k.contains("min/avg")))
+        .and_then(|(_, v)| v.split('/').nth(1)?.parse().ok())
+        .ok_or_else(|| anyhow!("no round trip in ping's output: {out}"))
 }
 
 /// IPv6 over the whole tier: the IPv6 VIP is announced over the same BGP

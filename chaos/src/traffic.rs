@@ -168,11 +168,15 @@ pub struct TrafficReport {
     pub short: ShortReport,
 }
 
+/// What the generator's thread hands back: every long-lived flow, and the
+/// short connections.
+type Flows = (Vec<FlowRecord>, ShortReport);
+
 pub struct Traffic {
     spec: TrafficSpec,
     live: Arc<Live>,
     stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<Result<(Vec<FlowRecord>, ShortReport)>>>,
+    thread: Option<JoinHandle<Result<Flows>>>,
     started: Instant,
 }
 
@@ -185,7 +189,7 @@ impl Traffic {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let started = Instant::now();
         let (l, s) = (live.clone(), spec.clone());
-        let thread = ns.spawn(move || -> Result<(Vec<FlowRecord>, ShortReport)> {
+        let thread = ns.spawn(move || -> Result<Flows> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -310,7 +314,7 @@ async fn run(
     stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<()>>,
     started: Instant,
-) -> Result<(Vec<FlowRecord>, ShortReport)> {
+) -> Result<Flows> {
     // Connect every TCP flow first (200 at a time), then start them all.
     let mut streams = Vec::with_capacity(spec.tcp);
     let to = SocketAddr::new(spec.vip, spec.tcp_port);

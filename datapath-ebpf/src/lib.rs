@@ -14,6 +14,7 @@ pub mod decap;
 pub mod error;
 pub mod events;
 pub mod hash;
+pub mod impair;
 pub mod loader;
 pub mod maglev;
 pub mod packet;
