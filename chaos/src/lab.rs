@@ -110,6 +110,8 @@ pub struct LabSpec {
     pub spare_backends: usize,
     /// Conntrack replication on (the product) or off (the baseline).
     pub sync: bool,
+    /// Conntrack entries per LB node.
+    pub conntrack_size: u32,
     /// Where configs, data dirs, certificates and logs go.
     pub dir: PathBuf,
     /// The program that runs holdfast-node: `{exe} _node --config FILE`.
@@ -124,6 +126,7 @@ impl LabSpec {
             backends: 4,
             spare_backends: 1,
             sync: true,
+            conntrack_size: 65_536,
             dir,
             exe,
         }
@@ -620,7 +623,7 @@ impl Lab {
                 pin_dir: Some(pin_dir.clone()),
                 keep_on_shutdown: true,
                 max_services: 16,
-                conntrack_size: 65_536,
+                conntrack_size: self.spec.conntrack_size,
                 ring_bytes: 4 << 20,
                 ..Default::default()
             },
@@ -741,6 +744,52 @@ impl Lab {
             b.kill();
         }
         Ok(())
+    }
+
+    /// Take a killed node's pinned datapath away (its conntrack with it),
+    /// as if its machine were replaced: the next start loads a fresh
+    /// datapath and warm-joins from nothing. Raft data stays.
+    pub fn wipe_datapath(&self, i: usize) -> Result<()> {
+        if self.lbs[i - 1].is_running() {
+            bail!("node {i} runs: kill it first");
+        }
+        datapath_ebpf::loader::remove_pins(&self.lbs[i - 1].pin_dir)?;
+        Ok(())
+    }
+
+    /// Write `n` synthetic conntrack entries (clients 100.64.0.0/10 to
+    /// 10.88.100.200:8007, an address with no service, so no packet ever
+    /// uses them; origin 99, a node that is not a member, so nobody
+    /// refreshes them) into node `i`'s pinned map: a large conntrack
+    /// without that many flows.
+    pub fn fill_conntrack(&self, i: usize, n: u32) -> Result<usize> {
+        use datapath_ebpf::abi::{CtKey, CtVal, CT_F_REMOTE, IPPROTO_TCP};
+        let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        let vip: IpAddr = "10.88.100.200".parse()?;
+        let entries: Vec<(CtKey, CtVal)> = (0..n)
+            .map(|k| {
+                let client = std::net::Ipv4Addr::from(0x6440_0000u32 + k / 50_000);
+                let key = CtKey::new(
+                    client.into(),
+                    (1024 + k % 50_000) as u16,
+                    vip,
+                    TCP_PORT,
+                    IPPROTO_TCP,
+                );
+                let val = CtVal {
+                    backend_id: 1,
+                    flags: CT_F_REMOTE,
+                    origin: 99,
+                    created_ns: now,
+                    last_seen_ns: now,
+                };
+                (key, val)
+            })
+            .collect();
+        Ok(datapath_ebpf::loader::ct_fill_pinned(
+            &self.lbs[i - 1].pin_dir,
+            &entries,
+        )?)
     }
 
     /// Bring a killed node back: link up, BIRD, holdfast-node (same data
@@ -873,6 +922,26 @@ impl Lab {
         f: impl Fn(&LocalStatus) -> bool,
     ) -> Result<Duration> {
         wait_until(what, timeout, || Ok(f(&self.status(i)?))).with_context(|| self.log_tail(i))
+    }
+
+    /// Node `i`'s log, without terminal colours.
+    pub fn log_lines(&self, i: usize) -> Vec<String> {
+        let text = std::fs::read_to_string(self.lb(i).log_path()).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let mut out = String::with_capacity(l.len());
+                let mut esc = false;
+                for c in l.chars() {
+                    match (esc, c) {
+                        (false, '\x1b') => esc = true,
+                        (true, 'm') => esc = false,
+                        (true, _) => {}
+                        (false, c) => out.push(c),
+                    }
+                }
+                out
+            })
+            .collect()
     }
 
     /// The last lines of node `i`'s log (for error messages).

@@ -18,7 +18,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 10] = [
+pub const SCENARIOS: [&str; 11] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -29,7 +29,20 @@ pub const SCENARIOS: [&str; 10] = [
     "kill-two",
     "ipv6",
     "lossy-sync",
+    "kill-during-join",
 ];
+
+/// Conntrack entries per LB node a scenario needs.
+pub fn conntrack_size(name: &str) -> u32 {
+    match name {
+        "kill-during-join" => 1 << 20,
+        _ => 65_536,
+    }
+}
+
+/// Synthetic entries kill-during-join puts on the nodes a joiner pulls
+/// from, so that its warm join takes seconds.
+pub const JOIN_BULK: u32 = 800_000;
 
 /// The fewest LB nodes a scenario runs with (`--nodes` can ask for more).
 pub fn min_nodes(name: &str) -> usize {
@@ -271,6 +284,7 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     ));
     let mut spec = LabSpec::new("hfc", dir.clone(), opts.exe.clone());
     spec.nodes = opts.nodes.max(min_nodes(name));
+    spec.conntrack_size = conntrack_size(name);
     spec.backends = opts.backends;
     spec.spare_backends = 1;
     spec.sync = opts.sync;
@@ -343,6 +357,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "kill-two" => kill_two(&mut cx)?,
         "ipv6" => ipv6(&mut cx)?,
         "lossy-sync" => lossy_sync(&mut cx)?,
+        "kill-during-join" => kill_during_join(&mut cx)?,
         _ => unreachable!("checked above"),
     }
     // Every surviving flow must answer again; then keep going a little.
@@ -523,6 +538,96 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
     cx.ms("route", t.elapsed());
     committed_once(cx, pending, t)
+}
+
+/// A node dies while another warm-joins. The joiner is a replaced machine
+/// (killed, its datapath wiped, started again) and the others hold
+/// [`JOIN_BULK`] more entries than flows, so its snapshot pull takes
+/// seconds; the peer it pulls from dies in the middle. The joiner must
+/// finish from another peer, become ready with every flow, and only then
+/// take traffic; nothing breaks.
+fn kill_during_join(cx: &mut Ctx) -> Result<()> {
+    let running = cx.lab.running();
+    let j = *running.last().ok_or_else(|| anyhow!("no node"))?;
+    cx.victim = Some(j);
+    cx.say(format!("replacing LB node {j}: kill, wipe its datapath"));
+    cx.kill_and_reroute(j, "route_down")?;
+    cx.lab.wipe_datapath(j)?;
+    let t = Instant::now();
+    for i in cx.lab.running() {
+        let n = cx.lab.fill_conntrack(i, JOIN_BULK)?;
+        cx.counts
+            .insert(format!("bulk_entries_on_node_{i}"), n as u64);
+    }
+    cx.ms("bulk_fill", t.elapsed());
+    cx.say(format!(
+        "{JOIN_BULK} more conntrack entries on every other node; starting node {j} afresh"
+    ));
+    let t = Instant::now();
+    let log_before = cx.lab.log_lines(j).len();
+    cx.lab.revive_node(j)?;
+    if !cx.opts.sync {
+        // The baseline: no warm join; kill another node once it runs.
+        cx.lab
+            .wait_status(j, "the node to run", Duration::from_secs(30), |_| true)?;
+        let k = running[0];
+        cx.say(format!("killing LB node {k}"));
+        cx.kill_and_reroute(k, "route")?;
+        return Ok(());
+    }
+    // Which peer the joiner pulls its snapshot from.
+    let mut source = None;
+    lab::wait_until(
+        "the joiner to start its snapshot pull",
+        Duration::from_secs(30),
+        || {
+            source = cx.lab.log_lines(j).iter().skip(log_before).find_map(|l| {
+                l.split_once("warm join: pulling the conntrack snapshot")
+                    .and_then(|(_, rest)| rest.trim().strip_prefix("peer="))
+                    .and_then(|p| p.split_whitespace().next()?.parse::<usize>().ok())
+            });
+            Ok(source.is_some())
+        },
+    )?;
+    let k = source.expect("found");
+    cx.ms("pull_started", t.elapsed());
+    cx.say(format!(
+        "node {j} pulls its snapshot from node {k}: killing node {k}"
+    ));
+    let tk = Instant::now();
+    cx.lab.kill_node(k)?;
+    let st = cx.lab.status(j)?;
+    if st.sync.as_ref().is_none_or(|s| s.ready) {
+        bail!(
+            "node {j}'s warm join ended before node {k} died ({} ms): make JOIN_BULK larger",
+            t.elapsed().as_millis()
+        );
+    }
+    cx.counts.insert("killed_during_join".into(), 1);
+    let others: Vec<usize> = cx.lab.running().into_iter().filter(|i| *i != j).collect();
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    cx.ms("route", tk.elapsed());
+    cx.lab.wait_status(
+        j,
+        "the joiner to be ready and announced",
+        Duration::from_secs(60),
+        |s| s.bgp_announced == Some(true) && s.sync.as_ref().is_some_and(|y| y.ready),
+    )?;
+    cx.ms("join_ready", t.elapsed());
+    let mut all = cx.lab.running();
+    all.sort();
+    cx.lab.wait_route(&all, Duration::from_secs(10))?;
+    let flows = cx.opts.tcp + cx.opts.udp + cx.opts.tcp6 + cx.opts.udp6;
+    let have = cx.lab.conntrack(j)?.len();
+    cx.counts.insert("joiner_flows".into(), have as u64);
+    if have < flows {
+        bail!("the joiner holds {have} of the {flows} flows");
+    }
+    cx.say(format!(
+        "node {j} ready after {} ms with every flow, announced",
+        t.elapsed().as_millis()
+    ));
+    Ok(())
 }
 
 /// Lossy links between the LB nodes (5% loss, 20 ms more each way; the

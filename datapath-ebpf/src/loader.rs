@@ -978,6 +978,28 @@ fn nr_cpus() -> Result<usize> {
 }
 
 /// Remove every pin in `dir` (maps and links) and the directory itself.
+/// Write conntrack entries straight into the pinned conntrack map of the
+/// datapath pinned at `pin_dir` (lab and benchmark tooling: a large
+/// conntrack without that many real flows). Returns how many were written.
+pub fn ct_fill_pinned(pin_dir: &Path, entries: &[(CtKey, CtVal)]) -> Result<usize> {
+    let path = pin_dir.join(M_CONNTRACK);
+    let map = aya::maps::MapData::from_pin(&path).map_err(|e| Error::Io {
+        what: "opening the pinned conntrack map",
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let mut n = 0;
+    for c in entries.chunks(65_536) {
+        let (k, v): (Vec<CtKey>, Vec<CtVal>) = c.iter().copied().unzip();
+        n += sys::update_batch(map.fd().as_fd(), &k, &v, 0).map_err(|source| Error::Syscall {
+            call: "BPF_MAP_UPDATE_BATCH",
+            map: M_CONNTRACK,
+            source,
+        })?;
+    }
+    Ok(n)
+}
+
 pub fn remove_pins(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
