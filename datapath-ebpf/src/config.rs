@@ -24,6 +24,9 @@ pub struct DatapathOptions {
     pub ring_bytes: u32,
     pub tcp_idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// A TCP entry whose client sent FIN or RST is expired after this long
+    /// idle (the connection is closing; a SYN re-picks it at once anyway).
+    pub tcp_closing_timeout: Duration,
     /// Minimum interval between last-seen updates of one entry.
     pub ct_refresh: Duration,
     /// Largest outer packet towards backends (fabric MTU), 1280..=9216.
@@ -46,6 +49,7 @@ impl Default for DatapathOptions {
             ring_bytes: 1 << 20,
             tcp_idle_timeout: Duration::from_secs(3600),
             udp_idle_timeout: Duration::from_secs(300),
+            tcp_closing_timeout: Duration::from_secs(30),
             ct_refresh: Duration::from_secs(1),
             mtu: 1500,
             node_id: 0,
@@ -88,6 +92,12 @@ impl DatapathOptions {
         }
         if self.tcp_idle_timeout.is_zero() {
             return Err(Error::invalid("tcp_idle_timeout", "must be positive"));
+        }
+        if self.tcp_closing_timeout.is_zero() || self.tcp_closing_timeout > self.tcp_idle_timeout {
+            return Err(Error::invalid(
+                "tcp_closing_timeout",
+                "must be positive and at most tcp_idle_timeout",
+            ));
         }
         if self.udp_idle_timeout.is_zero() {
             return Err(Error::invalid("udp_idle_timeout", "must be positive"));

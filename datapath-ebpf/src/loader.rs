@@ -917,15 +917,18 @@ impl Datapath {
     /// host's CLOCK_MONOTONIC). Returns how many were removed.
     pub fn ct_expire(&self, now_ns: u64) -> Result<usize> {
         let tcp = self.opts.tcp_idle_timeout.as_nanos() as u64;
+        let closing = self.opts.tcp_closing_timeout.as_nanos() as u64;
         let udp = self.opts.udp_idle_timeout.as_nanos() as u64;
         let stale: Vec<CtKey> = self
             .ct_dump()?
             .into_iter()
             .filter(|(k, v)| {
-                let limit = if k.proto == crate::abi::IPPROTO_TCP {
-                    tcp
-                } else {
+                let limit = if k.proto != crate::abi::IPPROTO_TCP {
                     udp
+                } else if v.flags & crate::abi::CT_F_CLOSING != 0 {
+                    closing
+                } else {
+                    tcp
                 };
                 now_ns.saturating_sub(v.last_seen_ns) > limit
             })

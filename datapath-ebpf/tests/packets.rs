@@ -1258,3 +1258,47 @@ fn t12_table_changes_write_only_the_differing_slots() {
     .expect("table");
     assert_eq!(fx.dp.table(&key).expect("read").expect("service"), want);
 }
+
+/// Idle expiry: an open TCP entry lives `tcp_idle_timeout`, a closing one
+/// (its client sent FIN or RST) only `tcp_closing_timeout`, a UDP one
+/// `udp_idle_timeout` — so short connections at hundreds a second do not
+/// fill the map for an hour.
+#[test]
+fn t13_closing_tcp_entries_expire_sooner() {
+    let f = Fixture::new("hfx13");
+    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let key = |port: u16, proto: u8| {
+        CtKey::new(
+            "192.0.2.1".parse().expect("ip"),
+            port,
+            "10.200.0.1".parse().expect("vip"),
+            80,
+            proto,
+        )
+    };
+    let val = |flags: u16, idle_s: u64| CtVal {
+        backend_id: 1,
+        flags,
+        origin: 1,
+        created_ns: now - idle_s * 1_000_000_000,
+        last_seen_ns: now - idle_s * 1_000_000_000,
+    };
+    let entries = [
+        (key(1, IPPROTO_TCP), val(0, 60)), // open, idle 60 s: stays
+        (key(2, IPPROTO_TCP), val(CT_F_CLOSING, 60)), // closing, idle 60 s: goes
+        (key(3, IPPROTO_TCP), val(CT_F_CLOSING, 10)), // closing, idle 10 s: stays
+        (key(4, IPPROTO_UDP), val(0, 60)), // UDP, idle 60 s: stays
+        (key(5, IPPROTO_UDP), val(0, 400)), // UDP, idle 400 s: goes
+    ];
+    f.dp.ct_insert_batch(&entries).expect("insert");
+    assert_eq!(f.dp.ct_expire(now).expect("expire"), 2);
+    let left: Vec<u16> =
+        f.dp.ct_dump()
+            .expect("dump")
+            .iter()
+            .map(|(k, _)| u16::from_be(k.sport))
+            .collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, vec![1, 3, 4]);
+}

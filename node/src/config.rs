@@ -294,6 +294,8 @@ pub struct DatapathSection {
     pub hash_seed: u32,
     pub tcp_idle_timeout_s: u64,
     pub udp_idle_timeout_s: u64,
+    /// Closing TCP entries (client sent FIN/RST) expire after this long idle.
+    pub tcp_closing_timeout_s: u64,
 }
 
 impl Default for DatapathSection {
@@ -314,6 +316,7 @@ impl Default for DatapathSection {
             hash_seed: d.hash_seed,
             tcp_idle_timeout_s: d.tcp_idle_timeout.as_secs(),
             udp_idle_timeout_s: d.udp_idle_timeout.as_secs(),
+            tcp_closing_timeout_s: d.tcp_closing_timeout.as_secs(),
         }
     }
 }
@@ -328,6 +331,7 @@ impl DatapathSection {
             ring_bytes: self.ring_bytes,
             tcp_idle_timeout: Duration::from_secs(self.tcp_idle_timeout_s),
             udp_idle_timeout: Duration::from_secs(self.udp_idle_timeout_s),
+            tcp_closing_timeout: Duration::from_secs(self.tcp_closing_timeout_s),
             mtu: self.mtu,
             node_id: node_id as u16,
             hash_seed: self.hash_seed,
