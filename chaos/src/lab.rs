@@ -1111,6 +1111,29 @@ impl Lab {
         })
     }
 
+    /// Take backend host `j` out of every service.
+    pub fn remove_backend(&self, j: usize) -> Result<Response> {
+        let commands = SERVICES
+            .iter()
+            .map(|s| {
+                Ok(Command::RemoveBackend {
+                    id: self.backend_id(s, j)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write(Command::Batch { commands })
+    }
+
+    /// Resident memory of node `i`'s holdfast-node, KiB.
+    pub fn node_rss_kib(&self, i: usize) -> Option<u64> {
+        let pid = self.lb(i).node_pid()?;
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
     pub fn set_backend_state(&self, j: usize, state: BackendState) -> Result<Response> {
         let commands = SERVICES
             .iter()

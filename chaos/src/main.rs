@@ -62,6 +62,9 @@ struct Size {
     /// IPv6 UDP flows (scenarios).
     #[arg(long, default_value_t = 100)]
     udp6: usize,
+    /// How long the soak scenario runs, in minutes.
+    #[arg(long, default_value_t = 30.0)]
+    soak_minutes: f64,
     /// Short TCP connections opened (and closed) per second besides.
     #[arg(long, default_value_t = 0)]
     short_rate: u32,
@@ -73,7 +76,8 @@ enum Cmd {
     Run {
         /// kill-node, churn-then-kill, kill-leader, restart-join,
         /// agent-restart, partition, rolling-restart, kill-two (5 nodes at
-        /// least), or all.
+        /// least), ipv6, lossy-sync, kill-during-join, or all; soak (not in
+        /// all: --soak-minutes, 30 by default).
         scenario: String,
         /// One JSON object with a `scenarios` array on stdout.
         #[arg(long)]
@@ -209,12 +213,13 @@ fn run(
 ) -> Result<ExitCode> {
     let names: Vec<&str> = if which == "all" {
         scenario::SCENARIOS.to_vec()
-    } else if scenario::SCENARIOS.contains(&which) {
+    } else if scenario::SCENARIOS.contains(&which) || scenario::LONG_SCENARIOS.contains(&which) {
         vec![which]
     } else {
         bail!(
-            "unknown scenario {which:?}; one of: {}, all",
-            scenario::SCENARIOS.join(", ")
+            "unknown scenario {which:?}; one of: {}, {} (not in all), all",
+            scenario::SCENARIOS.join(", "),
+            scenario::LONG_SCENARIOS.join(", ")
         );
     };
     if repeat == 0 {
@@ -238,6 +243,7 @@ fn run(
                 opts.short_per_s = size.short_rate;
                 opts.tcp6 = size.tcp6;
                 opts.udp6 = size.udp6;
+                opts.soak = Duration::from_secs_f64(size.soak_minutes * 60.0);
                 opts.sync = s;
                 opts.verbose = verbose;
                 match scenario::run(name, &opts) {

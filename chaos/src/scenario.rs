@@ -32,6 +32,9 @@ pub const SCENARIOS: [&str; 11] = [
     "kill-during-join",
 ];
 
+/// Scenarios too long for `all`: run by name.
+pub const LONG_SCENARIOS: [&str; 1] = ["soak"];
+
 /// Conntrack entries per LB node a scenario needs.
 pub fn conntrack_size(name: &str) -> u32 {
     match name {
@@ -71,6 +74,8 @@ pub struct RunOpts {
     pub settle: Duration,
     /// Print progress lines to stderr.
     pub verbose: bool,
+    /// How long the soak scenario runs.
+    pub soak: Duration,
 }
 
 impl RunOpts {
@@ -87,6 +92,7 @@ impl RunOpts {
             exe,
             settle: Duration::from_secs(2),
             verbose: false,
+            soak: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -146,6 +152,9 @@ struct Ctx<'a> {
     traffic6: Option<Traffic>,
     converge: BTreeMap<String, u64>,
     counts: BTreeMap<String, u64>,
+    /// Times (ms since the traffic started) while a node was dying: short
+    /// connections opened then may fail.
+    kill_windows: Vec<(u64, u64)>,
     victim: Option<usize>,
     opts: &'a RunOpts,
     t0: Instant,
@@ -269,7 +278,7 @@ impl Ctx<'_> {
 
 /// Run scenario `name` once.
 pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
-    if !SCENARIOS.contains(&name) {
+    if !SCENARIOS.contains(&name) && !LONG_SCENARIOS.contains(&name) {
         bail!(
             "unknown scenario {name:?}; one of: {} (or all)",
             SCENARIOS.join(", ")
@@ -326,6 +335,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         traffic6,
         converge: BTreeMap::new(),
         counts: BTreeMap::new(),
+        kill_windows: Vec::new(),
         victim: None,
         opts,
         t0,
@@ -358,6 +368,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "ipv6" => ipv6(&mut cx)?,
         "lossy-sync" => lossy_sync(&mut cx)?,
         "kill-during-join" => kill_during_join(&mut cx)?,
+        "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
     // Every surviving flow must answer again; then keep going a little.
@@ -371,11 +382,18 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         traffic,
         traffic6,
         converge,
-        counts,
+        mut counts,
+        kill_windows,
         victim,
         ..
     } = cx;
     let report: TrafficReport = traffic.stop()?;
+    if opts.short_per_s > 0 {
+        counts.insert(
+            "short_failed_outside_kills".into(),
+            report.short.failed_outside(&kill_windows),
+        );
+    }
     let v6 = match traffic6 {
         Some(t) => {
             let r = t.stop()?;
@@ -538,6 +556,102 @@ fn kill_leader(cx: &mut Ctx) -> Result<()> {
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
     cx.ms("route", t.elapsed());
     committed_once(cx, pending, t)
+}
+
+/// The soak: for `opts.soak`, a config change every 3 s (a spare backend
+/// added, drained and removed; an original one drained and undrained),
+/// and every 3 minutes a node killed silently and started again 20 s
+/// later, under the long-lived flows and `short_per_s` short connections.
+/// Afterwards: no long-lived flow broke, no short connection failed
+/// except those opened while a node was dying (counted), and each node's
+/// memory and conntrack size at the start, peak and end are reported.
+fn soak(cx: &mut Ctx) -> Result<()> {
+    let spare = cx.opts.backends + 1;
+    let t0 = Instant::now();
+    let mut next_kill = t0 + Duration::from_secs(180);
+    let mut next_churn = t0;
+    let mut next_sample = t0;
+    let mut step = 0usize;
+    let mut victim = 0usize;
+    let mut windows: Vec<(u64, u64)> = Vec::new();
+    let mut mem: BTreeMap<usize, (u64, u64, u64)> = BTreeMap::new();
+    let mut ct: BTreeMap<usize, (u64, u64, u64)> = BTreeMap::new();
+    let mut changes = 0u64;
+    let mut kills = 0u64;
+    let sample = |cx: &Ctx,
+                  mem: &mut BTreeMap<usize, (u64, u64, u64)>,
+                  ct: &mut BTreeMap<usize, (u64, u64, u64)>| {
+        for i in cx.lab.running() {
+            if let Some(r) = cx.lab.node_rss_kib(i) {
+                let e = mem.entry(i).or_insert((r, r, r));
+                e.1 = e.1.max(r);
+                e.2 = r;
+            }
+            if let Some(n) = cx.lab.status(i).ok().and_then(|s| s.conntrack_entries) {
+                let e = ct.entry(i).or_insert((n, n, n));
+                e.1 = e.1.max(n);
+                e.2 = n;
+            }
+        }
+    };
+    while t0.elapsed() < cx.opts.soak {
+        let now = Instant::now();
+        if now >= next_sample {
+            sample(cx, &mut mem, &mut ct);
+            next_sample = now + Duration::from_secs(10);
+        }
+        if now >= next_churn {
+            let r = match step % 5 {
+                0 => cx.lab.add_backend(spare),
+                1 => cx
+                    .lab
+                    .set_backend_state(2, raft_store::cluster::BackendState::Draining),
+                2 => cx
+                    .lab
+                    .set_backend_state(2, raft_store::cluster::BackendState::Active),
+                3 => cx
+                    .lab
+                    .set_backend_state(spare, raft_store::cluster::BackendState::Draining),
+                _ => cx.lab.remove_backend(spare),
+            }
+            .with_context(|| format!("config change {step}"))?;
+            cx.lab.wait_epoch(r.epoch, Duration::from_secs(20))?;
+            step += 1;
+            changes += 1;
+            next_churn = now + Duration::from_secs(3);
+        }
+        if now >= next_kill {
+            let running = cx.lab.running();
+            let v = running[victim % running.len()];
+            victim += 1;
+            let from = cx.traffic.elapsed().as_millis() as u64;
+            cx.say(format!("soak: killing LB node {v}"));
+            cx.kill_and_reroute(v, "route")?;
+            windows.push((from, cx.traffic.elapsed().as_millis() as u64 + 1000));
+            std::thread::sleep(Duration::from_secs(20));
+            cx.lab.revive_node(v)?;
+            cx.lab.wait_ready(Duration::from_secs(60))?;
+            cx.say(format!("soak: node {v} back"));
+            kills += 1;
+            next_kill = Instant::now() + Duration::from_secs(180);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sample(cx, &mut mem, &mut ct);
+    cx.counts.insert("config_changes".into(), changes);
+    cx.counts.insert("node_kills".into(), kills);
+    for (i, (a, b, c)) in &mem {
+        cx.counts.insert(format!("node_{i}_rss_kib_start"), *a);
+        cx.counts.insert(format!("node_{i}_rss_kib_peak"), *b);
+        cx.counts.insert(format!("node_{i}_rss_kib_end"), *c);
+    }
+    for (i, (a, b, c)) in &ct {
+        cx.counts.insert(format!("node_{i}_conntrack_start"), *a);
+        cx.counts.insert(format!("node_{i}_conntrack_peak"), *b);
+        cx.counts.insert(format!("node_{i}_conntrack_end"), *c);
+    }
+    cx.kill_windows = windows;
+    Ok(())
 }
 
 /// A node dies while another warm-joins. The joiner is a replaced machine
