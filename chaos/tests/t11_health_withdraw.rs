@@ -50,7 +50,7 @@ fn t11_unhealthy_node_withdraws_and_returns() {
         |s| {
             s.health_error
                 .as_deref()
-                .is_some_and(|e| e.contains("no route to any of the 2 backends"))
+                .is_some_and(|e| e.contains("no route to any of the 2 IPv4 backends"))
                 && s.bgp_announced == Some(false)
         },
     )

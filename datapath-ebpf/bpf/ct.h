@@ -80,6 +80,26 @@ static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, 
 }
 
 /*
+ * An own entry turned CLOSING (client FIN or RST): announced on the ring like
+ * a new flow, with the CLOSING flag, so that peers' copies expire after the
+ * closing timeout too (the merge rule takes the flag) without a refresh round.
+ */
+static __always_inline void ct_closing_event(const struct pkt *p,
+					     const struct lb_ct_val *ct,
+					     struct lb_stats *st)
+{
+	struct lb_flow_event ev = {
+		.key = p->flow,
+		.backend_id = ct->backend_id,
+		.flags = LB_CT_F_CLOSING,
+		.origin = ct->origin,
+		.created_ns = ct->created_ns,
+	};
+	if (bpf_ringbuf_output(&lb_flow_events, &ev, sizeof(ev), 0))
+		stat_add(st, LB_STAT_RING_LOST, 1);
+}
+
+/*
  * Clocks: the conntrack-hit path reads the coarse monotonic clock (a tick of
  * accuracy is plenty for idle timeouts and refreshes, and it is much cheaper);
  * a new entry's created_ns uses the precise clock, because replication lag is
@@ -124,8 +144,13 @@ static __always_inline struct lb_backend *select_backend(const struct pkt *p,
 			if (idle > lb_ct_refresh_ns)
 				ct->last_seen_ns = now;
 			if (tcp && (p->tcp_flags & (TCP_FIN | TCP_RST)) &&
-			    !(ct->flags & LB_CT_F_CLOSING))
+			    !(ct->flags & LB_CT_F_CLOSING)) {
 				ct->flags |= LB_CT_F_CLOSING;
+				/* Own entries only: peers accept a node's events for
+				 * the entries it created. */
+				if (ct->origin == (__u16)lb_node_id)
+					ct_closing_event(p, ct, st);
+			}
 		}
 		stat_add(st, LB_STAT_CT_HITS, 1);
 		svc_stat_add(ss, LB_SVC_CT_HITS, 1);

@@ -10,6 +10,7 @@
 
 pub mod abi;
 pub mod config;
+pub mod conntrack;
 pub mod decap;
 pub mod error;
 pub mod events;

@@ -5,6 +5,7 @@ use std::{
     ffi::CString,
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,6 +26,7 @@ use crate::{
         ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
+    conntrack::Conntrack,
     error::{Error, Result},
     events::FlowEvents,
     maglev::{build_table, MaglevBackend},
@@ -115,6 +117,8 @@ pub struct ApplyReport {
 /// The load balancer datapath of one node.
 pub struct Datapath {
     bpf: Ebpf,
+    /// The conntrack map, usable without this struct's lock.
+    ct: Arc<Conntrack>,
     opts: DatapathOptions,
     slots: HashMap<SvcKey, Slot>,
     free_ids: BTreeSet<u32>,
@@ -273,8 +277,24 @@ impl Datapath {
             },
         })?;
 
+        let ct_fd = map_data(&bpf, M_CONNTRACK)?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| Error::Syscall {
+                call: "dup",
+                map: M_CONNTRACK,
+                source,
+            })?;
+        let ct = Arc::new(Conntrack::new(
+            ct_fd,
+            opts.tcp_idle_timeout,
+            opts.tcp_closing_timeout,
+            opts.udp_idle_timeout,
+        ));
         let mut dp = Self {
             bpf,
+            ct,
             free_ids: (0..opts.max_services).collect(),
             opts,
             slots: HashMap::new(),
@@ -852,89 +872,68 @@ impl Datapath {
         arr.get(&id, 0).map_err(Error::map(M_BACKENDS))
     }
 
+    /// The conntrack map for callers that must not hold the lock around
+    /// this `Datapath` while they walk or write it (replication).
+    pub fn conntrack(&self) -> Arc<Conntrack> {
+        self.ct.clone()
+    }
+
     /// Look one conntrack entry up.
     pub fn ct_get(&self, key: &CtKey) -> Result<Option<CtVal>> {
-        let m: BpfHashMap<&MapData, CtKey, CtVal> = BpfHashMap::try_from(
-            self.bpf
-                .map(M_CONNTRACK)
-                .ok_or(Error::MissingMap { map: M_CONNTRACK })?,
-        )
-        .map_err(Error::map(M_CONNTRACK))?;
-        match m.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(Error::map(M_CONNTRACK)(e)),
-        }
+        self.ct.get(key)
     }
 
-    /// Insert or overwrite entries with one syscall per call.
+    /// Insert or overwrite entries (batched syscalls).
     pub fn ct_insert_batch(&self, entries: &[(CtKey, CtVal)]) -> Result<usize> {
-        let (keys, vals): (Vec<CtKey>, Vec<CtVal>) = entries.iter().copied().unzip();
-        self.write_batch(M_CONNTRACK, &keys, &vals)
+        self.ct.insert_batch(entries)
     }
 
-    /// Insert entries whose keys do not exist yet (`BPF_NOEXIST`, one
-    /// syscall each, no lookup). Returns how many were inserted from the
-    /// front and, if it stopped at an existing key, that key's index.
+    /// See [`Conntrack::insert_new`].
     pub fn ct_insert_new(&self, entries: &[(CtKey, CtVal)]) -> Result<(usize, Option<usize>)> {
-        const BPF_NOEXIST: u64 = 1;
-        let fd = self.fd(M_CONNTRACK)?;
-        for (i, (k, v)) in entries.iter().enumerate() {
-            match sys::update_elem(fd, k, v, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => return Ok((i, Some(i))),
-                Err(source) => {
-                    return Err(Error::Syscall {
-                        call: "BPF_MAP_UPDATE_ELEM",
-                        map: M_CONNTRACK,
-                        source,
-                    })
-                }
-            }
-        }
-        Ok((entries.len(), None))
+        self.ct.insert_new(entries)
     }
 
     /// Every conntrack entry, read in batches.
     pub fn ct_dump(&self) -> Result<Vec<(CtKey, CtVal)>> {
-        sys::lookup_all(self.fd(M_CONNTRACK)?, 4096).map_err(|source| Error::Syscall {
-            call: "BPF_MAP_LOOKUP_BATCH",
-            map: M_CONNTRACK,
-            source,
-        })
+        self.ct.dump()
     }
 
     /// Delete entries; returns how many existed.
     pub fn ct_delete_batch(&self, keys: &[CtKey]) -> Result<usize> {
-        sys::delete_batch(self.fd(M_CONNTRACK)?, keys).map_err(|source| Error::Syscall {
-            call: "BPF_MAP_DELETE_BATCH",
-            map: M_CONNTRACK,
-            source,
-        })
+        self.ct.delete_batch(keys)
     }
 
-    /// Delete entries idle longer than their protocol's timeout (per this
-    /// host's CLOCK_MONOTONIC). Returns how many were removed.
+    /// See [`Conntrack::expire`].
     pub fn ct_expire(&self, now_ns: u64) -> Result<usize> {
-        let tcp = self.opts.tcp_idle_timeout.as_nanos() as u64;
-        let closing = self.opts.tcp_closing_timeout.as_nanos() as u64;
-        let udp = self.opts.udp_idle_timeout.as_nanos() as u64;
-        let stale: Vec<CtKey> = self
-            .ct_dump()?
-            .into_iter()
-            .filter(|(k, v)| {
-                let limit = if k.proto != crate::abi::IPPROTO_TCP {
-                    udp
-                } else if v.flags & crate::abi::CT_F_CLOSING != 0 {
-                    closing
-                } else {
-                    tcp
-                };
-                now_ns.saturating_sub(v.last_seen_ns) > limit
-            })
-            .map(|(k, _)| k)
-            .collect();
-        self.ct_delete_batch(&stale)
+        self.ct.expire(now_ns)
+    }
+
+    /// The conntrack map as the kernel accounts it (`/proc/self/fdinfo`,
+    /// the same figures `bpftool map show` prints): id, sizes and the
+    /// bytes charged to it. An LRU hash preallocates every entry, so
+    /// `memlock` is its full size whatever it holds.
+    pub fn ct_map_info(&self) -> Result<MapInfo> {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd(M_CONNTRACK)?;
+        let path = PathBuf::from(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()));
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            what: "reading the conntrack map's fdinfo",
+            path: path.clone(),
+            source,
+        })?;
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(MapInfo {
+            id: field("map_id") as u32,
+            max_entries: field("max_entries"),
+            key_size: field("key_size"),
+            value_size: field("value_size"),
+            memlock: field("memlock"),
+        })
     }
 
     /// Global counters summed over CPUs.
@@ -984,6 +983,17 @@ fn nr_cpus() -> Result<usize> {
 /// Write conntrack entries straight into the pinned conntrack map of the
 /// datapath pinned at `pin_dir` (lab and benchmark tooling: a large
 /// conntrack without that many real flows). Returns how many were written.
+/// A BPF map as `/proc/self/fdinfo` describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub id: u32,
+    pub max_entries: u64,
+    pub key_size: u64,
+    pub value_size: u64,
+    /// Bytes charged to the map (its preallocated memory).
+    pub memlock: u64,
+}
+
 pub fn ct_fill_pinned(pin_dir: &Path, entries: &[(CtKey, CtVal)]) -> Result<usize> {
     let path = pin_dir.join(M_CONNTRACK);
     let map = aya::maps::MapData::from_pin(&path).map_err(|e| Error::Io {

@@ -115,6 +115,37 @@ pub fn update_elem<K: Pod, V: Pod>(
     }
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// One `BPF_MAP_LOOKUP_ELEM`: `Ok(None)` when the key is absent.
+pub fn lookup_elem<K: Pod, V: Pod + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr points at a live key and a value buffer of the map's sizes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(value));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 /// Delete `keys`. Keys that are absent make the kernel stop with ENOENT; the
 /// call then deletes the rest one by one and counts only those that existed.
 pub fn delete_batch<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<usize> {

@@ -916,7 +916,7 @@ fn t05_backend_changes() {
 }
 
 /// Every new flow is announced on the ring buffer exactly as it was written
-/// to conntrack.
+/// to conntrack, and an own entry turning CLOSING once more.
 #[test]
 fn t06_ring_events_match_conntrack() {
     let mut fx = Fixture::new("hfpkt6");
@@ -942,6 +942,45 @@ fn t06_ring_events_match_conntrack() {
         assert_eq!(ev.val(), entry, "event equals the conntrack entry");
         assert_eq!(ev.origin, NODE_ID);
     }
+    // A client FIN turns the entry CLOSING: one event with the flag, once.
+    let fin6 = Packet::tcp(CLIENT6, 7100, VIP6, 80, TCP_ACK | TCP_FIN);
+    assert_eq!(fx.run(&fin6).verdict, XDP_TX);
+    assert_eq!(fx.run(&fin6).verdict, XDP_TX);
+    events.drain(&mut drained, usize::MAX);
+    assert_eq!(drained.len(), keys.len() + 1, "one closing event");
+    let ev = drained.last().expect("closing event");
+    let entry = fx.dp.ct_get(&key(&syn6)).expect("ct").expect("entry");
+    assert_eq!(ev.key, key(&syn6));
+    assert_eq!(ev.flags, CT_F_CLOSING);
+    assert_eq!(entry.flags & CT_F_CLOSING, CT_F_CLOSING);
+    assert_eq!(
+        (ev.backend_id, ev.origin, ev.created_ns),
+        (entry.backend_id, entry.origin, entry.created_ns)
+    );
+    // Another node's entry closing here: not announced (its origin does).
+    let rst = Packet::tcp(CLIENT, 7200, VIP, 80, TCP_RST);
+    let now = monotonic_now().as_nanos() as u64;
+    fx.dp
+        .ct_insert_batch(&[(
+            key(&rst),
+            CtVal {
+                backend_id: entry.backend_id,
+                flags: CT_F_REMOTE,
+                origin: NODE_ID + 1,
+                created_ns: now,
+                last_seen_ns: now,
+            },
+        )])
+        .expect("insert a peer's entry");
+    fx.run(&rst);
+    let peer_entry = fx.dp.ct_get(&key(&rst)).expect("ct").expect("entry");
+    assert_eq!(
+        peer_entry.flags & CT_F_CLOSING,
+        CT_F_CLOSING,
+        "the RST hit it"
+    );
+    events.drain(&mut drained, usize::MAX);
+    assert_eq!(drained.len(), keys.len() + 1, "no event for a peer's entry");
     assert_eq!(fx.stat(stat::RING_LOST), 0);
 }
 

@@ -182,25 +182,36 @@ fn health_problem(
             Err(e) => return Some(format!("interface {i}: {e}")),
         }
     }
-    if backends.is_empty() {
-        return None;
-    }
-    let mut last_err = None;
-    for a in &backends {
-        let local: std::net::SocketAddr = match a {
-            std::net::IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            std::net::IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        match std::net::UdpSocket::bind(local).and_then(|s| s.connect((*a, 9))) {
-            Ok(()) => return None,
-            Err(e) => last_err = Some(format!("{a}: {e}")),
+    // Per address family: a node that reaches its IPv6 backends but none
+    // of its IPv4 ones would black-hole the IPv4 VIPs it announces.
+    for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+        let of_family: Vec<_> = backends.iter().filter(|a| a.is_ipv4() == v4).collect();
+        if of_family.is_empty() {
+            continue;
+        }
+        let mut last_err = None;
+        let reachable = of_family.iter().any(|a| {
+            let local: std::net::SocketAddr = match a {
+                std::net::IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                std::net::IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            match std::net::UdpSocket::bind(local).and_then(|s| s.connect((**a, 9))) {
+                Ok(()) => true,
+                Err(e) => {
+                    last_err = Some(format!("{a}: {e}"));
+                    false
+                }
+            }
+        });
+        if !reachable {
+            return Some(format!(
+                "no route to any of the {} {family} backends ({})",
+                of_family.len(),
+                last_err.unwrap_or_default()
+            ));
         }
     }
-    Some(format!(
-        "no route to any of the {} backends ({})",
-        backends.len(),
-        last_err.unwrap_or_default()
-    ))
+    None
 }
 
 impl Node {

@@ -1,7 +1,8 @@
 //! t08: conntrack replication between three nodes with real BPF maps. A flow
 //! created by node A's datapath appears in B's and C's maps with A as origin
 //! and the same backend; a restarted node warm-joins (snapshot) and ends
-//! with the same entries before it reports ready; a node with a valid
+//! with the same entries before it reports ready; a client FIN on the
+//! origin turns the peers' copies CLOSING; a node with a valid
 //! cluster certificate that is not a member is refused and writes nothing;
 //! clusterctl lists the entries with their origin.
 
@@ -11,7 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_ebpf::abi::{CtKey, IPPROTO_TCP};
+use datapath_ebpf::{
+    abi::{CtKey, CT_F_CLOSING, IPPROTO_TCP},
+    packet::{Packet, TCP_ACK, TCP_FIN},
+    testrun,
+};
 use node::{
     replication::{CtRow, KIND_SNAPSHOT, KIND_SYNC},
     testing::{backend, issue_node, service, Cluster},
@@ -62,6 +67,55 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
     );
     let all: Vec<CtKey> = first.iter().chain(&second).copied().collect();
     c.wait_entries(3, &all, 1).await; // already there when ready
+
+    // A client FIN on node 1 turns its entry CLOSING there; the datapath
+    // announces it and the peers' copies turn CLOSING too (so they expire
+    // after the closing timeout, not the hour of an open flow).
+    let closing = first[0];
+    {
+        let dp = c
+            .node(1)
+            .datapath
+            .as_ref()
+            .expect("dp")
+            .dp
+            .lock()
+            .expect("dp");
+        let fin = Packet::tcp(
+            "192.0.2.10",
+            u16::from_be(closing.sport),
+            VIP,
+            80,
+            TCP_ACK | TCP_FIN,
+        );
+        testrun::run(dp.program(), &fin.frame(), 0).expect("test run");
+        let v = dp.ct_get(&closing).expect("ct").expect("entry");
+        assert_ne!(v.flags & CT_F_CLOSING, 0, "node 1 saw the FIN");
+    }
+    for id in [2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = {
+                let dp = c
+                    .node(id)
+                    .datapath
+                    .as_ref()
+                    .expect("dp")
+                    .dp
+                    .lock()
+                    .expect("dp");
+                dp.ct_get(&closing).expect("ct").expect("entry")
+            };
+            if v.flags & CT_F_CLOSING != 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id}'s copy never turned CLOSING: {v:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // A node with a valid cluster certificate that is not a member.
     let pki = c.pki.clone();

@@ -5,7 +5,7 @@
 
 use datapath_ebpf::{
     abi::{CtKey, CtVal},
-    Datapath,
+    conntrack::Conntrack,
 };
 
 use crate::merge::{merge, Merge};
@@ -21,7 +21,7 @@ pub struct ApplyStats {
 }
 
 pub fn apply_remote(
-    dp: &Datapath,
+    ct: &Conntrack,
     entries: &[(CtKey, CtVal)],
     local_node: u16,
 ) -> datapath_ebpf::Result<ApplyStats> {
@@ -36,15 +36,15 @@ pub fn apply_remote(
         .collect();
     let mut rest: &[(CtKey, CtVal)] = &marked;
     while !rest.is_empty() {
-        let (n, existing) = dp.ct_insert_new(rest)?;
+        let (n, existing) = ct.insert_new(rest)?;
         st.applied += n as u64;
         match existing {
             None => break,
             Some(i) => {
                 let (k, v) = rest[i];
-                match merge(dp.ct_get(&k)?.as_ref(), &v, local_node) {
+                match merge(ct.get(&k)?.as_ref(), &v, local_node) {
                     Merge::Store(m) => {
-                        dp.ct_insert_batch(&[(k, m)])?;
+                        ct.insert_batch(&[(k, m)])?;
                         st.applied += 1;
                     }
                     Merge::Keep => st.unchanged += 1,

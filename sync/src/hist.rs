@@ -56,7 +56,14 @@ impl Histogram {
         }
     }
 
-    /// Quantile (0..=1) of the recorded samples (first 100k), if any.
+    /// Forget the samples kept for quantiles (the buckets stay): a bench
+    /// measures one load step after another.
+    pub fn reset_samples(&self) {
+        self.samples.lock().expect("histogram lock").clear();
+    }
+
+    /// Quantile (0..=1) of the recorded samples (the first million since
+    /// the start or the last reset), if any.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let mut v = self.samples.lock().expect("histogram lock").clone();
         if v.is_empty() {

@@ -19,6 +19,7 @@ pub mod apply;
 pub mod convert;
 pub mod hist;
 pub mod merge;
+pub mod refresh;
 pub mod service;
 pub mod session;
 pub mod tls;

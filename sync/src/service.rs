@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Result};
-use datapath_ebpf::{abi::FlowEvent, Datapath};
+use datapath_ebpf::{abi::FlowEvent, conntrack::Conntrack, Datapath};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -78,8 +78,8 @@ impl Default for SyncSection {
             max_batch: 256,
             batch_delay_us: 200,
             max_unacked_entries: 1 << 18,
-            refresh_interval_s: 10,
-            expire_interval_s: 10,
+            refresh_interval_s: 60,
+            expire_interval_s: 60,
         }
     }
 }
@@ -112,8 +112,13 @@ pub struct SyncMetrics {
     /// Inbound sessions refused (not a member, wrong origin, bad message).
     pub refused: AtomicU64,
     pub snapshot_entries: AtomicU64,
+    /// Bytes of snapshots served to peers (warm joins, resyncs).
+    pub snapshot_bytes_sent: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Entries received in peers' refresh rounds.
     pub refreshed: AtomicU64,
+    /// Own entries queued in refresh rounds (to every peer).
+    pub refresh_sent: AtomicU64,
     pub expired: AtomicU64,
 }
 
@@ -140,6 +145,17 @@ pub struct PeerStatus {
     pub queued: u64,
 }
 
+/// What a refresh round did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefreshReport {
+    /// Entries in the map.
+    pub scanned: usize,
+    /// Own entries queued to every peer.
+    pub sent: usize,
+    /// Every live entry (after ring loss, or asked), not one slot's.
+    pub full: bool,
+}
+
 enum PeerCmd {
     Entries(Arc<Vec<WireEntry>>),
     Refresh(Arc<Vec<WireEntry>>),
@@ -151,11 +167,14 @@ pub struct SyncService {
     clock: Clock,
     cfg: SyncSection,
     dp: Arc<Mutex<Datapath>>,
+    /// The conntrack map without the datapath's lock.
+    ct: Arc<Conntrack>,
     transport: Arc<Transport>,
     members: Arc<dyn Membership>,
     peers: Mutex<HashMap<u64, mpsc::Sender<PeerCmd>>>,
     inbox: tokio::sync::Mutex<Inbox>,
     resyncing: Mutex<std::collections::HashSet<u64>>,
+    refresher: Mutex<crate::refresh::Refresher>,
     pub metrics: SyncMetrics,
     ready: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -170,7 +189,17 @@ impl SyncService {
         transport: Arc<Transport>,
         members: Arc<dyn Membership>,
     ) -> Result<Arc<Self>> {
-        let events = dp.lock().expect("dp").take_flow_events()?;
+        let (events, refresher, ct) = {
+            let mut d = dp.lock().expect("dp");
+            let o = d.options().clone();
+            let refresher = crate::refresh::Refresher::new(
+                Duration::from_secs(cfg.refresh_interval_s.max(1)),
+                o.tcp_idle_timeout,
+                o.udp_idle_timeout,
+                datapath_ebpf::loader::monotonic_now().as_nanos() as u64,
+            );
+            (d.take_flow_events()?, refresher, d.conntrack())
+        };
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -182,11 +211,13 @@ impl SyncService {
             clock: Clock::now(),
             cfg,
             dp,
+            ct,
             transport: transport.clone(),
             members,
             peers: Mutex::new(HashMap::new()),
             inbox: tokio::sync::Mutex::new(Inbox::new(InboxConfig::default())),
             resyncing: Mutex::new(Default::default()),
+            refresher: Mutex::new(refresher),
             metrics: SyncMetrics::default(),
             ready: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -314,9 +345,17 @@ impl SyncService {
                 warn!(error = %e, "ring buffer consumer stopped");
                 return;
             }
+            let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
             let entries: Arc<Vec<WireEntry>> = Arc::new(
                 buf.iter()
-                    .map(|ev| to_wire(&ev.key, &ev.val(), &self.clock))
+                    .map(|ev| {
+                        let mut v = ev.val();
+                        // A closing event: the flow saw its FIN/RST just now.
+                        if ev.flags & datapath_ebpf::abi::CT_F_CLOSING != 0 {
+                            v.last_seen_ns = now.max(v.created_ns);
+                        }
+                        to_wire(&ev.key, &v, &self.clock)
+                    })
                     .collect(),
             );
             self.broadcast(|| PeerCmd::Entries(entries.clone()));
@@ -549,11 +588,9 @@ impl SyncService {
             return Ok(());
         }
         let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
-        let dp = self.dp.clone();
+        let ct = self.ct.clone();
         let me = self.node_id as u16;
-        let st =
-            tokio::task::spawn_blocking(move || apply_remote(&dp.lock().expect("dp"), &kv, me))
-                .await??;
+        let st = tokio::task::spawn_blocking(move || apply_remote(&ct, &kv, me)).await??;
         let stats = self.peer_stats(peer);
         stats.applied.fetch_add(st.applied, Ordering::Relaxed);
         stats.rejected.fetch_add(st.rejected, Ordering::Relaxed);
@@ -577,8 +614,8 @@ impl SyncService {
             let _ = send.reset(1u32.into());
             bail!("snapshot refused to non-member {peer}");
         }
-        let dp = self.dp.clone();
-        let all = tokio::task::spawn_blocking(move || dp.lock().expect("dp").ct_dump()).await??;
+        let ct = self.ct.clone();
+        let all = tokio::task::spawn_blocking(move || ct.dump()).await??;
         let n = all.len();
         let mut chunks = all.chunks(SNAPSHOT_CHUNK).peekable();
         if chunks.peek().is_none() {
@@ -591,8 +628,11 @@ impl SyncService {
         while let Some(c) = chunks.next() {
             let entries = c.iter().map(|(k, v)| to_wire(k, v, &self.clock)).collect();
             let last = chunks.peek().is_none();
-            send.write_all(&frame(&Msg::SnapshotChunk { entries, last }))
-                .await?;
+            let f = frame(&Msg::SnapshotChunk { entries, last });
+            self.metrics
+                .snapshot_bytes_sent
+                .fetch_add(f.len() as u64, Ordering::Relaxed);
+            send.write_all(&f).await?;
         }
         send.finish()?;
         info!(peer, entries = n, "served a conntrack snapshot");
@@ -622,10 +662,9 @@ impl SyncService {
                 };
                 total += entries.len() as u64;
                 let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
-                let dp = self.dp.clone();
+                let ct = self.ct.clone();
                 let me = self.node_id as u16;
-                tokio::task::spawn_blocking(move || apply_remote(&dp.lock().expect("dp"), &kv, me))
-                    .await??;
+                tokio::task::spawn_blocking(move || apply_remote(&ct, &kv, me)).await??;
                 self.metrics
                     .snapshot_entries
                     .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -687,42 +726,91 @@ impl SyncService {
         info!(node = self.node_id, "replication ready");
     }
 
-    /// Re-send our own entries that saw traffic since the last round.
+    /// Re-send our own live entries so that peers' copies stay fresh
+    /// (which ones each round: [`crate::refresh`]). A round runs every
+    /// `refresh_interval_s`, and within a second (full) when entries were
+    /// lost since the last round: ring-buffer events the datapath could
+    /// not record, or entries dropped at a peer's full queue.
     async fn refresh_task(self: Arc<Self>) {
         let every = Duration::from_secs(self.cfg.refresh_interval_s.max(1));
-        let mut mark = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        let check = every.min(Duration::from_secs(1));
+        let mut last = Instant::now();
+        let mut lost_seen = self.ring_lost();
         loop {
-            tokio::time::sleep(every).await;
-            let start = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
-            let dp = self.dp.clone();
-            let me = self.node_id as u16;
-            let Ok(Ok(all)) =
-                tokio::task::spawn_blocking(move || dp.lock().expect("dp").ct_dump()).await
-            else {
+            tokio::time::sleep(check).await;
+            let lost = self.ring_lost();
+            if lost <= lost_seen && last.elapsed() < every {
                 continue;
-            };
-            let live: Arc<Vec<WireEntry>> = Arc::new(
-                all.iter()
-                    .filter(|(_, v)| v.origin == me && v.last_seen_ns >= mark)
-                    .map(|(k, v)| to_wire(k, v, &self.clock))
-                    .collect(),
-            );
-            mark = start;
-            if !live.is_empty() {
-                self.broadcast(|| PeerCmd::Refresh(live.clone()));
+            }
+            lost_seen = lost;
+            last = Instant::now();
+            if let Err(e) = self.refresh_round(false).await {
+                warn!(error = %e, "refresh round failed");
             }
         }
+    }
+
+    /// Entries lost before they reached a peer: ring-buffer events the
+    /// datapath could not record, and entries dropped at a full peer queue.
+    fn ring_lost(&self) -> u64 {
+        let ring = self
+            .dp
+            .lock()
+            .expect("dp")
+            .stats()
+            .map(|s| s.c[datapath_ebpf::abi::stat::RING_LOST])
+            .unwrap_or(0);
+        let dropped: u64 = self
+            .metrics
+            .peers
+            .lock()
+            .expect("peers")
+            .values()
+            .map(|p| p.dropped.load(Ordering::Relaxed))
+            .sum();
+        ring + dropped
+    }
+
+    /// One refresh round now; `full`: every own entry with traffic since
+    /// the last round, not only this round's slot (the bench measures
+    /// both). Returns what was sent.
+    pub async fn refresh_round(&self, full: bool) -> Result<RefreshReport> {
+        let me = self.node_id as u16;
+        let start = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        let lost = self.ring_lost();
+        let ct = self.ct.clone();
+        let all = tokio::task::spawn_blocking(move || ct.dump()).await??;
+        let plan = self
+            .refresher
+            .lock()
+            .expect("refresher")
+            .plan(start, lost, full);
+        let live: Arc<Vec<WireEntry>> = Arc::new(
+            all.iter()
+                .filter(|(k, v)| plan.wants(k, v, me))
+                .map(|(k, v)| to_wire(k, v, &self.clock))
+                .collect(),
+        );
+        if !live.is_empty() {
+            self.broadcast(|| PeerCmd::Refresh(live.clone()));
+        }
+        self.metrics
+            .refresh_sent
+            .fetch_add(live.len() as u64, Ordering::Relaxed);
+        Ok(RefreshReport {
+            scanned: all.len(),
+            sent: live.len(),
+            full: plan.full,
+        })
     }
 
     async fn expire_task(self: Arc<Self>) {
         let every = Duration::from_secs(self.cfg.expire_interval_s.max(1));
         loop {
             tokio::time::sleep(every).await;
-            let dp = self.dp.clone();
+            let ct = self.ct.clone();
             let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
-            if let Ok(Ok(n)) =
-                tokio::task::spawn_blocking(move || dp.lock().expect("dp").ct_expire(now)).await
-            {
+            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || ct.expire(now)).await {
                 self.metrics.expired.fetch_add(n as u64, Ordering::Relaxed);
             }
         }

@@ -183,6 +183,18 @@ pub fn render_metrics(node: &Node) -> String {
             m.resyncs.load(Ordering::Relaxed),
         );
         w.counter(
+            "holdfast_sync_refresh_sent_total",
+            "Own live entries re-sent to every peer in refresh rounds",
+            &[],
+            m.refresh_sent.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_sync_refresh_received_total",
+            "Entries received in peers' refresh rounds",
+            &[],
+            m.refreshed.load(Ordering::Relaxed),
+        );
+        w.counter(
             "holdfast_sync_expired_total",
             "Idle conntrack entries expired",
             &[],

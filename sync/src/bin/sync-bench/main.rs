@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! cargo run --release -p sync --bin sync-bench [-- --json] [--rate N] [--secs S] [--burst N]
+//! cargo run --release -p sync --bin sync-bench -- --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
 //! ```
+//! `--scale` is the million-flow bench (warm join, refresh, the rate curve
+//! to 4 peers): see `scale.rs`.
 //! Root. Each node is a datapath (the XDP program with its maps, not
 //! attached) plus the replication service on its own QUIC endpoint. New flows
 //! are created by running SYN frames through a node's program
@@ -22,6 +25,7 @@
 //! created at `--rate` (one node's phase-1 load); see `conntrackd.rs`.
 
 mod conntrackd;
+mod scale;
 
 use std::{
     collections::HashMap,
@@ -123,10 +127,71 @@ fn applied(n: &BenchNode) -> u64 {
     n.svc.applied_total()
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+const USAGE: &str = "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N]
+       sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]";
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("sync-bench loads BPF programs: run as root");
+    }
+    if argv.iter().any(|a| a == "--scale") {
+        return scale::run(scale_args(&argv)?);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(bench(argv))
+}
+
+fn scale_args(argv: &[String]) -> Result<scale::Args> {
+    let mut a = scale::Args {
+        entries: 1_000_000,
+        rates: vec![25_000, 50_000, 100_000, 150_000, 200_000, 300_000],
+        secs: 3,
+        json: false,
+    };
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        let mut val = |n: &str| {
+            it.next()
+                .with_context(|| format!("{n} needs a value"))
+                .map(String::as_str)
+        };
+        match arg.as_str() {
+            "--scale" => {}
+            "--json" => a.json = true,
+            "--entries" => {
+                a.entries = val("--entries")?
+                    .parse()
+                    .context("--entries needs a number")?
+            }
+            "--secs" => a.secs = val("--secs")?.parse().context("--secs needs a number")?,
+            "--rates" => {
+                a.rates = val("--rates")?
+                    .split(',')
+                    .map(|r| r.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .context("--rates needs numbers separated by commas")?
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if a.entries == 0 || a.secs == 0 || a.rates.contains(&0) {
+        bail!("--entries, --secs and every rate must be above 0");
+    }
+    Ok(a)
+}
+
+async fn bench(argv: Vec<String>) -> Result<()> {
     let (mut json, mut rate, mut secs, mut burst) = (false, 20_000u32, 5u64, 300_000u32);
-    let mut args = std::env::args().skip(1);
+    let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         let mut num = |n: &str| -> Result<u64> {
             args.next()
@@ -139,16 +204,8 @@ async fn main() -> Result<()> {
             "--rate" => rate = num("--rate")? as u32,
             "--secs" => secs = num("--secs")?,
             "--burst" => burst = num("--burst")? as u32,
-            "-h" | "--help" => {
-                println!("usage: sync-bench [--json] [--rate N] [--secs S] [--burst N]");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other:?} (--json --rate N --secs S --burst N)"),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("sync-bench loads BPF programs: run as root");
     }
     tls::install_crypto_provider();
     let dir = std::env::temp_dir().join(format!("hf-sync-bench-{}", std::process::id()));
