@@ -1200,6 +1200,7 @@ fn put_service(name: &str, vip: &str, proto: Proto, port: u16) -> Command {
             proto,
             table_size: 1021,
             mode: ForwardingMode::Dsr,
+            health_check: None,
         },
     }
 }

@@ -108,6 +108,9 @@ pub struct SeedService {
     /// Backend addresses (DSR: they receive VIP:port unchanged).
     #[serde(default)]
     pub backends: Vec<std::net::IpAddr>,
+    /// `[service.health_check]`: active health check of the backends.
+    #[serde(default)]
+    pub health_check: Option<raft_store::cluster::HealthCheck>,
 }
 
 fn default_seed_table() -> u32 {
@@ -131,6 +134,7 @@ impl NodeConfig {
                     proto: s.proto,
                     table_size: s.table_size,
                     mode: ForwardingMode::Dsr,
+                    health_check: s.health_check.clone(),
                 },
             });
             for b in &s.backends {

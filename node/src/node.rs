@@ -17,7 +17,7 @@ use datapath_ebpf::{
 };
 use openraft::{error::ClientWriteError, BasicNode, ChangeMembers, ServerState};
 use raft_store::{
-    cluster::{BackendState, ClusterState, Member, Proto},
+    cluster::{BackendState, ClusterState, Health, Member, OnDown, Proto},
     types::Raft,
     Command, Request, Response, StateMachineStore,
 };
@@ -128,32 +128,58 @@ pub struct Node {
 }
 
 /// Map the replicated config to what the datapath is programmed with.
+///
+/// A backend the tier marked down gets no new flows: it is programmed as
+/// draining (its flows keep their entries: `on_down = keep`) or left out
+/// (its flows re-pick on their next packet: `repick`). When every active
+/// backend of a service is down the service is in panic and all of them
+/// stay in ([`ClusterState::health_panic`]).
 pub fn to_datapath(state: &ClusterState) -> DatapathConfig {
     DatapathConfig {
         epoch: state.epoch,
         services: state
             .services
             .values()
-            .map(|s| ServiceSpec {
-                vip: s.vip,
-                port: s.port,
-                proto: match s.proto {
-                    Proto::Tcp => DpProto::Tcp,
-                    Proto::Udp => DpProto::Udp,
-                },
-                table_size: s.table_size,
-                backends: state
+            .map(|s| {
+                let on_down = s
+                    .health_check
+                    .as_ref()
+                    .map(|c| c.on_down(s.proto == Proto::Udp));
+                // Every active backend down: all of them stay in (fail
+                // open); `Failing` backends (the last healthy set) are
+                // in service anyway.
+                let mut active = state
                     .backends_of(&s.name)
-                    .map(|b| BackendSpec {
-                        id: b.id,
-                        addr: b.addr,
-                        weight: b.weight,
-                        state: match b.state {
-                            BackendState::Active => DpState::Active,
-                            BackendState::Draining => DpState::Draining,
-                        },
-                    })
-                    .collect(),
+                    .filter(|b| b.state == BackendState::Active)
+                    .peekable();
+                let fail_open = active.peek().is_some() && active.all(|b| b.health == Health::Down);
+                ServiceSpec {
+                    vip: s.vip,
+                    port: s.port,
+                    proto: match s.proto {
+                        Proto::Tcp => DpProto::Tcp,
+                        Proto::Udp => DpProto::Udp,
+                    },
+                    table_size: s.table_size,
+                    backends: state
+                        .backends_of(&s.name)
+                        .filter_map(|b| {
+                            let down = b.health == Health::Down && !fail_open;
+                            if down && on_down == Some(OnDown::Repick) {
+                                return None;
+                            }
+                            Some(BackendSpec {
+                                id: b.id,
+                                addr: b.addr,
+                                weight: b.weight,
+                                state: match b.state {
+                                    BackendState::Active if !down => DpState::Active,
+                                    _ => DpState::Draining,
+                                },
+                            })
+                        })
+                        .collect(),
+                }
             })
             .collect(),
     }

@@ -598,6 +598,7 @@ pub fn service(name: &str, vip: &str, port: u16) -> Command {
             proto: Proto::Tcp,
             table_size: 251,
             mode: ForwardingMode::Dsr,
+            health_check: None,
         },
     }
 }

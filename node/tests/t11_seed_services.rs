@@ -16,6 +16,7 @@ async fn t11_seed_services_from_the_config_file() {
         proto: raft_store::cluster::Proto::Udp,
         table_size: 251,
         backends: vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()],
+        health_check: None,
     }];
     let mut c =
         Cluster::start_seeded(3, Default::default(), false, Default::default(), 64, seed).await;

@@ -12,6 +12,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::health::{CheckKind, Health, HealthCheck, OnDown};
+
 /// Backend ids are allocated round-robin below this limit (the datapath's
 /// `max_backends` must be at least this), so a removed id is reused as late
 /// as possible.
@@ -63,6 +65,10 @@ pub struct Service {
     pub table_size: u32,
     #[serde(default)]
     pub mode: ForwardingMode,
+    /// Active health check of its backends (none: backends are taken as
+    /// healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
 }
 
 fn default_table_size() -> u32 {
@@ -78,6 +84,9 @@ pub struct Backend {
     pub port: u16,
     pub weight: u32,
     pub state: BackendState,
+    /// As the tier agreed on it (only services with a health check).
+    #[serde(default)]
+    pub health: Health,
 }
 
 /// An LB node of the cluster.
@@ -165,6 +174,12 @@ pub enum Command {
     SetBackendWeight {
         id: u32,
         weight: u32,
+    },
+    /// The tier's verdict on a backend (committed by the leader from the
+    /// nodes' check reports).
+    SetBackendHealth {
+        id: u32,
+        health: Health,
     },
     PutMember {
         member: Member,
@@ -428,6 +443,26 @@ impl ClusterState {
                 b.weight = *weight;
                 Ok(())
             }
+            Command::SetBackendHealth { id, health } => {
+                let b = self
+                    .backends
+                    .get(id)
+                    .ok_or_else(|| format!("no backend {id}"))?;
+                let checked = self
+                    .services
+                    .get(&b.service)
+                    .is_some_and(|s| s.health_check.is_some());
+                if !checked && *health != Health::Up {
+                    return Err(format!(
+                        "backend {id}: service {} has no health check",
+                        b.service
+                    ));
+                }
+                if let Some(b) = self.backends.get_mut(id) {
+                    b.health = *health;
+                }
+                Ok(())
+            }
             Command::PutMember { member } => {
                 if member.raft_addr.parse::<std::net::SocketAddr>().is_err() {
                     return Err(format!(
@@ -535,6 +570,10 @@ impl ClusterState {
                 s.name
             ));
         }
+        if let Some(c) = &s.health_check {
+            c.validate(s.port)
+                .map_err(|e| format!("service {}: {e}", s.name))?;
+        }
         if mine.len() as u64 > u64::from(s.table_size) {
             return Err(format!(
                 "service {}: {} backends exceed table_size {}",
@@ -542,6 +581,12 @@ impl ClusterState {
                 mine.len(),
                 s.table_size
             ));
+        }
+        if s.health_check.is_none() {
+            // Without a check nothing marks a backend down or up again.
+            for b in self.backends.values_mut().filter(|b| b.service == s.name) {
+                b.health = Health::Up;
+            }
         }
         self.services.insert(s.name.clone(), s.clone());
         Ok(())
@@ -605,9 +650,43 @@ impl ClusterState {
                 port,
                 weight,
                 state: BackendState::Active,
+                health: Health::Up,
             },
         );
         Ok(id)
+    }
+
+    /// Why the service is in health panic, if it is: some of its backends
+    /// fail their checks but are kept because all of them do (the last
+    /// healthy set, `Failing`), or every active backend is marked down
+    /// (e.g. the healthy ones were drained or removed) and the datapath
+    /// sends to all of them rather than to none (fail open).
+    pub fn health_panic(&self, service: &str) -> Option<String> {
+        let mut active = 0;
+        let mut down = 0;
+        let mut failing = 0;
+        for b in self
+            .backends_of(service)
+            .filter(|b| b.state == BackendState::Active)
+        {
+            active += 1;
+            match b.health {
+                Health::Up => {}
+                Health::Down => down += 1,
+                Health::Failing => failing += 1,
+            }
+        }
+        if failing > 0 {
+            Some(format!(
+                "all backends fail their checks: keeping the last healthy set ({failing} backends)"
+            ))
+        } else if active > 0 && down == active {
+            Some(format!(
+                "all {active} active backends are down: sending to all of them (fail open)"
+            ))
+        } else {
+            None
+        }
     }
 
     /// Backends of a service, by id.
@@ -629,6 +708,7 @@ mod tests {
                 proto: Proto::Tcp,
                 table_size: 251,
                 mode: ForwardingMode::Dsr,
+                health_check: None,
             },
         }
     }
@@ -787,5 +867,52 @@ mod tests {
         v.as_object_mut().expect("object").remove("revoked");
         let old: ClusterState = serde_json::from_value(v).expect("old state loads");
         assert!(old.revoked.is_empty());
+    }
+
+    #[test]
+    fn health_needs_a_check_and_a_valid_one() {
+        let mut s = ClusterState::default();
+        s.apply(&svc("web", "10.200.0.1", 80));
+        s.apply(&add("web", "10.0.0.1", 80));
+        let down = Command::SetBackendHealth {
+            id: 0,
+            health: Health::Down,
+        };
+        let r = s.apply(&down);
+        assert!(
+            r.rejected.as_deref().unwrap_or("").contains("no health check"),
+            "{r:?}"
+        );
+        let mut with = match svc("web", "10.200.0.1", 80) {
+            Command::PutService { service } => service,
+            _ => unreachable!(),
+        };
+        with.health_check = Some(HealthCheck {
+            timeout_ms: 5000,
+            ..HealthCheck::new(CheckKind::Tcp)
+        });
+        let r = s.apply(&Command::PutService {
+            service: with.clone(),
+        });
+        let why = r.rejected.expect("timeout longer than interval");
+        assert!(why.contains("health_check.timeout_ms"), "{why}");
+        with.health_check = Some(HealthCheck::new(CheckKind::Tcp));
+        assert!(s
+            .apply(&Command::PutService {
+                service: with.clone()
+            })
+            .rejected
+            .is_none());
+        assert!(s.apply(&down).rejected.is_none());
+        assert_eq!(s.backends[&0].health, Health::Down);
+        // Taking the check away makes every backend healthy again.
+        with.health_check = None;
+        s.apply(&Command::PutService { service: with });
+        assert_eq!(s.backends[&0].health, Health::Up);
+        // A state written before health existed still loads.
+        let mut v = serde_json::to_value(&s).expect("json");
+        v["backends"]["0"].as_object_mut().expect("b").remove("health");
+        let old: ClusterState = serde_json::from_value(v).expect("old state loads");
+        assert_eq!(old.backends[&0].health, Health::Up);
     }
 }

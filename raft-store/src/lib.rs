@@ -4,6 +4,7 @@
 //! on tokio's blocking pool.
 
 pub mod cluster;
+pub mod health;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;

@@ -699,6 +699,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                             proto,
                             table_size: *table_size,
                             mode: ForwardingMode::Dsr,
+                            health_check: None,
                         },
                     },
                 )?;

@@ -18,7 +18,8 @@ use k8s_openapi::{
 };
 use raft_store::{
     cluster::{
-        cidr_contains, parse_cidr, BackendState, ForwardingMode, Proto, Service as HfService,
+        cidr_contains, parse_cidr, BackendState, ForwardingMode, HealthCheck, Proto,
+        Service as HfService,
     },
     ClusterState, Command,
 };
@@ -27,6 +28,10 @@ pub const OWNED_PREFIX: &str = "k8s:";
 /// Annotation requesting a VIP (like spec.loadBalancerIP, which is deprecated upstream).
 pub const VIP_ANNOTATION: &str = "holdfast.io/vip";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Annotation with the health check of the Service's backends, as JSON in
+/// the form of `[[service]]`'s `health_check` (e.g.
+/// `{"type":"http","path":"/healthz","interval_ms":1000}`).
+pub const HEALTH_CHECK_ANNOTATION: &str = "holdfast.io/health-check";
 
 #[derive(Clone, Debug)]
 pub struct PlanConfig {
@@ -383,6 +388,17 @@ pub fn plan(
     // Second pass: ports and backends.
     for (s, vips, is_lb) in vips_of {
         let (ns, name, uid) = ident(&s.metadata);
+        let check: Result<Option<HealthCheck>, String> = match s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HEALTH_CHECK_ANNOTATION))
+        {
+            None => Ok(None),
+            Some(v) => serde_json::from_str::<HealthCheck>(v)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        };
         let spec = s.spec.as_ref().expect("filtered above");
         let ports = spec.ports.clone().unwrap_or_default();
         let mut any = false;
@@ -471,13 +487,37 @@ pub fn plan(
                         }
                     }
                 }
+                let hf_name = owned_name(&ns, &name, port, proto, v6);
+                // A bad annotation keeps the check the service has (if
+                // any) and is reported; it never drops a working check.
+                let health_check = match check.clone().and_then(|c| match c {
+                    Some(c) => c.validate(port).map(|()| Some(c)),
+                    None => Ok(None),
+                }) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        out.notes.push(note(
+                            "Service",
+                            &ns,
+                            &name,
+                            &uid,
+                            "InvalidHealthCheck",
+                            format!("annotation {HEALTH_CHECK_ANNOTATION}: {e}; the service keeps its current check"),
+                        ));
+                        state
+                            .services
+                            .get(&hf_name)
+                            .and_then(|s| s.health_check.clone())
+                    }
+                };
                 let hf = HfService {
-                    name: owned_name(&ns, &name, port, proto, v6),
+                    name: hf_name,
                     vip: *vip,
                     port,
                     proto,
                     table_size: cfg.table_size,
                     mode: ForwardingMode::Dsr,
+                    health_check,
                 };
                 want.insert(
                     hf.name.clone(),
@@ -694,6 +734,7 @@ mod tests {
                 proto: Proto::Tcp,
                 table_size: 251,
                 mode: ForwardingMode::Dsr,
+                health_check: None,
             },
         });
         assert!(r.rejected.is_none());
