@@ -12,6 +12,7 @@ pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod decap_agent;
+pub mod health;
 pub mod k8s;
 pub mod metrics;
 pub mod node;

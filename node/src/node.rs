@@ -113,6 +113,8 @@ pub struct Node {
     /// [`HEALTH_EVERY`]: the interface is up with carrier, and forwarding
     /// is not failing for lack of routes to the backends.
     pub health_error: Mutex<Option<String>>,
+    /// Backend health checks: this node's views, the leader's tally.
+    pub health: crate::health::HealthState,
     /// VIP routes announced over BGP right now.
     pub bgp_announced: AtomicBool,
     /// Conntrack replication (datapath and `sync.enabled`).
@@ -336,6 +338,7 @@ impl Node {
             bgp_announced: AtomicBool::new(false),
             conntrack_entries: AtomicU64::new(0),
             health_error: Mutex::new(None),
+            health: Default::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx: tokio::sync::watch::channel(false).0,
             credentials,
@@ -389,6 +392,10 @@ impl Node {
             let k = tokio::spawn(crate::k8s::leader_loop(node.clone()));
             node.tasks.lock().expect("tasks").push(k);
         }
+        node.tasks
+            .lock()
+            .expect("tasks")
+            .extend(crate::health::spawn(&node));
         let reg = tokio::spawn(node.clone().register_loop());
         node.tasks.lock().expect("tasks").push(reg);
         let rev = tokio::spawn(node.clone().revocation_loop());
@@ -440,6 +447,11 @@ impl Node {
             }
         }
         error!("seed services: no leader within 60 s");
+    }
+
+    /// Turns true when the node shuts down.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
     }
 
     pub fn id(&self) -> u64 {

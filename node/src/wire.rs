@@ -46,6 +46,8 @@ pub const ENDPOINTS: &[Endpoint] = &[
     Endpoint { method: "POST", path: "/cluster/join", write: true, needs: "admin, or node N joining as N", listener: Listener::Admin },
     Endpoint { method: "POST", path: "/cluster/remove", write: true, needs: "admin, or node N removing itself", listener: Listener::Admin },
     Endpoint { method: "POST", path: "/drain", write: true, needs: "operator, or this node itself", listener: Listener::Admin },
+    Endpoint { method: "GET", path: "/health", write: false, needs: "viewer (answered by the leader)", listener: Listener::Admin },
+    Endpoint { method: "POST", path: "/health/report", write: true, needs: "node N reporting as N", listener: Listener::Admin },
 ];
 
 /// An error body of the admin API.
@@ -145,4 +147,71 @@ pub struct RemoveRequest {
 pub struct CtQuery {
     pub vip: Option<std::net::IpAddr>,
     pub limit: Option<usize>,
+}
+
+/// One node's view of one checked backend (its own checks, after rise/fall).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendView {
+    pub backend_id: u32,
+    pub service: String,
+    pub addr: std::net::IpAddr,
+    /// The port checked.
+    pub port: u16,
+    /// Passing, as far as this node is concerned.
+    pub up: bool,
+    /// The last check's outcome ("connected", "HTTP 503, expected 200", ...).
+    pub detail: String,
+    /// The last check's duration.
+    pub latency_ms: f64,
+    /// Checks run since this node started checking the backend.
+    pub checks: u64,
+    /// Up/down transitions of this node's view.
+    pub transitions: u64,
+}
+
+/// Body of `POST /health/report`: a node's views, sent to the leader every
+/// second and at once when one changes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    pub node_id: u64,
+    pub views: Vec<BackendView>,
+}
+
+/// A node's view in `GET /health`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeView {
+    pub node_id: u64,
+    pub up: bool,
+    pub detail: String,
+    pub latency_ms: f64,
+    /// Age of the report it came in (the leader counts reports younger
+    /// than 3 check intervals, at least 3 s).
+    pub age_ms: u64,
+    pub fresh: bool,
+}
+
+/// A row of `GET /health` (served by the leader): the tier's verdict on a
+/// checked backend and every node's view.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HealthRow {
+    pub backend_id: u32,
+    pub service: String,
+    pub addr: std::net::IpAddr,
+    /// up, down or failing (kept: all of the service's backends fail).
+    pub health: raft_store::cluster::Health,
+    pub views: Vec<NodeView>,
+    /// Nodes whose view differs from the verdict.
+    pub disagree: Vec<u64>,
+}
+
+/// `GET /health`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HealthTable {
+    /// The leader that answered.
+    pub leader: u64,
+    pub backends: Vec<HealthRow>,
+    /// Services in health panic, with why.
+    pub panic: BTreeMap<String, String>,
 }

@@ -37,7 +37,8 @@ use crate::{
     client::ClientError,
     node::{Node, WriteError},
     wire::{
-        ApiError, CtQuery, DrainRequest, LocalStatus, MemberRow, RemoveRequest, ON_BEHALF_HEADER,
+        ApiError, CtQuery, DrainRequest, HealthReport, HealthTable, LocalStatus, MemberRow,
+        RemoveRequest, ON_BEHALF_HEADER,
     },
 };
 
@@ -160,6 +161,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/drain", post(drain))
         .route("/ready", get(ready))
         .route("/conntrack", get(conntrack))
+        .route("/health", get(health))
+        .route("/health/report", post(health_report))
         .layer(axum::middleware::from_fn_with_state(
             (node.clone(), limits),
             bound_body,
@@ -647,4 +650,80 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
         .await
         .unwrap_or_default();
     ([("content-type", "text/plain; version=0.0.4")], text)
+}
+
+/// Most backend views one health report may carry.
+pub const MAX_REPORT_VIEWS: usize = 65_536;
+
+/// A node's health-check views, for the leader's tally.
+async fn health_report(
+    State(node): State<Arc<Node>>,
+    Extension(call): Extension<CallInfo>,
+    body: Result<Json<HealthReport>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let Json(report) = body?;
+    if call.caller != Caller::Node(report.node_id) || call.forwarded {
+        return Err(refuse(
+            &node,
+            Some(call.peer),
+            Refusal::Forbidden {
+                caller: call.caller.to_string(),
+                why: format!(
+                    "health reports of node {} come from that node itself",
+                    report.node_id
+                ),
+            },
+        ));
+    }
+    if report.views.len() > MAX_REPORT_VIEWS {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "{} views in one report; at most {MAX_REPORT_VIEWS}",
+                report.views.len()
+            ),
+        ));
+    }
+    if node.role() != "leader" {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "health reports go to the leader; this node is not",
+        ));
+    }
+    node.health.record(report);
+    Ok(Json(serde_json::json!({"recorded": true})))
+}
+
+/// The tier's verdict on every checked backend with each node's view
+/// (the leader holds the views; elsewhere the call is forwarded to it).
+async fn health(
+    State(node): State<Arc<Node>>,
+    Extension(call): Extension<CallInfo>,
+) -> Result<Json<HealthTable>, ApiErr> {
+    if node.role() == "leader" {
+        let state = node.sm.current().state.clone();
+        return Ok(Json(node.health.table(node.id(), &state)));
+    }
+    if call.forwarded {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "forwarded to a node that is not the leader; retry",
+        ));
+    }
+    let Some((leader, admin)) = node.leader().filter(|(_, a)| !a.is_empty()) else {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no leader is known; retry",
+        ));
+    };
+    let client = node.client().for_node(leader).on_behalf_of(&call.caller);
+    Ok(Json(
+        client
+            .get_async::<HealthTable>(&admin, "/health", Duration::from_secs(3))
+            .await?,
+    ))
 }

@@ -295,6 +295,10 @@ pub fn render_metrics(node: &Node) -> String {
             }
         }
     }
+    {
+        let mut w = Writer(&mut out);
+        node.health.render(&mut w, &node.sm.current().state);
+    }
     out
 }
 

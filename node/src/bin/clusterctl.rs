@@ -16,10 +16,13 @@ use node::{
     auth::Role,
     client::{Client, ClientError},
     tls,
-    wire::{LocalStatus, MemberRow, RemoveRequest},
+    wire::{HealthTable, LocalStatus, MemberRow, NodeView, RemoveRequest},
 };
 use raft_store::{
-    cluster::{BackendState, ForwardingMode, Member, Proto, Revocation, Service},
+    cluster::{
+        BackendState, CheckKind, ForwardingMode, HealthCheck, Member, OnDown, Proto, Revocation,
+        Service,
+    },
     ClusterState, Command, Request, Response,
 };
 use rustls::pki_types::pem::PemObject;
@@ -152,10 +155,117 @@ enum SvcCmd {
         proto: String,
         #[arg(long, default_value_t = 65537)]
         table_size: u32,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     Remove {
         name: String,
     },
+    /// Set (or with --none remove) the health check of a service.
+    Check {
+        name: String,
+        #[command(flatten)]
+        check: CheckArgs,
+        /// Remove the service's check (every backend counts as healthy).
+        #[arg(long, conflicts_with = "check_type")]
+        none: bool,
+    },
+}
+
+/// A health check on the command line (`--check TYPE` and its settings;
+/// the defaults are those of `[service.health_check]`).
+#[derive(clap::Args, Clone, Default)]
+struct CheckArgs {
+    /// Check type: tcp, http, https, udp or dns.
+    #[arg(long = "check", id = "check_type", value_parser = parse_kind)]
+    kind: Option<CheckKind>,
+    /// Port checked on the backend (default: the backend's port).
+    #[arg(long)]
+    check_port: Option<u16>,
+    #[arg(long, default_value_t = raft_store::health::DEFAULT_INTERVAL_MS)]
+    check_interval_ms: u32,
+    #[arg(long, default_value_t = raft_store::health::DEFAULT_TIMEOUT_MS)]
+    check_timeout_ms: u32,
+    /// Consecutive passes before a node sees a down backend up.
+    #[arg(long, default_value_t = raft_store::health::DEFAULT_RISE)]
+    check_rise: u32,
+    /// Consecutive failures before a node sees an up backend down.
+    #[arg(long, default_value_t = raft_store::health::DEFAULT_FALL)]
+    check_fall: u32,
+    /// A backend marked down stays down at least this long.
+    #[arg(long, default_value_t = raft_store::health::DEFAULT_HOLD_DOWN_MS)]
+    check_hold_down_ms: u32,
+    /// http/https: request path.
+    #[arg(long)]
+    check_path: Option<String>,
+    /// http/https: Host header.
+    #[arg(long)]
+    check_host: Option<String>,
+    /// http/https: the status that passes (default 200).
+    #[arg(long)]
+    check_status: Option<u16>,
+    /// udp: the datagram sent.
+    #[arg(long)]
+    check_send: Option<String>,
+    /// udp: the answer must start with this.
+    #[arg(long)]
+    check_expect: Option<String>,
+    /// dns: the name queried (type A).
+    #[arg(long)]
+    check_query: Option<String>,
+    /// Established flows of a backend marked down: keep or repick
+    /// (default: keep for TCP, repick for UDP).
+    #[arg(long, value_parser = parse_on_down)]
+    on_down: Option<OnDown>,
+}
+
+fn parse_kind(s: &str) -> Result<CheckKind, String> {
+    s.parse()
+}
+
+fn parse_on_down(s: &str) -> Result<OnDown, String> {
+    s.parse()
+}
+
+impl CheckArgs {
+    /// The check, validated for a service on `port` (the message names the
+    /// field at fault); None without --check.
+    fn build(&self, port: u16) -> Result<Option<HealthCheck>, Failure> {
+        let Some(kind) = self.kind else {
+            let stray = [
+                ("--check-path", self.check_path.is_some()),
+                ("--check-host", self.check_host.is_some()),
+                ("--check-status", self.check_status.is_some()),
+                ("--check-send", self.check_send.is_some()),
+                ("--check-expect", self.check_expect.is_some()),
+                ("--check-query", self.check_query.is_some()),
+                ("--check-port", self.check_port.is_some()),
+                ("--on-down", self.on_down.is_some()),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(Failure::Usage(format!("{flag} needs --check TYPE")));
+            }
+            return Ok(None);
+        };
+        let c = HealthCheck {
+            kind,
+            port: self.check_port,
+            interval_ms: self.check_interval_ms,
+            timeout_ms: self.check_timeout_ms,
+            rise: self.check_rise,
+            fall: self.check_fall,
+            hold_down_ms: self.check_hold_down_ms,
+            path: self.check_path.clone(),
+            host: self.check_host.clone(),
+            expect_status: self.check_status,
+            send: self.check_send.clone(),
+            expect: self.check_expect.clone(),
+            query: self.check_query.clone(),
+            on_down: self.on_down,
+        };
+        c.validate(port).map_err(Failure::Usage)?;
+        Ok(Some(c))
+    }
 }
 
 #[derive(Subcommand)]
@@ -336,6 +446,8 @@ fn read_config(p: &std::path::Path) -> anyhow::Result<FileConfig> {
 
 enum Failure {
     Client(ClientError),
+    /// Bad arguments found after parsing (exit 2).
+    Usage(String),
     /// No usable credentials (exit 7).
     Auth(String),
     Other(anyhow::Error),
@@ -394,6 +506,40 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         s += &line(r);
     }
     s
+}
+
+/// A row of `clusterctl backends`: the backend as configured, with each
+/// node's view of its checks.
+#[derive(Serialize)]
+struct BackendRow {
+    #[serde(flatten)]
+    backend: raft_store::cluster::Backend,
+    /// Its service has a health check.
+    checked: bool,
+    /// Each node's view (from the leader), empty without a check.
+    views: Vec<NodeView>,
+    /// Nodes whose fresh view differs from the tier's verdict.
+    disagree: Vec<u64>,
+}
+
+/// "1:up 2:down(connect refused) 3:up"; a stale view is marked "?".
+fn views_cell(r: &BackendRow) -> String {
+    if r.views.is_empty() {
+        return "-".into();
+    }
+    r.views
+        .iter()
+        .map(|v| {
+            let st = if v.up { "up" } else { "down" };
+            let stale = if v.fresh { "" } else { "?" };
+            if v.up {
+                format!("{}:{st}{stale}", v.node_id)
+            } else {
+                format!("{}:{st}{stale}({})", v.node_id, v.detail)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
@@ -661,7 +807,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 let list: Vec<&Service> = c.services.values().collect();
                 print(cli.output, &list, |list| {
                     table(
-                        &["NAME", "VIP", "PORT", "PROTO", "TABLE", "BACKENDS"],
+                        &["NAME", "VIP", "PORT", "PROTO", "TABLE", "BACKENDS", "CHECK"],
                         list.iter()
                             .map(|s| {
                                 vec![
@@ -671,6 +817,15 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                                     s.proto.to_string(),
                                     s.table_size.to_string(),
                                     c.backends_of(&s.name).count().to_string(),
+                                    s.health_check
+                                        .as_ref()
+                                        .map(|h| {
+                                            format!(
+                                                "{} every {} ms, rise {} fall {}",
+                                                h.kind, h.interval_ms, h.rise, h.fall
+                                            )
+                                        })
+                                        .unwrap_or_else(|| "-".into()),
                                 ]
                             })
                             .collect(),
@@ -683,7 +838,9 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 port,
                 proto,
                 table_size,
+                check,
             } => {
+                let health_check = check.build(*port)?;
                 let proto = match proto.to_ascii_lowercase().as_str() {
                     "tcp" => Proto::Tcp,
                     "udp" => Proto::Udp,
@@ -699,7 +856,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                             proto,
                             table_size: *table_size,
                             mode: ForwardingMode::Dsr,
-                            health_check: None,
+                            health_check,
                         },
                     },
                 )?;
@@ -709,20 +866,67 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 let r = command(&cx, Command::RemoveService { name: name.clone() })?;
                 applied(cli, r)
             }
+            SvcCmd::Check { name, check, none } => {
+                let c: ClusterState = cx.get("/config")?;
+                let mut svc = c
+                    .services
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| Failure::Usage(format!("no service {name:?}")))?;
+                svc.health_check = match (none, check.build(svc.port)?) {
+                    (true, _) => None,
+                    (false, Some(hc)) => Some(hc),
+                    (false, None) => {
+                        return Err(Failure::Usage(
+                            "give --check TYPE (and its settings) or --none".into(),
+                        ))
+                    }
+                };
+                applied(cli, command(&cx, Command::PutService { service: svc })?)
+            }
         },
         Cmd::Backends { cmd } => match cmd.as_ref().unwrap_or(&BeCmd::List { service: None }) {
             BeCmd::List { service } => {
                 let c: ClusterState = cx.get("/config")?;
-                let list: Vec<_> = c
+                let checked = c.services.values().any(|s| s.health_check.is_some());
+                // Each node's view lives on the leader (GET /health).
+                let (health, health_error) = if checked {
+                    match cx.get::<HealthTable>("/health") {
+                        Ok(t) => (Some(t), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    }
+                } else {
+                    (None, None)
+                };
+                let rows: Vec<BackendRow> = c
                     .backends
                     .values()
                     .filter(|b| service.as_ref().is_none_or(|s| &b.service == s))
+                    .map(|b| {
+                        let row = health
+                            .as_ref()
+                            .and_then(|t| t.backends.iter().find(|r| r.backend_id == b.id));
+                        let checked = c
+                            .services
+                            .get(&b.service)
+                            .is_some_and(|s| s.health_check.is_some());
+                        BackendRow {
+                            backend: b.clone(),
+                            checked,
+                            views: row.map(|r| r.views.clone()).unwrap_or_default(),
+                            disagree: row.map(|r| r.disagree.clone()).unwrap_or_default(),
+                        }
+                    })
                     .collect();
-                print(cli.output, &list, |list| {
-                    table(
-                        &["ID", "SERVICE", "ADDRESS", "PORT", "WEIGHT", "STATE"],
+                if let Some(e) = &health_error {
+                    eprintln!("clusterctl: the nodes' views are not shown: {e}");
+                }
+                print(cli.output, &rows, |list| {
+                    let mut t = table(
+                        &["ID", "SERVICE", "ADDRESS", "PORT", "WEIGHT", "STATE", "HEALTH", "VIEWS"],
                         list.iter()
-                            .map(|b| {
+                            .map(|r| {
+                                let b = &r.backend;
                                 vec![
                                     b.id.to_string(),
                                     b.service.clone(),
@@ -730,10 +934,22 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                                     b.port.to_string(),
                                     b.weight.to_string(),
                                     format!("{:?}", b.state).to_lowercase(),
+                                    if r.checked {
+                                        b.health.to_string()
+                                    } else {
+                                        "-".into()
+                                    },
+                                    views_cell(r),
                                 ]
                             })
                             .collect(),
-                    )
+                    );
+                    if let Some(h) = &health {
+                        for (svc, why) in &h.panic {
+                            t += &format!("ALERT {svc}: {why}\n");
+                        }
+                    }
+                    t
                 })
             }
             BeCmd::Add {
@@ -1036,6 +1252,10 @@ fn main() -> ExitCode {
         Err(Failure::Client(e)) => {
             eprintln!("clusterctl: {e}{}", hint(&e));
             ExitCode::from(e.exit_code() as u8)
+        }
+        Err(Failure::Usage(why)) => {
+            eprintln!("clusterctl: {why}");
+            ExitCode::from(2)
         }
         Err(Failure::Auth(why)) => {
             eprintln!("clusterctl: {why}");
