@@ -44,7 +44,9 @@ use node::{
     wire::{LocalStatus, MemberRow},
 };
 use raft_store::{
-    cluster::{BackendState, Command, ForwardingMode, Proto, Response, Service},
+    cluster::{
+        BackendState, CheckKind, Command, ForwardingMode, HealthCheck, Proto, Response, Service,
+    },
     ClusterState, Request,
 };
 
@@ -116,6 +118,8 @@ pub struct LabSpec {
     pub dir: PathBuf,
     /// The program that runs holdfast-node: `{exe} _node --config FILE`.
     pub exe: PathBuf,
+    /// Health checks on the services ([`lab_check`]).
+    pub health_checks: bool,
 }
 
 impl LabSpec {
@@ -129,7 +133,31 @@ impl LabSpec {
             conntrack_size: 65_536,
             dir,
             exe,
+            health_checks: false,
         }
+    }
+}
+
+/// The lab's health checks: every 500 ms, down after 2 failures, up after
+/// 2 passes, held down 1 s; TCP connect for the TCP services, a request
+/// answered `be{N} ...` for the UDP ones.
+pub fn lab_check(proto: Proto) -> HealthCheck {
+    let base = HealthCheck {
+        interval_ms: 500,
+        timeout_ms: 250,
+        rise: 2,
+        fall: 2,
+        hold_down_ms: 1000,
+        ..HealthCheck::new(CheckKind::Tcp)
+    };
+    match proto {
+        Proto::Tcp => base,
+        Proto::Udp => HealthCheck {
+            kind: CheckKind::Udp,
+            send: Some("health".into()),
+            expect: Some("be".into()),
+            ..base
+        },
     }
 }
 
@@ -244,11 +272,11 @@ impl LbNode {
 }
 
 struct Backend {
-    _servers: Servers,
-    _servers6: Servers,
+    /// The backend's servers (IPv4 and IPv6); None while stopped.
+    servers: Option<(Servers, Servers)>,
     /// `holdfast-decap` (as `{exe} _decap`), what a backend host runs.
     decap: Option<std::process::Child>,
-    _ns: NetNs,
+    ns: NetNs,
 }
 
 impl Drop for Backend {
@@ -464,11 +492,12 @@ impl Lab {
         lab.wait_status(1, "node 1 to lead", Duration::from_secs(20), |s| {
             s.leader == Some(1)
         })?;
+        let hc = lab.spec.health_checks;
         let mut cmds = vec![
-            put_service(TCP_SERVICE, VIP, Proto::Tcp, TCP_PORT),
-            put_service(UDP_SERVICE, VIP, Proto::Udp, UDP_PORT),
-            put_service(TCP_SERVICE6, VIP6, Proto::Tcp, TCP_PORT),
-            put_service(UDP_SERVICE6, VIP6, Proto::Udp, UDP_PORT),
+            put_service(TCP_SERVICE, VIP, Proto::Tcp, TCP_PORT, hc),
+            put_service(UDP_SERVICE, VIP, Proto::Udp, UDP_PORT, hc),
+            put_service(TCP_SERVICE6, VIP6, Proto::Tcp, TCP_PORT, hc),
+            put_service(UDP_SERVICE6, VIP6, Proto::Udp, UDP_PORT, hc),
         ];
         for j in 1..=spec.backends {
             cmds.extend(add_backend_cmds(j));
@@ -538,26 +567,53 @@ impl Lab {
             return Err(e);
         }
         let decap = Some(child);
-        let vip: IpAddr = VIP.parse()?;
-        let servers = Servers::start(
-            &be,
-            j,
-            SocketAddr::new(vip, TCP_PORT),
-            SocketAddr::new(vip, UDP_PORT),
-        )?;
-        let vip6: IpAddr = VIP6.parse()?;
-        let servers6 = Servers::start(
-            &be,
-            j,
-            SocketAddr::new(vip6, TCP_PORT),
-            SocketAddr::new(vip6, UDP_PORT),
-        )?;
+        let servers = Some(start_servers(&be, j)?);
         self.backends.push(Backend {
-            _servers: servers,
-            _servers6: servers6,
+            servers,
             decap,
-            _ns: be,
+            ns: be,
         });
+        Ok(())
+    }
+
+    /// Stop backend host `j`'s servers (as if its server process died;
+    /// the host, its addresses and decap agent stay).
+    pub fn stop_servers(&mut self, j: usize) -> Result<()> {
+        let be = self
+            .backends
+            .get_mut(j - 1)
+            .ok_or_else(|| anyhow!("no backend host {j}"))?;
+        be.servers.take();
+        Ok(())
+    }
+
+    /// Start backend host `j`'s servers again.
+    pub fn start_servers(&mut self, j: usize) -> Result<()> {
+        let be = self
+            .backends
+            .get_mut(j - 1)
+            .ok_or_else(|| anyhow!("no backend host {j}"))?;
+        if be.servers.is_none() {
+            be.servers = Some(start_servers(&be.ns, j)?);
+        }
+        Ok(())
+    }
+
+    /// Run `args` of `nft` in LB node `i`'s namespace.
+    pub fn nft(&self, i: usize, args: &str) -> Result<()> {
+        let out = self
+            .lb(i)
+            .ns
+            .command("nft")?
+            .args(args.split_whitespace())
+            .output()
+            .context("running nft (nftables must be installed: scripts/install-deps.sh)")?;
+        if !out.status.success() {
+            bail!(
+                "nft {args} in node {i}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         Ok(())
     }
 
@@ -865,6 +921,35 @@ impl Lab {
         Ok(self
             .router
             .run(move || api.get::<T>(&addr, &path, Duration::from_secs(3)))??)
+    }
+
+    /// Node `i`'s `/metrics` (plain listener), from the router's namespace.
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        let addr = metrics_addr(i);
+        self.router.run(move || -> Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })?
+    }
+
+    /// The value of metric `name` with all of `labels` on node `i`.
+    pub fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> Result<Option<f64>> {
+        let text = self.metrics(i)?;
+        Ok(text.lines().find_map(|l| {
+            let (key, v) = l.rsplit_once(' ')?;
+            let (n, rest) = key.split_once('{').unwrap_or((key, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, val)| rest.contains(&format!("{k}=\"{val}\""))))
+            .then(|| v.parse().ok())
+            .flatten()
+        }))
     }
 
     /// Drain (withdraw the VIPs of) node `i`, or undrain it.
@@ -1187,11 +1272,43 @@ impl Lab {
     }
 }
 
+/// Backend host `j`'s servers: the VIPs (for clients, DSR) and the host's
+/// own addresses (for health checks).
+fn start_servers(be: &NetNs, j: usize) -> Result<(Servers, Servers)> {
+    let vip: IpAddr = VIP.parse()?;
+    let vip6: IpAddr = VIP6.parse()?;
+    let v4 = Servers::start_on(
+        be,
+        j,
+        vec![
+            SocketAddr::new(vip, TCP_PORT),
+            SocketAddr::new(backend_addr(j), TCP_PORT),
+        ],
+        vec![
+            SocketAddr::new(vip, UDP_PORT),
+            SocketAddr::new(backend_addr(j), UDP_PORT),
+        ],
+    )?;
+    let v6 = Servers::start_on(
+        be,
+        j,
+        vec![
+            SocketAddr::new(vip6, TCP_PORT),
+            SocketAddr::new(backend_addr6(j), TCP_PORT),
+        ],
+        vec![
+            SocketAddr::new(vip6, UDP_PORT),
+            SocketAddr::new(backend_addr6(j), UDP_PORT),
+        ],
+    )?;
+    Ok((v4, v6))
+}
+
 /// The lab's four services (TCP and UDP, IPv4 and IPv6), all on every
 /// backend host.
 pub const SERVICES: [&str; 4] = [TCP_SERVICE, UDP_SERVICE, TCP_SERVICE6, UDP_SERVICE6];
 
-fn put_service(name: &str, vip: &str, proto: Proto, port: u16) -> Command {
+fn put_service(name: &str, vip: &str, proto: Proto, port: u16, checked: bool) -> Command {
     Command::PutService {
         service: Service {
             name: name.into(),
@@ -1200,7 +1317,7 @@ fn put_service(name: &str, vip: &str, proto: Proto, port: u16) -> Command {
             proto,
             table_size: 1021,
             mode: ForwardingMode::Dsr,
-            health_check: None,
+            health_check: checked.then(|| lab_check(proto)),
         },
     }
 }

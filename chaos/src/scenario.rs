@@ -11,6 +11,11 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use node::wire::HealthTable;
+use raft_store::{
+    cluster::{Health, Proto},
+    ClusterState,
+};
 use serde::Serialize;
 
 use crate::{
@@ -18,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 12] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -30,6 +35,7 @@ pub const SCENARIOS: [&str; 11] = [
     "ipv6",
     "lossy-sync",
     "kill-during-join",
+    "health",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -300,6 +306,7 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     spec.backends = opts.backends;
     spec.spare_backends = 1;
     spec.sync = opts.sync;
+    spec.health_checks = name == "health";
     let res = run_in(name, opts, spec, t0);
     match &res {
         Ok(_) => {
@@ -371,6 +378,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "ipv6" => ipv6(&mut cx)?,
         "lossy-sync" => lossy_sync(&mut cx)?,
         "kill-during-join" => kill_during_join(&mut cx)?,
+        "health" => health(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -954,6 +962,214 @@ fn kill_two(cx: &mut Ctx) -> Result<()> {
         d.as_millis()
     ));
     committed_once(cx, pending, t)
+}
+
+/// Every running node's config shows `health` for all of `ids`, and its
+/// datapath runs that epoch; the time until the last of them did.
+fn wait_health(cx: &Ctx, ids: &[u32], what: &str, ok: impl Fn(Health) -> bool, timeout: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    for i in cx.lab.running() {
+        let mut epoch = 0;
+        lab::wait_until(
+            &format!("node {i}'s config to show backends {ids:?} {what}"),
+            timeout.saturating_sub(t0.elapsed()),
+            || {
+                let c: ClusterState = cx.lab.api_get(i, "/config")?;
+                epoch = c.epoch;
+                Ok(ids
+                    .iter()
+                    .all(|id| c.backends.get(id).is_some_and(|b| ok(b.health))))
+            },
+        )?;
+        cx.lab.wait_status(
+            i,
+            &format!("node {i}'s datapath at epoch {epoch}"),
+            timeout.saturating_sub(t0.elapsed()),
+            |s| s.applied_epoch >= epoch,
+        )?;
+    }
+    Ok(t0.elapsed())
+}
+
+/// Ids of backend host `j` in the four services.
+fn ids_of(cx: &Ctx, j: usize) -> Result<Vec<u32>> {
+    lab::SERVICES
+        .iter()
+        .map(|s| cx.lab.backend_id(s, j))
+        .collect()
+}
+
+/// health: a backend's server dies → every node marks it down within
+/// fall × interval plus a commit and new flows stop going to it; it comes
+/// back → up again after rise × interval; one node alone that cannot
+/// reach a backend does not take it out; every backend failing keeps the
+/// last healthy set and raises the alert.
+fn health(cx: &mut Ctx) -> Result<()> {
+    let check = lab::lab_check(Proto::Tcp);
+    let interval = Duration::from_millis(u64::from(check.interval_ms));
+    // One check interval of phase, a report and a commit, BIRD's 3 s are
+    // not involved; 2 s of slack for this shared machine.
+    let slack = interval + Duration::from_secs(2);
+    let victim = 1;
+    cx.victim = None;
+    let ids = ids_of(cx, victim)?;
+    let tcp_id = ids[0];
+
+    // 1. The server dies.
+    let ct_before: usize = cx
+        .lab
+        .running()
+        .iter()
+        .map(|i| cx.lab.conntrack(*i).map(|v| v.iter().filter(|r| r.backend_id == tcp_id).count()))
+        .sum::<Result<usize>>()?;
+    let kill_ms = cx.traffic.elapsed().as_millis() as u64;
+    cx.say(format!("stopping backend {victim}'s servers (ids {ids:?})"));
+    cx.lab.stop_servers(victim)?;
+    let d = wait_health(cx, &ids, "down", |h| h == Health::Down, Duration::from_secs(20))?;
+    let applied_ms = kill_ms + d.as_millis() as u64;
+    // New connections to the dead backend fail until every node switched.
+    cx.kill_windows.push((kill_ms, applied_ms));
+    cx.ms("marked_down_everywhere", d);
+    cx.say(format!("every node marked backend {victim} down and runs that epoch after {} ms", d.as_millis()));
+    let bound = interval * check.fall + slack;
+    if d > bound {
+        bail!("marking a dead backend down took {} ms (bound {} ms: fall × interval + slack)", d.as_millis(), bound.as_millis());
+    }
+    // New connections keep coming: none may go to the dead backend now.
+    std::thread::sleep(Duration::from_secs(2));
+    let last = cx.traffic.last_short_failure().map(|t| t.as_millis() as u64);
+    if let Some(l) = last.filter(|l| *l >= kill_ms) {
+        cx.ms("last_new_flow_to_dead_backend", Duration::from_millis(l - kill_ms));
+        cx.counts.insert(
+            "short_failed_after_marked_down".into(),
+            u64::from(l > applied_ms),
+        );
+        if l > applied_ms {
+            bail!("a new connection opened {} ms after every node marked the backend down still failed", l - applied_ms);
+        }
+    }
+
+    // 2. It comes back.
+    let up_ms = cx.traffic.elapsed();
+    cx.lab.start_servers(victim)?;
+    let d = wait_health(cx, &ids, "up", |h| h == Health::Up, Duration::from_secs(20))?;
+    cx.ms("marked_up_everywhere", d);
+    cx.say(format!("backend {victim} back up everywhere after {} ms", d.as_millis()));
+    let bound = interval * check.rise + Duration::from_millis(u64::from(check.hold_down_ms)) + slack;
+    if d > bound {
+        bail!("marking a recovered backend up took {} ms (bound {} ms)", d.as_millis(), bound.as_millis());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let ct_after: usize = cx
+        .lab
+        .running()
+        .iter()
+        .map(|i| cx.lab.conntrack(*i).map(|v| v.iter().filter(|r| r.backend_id == tcp_id).count()))
+        .sum::<Result<usize>>()?;
+    cx.counts.insert("entries_to_victim_before_kill".into(), ct_before as u64);
+    cx.counts.insert("entries_to_victim_after_up".into(), ct_after as u64);
+    let _ = up_ms;
+
+    // 3. One node alone cannot reach backend 2.
+    let lonely = cx.lab.running().into_iter().max().ok_or_else(|| anyhow!("no node"))?;
+    let blocked = 2;
+    let bids = ids_of(cx, blocked)?;
+    cx.say(format!("node {lonely} alone cannot reach backend {blocked} (nftables)"));
+    cx.lab.nft(lonely, "add table inet hfhc")?;
+    cx.lab.nft(lonely, "add chain inet hfhc out { type filter hook output priority 0 ; }")?;
+    cx.lab.nft(lonely, &format!("add rule inet hfhc out ip daddr {} drop", lab::backend_addr(blocked)))?;
+    cx.lab.nft(lonely, &format!("add rule inet hfhc out ip6 daddr {} drop", lab::backend_addr6(blocked)))?;
+    let leader = cx.lab.leader()?;
+    lab::wait_until(
+        &format!("the leader to hear node {lonely} see backend {blocked} down"),
+        Duration::from_secs(15),
+        || {
+            let t: HealthTable = cx.lab.api_get(leader, "/health")?;
+            Ok(bids.iter().all(|id| {
+                t.backends.iter().any(|r| {
+                    r.backend_id == *id && r.disagree == vec![lonely as u64]
+                })
+            }))
+        },
+    )?;
+    // Several check intervals later it is still up everywhere.
+    std::thread::sleep(interval * (check.fall + 4));
+    for i in cx.lab.running() {
+        let c: ClusterState = cx.lab.api_get(i, "/config")?;
+        for id in &bids {
+            if c.backends[id].health != Health::Up {
+                bail!("node {lonely} alone took backend {id} out (node {i} sees it {})", c.backends[id].health);
+            }
+        }
+    }
+    let seen = cx.lab.metric(lonely, "holdfast_backend_check_up", &[("backend", &bids[0].to_string())])?;
+    cx.counts.insert("lonely_node_check_up_metric".into(), seen.unwrap_or(-1.0) as u64);
+    if seen != Some(0.0) {
+        bail!("node {lonely}'s holdfast_backend_check_up for backend {} is {seen:?}, not 0", bids[0]);
+    }
+    let t: HealthTable = cx.lab.api_get(leader, "/health")?;
+    cx.counts.insert(
+        "lonely_view_disagrees".into(),
+        t.backends.iter().filter(|r| r.disagree == vec![lonely as u64]).count() as u64,
+    );
+    cx.lab.nft(lonely, "delete table inet hfhc")?;
+
+    // Nothing else broke so far: only the victim's flows.
+    let by = cx.traffic.broken_by_backend();
+    let elsewhere: usize = by.iter().filter(|(b, _)| **b != Some(victim)).map(|(_, n)| n).sum();
+    cx.counts.insert("broken_on_other_backends".into(), elsewhere as u64);
+    cx.counts.insert("broken_on_dead_backend".into(), by.get(&Some(victim)).copied().unwrap_or(0) as u64);
+    if let Some(t6) = &cx.traffic6 {
+        let by6 = t6.broken_by_backend();
+        let e6: usize = by6.iter().filter(|(b, _)| **b != Some(victim)).map(|(_, n)| n).sum();
+        cx.counts.insert("v6_broken_on_other_backends".into(), e6 as u64);
+    }
+
+    // 4. Every backend fails.
+    let hosts: Vec<usize> = (1..=cx.lab.spec.backends).collect();
+    cx.say("stopping every backend's servers");
+    let all_fail_ms = cx.traffic.elapsed().as_millis() as u64;
+    for j in &hosts {
+        cx.lab.stop_servers(*j)?;
+    }
+    let all: Vec<u32> = hosts
+        .iter()
+        .map(|j| cx.lab.backend_id(lab::TCP_SERVICE, *j))
+        .collect::<Result<_>>()?;
+    let d = lab::wait_until("the TCP service in health panic on every node", Duration::from_secs(20), || {
+        for i in cx.lab.running() {
+            let c: ClusterState = cx.lab.api_get(i, "/config")?;
+            let settled = all.iter().all(|id| c.backends[id].health != Health::Up);
+            if !settled || c.health_panic(lab::TCP_SERVICE).is_none() {
+                return Ok(false);
+            }
+            if cx.lab.metric(i, "holdfast_service_health_panic", &[("service", lab::TCP_SERVICE)])? != Some(1.0) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    cx.ms("panic_everywhere", d);
+    let c: ClusterState = cx.lab.api_get(leader, "/config")?;
+    let kept = all.iter().filter(|id| c.backends[id].health == Health::Failing).count();
+    cx.counts.insert("kept_when_all_fail".into(), kept as u64);
+    cx.say(format!("every backend fails: {kept} kept in service, alert raised on every node"));
+    if kept == 0 {
+        bail!("every backend failed and none was kept in service");
+    }
+    for j in &hosts {
+        cx.lab.start_servers(*j)?;
+    }
+    let every: Vec<u32> = hosts
+        .iter()
+        .map(|j| ids_of(cx, *j))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    let d = wait_health(cx, &every, "up", |h| h == Health::Up, Duration::from_secs(30))?;
+    cx.ms("all_up_again", d);
+    cx.kill_windows
+        .push((all_fail_ms, cx.traffic.elapsed().as_millis() as u64));
+    Ok(())
 }
 
 fn restart_join(cx: &mut Ctx) -> Result<()> {

@@ -24,6 +24,17 @@ pub struct Servers {
 impl Servers {
     /// Start the servers of backend `index` on `tcp` and `udp` inside `ns`.
     pub fn start(ns: &NetNs, index: usize, tcp: SocketAddr, udp: SocketAddr) -> Result<Self> {
+        Self::start_on(ns, index, vec![tcp], vec![udp])
+    }
+
+    /// The same on several addresses each (the VIP for clients, the host's
+    /// own address for health checks): one "process" serving all of them.
+    pub fn start_on(
+        ns: &NetNs,
+        index: usize,
+        tcp: Vec<SocketAddr>,
+        udp: Vec<SocketAddr>,
+    ) -> Result<Self> {
         let (stop, rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let thread = ns.spawn(move || {
@@ -39,16 +50,26 @@ impl Servers {
             };
             rt.block_on(async move {
                 let bound = async {
-                    let l = TcpListener::bind(tcp)
-                        .await
-                        .with_context(|| format!("binding TCP {tcp}"))?;
-                    let u = UdpSocket::bind(udp)
-                        .await
-                        .with_context(|| format!("binding UDP {udp}"))?;
-                    anyhow::Ok((l, u))
+                    let mut ls = Vec::new();
+                    for a in &tcp {
+                        ls.push(
+                            TcpListener::bind(a)
+                                .await
+                                .with_context(|| format!("binding TCP {a}"))?,
+                        );
+                    }
+                    let mut us = Vec::new();
+                    for a in &udp {
+                        us.push(
+                            UdpSocket::bind(a)
+                                .await
+                                .with_context(|| format!("binding UDP {a}"))?,
+                        );
+                    }
+                    anyhow::Ok((ls, us))
                 }
                 .await;
-                let (listener, sock) = match bound {
+                let (listeners, socks) = match bound {
                     Ok(b) => {
                         let _ = ready_tx.send(Ok(()));
                         b
@@ -59,12 +80,18 @@ impl Servers {
                     }
                 };
                 let name = format!("be{index}");
-                let tcp_task = tokio::spawn(tcp_echo(listener, name.clone(), rx.clone()));
-                let udp_task = tokio::spawn(udp_answer(sock, name));
+                let mut tasks = Vec::new();
+                for l in listeners {
+                    tasks.push(tokio::spawn(tcp_echo(l, name.clone(), rx.clone())));
+                }
+                for u in socks {
+                    tasks.push(tokio::spawn(udp_answer(u, name.clone())));
+                }
                 let mut rx = rx;
                 let _ = rx.wait_for(|s| *s).await;
-                tcp_task.abort();
-                udp_task.abort();
+                for t in tasks {
+                    t.abort();
+                }
             });
         });
         ready_rx

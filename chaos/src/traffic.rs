@@ -108,6 +108,12 @@ pub struct Live {
     /// Short connections that completed, and that failed.
     pub short_ok: AtomicU64,
     pub short_failed: AtomicU64,
+    /// When (ms since the start) the latest failed short connection was
+    /// opened; 0: none failed.
+    pub last_short_failure_ms: AtomicU64,
+    /// Broken long-lived flows by the backend that served them (None: it
+    /// never answered).
+    pub broken_by_backend: std::sync::Mutex<std::collections::BTreeMap<Option<usize>, usize>>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -232,6 +238,20 @@ impl Traffic {
             max_stall_ms: self.live.max_stall_us.load(Ordering::Relaxed) / 1000,
             short_ok: self.live.short_ok.load(Ordering::Relaxed),
             short_failed: self.live.short_failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Broken long-lived flows by the backend that served them.
+    pub fn broken_by_backend(&self) -> std::collections::BTreeMap<Option<usize>, usize> {
+        self.live.broken_by_backend.lock().expect("broken").clone()
+    }
+
+    /// When (time since the start) the latest failed short connection
+    /// was opened, if any failed.
+    pub fn last_short_failure(&self) -> Option<Duration> {
+        match self.live.last_short_failure_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
         }
     }
 
@@ -416,10 +436,10 @@ async fn short_connections(
     let every = Duration::from_secs_f64(1.0 / f64::from(spec.short_per_s));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut set: JoinSet<(u64, Result<(), String>)> = JoinSet::new();
+    let mut set: JoinSet<(u64, u64, Result<(), String>)> = JoinSet::new();
     let mut report = ShortReport::default();
     let mut n = 0u64;
-    let record = |report: &mut ShortReport, (sec, r): (u64, Result<(), String>)| match r {
+    let record = |report: &mut ShortReport, (sec, opened_ms, r): (u64, u64, Result<(), String>)| match r {
         Ok(()) => {
             report.ok += 1;
             live.short_ok.fetch_add(1, Ordering::Relaxed);
@@ -427,6 +447,8 @@ async fn short_connections(
         Err(what) => {
             report.failed += 1;
             live.short_failed.fetch_add(1, Ordering::Relaxed);
+            live.last_short_failure_ms
+                .fetch_max(opened_ms.max(1), Ordering::Relaxed);
             *report.failed_per_s.entry(sec).or_insert(0) += 1;
             if report.examples.len() < 10 {
                 report.examples.push(Failure {
@@ -444,14 +466,15 @@ async fn short_connections(
             SocketAddr::new(spec.vip, spec.tcp_port),
             spec.short_timeout,
         );
-        let sec = started.elapsed().as_secs();
+        let opened_ms = started.elapsed().as_millis() as u64;
+        let sec = opened_ms / 1000;
         set.spawn(async move {
             let r = tokio::time::timeout(timeout, short_one(src, to, n)).await;
             let r = match r {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
             };
-            (sec, r)
+            (sec, opened_ms, r)
         });
         while let Some(done) = set.try_join_next() {
             if let Ok(x) = done {
@@ -568,6 +591,13 @@ impl Book {
             &self.live.udp_broken
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        *self
+            .live
+            .broken_by_backend
+            .lock()
+            .expect("broken")
+            .entry(self.rec.backend)
+            .or_insert(0) += 1;
         self.rec.failure = Some(Failure {
             at_ms: self.started.elapsed().as_millis() as u64,
             what,
