@@ -928,9 +928,13 @@ impl Lab {
         let addr = metrics_addr(i);
         self.router.run(move || -> Result<String> {
             use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(3))?;
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(3))?;
             s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
             let mut body = String::new();
             s.read_to_string(&mut body)?;
             Ok(body)

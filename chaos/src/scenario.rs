@@ -966,7 +966,13 @@ fn kill_two(cx: &mut Ctx) -> Result<()> {
 
 /// Every running node's config shows `health` for all of `ids`, and its
 /// datapath runs that epoch; the time until the last of them did.
-fn wait_health(cx: &Ctx, ids: &[u32], what: &str, ok: impl Fn(Health) -> bool, timeout: Duration) -> Result<Duration> {
+fn wait_health(
+    cx: &Ctx,
+    ids: &[u32],
+    what: &str,
+    ok: impl Fn(Health) -> bool,
+    timeout: Duration,
+) -> Result<Duration> {
     let t0 = Instant::now();
     for i in cx.lab.running() {
         let mut epoch = 0;
@@ -1020,26 +1026,49 @@ fn health(cx: &mut Ctx) -> Result<()> {
         .lab
         .running()
         .iter()
-        .map(|i| cx.lab.conntrack(*i).map(|v| v.iter().filter(|r| r.backend_id == tcp_id).count()))
+        .map(|i| {
+            cx.lab
+                .conntrack(*i)
+                .map(|v| v.iter().filter(|r| r.backend_id == tcp_id).count())
+        })
         .sum::<Result<usize>>()?;
     let kill_ms = cx.traffic.elapsed().as_millis() as u64;
     cx.say(format!("stopping backend {victim}'s servers (ids {ids:?})"));
     cx.lab.stop_servers(victim)?;
-    let d = wait_health(cx, &ids, "down", |h| h == Health::Down, Duration::from_secs(20))?;
+    let d = wait_health(
+        cx,
+        &ids,
+        "down",
+        |h| h == Health::Down,
+        Duration::from_secs(20),
+    )?;
     let applied_ms = kill_ms + d.as_millis() as u64;
     // New connections to the dead backend fail until every node switched.
     cx.kill_windows.push((kill_ms, applied_ms));
     cx.ms("marked_down_everywhere", d);
-    cx.say(format!("every node marked backend {victim} down and runs that epoch after {} ms", d.as_millis()));
+    cx.say(format!(
+        "every node marked backend {victim} down and runs that epoch after {} ms",
+        d.as_millis()
+    ));
     let bound = interval * check.fall + slack;
     if d > bound {
-        bail!("marking a dead backend down took {} ms (bound {} ms: fall × interval + slack)", d.as_millis(), bound.as_millis());
+        bail!(
+            "marking a dead backend down took {} ms (bound {} ms: fall × interval + slack)",
+            d.as_millis(),
+            bound.as_millis()
+        );
     }
     // New connections keep coming: none may go to the dead backend now.
     std::thread::sleep(Duration::from_secs(2));
-    let last = cx.traffic.last_short_failure().map(|t| t.as_millis() as u64);
+    let last = cx
+        .traffic
+        .last_short_failure()
+        .map(|t| t.as_millis() as u64);
     if let Some(l) = last.filter(|l| *l >= kill_ms) {
-        cx.ms("last_new_flow_to_dead_backend", Duration::from_millis(l - kill_ms));
+        cx.ms(
+            "last_new_flow_to_dead_backend",
+            Duration::from_millis(l - kill_ms),
+        );
         cx.counts.insert(
             "short_failed_after_marked_down".into(),
             u64::from(l > applied_ms),
@@ -1054,31 +1083,67 @@ fn health(cx: &mut Ctx) -> Result<()> {
     cx.lab.start_servers(victim)?;
     let d = wait_health(cx, &ids, "up", |h| h == Health::Up, Duration::from_secs(20))?;
     cx.ms("marked_up_everywhere", d);
-    cx.say(format!("backend {victim} back up everywhere after {} ms", d.as_millis()));
-    let bound = interval * check.rise + Duration::from_millis(u64::from(check.hold_down_ms)) + slack;
+    cx.say(format!(
+        "backend {victim} back up everywhere after {} ms",
+        d.as_millis()
+    ));
+    let bound =
+        interval * check.rise + Duration::from_millis(u64::from(check.hold_down_ms)) + slack;
     if d > bound {
-        bail!("marking a recovered backend up took {} ms (bound {} ms)", d.as_millis(), bound.as_millis());
+        bail!(
+            "marking a recovered backend up took {} ms (bound {} ms)",
+            d.as_millis(),
+            bound.as_millis()
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     let ct_after: usize = cx
         .lab
         .running()
         .iter()
-        .map(|i| cx.lab.conntrack(*i).map(|v| v.iter().filter(|r| r.backend_id == tcp_id).count()))
+        .map(|i| {
+            cx.lab
+                .conntrack(*i)
+                .map(|v| v.iter().filter(|r| r.backend_id == tcp_id).count())
+        })
         .sum::<Result<usize>>()?;
-    cx.counts.insert("entries_to_victim_before_kill".into(), ct_before as u64);
-    cx.counts.insert("entries_to_victim_after_up".into(), ct_after as u64);
+    cx.counts
+        .insert("entries_to_victim_before_kill".into(), ct_before as u64);
+    cx.counts
+        .insert("entries_to_victim_after_up".into(), ct_after as u64);
     let _ = up_ms;
 
     // 3. One node alone cannot reach backend 2.
-    let lonely = cx.lab.running().into_iter().max().ok_or_else(|| anyhow!("no node"))?;
+    let lonely = cx
+        .lab
+        .running()
+        .into_iter()
+        .max()
+        .ok_or_else(|| anyhow!("no node"))?;
     let blocked = 2;
     let bids = ids_of(cx, blocked)?;
-    cx.say(format!("node {lonely} alone cannot reach backend {blocked} (nftables)"));
+    cx.say(format!(
+        "node {lonely} alone cannot reach backend {blocked} (nftables)"
+    ));
     cx.lab.nft(lonely, "add table inet hfhc")?;
-    cx.lab.nft(lonely, "add chain inet hfhc out { type filter hook output priority 0 ; }")?;
-    cx.lab.nft(lonely, &format!("add rule inet hfhc out ip daddr {} drop", lab::backend_addr(blocked)))?;
-    cx.lab.nft(lonely, &format!("add rule inet hfhc out ip6 daddr {} drop", lab::backend_addr6(blocked)))?;
+    cx.lab.nft(
+        lonely,
+        "add chain inet hfhc out { type filter hook output priority 0 ; }",
+    )?;
+    cx.lab.nft(
+        lonely,
+        &format!(
+            "add rule inet hfhc out ip daddr {} drop",
+            lab::backend_addr(blocked)
+        ),
+    )?;
+    cx.lab.nft(
+        lonely,
+        &format!(
+            "add rule inet hfhc out ip6 daddr {} drop",
+            lab::backend_addr6(blocked)
+        ),
+    )?;
     let leader = cx.lab.leader()?;
     lab::wait_until(
         &format!("the leader to hear node {lonely} see backend {blocked} down"),
@@ -1086,9 +1151,9 @@ fn health(cx: &mut Ctx) -> Result<()> {
         || {
             let t: HealthTable = cx.lab.api_get(leader, "/health")?;
             Ok(bids.iter().all(|id| {
-                t.backends.iter().any(|r| {
-                    r.backend_id == *id && r.disagree == vec![lonely as u64]
-                })
+                t.backends
+                    .iter()
+                    .any(|r| r.backend_id == *id && r.disagree == vec![lonely as u64])
             }))
         },
     )?;
@@ -1098,31 +1163,60 @@ fn health(cx: &mut Ctx) -> Result<()> {
         let c: ClusterState = cx.lab.api_get(i, "/config")?;
         for id in &bids {
             if c.backends[id].health != Health::Up {
-                bail!("node {lonely} alone took backend {id} out (node {i} sees it {})", c.backends[id].health);
+                bail!(
+                    "node {lonely} alone took backend {id} out (node {i} sees it {})",
+                    c.backends[id].health
+                );
             }
         }
     }
-    let seen = cx.lab.metric(lonely, "holdfast_backend_check_up", &[("backend", &bids[0].to_string())])?;
-    cx.counts.insert("lonely_node_check_up_metric".into(), seen.unwrap_or(-1.0) as u64);
+    let seen = cx.lab.metric(
+        lonely,
+        "holdfast_backend_check_up",
+        &[("backend", &bids[0].to_string())],
+    )?;
+    cx.counts.insert(
+        "lonely_node_check_up_metric".into(),
+        seen.unwrap_or(-1.0) as u64,
+    );
     if seen != Some(0.0) {
-        bail!("node {lonely}'s holdfast_backend_check_up for backend {} is {seen:?}, not 0", bids[0]);
+        bail!(
+            "node {lonely}'s holdfast_backend_check_up for backend {} is {seen:?}, not 0",
+            bids[0]
+        );
     }
     let t: HealthTable = cx.lab.api_get(leader, "/health")?;
     cx.counts.insert(
         "lonely_view_disagrees".into(),
-        t.backends.iter().filter(|r| r.disagree == vec![lonely as u64]).count() as u64,
+        t.backends
+            .iter()
+            .filter(|r| r.disagree == vec![lonely as u64])
+            .count() as u64,
     );
     cx.lab.nft(lonely, "delete table inet hfhc")?;
 
     // Nothing else broke so far: only the victim's flows.
     let by = cx.traffic.broken_by_backend();
-    let elsewhere: usize = by.iter().filter(|(b, _)| **b != Some(victim)).map(|(_, n)| n).sum();
-    cx.counts.insert("broken_on_other_backends".into(), elsewhere as u64);
-    cx.counts.insert("broken_on_dead_backend".into(), by.get(&Some(victim)).copied().unwrap_or(0) as u64);
+    let elsewhere: usize = by
+        .iter()
+        .filter(|(b, _)| **b != Some(victim))
+        .map(|(_, n)| n)
+        .sum();
+    cx.counts
+        .insert("broken_on_other_backends".into(), elsewhere as u64);
+    cx.counts.insert(
+        "broken_on_dead_backend".into(),
+        by.get(&Some(victim)).copied().unwrap_or(0) as u64,
+    );
     if let Some(t6) = &cx.traffic6 {
         let by6 = t6.broken_by_backend();
-        let e6: usize = by6.iter().filter(|(b, _)| **b != Some(victim)).map(|(_, n)| n).sum();
-        cx.counts.insert("v6_broken_on_other_backends".into(), e6 as u64);
+        let e6: usize = by6
+            .iter()
+            .filter(|(b, _)| **b != Some(victim))
+            .map(|(_, n)| n)
+            .sum();
+        cx.counts
+            .insert("v6_broken_on_other_backends".into(), e6 as u64);
     }
 
     // 4. Every backend fails.
@@ -1136,24 +1230,38 @@ fn health(cx: &mut Ctx) -> Result<()> {
         .iter()
         .map(|j| cx.lab.backend_id(lab::TCP_SERVICE, *j))
         .collect::<Result<_>>()?;
-    let d = lab::wait_until("the TCP service in health panic on every node", Duration::from_secs(20), || {
-        for i in cx.lab.running() {
-            let c: ClusterState = cx.lab.api_get(i, "/config")?;
-            let settled = all.iter().all(|id| c.backends[id].health != Health::Up);
-            if !settled || c.health_panic(lab::TCP_SERVICE).is_none() {
-                return Ok(false);
+    let d = lab::wait_until(
+        "the TCP service in health panic on every node",
+        Duration::from_secs(20),
+        || {
+            for i in cx.lab.running() {
+                let c: ClusterState = cx.lab.api_get(i, "/config")?;
+                let settled = all.iter().all(|id| c.backends[id].health != Health::Up);
+                if !settled || c.health_panic(lab::TCP_SERVICE).is_none() {
+                    return Ok(false);
+                }
+                if cx.lab.metric(
+                    i,
+                    "holdfast_service_health_panic",
+                    &[("service", lab::TCP_SERVICE)],
+                )? != Some(1.0)
+                {
+                    return Ok(false);
+                }
             }
-            if cx.lab.metric(i, "holdfast_service_health_panic", &[("service", lab::TCP_SERVICE)])? != Some(1.0) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })?;
+            Ok(true)
+        },
+    )?;
     cx.ms("panic_everywhere", d);
     let c: ClusterState = cx.lab.api_get(leader, "/config")?;
-    let kept = all.iter().filter(|id| c.backends[id].health == Health::Failing).count();
+    let kept = all
+        .iter()
+        .filter(|id| c.backends[id].health == Health::Failing)
+        .count();
     cx.counts.insert("kept_when_all_fail".into(), kept as u64);
-    cx.say(format!("every backend fails: {kept} kept in service, alert raised on every node"));
+    cx.say(format!(
+        "every backend fails: {kept} kept in service, alert raised on every node"
+    ));
     if kept == 0 {
         bail!("every backend failed and none was kept in service");
     }
@@ -1165,7 +1273,13 @@ fn health(cx: &mut Ctx) -> Result<()> {
         .map(|j| ids_of(cx, *j))
         .collect::<Result<Vec<_>>>()?
         .concat();
-    let d = wait_health(cx, &every, "up", |h| h == Health::Up, Duration::from_secs(30))?;
+    let d = wait_health(
+        cx,
+        &every,
+        "up",
+        |h| h == Health::Up,
+        Duration::from_secs(30),
+    )?;
     cx.ms("all_up_again", d);
     cx.kill_windows
         .push((all_fail_ms, cx.traffic.elapsed().as_millis() as u64));

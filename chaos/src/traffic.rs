@@ -439,25 +439,26 @@ async fn short_connections(
     let mut set: JoinSet<(u64, u64, Result<(), String>)> = JoinSet::new();
     let mut report = ShortReport::default();
     let mut n = 0u64;
-    let record = |report: &mut ShortReport, (sec, opened_ms, r): (u64, u64, Result<(), String>)| match r {
-        Ok(()) => {
-            report.ok += 1;
-            live.short_ok.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(what) => {
-            report.failed += 1;
-            live.short_failed.fetch_add(1, Ordering::Relaxed);
-            live.last_short_failure_ms
-                .fetch_max(opened_ms.max(1), Ordering::Relaxed);
-            *report.failed_per_s.entry(sec).or_insert(0) += 1;
-            if report.examples.len() < 10 {
-                report.examples.push(Failure {
-                    at_ms: sec * 1000,
-                    what,
-                });
+    let record =
+        |report: &mut ShortReport, (sec, opened_ms, r): (u64, u64, Result<(), String>)| match r {
+            Ok(()) => {
+                report.ok += 1;
+                live.short_ok.fetch_add(1, Ordering::Relaxed);
             }
-        }
-    };
+            Err(what) => {
+                report.failed += 1;
+                live.short_failed.fetch_add(1, Ordering::Relaxed);
+                live.last_short_failure_ms
+                    .fetch_max(opened_ms.max(1), Ordering::Relaxed);
+                *report.failed_per_s.entry(sec).or_insert(0) += 1;
+                if report.examples.len() < 10 {
+                    report.examples.push(Failure {
+                        at_ms: sec * 1000,
+                        what,
+                    });
+                }
+            }
+        };
     while !*stop.borrow() {
         tick.tick().await;
         n += 1;

@@ -48,7 +48,10 @@ fn t18_health_checks_agree_across_the_tier() {
     assert!(c["lonely_view_disagrees"] >= 4, "all four services: {c:?}");
     assert_eq!(c["broken_on_other_backends"], 0, "{c:?}");
     assert_eq!(c["v6_broken_on_other_backends"], 0, "{c:?}");
-    assert!(c["broken_on_dead_backend"] > 0, "the dead backend had flows: {c:?}");
+    assert!(
+        c["broken_on_dead_backend"] > 0,
+        "the dead backend had flows: {c:?}"
+    );
     assert!(c["kept_when_all_fail"] >= 1, "{c:?}");
     assert!(r.short.ok > 1000, "short connections ran: {:?}", r.short);
 }

@@ -586,6 +586,50 @@ enabled = false
     }
 
     #[test]
+    fn seed_health_checks_are_validated_by_field() {
+        let text = format!(
+            "{GOOD}\n[[service]]\nname = \"dns\"\nvip = \"10.200.0.53\"\nport = 53\nproto = \"udp\"\nbackends = [\"10.1.0.5\"]\n[service.health_check]\ntype = \"dns\"\nquery = \"example.com\"\ninterval_ms = 1000\ntimeout_ms = 500\n"
+        );
+        let c = NodeConfig::parse(&text).expect("parses");
+        c.validate().expect("valid");
+        let hc = c.services[0].health_check.clone().expect("check");
+        assert_eq!(hc.query.as_deref(), Some("example.com"));
+        let cmds = c.seed_commands();
+        assert!(
+            matches!(&cmds[0], raft_store::Command::PutService { service } if service.health_check.as_ref() == Some(&hc))
+        );
+        for (from, to, field) in [
+            (
+                "interval_ms = 1000",
+                "interval_ms = 0",
+                "health_check.interval_ms",
+            ),
+            (
+                "timeout_ms = 500",
+                "timeout_ms = 3000",
+                "health_check.timeout_ms",
+            ),
+            ("query = \"example.com\"", "", "health_check.query"),
+        ] {
+            let bad = text.replace(from, to);
+            let e = NodeConfig::parse(&bad)
+                .expect("parses")
+                .validate()
+                .expect_err(field);
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        // An unknown type or field is a parse error that names it.
+        let e = NodeConfig::parse(&text.replace("type = \"dns\"", "type = \"icmp\""))
+            .expect_err("icmp");
+        assert!(
+            e.to_string().contains("type = \"icmp\"") && e.to_string().contains("line 20"),
+            "{e}"
+        );
+        let e = NodeConfig::parse(&text.replace("interval_ms", "intervall_ms")).expect_err("typo");
+        assert!(e.to_string().contains("intervall_ms"), "{e}");
+    }
+
+    #[test]
     fn parses_and_validates() {
         let c = NodeConfig::parse(GOOD).expect("good config");
         c.validate().expect("valid");

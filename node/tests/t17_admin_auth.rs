@@ -198,7 +198,7 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
         .iter()
         .filter(|e| matches!(e.listener, Listener::Admin | Listener::Both))
         .collect();
-    assert_eq!(endpoints.len(), 10, "every endpoint is attacked");
+    assert_eq!(endpoints.len(), 12, "every endpoint is attacked");
     for (what, client, reason, text) in &cases {
         let before = refused(&c, target, reason);
         let mut calls = 0;
@@ -249,7 +249,7 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
             }
         }
     }
-    assert_eq!(refused(&c, target, &forbidden) - before, 4);
+    assert_eq!(refused(&c, target, &forbidden) - before, 5);
     // An operator drains backends, not services or members.
     let admin_cmds = [
         Command::AddBackend {

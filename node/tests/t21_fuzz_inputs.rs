@@ -89,6 +89,22 @@ fn seeds() -> Vec<(&'static str, Value)> {
         ),
         ("/cluster/remove", json!({"node_id": 42})),
         ("/drain", json!({"drain": false})),
+        (
+            "/command",
+            cmd(
+                json!({"op": "put_service", "service": {"name": "s2", "vip": "10.200.0.10", "port": 80, "proto": "tcp", "table_size": 251,
+                    "health_check": {"type": "http", "path": "/healthz", "interval_ms": 1000, "timeout_ms": 500, "rise": 2, "fall": 3, "on_down": "keep"}}}),
+            ),
+        ),
+        (
+            "/command",
+            cmd(json!({"op": "set_backend_health", "id": 0, "health": "up"})),
+        ),
+        (
+            "/health/report",
+            json!({"node_id": 1, "views": [{"backend_id": 0, "service": "web", "addr": "10.0.0.1", "port": 80,
+                "up": false, "detail": "x", "latency_ms": 1.0, "checks": 1, "transitions": 1}]}),
+        ),
     ]
 }
 

@@ -880,7 +880,10 @@ mod tests {
         };
         let r = s.apply(&down);
         assert!(
-            r.rejected.as_deref().unwrap_or("").contains("no health check"),
+            r.rejected
+                .as_deref()
+                .unwrap_or("")
+                .contains("no health check"),
             "{r:?}"
         );
         let mut with = match svc("web", "10.200.0.1", 80) {
@@ -911,7 +914,10 @@ mod tests {
         assert_eq!(s.backends[&0].health, Health::Up);
         // A state written before health existed still loads.
         let mut v = serde_json::to_value(&s).expect("json");
-        v["backends"]["0"].as_object_mut().expect("b").remove("health");
+        v["backends"]["0"]
+            .as_object_mut()
+            .expect("b")
+            .remove("health");
         let old: ClusterState = serde_json::from_value(v).expect("old state loads");
         assert_eq!(old.backends[&0].health, Health::Up);
     }

@@ -263,7 +263,9 @@ impl HealthCheck {
             "dns",
         )?;
         if let Some(p) = &self.path {
-            if !p.starts_with('/') || p.len() > 1024 || p.chars().any(|c| c.is_control() || c == ' ')
+            if !p.starts_with('/')
+                || p.len() > 1024
+                || p.chars().any(|c| c.is_control() || c == ' ')
             {
                 return f(
                     "path",
@@ -466,8 +468,8 @@ mod tests {
 
     #[test]
     fn serde_defaults_and_unknown_fields() {
-        let c: HealthCheck = serde_json::from_str(r#"{"type":"http","path":"/healthz"}"#)
-            .expect("minimal check");
+        let c: HealthCheck =
+            serde_json::from_str(r#"{"type":"http","path":"/healthz"}"#).expect("minimal check");
         assert_eq!(c.interval_ms, DEFAULT_INTERVAL_MS);
         assert_eq!(c.fall, DEFAULT_FALL);
         let e = serde_json::from_str::<HealthCheck>(r#"{"type":"tcp","intervall_ms":5}"#)

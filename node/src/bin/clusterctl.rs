@@ -923,7 +923,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 }
                 print(cli.output, &rows, |list| {
                     let mut t = table(
-                        &["ID", "SERVICE", "ADDRESS", "PORT", "WEIGHT", "STATE", "HEALTH", "VIEWS"],
+                        &[
+                            "ID", "SERVICE", "ADDRESS", "PORT", "WEIGHT", "STATE", "HEALTH",
+                            "VIEWS",
+                        ],
                         list.iter()
                             .map(|r| {
                                 let b = &r.backend;

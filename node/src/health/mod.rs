@@ -70,7 +70,12 @@ struct Target {
 impl HealthState {
     /// This node's views, by backend id.
     pub fn views(&self) -> Vec<BackendView> {
-        self.views.lock().expect("views").values().cloned().collect()
+        self.views
+            .lock()
+            .expect("views")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A node's report reached the leader.
@@ -445,12 +450,12 @@ async fn decide_loop(node: Arc<Node>) {
         was_leader = true;
         let state = node.sm.current().state.clone();
         let voters = node.voters();
-        let changes = node
-            .health
-            .tally
-            .lock()
-            .expect("tally")
-            .decide(&state, &voters, Instant::now());
+        let changes =
+            node.health
+                .tally
+                .lock()
+                .expect("tally")
+                .decide(&state, &voters, Instant::now());
         if changes.is_empty() {
             continue;
         }

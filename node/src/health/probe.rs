@@ -329,7 +329,9 @@ mod tests {
         a[2] |= 0x80;
         assert!(dns_verdict(0x1234, &a).is_ok());
         a[3] = 3;
-        assert!(dns_verdict(0x1234, &a).expect_err("nx").contains("NXDOMAIN"));
+        assert!(dns_verdict(0x1234, &a)
+            .expect_err("nx")
+            .contains("NXDOMAIN"));
         assert!(dns_verdict(0x1235, &q).is_err());
         assert!(dns_verdict(0x1234, &q[..5]).is_err());
     }
@@ -338,7 +340,9 @@ mod tests {
     async fn probes_against_local_servers() {
         crate::tls::install_crypto_provider();
         // TCP and HTTP.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = l.local_addr().expect("addr").port();
         let srv = tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
@@ -346,9 +350,15 @@ mod tests {
                     let mut b = [0u8; 512];
                     let n = s.read(&mut b).await.unwrap_or(0);
                     let req = String::from_utf8_lossy(&b[..n]).to_string();
-                    let status = if req.starts_with("GET /ok ") { "200 OK" } else { "503 Down" };
+                    let status = if req.starts_with("GET /ok ") {
+                        "200 OK"
+                    } else {
+                        "503 Down"
+                    };
                     let _ = s
-                        .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes())
+                        .write_all(
+                            format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+                        )
                         .await;
                 });
             }

@@ -118,7 +118,10 @@ impl Tally {
             let active: Vec<usize> = (0..target.len())
                 .filter(|i| target[*i].1 == BackendState::Active)
                 .collect();
-            let serving = active.iter().filter(|i| target[**i].3 != Health::Down).count();
+            let serving = active
+                .iter()
+                .filter(|i| target[**i].3 != Health::Down)
+                .count();
             if !active.is_empty() && serving == 0 {
                 // Panic: keep the last healthy set (those not down now).
                 for i in &active {

@@ -537,9 +537,53 @@ pub fn plan(
     }
 
     diff(state, &want, &mut out);
+    health_notes(services, state, &mut out);
     out.notes.sort();
     out.notes.dedup();
     out
+}
+
+/// Events for the owned services' backends the tier marked down, and for
+/// services in health panic (recorded once per message).
+fn health_notes(services: &[Service], state: &ClusterState, out: &mut Plan) {
+    for s in state.services.values().filter(|s| s.health_check.is_some()) {
+        let Some((ns, name)) = owner_of(&s.name) else {
+            continue;
+        };
+        let uid = services
+            .iter()
+            .find(|k| {
+                k.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && k.metadata.name.as_deref() == Some(name.as_str())
+            })
+            .and_then(|k| k.metadata.uid.clone())
+            .unwrap_or_default();
+        for b in state.backends_of(&s.name) {
+            if b.health != raft_store::cluster::Health::Up {
+                out.notes.push(note(
+                    "Service",
+                    &ns,
+                    &name,
+                    &uid,
+                    "BackendUnhealthy",
+                    format!(
+                        "backend {} of {}:{}/{} fails its health check on a quorum of LB nodes: {}",
+                        b.addr, s.vip, s.port, s.proto, b.health
+                    ),
+                ));
+            }
+        }
+        if let Some(why) = state.health_panic(&s.name) {
+            out.notes.push(note(
+                "Service",
+                &ns,
+                &name,
+                &uid,
+                "HealthPanic",
+                format!("{}:{}/{}: {why}", s.vip, s.port, s.proto),
+            ));
+        }
+    }
 }
 
 fn diff(state: &ClusterState, want: &BTreeMap<String, WantService>, out: &mut Plan) {
@@ -772,5 +816,78 @@ mod tests {
             "foreign services are untouched"
         );
         assert!(plan(&services, &[], &s, &cfg()).commands.is_empty());
+    }
+
+    #[test]
+    fn health_check_annotation_events_and_bad_values() {
+        let mk = |ann: &str| {
+            svc(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "ns", "uid": "u9",
+                             "annotations": {HEALTH_CHECK_ANNOTATION: ann}},
+                "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
+                         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+            }))
+        };
+        let slices = vec![slice(serde_json::json!({
+            "metadata": {"name": "web-a", "namespace": "ns",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]
+        }))];
+        let mut s = state();
+        let good = r#"{"type":"http","path":"/healthz","interval_ms":1000,"timeout_ms":500}"#;
+        let p = plan(&[mk(good)], &slices, &s, &cfg());
+        apply(&mut s, &p);
+        let hs = s.services.values().next().expect("service");
+        let hc = hs.health_check.clone().expect("check from the annotation");
+        assert_eq!(
+            (hc.kind, hc.path.as_deref(), hc.interval_ms),
+            (raft_store::cluster::CheckKind::Http, Some("/healthz"), 1000)
+        );
+        // A bad annotation (interval 0, unknown type, not JSON): the
+        // service keeps its check and an Event names the problem.
+        for (bad, word) in [
+            (
+                r#"{"type":"http","interval_ms":0}"#,
+                "health_check.interval_ms",
+            ),
+            (r#"{"type":"icmp"}"#, "icmp"),
+            ("tcp please", "expected"),
+        ] {
+            let p = plan(&[mk(bad)], &slices, &s, &cfg());
+            assert!(p.commands.is_empty(), "{bad}: {:?}", p.commands);
+            let n = p
+                .notes
+                .iter()
+                .find(|n| n.reason == "InvalidHealthCheck")
+                .unwrap_or_else(|| panic!("{bad}: no event"));
+            assert!(n.message.contains(word), "{bad}: {}", n.message);
+            assert_eq!((n.name.as_str(), n.uid.as_str()), ("web", "u9"));
+        }
+        // The tier marks its only backend down: events for it and the panic.
+        let id = *s.backends.keys().next().expect("backend");
+        assert!(s
+            .apply(&Command::SetBackendHealth {
+                id,
+                health: raft_store::cluster::Health::Failing
+            })
+            .rejected
+            .is_none());
+        let p = plan(&[mk(good)], &slices, &s, &cfg());
+        let reasons: Vec<&str> = p.notes.iter().map(|n| n.reason).collect();
+        assert!(
+            reasons.contains(&"BackendUnhealthy") && reasons.contains(&"HealthPanic"),
+            "{reasons:?}"
+        );
+        // Without the annotation the check goes.
+        let plain = svc(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u9"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+        }));
+        let p = plan(&[plain], &slices, &s, &cfg());
+        apply(&mut s, &p);
+        assert!(s.services.values().all(|x| x.health_check.is_none()));
     }
 }
