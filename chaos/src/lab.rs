@@ -529,43 +529,7 @@ impl Lab {
         be.ip(&format!("addr add {VIP6}/128 dev lo nodad"))?;
         be.sysctl("net.ipv4.conf.b0.rp_filter", "0")?;
         // The backend host runs holdfast-decap, as an operator's would.
-        let ready = self.spec.dir.join(format!("decap-b{j}.ready"));
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(self.spec.dir.join(format!("decap-b{j}.log")))?;
-        let exe = self.spec.exe.clone();
-        let mut child = be
-            .command(&exe)?
-            .args([
-                "_decap",
-                "--iface",
-                "b0",
-                "--vip",
-                VIP,
-                "--vip",
-                VIP6,
-                "--ready-file",
-            ])
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {} _decap", exe.display()))?;
-        let started = wait_until(
-            "holdfast-decap on a backend",
-            Duration::from_secs(10),
-            || {
-                if let Some(st) = child.try_wait()? {
-                    bail!("holdfast-decap exited ({st}); see decap-b{j}.log");
-                }
-                Ok(ready.exists())
-            },
-        );
-        if let Err(e) = started {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
+        let child = start_decap(&be, &self.spec, j)?;
         let decap = Some(child);
         let servers = Some(start_servers(&be, j)?);
         self.backends.push(Backend {
@@ -595,6 +559,34 @@ impl Lab {
             .ok_or_else(|| anyhow!("no backend host {j}"))?;
         if be.servers.is_none() {
             be.servers = Some(start_servers(&be.ns, j)?);
+        }
+        Ok(())
+    }
+
+    /// Stop backend host `j`'s decap agent (SIGTERM: it detaches; IPIP
+    /// packets to the host are no longer decapsulated).
+    pub fn stop_decap(&mut self, j: usize) -> Result<()> {
+        let be = self
+            .backends
+            .get_mut(j - 1)
+            .ok_or_else(|| anyhow!("no backend host {j}"))?;
+        if let Some(mut c) = be.decap.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Start backend host `j`'s decap agent again.
+    pub fn start_decap(&mut self, j: usize) -> Result<()> {
+        let spec = self.spec.clone();
+        let be = self
+            .backends
+            .get_mut(j - 1)
+            .ok_or_else(|| anyhow!("no backend host {j}"))?;
+        if be.decap.is_none() {
+            be.decap = Some(start_decap(&be.ns, &spec, j)?);
         }
         Ok(())
     }
@@ -1274,6 +1266,52 @@ impl Lab {
         }
         bail!("no leader known")
     }
+}
+
+/// Start `holdfast-decap` on backend host `j` (namespace `be`) and wait
+/// until it is attached.
+fn start_decap(be: &NetNs, spec: &LabSpec, j: usize) -> Result<std::process::Child> {
+    let ready = spec.dir.join(format!("decap-b{j}.ready"));
+    let _ = std::fs::remove_file(&ready);
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(spec.dir.join(format!("decap-b{j}.log")))?;
+    let exe = spec.exe.clone();
+    let mut child = be
+        .command(&exe)?
+        .args([
+            "_decap",
+            "--iface",
+            "b0",
+            "--vip",
+            VIP,
+            "--vip",
+            VIP6,
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {} _decap", exe.display()))?;
+    let started = wait_until(
+        "holdfast-decap on a backend",
+        Duration::from_secs(10),
+        || {
+            if let Some(st) = child.try_wait()? {
+                bail!("holdfast-decap exited ({st}); see decap-b{j}.log");
+            }
+            Ok(ready.exists())
+        },
+    );
+    if let Err(e) = started {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(child)
 }
 
 /// Backend host `j`'s servers: the VIPs (for clients, DSR) and the host's

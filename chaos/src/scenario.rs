@@ -1219,6 +1219,71 @@ fn health(cx: &mut Ctx) -> Result<()> {
             .insert("v6_broken_on_other_backends".into(), e6 as u64);
     }
 
+    // 5. Backend 3's decap agent stops: its server is fine, but VIP
+    //    packets are no longer decapsulated. Direct checks cannot see it;
+    //    checks through the VIP path can.
+    let deaf = 3;
+    let dids = ids_of(cx, deaf)?;
+    cx.say(format!(
+        "stopping backend {deaf}'s decap agent (direct checks)"
+    ));
+    let deaf_ms = cx.traffic.elapsed().as_millis() as u64;
+    cx.lab.stop_decap(deaf)?;
+    std::thread::sleep(interval * (check.fall + 4));
+    let c: ClusterState = cx.lab.api_get(leader, "/config")?;
+    let missed = dids.iter().all(|id| c.backends[id].health == Health::Up);
+    cx.counts
+        .insert("direct_checks_miss_dead_decap".into(), u64::from(missed));
+    cx.say("checks through the VIP path (IPIP / IPv6-in-IPv6) instead");
+    let t = Instant::now();
+    for name in lab::SERVICES {
+        let mut svc = c.services[name].clone();
+        if let Some(hc) = svc.health_check.as_mut() {
+            hc.via = raft_store::cluster::Via::Vip;
+        }
+        cx.lab
+            .write(raft_store::Command::PutService { service: svc })?;
+    }
+    let d = wait_health(
+        cx,
+        &dids,
+        "down",
+        |h| h == Health::Down,
+        Duration::from_secs(20),
+    )?;
+    cx.ms("vip_check_marked_dead_decap_down", t.elapsed());
+    cx.kill_windows
+        .push((deaf_ms, cx.traffic.elapsed().as_millis() as u64));
+    cx.say(format!(
+        "VIP-path checks marked backend {deaf} down everywhere ({} ms)",
+        d.as_millis()
+    ));
+    // The healthy backends pass through the VIP path.
+    let healthy: Vec<u32> = (1..=cx.lab.spec.backends)
+        .filter(|j| *j != deaf)
+        .map(|j| ids_of(cx, j))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    std::thread::sleep(interval * (check.fall + 2));
+    let c: ClusterState = cx.lab.api_get(leader, "/config")?;
+    let up = healthy
+        .iter()
+        .filter(|id| c.backends[id].health == Health::Up)
+        .count();
+    cx.counts
+        .insert("vip_checks_pass_on_healthy".into(), up as u64);
+    cx.counts
+        .insert("healthy_backend_ids".into(), healthy.len() as u64);
+    cx.lab.start_decap(deaf)?;
+    let d = wait_health(
+        cx,
+        &dids,
+        "up",
+        |h| h == Health::Up,
+        Duration::from_secs(20),
+    )?;
+    cx.ms("vip_check_marked_decap_up", d);
+
     // 4. Every backend fails.
     let hosts: Vec<usize> = (1..=cx.lab.spec.backends).collect();
     cx.say("stopping every backend's servers");

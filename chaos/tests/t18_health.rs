@@ -12,6 +12,10 @@
 //!   backend stays up everywhere, the leader's `GET /health` shows node 3
 //!   disagreeing and node 3's `holdfast_backend_check_up` is 0;
 //! - only flows on the dead backend broke (0 on the others, IPv4 and IPv6);
+//! - backend 3's decap agent stops: direct checks still pass (they do
+//!   not cover it); switched to checks through the VIP path (IPIP and
+//!   IPv6-in-IPv6 from the LB node) it is marked down, the healthy
+//!   backends pass, and it is up again once the agent runs;
 //! - every backend fails: the TCP service keeps a healthy set (failing)
 //!   and `holdfast_service_health_panic` is 1 on every node.
 
@@ -53,5 +57,14 @@ fn t18_health_checks_agree_across_the_tier() {
         "the dead backend had flows: {c:?}"
     );
     assert!(c["kept_when_all_fail"] >= 1, "{c:?}");
+    assert_eq!(c["direct_checks_miss_dead_decap"], 1, "{c:?}");
+    assert_eq!(
+        c["vip_checks_pass_on_healthy"], c["healthy_backend_ids"],
+        "every healthy backend passes through the VIP path: {c:?}"
+    );
+    assert!(r
+        .converge_ms
+        .contains_key("vip_check_marked_dead_decap_down"));
+    assert!(r.converge_ms.contains_key("vip_check_marked_decap_up"));
     assert!(r.short.ok > 1000, "short connections ran: {:?}", r.short);
 }

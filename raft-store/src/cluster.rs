@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::health::{CheckKind, Health, HealthCheck, OnDown};
+pub use crate::health::{CheckKind, Health, HealthCheck, OnDown, Via};
 
 /// Backend ids are allocated round-robin below this limit (the datapath's
 /// `max_backends` must be at least this), so a removed id is reused as late

@@ -56,6 +56,31 @@ impl std::str::FromStr for CheckKind {
     }
 }
 
+/// Where a check is sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// To the backend's own address (proves the host and the server on
+    /// that address; not the VIP on its loopback nor the decap agent).
+    #[default]
+    Direct,
+    /// To the VIP, encapsulated to the backend as the datapath sends client
+    /// packets; the answer comes back from the VIP (proves the decap agent,
+    /// the VIP and the server behind it). tcp, udp and dns checks.
+    Vip,
+}
+
+impl std::str::FromStr for Via {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(Self::Direct),
+            "vip" => Ok(Self::Vip),
+            other => Err(format!("health_check.via: {other:?} is not direct or vip")),
+        }
+    }
+}
+
 /// What happens to the established flows of a backend marked down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -158,6 +183,9 @@ pub struct HealthCheck {
     /// services, repick for UDP ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_down: Option<OnDown>,
+    /// direct (default) or vip: through the VIP path with encapsulation.
+    #[serde(default)]
+    pub via: Via,
 }
 
 impl HealthCheck {
@@ -178,6 +206,7 @@ impl HealthCheck {
             expect: None,
             query: None,
             on_down: None,
+            via: Via::Direct,
         }
     }
 
@@ -262,6 +291,12 @@ impl HealthCheck {
             self.kind != CheckKind::Dns && self.query.is_some(),
             "dns",
         )?;
+        if self.via == Via::Vip && matches!(self.kind, CheckKind::Http | CheckKind::Https) {
+            return f(
+                "via",
+                format!("vip works with tcp, udp and dns checks, not {}", self.kind),
+            );
+        }
         if let Some(p) = &self.path {
             if !p.starts_with('/')
                 || p.len() > 1024

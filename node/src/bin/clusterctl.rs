@@ -21,7 +21,7 @@ use node::{
 use raft_store::{
     cluster::{
         BackendState, CheckKind, ForwardingMode, HealthCheck, Member, OnDown, Proto, Revocation,
-        Service,
+        Service, Via,
     },
     ClusterState, Command, Request, Response,
 };
@@ -217,6 +217,14 @@ struct CheckArgs {
     /// (default: keep for TCP, repick for UDP).
     #[arg(long, value_parser = parse_on_down)]
     on_down: Option<OnDown>,
+    /// direct (to the backend's address) or vip (to the VIP, encapsulated
+    /// like client packets: covers the decap agent; tcp, udp, dns).
+    #[arg(long, value_parser = parse_via)]
+    check_via: Option<Via>,
+}
+
+fn parse_via(s: &str) -> Result<Via, String> {
+    s.parse()
 }
 
 fn parse_kind(s: &str) -> Result<CheckKind, String> {
@@ -241,6 +249,7 @@ impl CheckArgs {
                 ("--check-query", self.check_query.is_some()),
                 ("--check-port", self.check_port.is_some()),
                 ("--on-down", self.on_down.is_some()),
+                ("--check-via", self.check_via.is_some()),
             ];
             if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
                 return Err(Failure::Usage(format!("{flag} needs --check TYPE")));
@@ -262,6 +271,7 @@ impl CheckArgs {
             expect: self.check_expect.clone(),
             query: self.check_query.clone(),
             on_down: self.on_down,
+            via: self.check_via.unwrap_or_default(),
         };
         c.validate(port).map_err(Failure::Usage)?;
         Ok(Some(c))

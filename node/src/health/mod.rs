@@ -12,6 +12,7 @@
 
 pub mod probe;
 pub mod tally;
+pub mod vip;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -62,6 +63,7 @@ pub struct HealthState {
 #[derive(Clone, PartialEq)]
 struct Target {
     service: String,
+    vip: IpAddr,
     addr: IpAddr,
     port: u16,
     check: HealthCheck,
@@ -271,6 +273,7 @@ async fn check_loop(node: Arc<Node>) {
                         b.id,
                         Target {
                             service: svc.name.clone(),
+                            vip: svc.vip,
                             addr: b.addr,
                             port: check.port.unwrap_or(b.port),
                             check: check.clone(),
@@ -319,7 +322,7 @@ async fn check_backend(node: Arc<Node>, id: u32, t: Target) {
     let mut up = true;
     loop {
         tick.tick().await;
-        let o = probe::probe(&t.check, t.addr, t.port).await;
+        let o = probe::probe(&t.check, t.addr, t.port, t.vip).await;
         node.health.check_latency.observe(o.latency);
         let mut changed = false;
         if o.ok {

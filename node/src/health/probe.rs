@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use raft_store::cluster::{CheckKind, HealthCheck};
+use raft_store::cluster::{CheckKind, HealthCheck, Via};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, ServerName, UnixTime},
@@ -30,12 +30,16 @@ pub struct Outcome {
 /// Longest HTTP status line read.
 const MAX_STATUS_LINE: usize = 1024;
 
-/// Run `check` against `addr:port` within its timeout.
-pub async fn probe(check: &HealthCheck, addr: IpAddr, port: u16) -> Outcome {
+/// Run `check` against `addr:port` within its timeout (with `via = vip`:
+/// against `vip:port` through `addr`).
+pub async fn probe(check: &HealthCheck, addr: IpAddr, port: u16, vip: IpAddr) -> Outcome {
     let start = Instant::now();
     let timeout = Duration::from_millis(u64::from(check.timeout_ms));
     let target = SocketAddr::new(addr, port);
-    let r = tokio::time::timeout(timeout, run(check, target)).await;
+    let r = match check.via {
+        Via::Direct => tokio::time::timeout(timeout, run(check, target)).await,
+        Via::Vip => Ok(through_vip(check, addr, vip, port, timeout).await),
+    };
     let (ok, detail) = match r {
         Ok(Ok(d)) => (true, d),
         Ok(Err(e)) => (false, e),
@@ -90,6 +94,43 @@ async fn run(check: &HealthCheck, target: SocketAddr) -> Result<String, String> 
             let reply = udp_exchange(target, &q).await?;
             dns_verdict(id, &reply)
         }
+    }
+}
+
+async fn through_vip(
+    check: &HealthCheck,
+    backend: IpAddr,
+    vip: IpAddr,
+    port: u16,
+    timeout: Duration,
+) -> Result<String, String> {
+    let id = rand_id();
+    let payload: Vec<u8> = match check.kind {
+        CheckKind::Tcp => Vec::new(),
+        CheckKind::Udp => check.send.clone().unwrap_or_default().into_bytes(),
+        CheckKind::Dns => dns_query(id, check.query.as_deref().unwrap_or("."))?,
+        k => return Err(format!("{k} checks do not go through the VIP")),
+    };
+    let kind = check.kind;
+    let reply = tokio::task::spawn_blocking(move || {
+        let p = match kind {
+            CheckKind::Tcp => super::vip::Probe::TcpSyn,
+            _ => super::vip::Probe::Udp(&payload),
+        };
+        super::vip::exchange(p, backend, vip, port, timeout)
+    })
+    .await
+    .map_err(|e| format!("check task: {e}"))??;
+    match check.kind {
+        CheckKind::Tcp => Ok("SYN-ACK through the VIP".into()),
+        CheckKind::Dns => dns_verdict(id, &reply).map(|d| format!("{d} through the VIP")),
+        _ => match &check.expect {
+            Some(e) if !reply.starts_with(e.as_bytes()) => Err(format!(
+                "answer {:?} does not start with {e:?}",
+                String::from_utf8_lossy(&reply[..reply.len().min(64)])
+            )),
+            _ => Ok(format!("{} bytes answered through the VIP", reply.len())),
+        },
     }
 }
 
@@ -365,23 +406,23 @@ mod tests {
         });
         let lo: IpAddr = "127.0.0.1".parse().expect("lo");
         let tcp = HealthCheck::new(CheckKind::Tcp);
-        assert!(probe(&tcp, lo, port).await.ok);
+        assert!(probe(&tcp, lo, port, lo).await.ok);
         let http = HealthCheck {
             path: Some("/ok".into()),
             ..HealthCheck::new(CheckKind::Http)
         };
-        let o = probe(&http, lo, port).await;
+        let o = probe(&http, lo, port, lo).await;
         assert!(o.ok, "{o:?}");
         let bad = HealthCheck {
             path: Some("/sick".into()),
             ..HealthCheck::new(CheckKind::Http)
         };
-        let o = probe(&bad, lo, port).await;
+        let o = probe(&bad, lo, port, lo).await;
         assert!(!o.ok && o.detail.contains("503"), "{o:?}");
         srv.abort();
         // Nothing listens any more: refused.
         let _ = srv.await;
-        let o = probe(&tcp, lo, port).await;
+        let o = probe(&tcp, lo, port, lo).await;
         assert!(!o.ok, "{o:?}");
         // UDP with an expected answer prefix, and silence → timeout.
         let u = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
@@ -399,13 +440,13 @@ mod tests {
             expect: Some("po".into()),
             ..HealthCheck::new(CheckKind::Udp)
         };
-        assert!(probe(&udp, lo, uport).await.ok);
+        assert!(probe(&udp, lo, uport, lo).await.ok);
         let silent = HealthCheck {
             send: Some("other".into()),
             timeout_ms: 100,
             ..HealthCheck::new(CheckKind::Udp)
         };
-        let o = probe(&silent, lo, uport).await;
+        let o = probe(&silent, lo, uport, lo).await;
         assert!(!o.ok && o.detail.contains("within 100 ms"), "{o:?}");
         usrv.abort();
     }
