@@ -42,6 +42,10 @@ fn body(path: &str) -> Vec<u8> {
         "/cluster/join" => serde_json::to_value(member(7)),
         "/cluster/remove" => serde_json::to_value(node::wire::RemoveRequest { node_id: 3 }),
         "/drain" => serde_json::to_value(node::wire::DrainRequest { drain: true }),
+        "/health/report" => serde_json::to_value(node::wire::HealthReport {
+            node_id: 2,
+            views: Vec::new(),
+        }),
         other => panic!("no body for {other}"),
     };
     serde_json::to_vec(&v.expect("json")).expect("bytes")
