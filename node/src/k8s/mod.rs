@@ -264,7 +264,12 @@ async fn reconcile(
     let slices: Vec<EndpointSlice> = sl_store.state().iter().map(|s| (**s).clone()).collect();
     let state = node.sm.current().state.clone();
     let t_read = t0.elapsed();
-    let p = plan::plan(&services, &slices, &state, pcfg);
+    let mut p = plan::plan(&services, &slices, &state, pcfg);
+    p.notes.extend(plan::view_notes(
+        &services,
+        &state,
+        &node.health.table(node.id(), &state),
+    ));
     let t_plan = t0.elapsed();
     tracing::Span::current().record("commands", p.commands.len());
     if !p.commands.is_empty() {

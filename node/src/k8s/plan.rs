@@ -586,6 +586,57 @@ fn health_notes(services: &[Service], state: &ClusterState, out: &mut Plan) {
     }
 }
 
+/// Events for LB nodes whose own checks fail a backend the tier keeps up
+/// (the leader's `GET /health` table): the node's path may be at fault.
+pub fn view_notes(
+    services: &[Service],
+    state: &ClusterState,
+    table: &crate::wire::HealthTable,
+) -> Vec<Note> {
+    let mut out = Vec::new();
+    for row in table.backends.iter().filter(|r| !r.disagree.is_empty()) {
+        let Some(s) = state.services.get(&row.service) else {
+            continue;
+        };
+        let Some((ns, name)) = owner_of(&s.name) else {
+            continue;
+        };
+        let uid = services
+            .iter()
+            .find(|k| {
+                k.metadata.namespace.as_deref() == Some(ns.as_str())
+                    && k.metadata.name.as_deref() == Some(name.as_str())
+            })
+            .and_then(|k| k.metadata.uid.clone())
+            .unwrap_or_default();
+        for n in &row.disagree {
+            let detail = row
+                .views
+                .iter()
+                .find(|v| v.node_id == *n)
+                .map(|v| v.detail.clone())
+                .unwrap_or_default();
+            out.push(note(
+                "Service",
+                &ns,
+                &name,
+                &uid,
+                "NodeViewDiffers",
+                format!(
+                    "LB node {n} sees backend {} of {}:{}/{} {} ({detail}); the tier's verdict is {}",
+                    row.addr,
+                    s.vip,
+                    s.port,
+                    s.proto,
+                    if row.health == raft_store::cluster::Health::Down { "up" } else { "down" },
+                    row.health
+                ),
+            ));
+        }
+    }
+    out
+}
+
 fn diff(state: &ClusterState, want: &BTreeMap<String, WantService>, out: &mut Plan) {
     let mut removes = Vec::new();
     let mut puts = Vec::new();
@@ -879,6 +930,33 @@ mod tests {
         assert!(
             reasons.contains(&"BackendUnhealthy") && reasons.contains(&"HealthPanic"),
             "{reasons:?}"
+        );
+        // A node alone disagreeing: an Event on the Service.
+        let table = crate::wire::HealthTable {
+            leader: 1,
+            backends: vec![crate::wire::HealthRow {
+                backend_id: id,
+                service: s.backends[&id].service.clone(),
+                addr: s.backends[&id].addr,
+                health: raft_store::cluster::Health::Up,
+                views: vec![crate::wire::NodeView {
+                    node_id: 3,
+                    up: false,
+                    detail: "connect: refused".into(),
+                    latency_ms: 0.1,
+                    age_ms: 10,
+                    fresh: true,
+                }],
+                disagree: vec![3],
+            }],
+            panic: Default::default(),
+        };
+        let n = view_notes(&[mk(good)], &s, &table);
+        assert_eq!(n.len(), 1, "{n:?}");
+        assert!(
+            n[0].reason == "NodeViewDiffers"
+                && n[0].message.contains("LB node 3 sees backend 10.1.0.1"),
+            "{n:?}"
         );
         // Without the annotation the check goes.
         let plain = svc(serde_json::json!({
