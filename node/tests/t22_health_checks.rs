@@ -2,7 +2,8 @@
 //! no datapath): a check set with `services add --check`, real TCP servers
 //! as backends; one server stops → every node's config marks it down and
 //! `clusterctl backends -o json` shows the verdict with all three nodes'
-//! views; it starts again → up. Bad check arguments (interval 0, unknown
+//! views; the leader dies and the verdict stays; it starts again → up
+//! (decided by the new leader). Bad check arguments (interval 0, unknown
 //! type, a timeout longer than the interval) are refused by clusterctl
 //! with a message naming the field (exit 2) and change nothing.
 
@@ -18,7 +19,15 @@ fn clusterctl(c: &Cluster, args: &[&str]) -> Output {
     let pki = c.pki.clone();
     std::process::Command::new(env!("CARGO_BIN_EXE_clusterctl"))
         .arg("--node")
-        .arg(c.node(1).cfg.admin_addr.to_string())
+        .arg(
+            c.nodes
+                .values()
+                .next()
+                .expect("a live node")
+                .cfg
+                .admin_addr
+                .to_string(),
+        )
         .arg("--ca")
         .arg(pki.join("ca.pem"))
         .arg("--cert")
@@ -63,7 +72,7 @@ async fn wait_health(c: &Cluster, id: u32, want: Health, timeout: Duration) -> D
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
-    let c = Cluster::start_with(3, RaftTuning::default(), false).await;
+    let mut c = Cluster::start_with(3, RaftTuning::default(), false).await;
     c.wait_converged(Duration::from_secs(10)).await;
     // Two backend servers on one port of two loopback addresses.
     let a = tokio::net::TcpListener::bind("127.0.0.2:0")
@@ -207,6 +216,22 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
     let st = c.node(2).sm.current().state.clone();
     assert!(st.health_panic("web").is_none());
 
+    // The leader dies: the verdict is in Raft, the new leader (no views
+    // yet) does not flip it, and decides from the next reports.
+    let leader = c.wait_leader(Duration::from_secs(5)).await;
+    c.kill(leader).await;
+    let new = c.wait_leader(Duration::from_secs(10)).await;
+    assert_ne!(new, leader);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for n in c.nodes.values() {
+        assert_eq!(
+            n.sm.current().state.backends[&id_a].health,
+            Health::Down,
+            "node {} after the leader died",
+            n.id()
+        );
+    }
+
     // It comes back.
     let a = tokio::net::TcpListener::bind(("127.0.0.2", port))
         .await
@@ -217,6 +242,6 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
 
     // Removing the check: every backend counts as healthy, nothing is checked.
     ok(&clusterctl(&c, &["services", "check", "web", "--none"]));
-    let st = c.node(1).sm.current().state.clone();
+    let st = c.node(new).sm.current().state.clone();
     assert!(st.services["web"].health_check.is_none());
 }
