@@ -76,8 +76,9 @@ enum Cmd {
     Run {
         /// kill-node, churn-then-kill, kill-leader, restart-join,
         /// agent-restart, partition, rolling-restart, kill-two (5 nodes at
-        /// least), ipv6, lossy-sync, kill-during-join, or all; soak (not in
-        /// all: --soak-minutes, 30 by default).
+        /// least), ipv6, lossy-sync, kill-during-join, health (backend health
+        /// checks: flows on the backends it kills break by design), or all;
+        /// soak (not in all: --soak-minutes, 30 by default).
         scenario: String,
         /// One JSON object with a `scenarios` array on stdout.
         #[arg(long)]
@@ -277,9 +278,7 @@ fn run(
     }
     // Replication on must not break anything; a scenario that could not
     // run is a failure too.
-    let broken_with_sync = results
-        .iter()
-        .any(|r| r.sync && (r.tcp_broken > 0 || r.udp_broken > 0));
+    let broken_with_sync = results.iter().any(|r| r.sync && r.unexpected_broken() > 0);
     Ok(if errors.is_empty() && !broken_with_sync {
         ExitCode::SUCCESS
     } else {

@@ -141,6 +141,28 @@ pub struct ScenarioResult {
     pub duration_ms: u64,
 }
 
+impl ScenarioResult {
+    /// Flows that broke and should not have: in `health` the flows on the
+    /// backends it kills break by design (counted apart), only those on
+    /// the other backends count; elsewhere every broken flow counts.
+    pub fn unexpected_broken(&self) -> u64 {
+        if self.name == "health" {
+            self.counts
+                .get("broken_on_other_backends")
+                .copied()
+                .unwrap_or(u64::MAX)
+                .saturating_add(
+                    self.counts
+                        .get("v6_broken_on_other_backends")
+                        .copied()
+                        .unwrap_or(0),
+                )
+        } else {
+            (self.tcp_broken + self.udp_broken + self.v6.tcp_broken + self.v6.udp_broken) as u64
+        }
+    }
+}
+
 /// What one address family's long-lived flows saw.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FamilyResult {
