@@ -451,14 +451,22 @@ async fn decide_loop(node: Arc<Node>) {
             continue;
         }
         was_leader = true;
-        let state = node.sm.current().state.clone();
+        let cur = node.sm.current();
+        if !cur
+            .state
+            .services
+            .values()
+            .any(|s| s.health_check.is_some())
+        {
+            continue;
+        }
         let voters = node.voters();
         let changes =
             node.health
                 .tally
                 .lock()
                 .expect("tally")
-                .decide(&state, &voters, Instant::now());
+                .decide(&cur.state, &voters, Instant::now());
         if changes.is_empty() {
             continue;
         }
