@@ -9,6 +9,9 @@
 //! ```
 //! `--pin DIR` leaves the configured program (DIR/prog) and its maps pinned
 //! so an outside harness can run it side by side; remove DIR to clean up.
+//! `--cpus` adds the multi-CPU figures: the same loop on one thread pinned
+//! per CPU, all at once — each CPU its own flows, and all CPUs the same
+//! flow — per CPU ns/packet against one CPU alone, in the same run.
 
 use std::path::PathBuf;
 
@@ -25,6 +28,8 @@ struct Args {
     json: bool,
     iters: usize,
     pin: Option<PathBuf>,
+    /// Also run the loop on every CPU at once.
+    cpus: bool,
 }
 
 fn args() -> Result<Args> {
@@ -32,6 +37,7 @@ fn args() -> Result<Args> {
         json: false,
         iters: 20_000,
         pin: None,
+        cpus: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,8 +54,9 @@ fn args() -> Result<Args> {
                 }
             }
             "--pin" => a.pin = Some(it.next().context("--pin needs a directory")?.into()),
+            "--cpus" => a.cpus = true,
             "-h" | "--help" => {
-                println!("usage: datapath-bench [--json] [--iters N] [--pin DIR]");
+                println!("usage: datapath-bench [--json] [--iters N] [--pin DIR] [--cpus]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -120,6 +127,8 @@ fn main() -> Result<()> {
     let mut dp = Datapath::load(DatapathOptions {
         max_services: 8,
         conntrack_size: 1 << 20,
+        // Room for the multi-CPU rounds' new flows between drains.
+        ring_bytes: 1 << 24,
         pin_dir: args.pin.clone(),
         ..Default::default()
     })?;
@@ -197,6 +206,12 @@ fn main() -> Result<()> {
         );
     }
 
+    let multi = if args.cpus {
+        Some(multi_cpu(&dp, &nop, ifindex, args.iters, &mut events)?)
+    } else {
+        None
+    };
+
     let mut results = Vec::new();
     for c in &mut cases {
         let lb = median(&mut c.samples);
@@ -212,6 +227,9 @@ fn main() -> Result<()> {
             obj.insert((*key).into(), serde_json::json!(net_ns));
         }
         obj.insert("iters".into(), serde_json::json!(args.iters));
+        if let Some(m) = &multi {
+            obj.insert("multi_cpu".into(), m.to_json());
+        }
         obj.insert(
             "baseline_ns".into(),
             serde_json::json!(results.iter().map(|r| r.3).min().unwrap_or(0)),
@@ -226,6 +244,27 @@ fn main() -> Result<()> {
         for (name, _, lb, base, net_ns) in &results {
             println!("  {name:<52} {net_ns:>5} ns/packet   (raw {lb} ns, baseline {base} ns)");
         }
+        if let Some(m) = &multi {
+            println!(
+                "on {} CPUs at once (one pinned thread each), ns/packet per CPU against one CPU alone:",
+                m.cpus
+            );
+            for r in &m.rows {
+                println!(
+                    "  {:<44} alone {:>5}   all: {:<24} ratio {:.2} (scaling {:.2} of {})",
+                    r.case,
+                    r.alone_ns,
+                    r.per_cpu_ns
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    r.ratio,
+                    r.scaling,
+                    m.cpus
+                );
+            }
+        }
         if let Some(dir) = &args.pin {
             println!("program and maps left pinned under {}", dir.display());
         }
@@ -233,4 +272,222 @@ fn main() -> Result<()> {
     // With --pin, dropping the datapath keeps its pinned maps (and program).
     drop(dp);
     Ok(())
+}
+
+struct MultiRow {
+    case: &'static str,
+    /// Median net ns/packet with one thread on CPU 0 and the others idle.
+    alone_ns: u64,
+    /// Median net ns/packet of each CPU's thread, all running at once.
+    per_cpu_ns: Vec<u64>,
+    /// Mean of `per_cpu_ns` over `alone_ns`: the cost of sharing, per packet.
+    ratio: f64,
+    /// Packets per second of all CPUs over one CPU's (ideal: the CPU count).
+    scaling: f64,
+}
+
+struct Multi {
+    cpus: usize,
+    iters: usize,
+    rows: Vec<MultiRow>,
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The frames one thread sends in a case: `kind` 0 = its own established
+/// flow (`block` = its CPU), 1 = the flow every thread shares, 2 = new
+/// flows from address block `block`.
+fn frames_for(kind: usize, block: usize, iters: usize) -> Vec<Vec<u8>> {
+    let cpu = block;
+    match kind {
+        0 => vec![Packet::tcp(
+            &format!("192.0.2.{}", 20 + cpu),
+            40000,
+            "10.200.0.1",
+            80,
+            TCP_ACK,
+        )
+        .frame()],
+        1 => vec![Packet::tcp("192.0.2.10", 40000, "10.200.0.1", 80, TCP_ACK).frame()],
+        _ => (0..iters as u32)
+            .map(|i| {
+                // 100.128.0.0/9, 4096 addresses per block.
+                let c = 0x6480_0000u32 + ((cpu as u32) << 12) + i;
+                Packet::tcp(
+                    &std::net::Ipv4Addr::from(c).to_string(),
+                    23456,
+                    "10.200.0.1",
+                    80,
+                    TCP_SYN,
+                )
+                .frame()
+            })
+            .collect(),
+    }
+}
+
+/// `iters` runs on `cpu` interleaved with the baseline: (program, baseline)
+/// durations in ns.
+fn loop_on(
+    cpu: usize,
+    prog: std::os::fd::BorrowedFd<'_>,
+    nop: std::os::fd::BorrowedFd<'_>,
+    frames: &[Vec<u8>],
+    iters: usize,
+    ifindex: u32,
+    start: &std::sync::Barrier,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    pin_to(cpu);
+    start.wait();
+    let mut lb = Vec::with_capacity(iters);
+    let mut base = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let f = &frames[i % frames.len()];
+        let r = testrun::run_fd(prog, f, ifindex)?;
+        if r.verdict != XDP_TX {
+            bail!("CPU {cpu}: verdict {} instead of TX", r.verdict);
+        }
+        lb.push(r.duration.as_nanos() as u64);
+        base.push(testrun::run_fd(nop, f, ifindex)?.duration.as_nanos() as u64);
+    }
+    Ok((lb, base))
+}
+
+/// Rounds of "CPU 0 alone" and "every CPU at once", alternated so that the
+/// machine's drift hits both alike.
+const ROUNDS: usize = 10;
+
+fn multi_cpu(
+    dp: &Datapath,
+    nop: &Nop,
+    ifindex: u32,
+    iters: usize,
+    events: &mut datapath_ebpf::events::FlowEvents,
+) -> Result<Multi> {
+    use std::os::fd::AsFd;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let prog_fd = dp.program().fd().context("program fd")?;
+    let nop_fd = nop.program().fd().context("nop fd")?;
+    let (prog, nopf) = (prog_fd.as_fd(), nop_fd.as_fd());
+    // Own established flows: open one per CPU.
+    for cpu in 0..cpus {
+        let syn = Packet::tcp(
+            &format!("192.0.2.{}", 20 + cpu),
+            40000,
+            "10.200.0.1",
+            80,
+            TCP_SYN,
+        )
+        .frame();
+        if testrun::run_fd(prog, &syn, ifindex)?.verdict != XDP_TX {
+            bail!("priming the flow of CPU {cpu} failed");
+        }
+    }
+    let cases = [
+        ("conntrack hit, each CPU its own flow", 0usize),
+        ("conntrack hit, all CPUs the same flow", 1),
+        ("new flow, each CPU its own flows", 2),
+    ];
+    let per_round = (iters / ROUNDS).max(100);
+    let mut rows = Vec::new();
+    let mut sink = Vec::new();
+    for (case, kind) in cases {
+        // New flows: every round and phase its own addresses (block
+        // numbers past the CPUs' for the "alone" phase).
+        let block = |phase: usize, cpu: usize, round: usize| {
+            if kind == 2 {
+                (round * 2 + phase) * cpus + cpu
+            } else {
+                cpu
+            }
+        };
+        let (mut alone_lb, mut alone_base) = (Vec::new(), Vec::new());
+        let mut all: Vec<(Vec<u64>, Vec<u64>)> = vec![(Vec::new(), Vec::new()); cpus];
+        for round in 0..ROUNDS {
+            let f = frames_for(kind, block(0, 0, round), per_round);
+            let one = std::sync::Barrier::new(1);
+            let (l, b) = loop_on(0, prog, nopf, &f, per_round, ifindex, &one)?;
+            alone_lb.extend(l);
+            alone_base.extend(b);
+            let frames: Vec<Vec<Vec<u8>>> = (0..cpus)
+                .map(|c| frames_for(kind, block(1, c, round), per_round))
+                .collect();
+            let start = std::sync::Barrier::new(cpus);
+            let got = std::thread::scope(|s| -> Result<Vec<(Vec<u64>, Vec<u64>)>> {
+                let hs: Vec<_> = (0..cpus)
+                    .map(|c| {
+                        let (f, st) = (&frames[c], &start);
+                        s.spawn(move || loop_on(c, prog, nopf, f, per_round, ifindex, st))
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join()
+                            .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+                    })
+                    .collect()
+            })?;
+            for (acc, (l, b)) in all.iter_mut().zip(got) {
+                acc.0.extend(l);
+                acc.1.extend(b);
+            }
+            events.drain(&mut sink, usize::MAX);
+            sink.clear();
+        }
+        let alone = median(&mut alone_lb).saturating_sub(median(&mut alone_base));
+        let per_cpu: Vec<u64> = all
+            .iter_mut()
+            .map(|(l, b)| median(l).saturating_sub(median(b)))
+            .collect();
+        let mean = per_cpu.iter().sum::<u64>() as f64 / per_cpu.len() as f64;
+        let ratio = if alone > 0 { mean / alone as f64 } else { 0.0 };
+        rows.push(MultiRow {
+            case,
+            alone_ns: alone,
+            per_cpu_ns: per_cpu,
+            ratio,
+            scaling: if ratio > 0.0 {
+                cpus as f64 / ratio
+            } else {
+                0.0
+            },
+        });
+    }
+    let st = dp.stats()?;
+    if st.c[stat::RING_LOST] != 0 {
+        bail!(
+            "{} ring-buffer events lost in the multi-CPU runs",
+            st.c[stat::RING_LOST]
+        );
+    }
+    Ok(Multi {
+        cpus,
+        iters: per_round * ROUNDS,
+        rows,
+    })
+}
+
+impl Multi {
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cpus": self.cpus,
+            "iters": self.iters,
+            "rows": self.rows.iter().map(|r| serde_json::json!({
+                "case": r.case,
+                "alone_ns": r.alone_ns,
+                "per_cpu_ns": r.per_cpu_ns,
+                "ratio": r.ratio,
+                "scaling": r.scaling,
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
