@@ -817,7 +817,26 @@ impl Node {
                 self.join_through_peers().await
             };
             match res {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    // The leader answers after its own commit; wait (bounded)
+                    // for this node's log to show it before asking again.
+                    let t0 = Instant::now();
+                    while t0.elapsed() < Duration::from_secs(2)
+                        && !self.shutting_down.load(Ordering::Relaxed)
+                    {
+                        let s = self.sm.current();
+                        if s.state.members.contains_key(&self.id())
+                            && s.last_membership
+                                .membership()
+                                .voter_ids()
+                                .any(|v| v == self.id())
+                        {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
                 Err(e) => {
                     info!(error = %e, "not yet a registered voter; retrying");
                     tokio::time::sleep(backoff).await;
@@ -959,6 +978,17 @@ impl Node {
             self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([m.node_id])))
                 .await?;
             info!(node = m.node_id, "added voter");
+        } else {
+            // A retried join (the joiner had not yet applied our answer):
+            // the same member again changes nothing and takes no new epoch.
+            let cur = self.sm.current();
+            if cur.state.members.get(&m.node_id) == Some(&m) {
+                return Ok(Response {
+                    epoch: cur.state.epoch,
+                    rejected: None,
+                    backend_ids: Vec::new(),
+                });
+            }
         }
         self.write(Command::PutMember { member: m }.into()).await
     }
