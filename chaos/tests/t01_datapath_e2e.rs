@@ -60,6 +60,9 @@ fn t01_tcp_and_udp_through_xdp_and_back_by_dsr() {
         );
 
         let mut useen = HashSet::new();
+        // Held until the end: a closed socket's port may be handed to the
+        // next one, whose flow would then be the same conntrack entry.
+        let mut flows = Vec::new();
         for i in 0..30 {
             let flow = lab.udp_socket(v6).expect("udp socket");
             let be = flow
@@ -76,6 +79,7 @@ fn t01_tcp_and_udp_through_xdp_and_back_by_dsr() {
                 IPPROTO_UDP,
                 be,
             );
+            flows.push(flow);
         }
         assert!(
             useen.len() >= 2,

@@ -9,6 +9,14 @@
  *    closed it (FIN/RST seen), or idle past the TCP timeout: re-pick;
  *  - a UDP packet finds it idle past the UDP timeout: re-pick (new flow).
  *
+ * SYN floods: while a CPU sees more new SYNs than the configured rate, a
+ * SYN is forwarded by Maglev and makes no entry (nor event); the
+ * handshake's first non-SYN packet (the client's ACK) picks the same
+ * backend and makes the entry. Spoofed SYNs, which never complete, thus
+ * cannot evict established flows here nor fill the peers' maps. (A half-open
+ * table for flooded SYNs was measured: its inserts cost 40-250 ns more per
+ * SYN than no state, by its size; see docs/architecture.md.)
+ *
  * Benign races: two CPUs may create the entry of one new flow at once; both
  * pick the same backend (Maglev is deterministic), so the last write wins
  * harmlessly. last_seen_ns and flags are written in place without atomics: a
@@ -100,6 +108,56 @@ static __always_inline void ct_closing_event(const struct pkt *p,
 }
 
 /*
+ * SYN flood detection, per CPU: a SYN that would create state counts in the
+ * current window; this CPU is flooded while the current or the previous
+ * window holds more than lb_syn_window_max of them. So at the onset of a
+ * flood at most lb_syn_window_max SYNs per CPU reach conntrack, and flood
+ * mode ends one to two windows after the flood does.
+ */
+static __always_inline int syn_flood(__u64 now)
+{
+	__u32 zero = 0;
+	struct lb_syn_rate *r;
+
+	if (!lb_syn_window_max)
+		return 0;
+	r = bpf_map_lookup_elem(&lb_syn_rate, &zero);
+	if (!r)
+		return 0;
+	__u64 age = now - r->window_ns;
+	if (age >= lb_syn_window_ns) {
+		r->prev = age < 2 * lb_syn_window_ns ? r->count : 0;
+		r->window_ns = now;
+		r->count = 0;
+	}
+	r->count++;
+	return r->count > lb_syn_window_max || r->prev > lb_syn_window_max;
+}
+
+/*
+ * Whether this CPU is in SYN flood mode, without counting a SYN: the
+ * state syn_flood() would return (the current window, or the previous one
+ * if the current has not been opened yet).
+ */
+static __always_inline int cpu_flooded(__u64 now)
+{
+	__u32 zero = 0;
+	struct lb_syn_rate *r;
+
+	if (!lb_syn_window_max)
+		return 0;
+	r = bpf_map_lookup_elem(&lb_syn_rate, &zero);
+	if (!r)
+		return 0;
+	__u64 age = now - r->window_ns;
+	if (age >= 2 * lb_syn_window_ns)
+		return 0;
+	if (age >= lb_syn_window_ns)
+		return r->count > lb_syn_window_max;
+	return r->count > lb_syn_window_max || r->prev > lb_syn_window_max;
+}
+
+/*
  * Clocks: the conntrack-hit path reads the coarse monotonic clock (a tick of
  * accuracy is plenty for idle timeouts and refreshes, and it is much cheaper);
  * a new entry's created_ns uses the precise clock, because replication lag is
@@ -159,8 +217,14 @@ static __always_inline struct lb_backend *select_backend(const struct pkt *p,
 		return be;
 	}
 	if (tcp && !syn && !p->icmp_err) {
-		stat_add(st, LB_STAT_MIDFLOW_MISS, 1);
-		svc_stat_add(ss, LB_SVC_MIDFLOW_MISS, 1);
+		/* During a SYN flood, SYNs make no entry: a handshake's first
+		 * non-SYN packet lands here, and is not a broken flow. */
+		if (cpu_flooded(bpf_ktime_get_ns())) {
+			stat_add(st, LB_STAT_FLOOD_HANDSHAKE, 1);
+		} else {
+			stat_add(st, LB_STAT_MIDFLOW_MISS, 1);
+			svc_stat_add(ss, LB_SVC_MIDFLOW_MISS, 1);
+		}
 	}
 
 pick:
@@ -168,6 +232,14 @@ pick:
 	if (!be)
 		return NULL;
 	now = bpf_ktime_get_ns();
+	/* A new flow's SYN on a flooded CPU: forwarded by Maglev, no state (a
+	 * SYN that found a stale entry re-picks it: its next packet looks there). */
+	if (syn && !ct && syn_flood(now)) {
+		stat_add(st, LB_STAT_SYN_FLOOD, 1);
+		*bid_out = bid;
+		*now_out = now;
+		return be;
+	}
 	*bid_out = bid;
 	*now_out = now;
 	/* An ICMP error never creates state: it follows or borrows the flow's pick. */

@@ -81,6 +81,13 @@ volatile const __u64 lb_nh_cache_ns = 100000000ULL;
 volatile const __u32 lb_mtu = 1500;
 /* Origin id stamped into the conntrack entries this node creates. */
 volatile const __u32 lb_node_id = 0;
+/*
+ * SYN flood protection: most SYNs that may create conntrack state on one CPU
+ * in one window of lb_syn_window_ns (0: protection off). Above it, and for
+ * the whole next window, SYNs are forwarded without state.
+ */
+volatile const __u32 lb_syn_window_max = 2000;
+volatile const __u64 lb_syn_window_ns = 100000000ULL;
 /* Seed of the flow hash; must be equal on every LB node of a cluster. */
 volatile const __u32 lb_hash_seed = 0x686f6c64; /* "hold" */
 

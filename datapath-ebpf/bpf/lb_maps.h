@@ -67,6 +67,20 @@ struct {
 	__type(value, struct lb_ct_val);
 } lb_conntrack SEC(".maps");
 
+/* Per-CPU rate of SYNs that create state (not part of the ABI). */
+struct lb_syn_rate {
+	__u64 window_ns; /* start of the current window */
+	__u32 count;     /* SYNs in it */
+	__u32 prev;      /* SYNs in the window before, if it was the previous one */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_syn_rate);
+} lb_syn_rate SEC(".maps");
+
 /* New-flow events for the replication layer. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

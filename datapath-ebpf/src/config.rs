@@ -22,6 +22,11 @@ pub struct DatapathOptions {
     pub conntrack_size: u32,
     /// New-flow ring buffer size in bytes (a power of two, >= 4096).
     pub ring_bytes: u32,
+    /// SYN flood protection: new TCP SYNs per second and CPU that may enter
+    /// conntrack (counted in 100 ms windows); above it, and for one window
+    /// after, SYNs are forwarded by Maglev without an entry, which the
+    /// handshake's next packet makes. 0 turns the protection off.
+    pub syn_flood_rate: u32,
     pub tcp_idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
     /// A TCP entry whose client sent FIN or RST is expired after this long
@@ -47,6 +52,7 @@ impl Default for DatapathOptions {
             max_table_size: DEFAULT_TABLE_SIZE,
             conntrack_size: 1 << 20,
             ring_bytes: 1 << 20,
+            syn_flood_rate: 20_000,
             tcp_idle_timeout: Duration::from_secs(3600),
             udp_idle_timeout: Duration::from_secs(300),
             tcp_closing_timeout: Duration::from_secs(30),
@@ -59,7 +65,19 @@ impl Default for DatapathOptions {
     }
 }
 
+/// Length of the datapath's SYN counting window.
+pub const SYN_WINDOW: Duration = Duration::from_millis(100);
+
 impl DatapathOptions {
+    /// SYNs per CPU and window that may enter conntrack (0: no limit).
+    pub fn syn_window_max(&self) -> u32 {
+        if self.syn_flood_rate == 0 {
+            return 0;
+        }
+        let per_window = u64::from(self.syn_flood_rate) * SYN_WINDOW.as_millis() as u64 / 1000;
+        per_window.max(1) as u32
+    }
+
     /// Check every field; the error names the first bad one and why.
     pub fn validate(&self) -> Result<()> {
         if self.max_services == 0 || self.max_services > 65_536 {
@@ -88,6 +106,12 @@ impl DatapathOptions {
             return Err(Error::invalid(
                 "ring_bytes",
                 format!("{} is not a power of two >= 4096", self.ring_bytes),
+            ));
+        }
+        if self.syn_flood_rate > 100_000_000 {
+            return Err(Error::invalid(
+                "syn_flood_rate",
+                "must be at most 100000000 SYNs per second and CPU (0: off)",
             ));
         }
         if self.tcp_idle_timeout.is_zero() {

@@ -51,6 +51,7 @@ pub(crate) const M_SVC_STATS: &str = "lb_svc_stats";
 pub(crate) const M_META: &str = "lb_meta";
 pub(crate) const M_NH_CACHE: &str = "lb_nh_cache";
 pub(crate) const M_IFACES: &str = "lb_ifaces";
+/// The maps pinned with `pin_dir` (a restart adopts them).
 const ALL_MAPS: [&str; 10] = [
     M_SERVICES,
     M_VIPS,
@@ -226,6 +227,8 @@ impl Datapath {
         let udp_ns = opts.udp_idle_timeout.as_nanos() as u64;
         let refresh_ns = opts.ct_refresh.as_nanos() as u64;
         let node_id = u32::from(opts.node_id);
+        let syn_max = opts.syn_window_max();
+        let syn_window_ns = crate::config::SYN_WINDOW.as_nanos() as u64;
 
         let mut loader = EbpfLoader::new();
         loader
@@ -241,7 +244,9 @@ impl Datapath {
             .override_global("lb_ct_refresh_ns", &refresh_ns, true)
             .override_global("lb_mtu", &opts.mtu, true)
             .override_global("lb_node_id", &node_id, true)
-            .override_global("lb_hash_seed", &opts.hash_seed, true);
+            .override_global("lb_hash_seed", &opts.hash_seed, true)
+            .override_global("lb_syn_window_max", &syn_max, true)
+            .override_global("lb_syn_window_ns", &syn_window_ns, true);
         let mut adopted = false;
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => {

@@ -294,6 +294,9 @@ pub struct DatapathSection {
     pub max_table_size: u32,
     pub conntrack_size: u32,
     pub ring_bytes: u32,
+    /// New SYNs per second and CPU that enter conntrack before SYN flood
+    /// mode forwards them without state (0: protection off).
+    pub syn_flood_rate: u32,
     pub mtu: u32,
     pub hash_seed: u32,
     pub tcp_idle_timeout_s: u64,
@@ -316,6 +319,7 @@ impl Default for DatapathSection {
             max_table_size: d.max_table_size,
             conntrack_size: d.conntrack_size,
             ring_bytes: d.ring_bytes,
+            syn_flood_rate: d.syn_flood_rate,
             mtu: d.mtu,
             hash_seed: d.hash_seed,
             tcp_idle_timeout_s: d.tcp_idle_timeout.as_secs(),
@@ -333,6 +337,7 @@ impl DatapathSection {
             max_table_size: self.max_table_size,
             conntrack_size: self.conntrack_size,
             ring_bytes: self.ring_bytes,
+            syn_flood_rate: self.syn_flood_rate,
             tcp_idle_timeout: Duration::from_secs(self.tcp_idle_timeout_s),
             udp_idle_timeout: Duration::from_secs(self.udp_idle_timeout_s),
             tcp_closing_timeout: Duration::from_secs(self.tcp_closing_timeout_s),
@@ -661,6 +666,16 @@ enabled = false
             .unwrap_err()
             .to_string()
             .contains("datapath.mtu"));
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.datapath.enabled = true;
+        c.datapath.syn_flood_rate = 200_000_000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("datapath.syn_flood_rate"), "{e}");
+        let mut c = NodeConfig::parse(GOOD).expect("parse");
+        c.datapath.enabled = true;
+        c.datapath.syn_flood_rate = 0;
+        c.validate()
+            .expect("syn_flood_rate 0 turns the protection off");
         let mut c = NodeConfig::parse(GOOD).expect("parse");
         c.join = vec!["127.0.0.1:1".parse().expect("a")];
         assert!(c.validate().unwrap_err().to_string().contains("bootstrap"));

@@ -164,6 +164,8 @@ enum lb_stat {
 	LB_STAT_DROP_UNSUPPORTED, /* e.g. IPv6 client to an IPv4-only backend */
 	LB_STAT_DROP_ADJUST,      /* bpf_xdp_adjust_head/tail failed */
 	LB_STAT_PASS_OTHERHOST,   /* unicast frame for another MAC (promiscuous port): to the kernel */
+	LB_STAT_SYN_FLOOD,        /* SYN flood mode: a SYN forwarded by Maglev without state */
+	LB_STAT_FLOOD_HANDSHAKE,  /* SYN flood mode: a TCP non-SYN with no entry (a handshake completing) */
 	LB_STAT_MAX = 24,
 };
 

@@ -12,6 +12,10 @@
 //! `--cpus` adds the multi-CPU figures: the same loop on one thread pinned
 //! per CPU, all at once — each CPU its own flows, and all CPUs the same
 //! flow — per CPU ns/packet against one CPU alone, in the same run.
+//! `--syn-flood` adds the SYN flood case: conntrack full of established
+//! flows, twice as many spoofed SYNs on one CPU, with the SYN flood
+//! protection off and on side by side — ns and packets/s per SYN,
+//! established flows evicted, and the cost of a handshake's ACK.
 
 use std::path::PathBuf;
 
@@ -30,6 +34,8 @@ struct Args {
     pin: Option<PathBuf>,
     /// Also run the loop on every CPU at once.
     cpus: bool,
+    /// Also run the SYN flood case (conntrack full, protection off and on).
+    syn_flood: bool,
 }
 
 fn args() -> Result<Args> {
@@ -38,6 +44,7 @@ fn args() -> Result<Args> {
         iters: 20_000,
         pin: None,
         cpus: false,
+        syn_flood: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,8 +62,11 @@ fn args() -> Result<Args> {
             }
             "--pin" => a.pin = Some(it.next().context("--pin needs a directory")?.into()),
             "--cpus" => a.cpus = true,
+            "--syn-flood" => a.syn_flood = true,
             "-h" | "--help" => {
-                println!("usage: datapath-bench [--json] [--iters N] [--pin DIR] [--cpus]");
+                println!(
+                    "usage: datapath-bench [--json] [--iters N] [--pin DIR] [--cpus] [--syn-flood]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -129,6 +139,12 @@ fn main() -> Result<()> {
         conntrack_size: 1 << 20,
         // Room for the multi-CPU rounds' new flows between drains.
         ring_bytes: 1 << 24,
+        // The new-flow cases time a SYN entering conntrack: the path of
+        // every SYN below the flood rate, counting included. The bench sends
+        // them far faster than the default rate, so the rate here is the
+        // highest allowed (counted, never reached); flood mode is timed by
+        // --syn-flood.
+        syn_flood_rate: 100_000_000,
         pin_dir: args.pin.clone(),
         ..Default::default()
     })?;
@@ -212,6 +228,14 @@ fn main() -> Result<()> {
         None
     };
 
+    let flood = if args.syn_flood {
+        // Its own datapaths (small conntrack, protection off and on).
+        drop(events);
+        Some(syn_flood(&nop, ifindex)?)
+    } else {
+        None
+    };
+
     let mut results = Vec::new();
     for c in &mut cases {
         let lb = median(&mut c.samples);
@@ -229,6 +253,9 @@ fn main() -> Result<()> {
         obj.insert("iters".into(), serde_json::json!(args.iters));
         if let Some(m) = &multi {
             obj.insert("multi_cpu".into(), m.to_json());
+        }
+        if let Some(f) = &flood {
+            obj.insert("syn_flood".into(), f.to_json());
         }
         obj.insert(
             "baseline_ns".into(),
@@ -264,6 +291,9 @@ fn main() -> Result<()> {
                     m.cpus
                 );
             }
+        }
+        if let Some(f) = &flood {
+            f.print();
         }
         if let Some(dir) = &args.pin {
             println!("program and maps left pinned under {}", dir.display());
@@ -490,6 +520,219 @@ impl Multi {
                 "per_cpu_ns": r.per_cpu_ns,
                 "ratio": r.ratio,
                 "scaling": r.scaling,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Conntrack entries of the SYN flood case, all established before it.
+const FLOOD_CT: u32 = 1 << 18;
+/// Spoofed SYNs sent: twice conntrack.
+const FLOOD_SYNS: u32 = 2 * FLOOD_CT;
+/// Handshakes timed in flood mode (SYN, then the ACK that makes the entry).
+const FLOOD_ACKS: u32 = 20_000;
+
+struct FloodRow {
+    /// SYN flood rate of the datapath (0: protection off).
+    rate: u32,
+    /// Net ns per flood SYN (median of the program minus the baseline's).
+    syn_ns: u64,
+    /// 1e9 / syn_ns: SYNs per second one CPU sustains.
+    pps: u64,
+    established_before: usize,
+    established_after: usize,
+    /// SYNs forwarded without state.
+    stateless: u64,
+    new_entries: u64,
+    /// Net ns of a handshake's ACK: conntrack miss, Maglev, insert and ring
+    /// record (protection on) or a conntrack hit (off).
+    ack_ns: u64,
+    /// Handshake ACKs that made their entry (flood mode).
+    handshakes: u64,
+}
+
+struct Flood {
+    rows: Vec<FloodRow>,
+}
+
+fn syn_flood(nop: &Nop, ifindex: u32) -> Result<Flood> {
+    use datapath_ebpf::abi::{CtKey, CtVal, IPPROTO_TCP};
+    pin_to(0);
+    let vip: std::net::IpAddr = "10.200.0.1".parse().expect("static");
+    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let established: Vec<(CtKey, CtVal)> = (0..FLOOD_CT)
+        .map(|i| {
+            let client = std::net::Ipv4Addr::from(0x0a00_0000u32 + i); // 10.0.0.0/8
+            (
+                CtKey::new(client.into(), 40000, vip, 80, IPPROTO_TCP),
+                CtVal {
+                    backend_id: 1,
+                    flags: 0,
+                    origin: 0,
+                    created_ns: now,
+                    last_seen_ns: now,
+                },
+            )
+        })
+        .collect();
+    let syn = |base: u32, i: u32, flags: u8| {
+        Packet::tcp(
+            &std::net::Ipv4Addr::from(base + i).to_string(),
+            2000,
+            "10.200.0.1",
+            80,
+            flags,
+        )
+        .frame()
+    };
+    let flood: Vec<Vec<u8>> = (0..FLOOD_SYNS)
+        .map(|i| syn(0x6440_0000, i, TCP_SYN))
+        .collect();
+    // Both datapaths side by side, each SYN sent to one then the other, so
+    // the machine's drift hits both alike.
+    let rates = [0u32, DatapathOptions::default().syn_flood_rate];
+    let mut dps = Vec::new();
+    for rate in rates {
+        let mut dp = Datapath::load(DatapathOptions {
+            max_services: 8,
+            conntrack_size: FLOOD_CT,
+            ring_bytes: 1 << 24,
+            syn_flood_rate: rate,
+            ..Default::default()
+        })?;
+        dp.apply(&config())?;
+        let events = dp.take_flow_events()?;
+        if dp.ct_insert_batch(&established)? != established.len() {
+            bail!("filling conntrack failed");
+        }
+        dps.push((dp, events));
+    }
+    let mut sink = Vec::new();
+    let mut run = |dps: &mut Vec<(Datapath, datapath_ebpf::events::FlowEvents)>,
+                   frames: &[Vec<u8>],
+                   timed: &dyn Fn(usize) -> bool|
+     -> Result<Vec<(Vec<u64>, Vec<u64>)>> {
+        let mut out = vec![(Vec::new(), Vec::new()); dps.len()];
+        for (i, f) in frames.iter().enumerate() {
+            for (d, (dp, _)) in dps.iter().enumerate() {
+                let r = testrun::run(dp.program(), f, ifindex)?;
+                if r.verdict != XDP_TX {
+                    bail!("SYN flood case: verdict {}", r.verdict);
+                }
+                if timed(i) {
+                    out[d].0.push(r.duration.as_nanos() as u64);
+                    if out[d].0.len() % 4 == 1 {
+                        let b = testrun::run(nop.program(), f, ifindex)?;
+                        out[d].1.push(b.duration.as_nanos() as u64);
+                    }
+                }
+            }
+            if i % 4096 == 4095 {
+                for (_, ev) in dps.iter_mut() {
+                    ev.drain(&mut sink, usize::MAX);
+                    sink.clear();
+                }
+            }
+        }
+        Ok(out)
+    };
+    let mut syn_t = run(&mut dps, &flood, &|_| true)?;
+    let mut after = Vec::new();
+    for (dp, _) in &dps {
+        let kept = established
+            .iter()
+            .filter(|(k, _)| matches!(dp.ct_get(k), Ok(Some(_))))
+            .count();
+        let st = dp.stats()?;
+        after.push((kept, st.c[stat::SYN_FLOOD], st.c[stat::NEW_FLOWS]));
+    }
+    // Handshakes completing while the flood goes on: SYN, then its ACK
+    // (timed), interleaved with flood SYNs (the counting loop above paused
+    // the flood for longer than a window). With the protection the SYN makes
+    // no state and the ACK makes the entry; without, the ACK is a conntrack
+    // hit.
+    let mut hs = Vec::with_capacity(FLOOD_ACKS as usize * 4);
+    for i in 0..FLOOD_ACKS {
+        hs.push(syn(0x64c0_0000, 2 * i, TCP_SYN));
+        hs.push(syn(0x64c0_0000, 2 * i + 1, TCP_SYN));
+        hs.push(syn(0x6480_0000, i, TCP_SYN));
+        hs.push(syn(0x6480_0000, i, TCP_ACK));
+    }
+    let handshakes_before: Vec<u64> = dps
+        .iter()
+        .map(|(dp, _)| dp.stats().map(|s| s.c[stat::FLOOD_HANDSHAKE]))
+        .collect::<datapath_ebpf::Result<_>>()?;
+    let mut ack_t = run(&mut dps, &hs, &|i| i % 4 == 3)?;
+    let mut rows = Vec::new();
+    for (d, (dp, _)) in dps.iter().enumerate() {
+        let st = dp.stats()?;
+        if st.c[stat::MIDFLOW_MISS] != 0 {
+            bail!("{} handshake ACKs found no state", st.c[stat::MIDFLOW_MISS]);
+        }
+        if st.c[stat::RING_LOST] != 0 {
+            bail!(
+                "{} ring events lost in the SYN flood case",
+                st.c[stat::RING_LOST]
+            );
+        }
+        let syn_ns = median(&mut syn_t[d].0).saturating_sub(median(&mut syn_t[d].1));
+        rows.push(FloodRow {
+            rate: rates[d],
+            syn_ns,
+            pps: 1_000_000_000 / syn_ns.max(1),
+            established_before: established.len(),
+            established_after: after[d].0,
+            stateless: after[d].1,
+            new_entries: after[d].2,
+            ack_ns: median(&mut ack_t[d].0).saturating_sub(median(&mut ack_t[d].1)),
+            handshakes: st.c[stat::FLOOD_HANDSHAKE] - handshakes_before[d],
+        });
+    }
+    Ok(Flood { rows })
+}
+
+impl Flood {
+    fn print(&self) {
+        println!(
+            "SYN flood on one CPU: conntrack of {FLOOD_CT} entries full of established flows, \
+             {FLOOD_SYNS} spoofed SYNs, then {FLOOD_ACKS} handshakes:"
+        );
+        for r in &self.rows {
+            let what = if r.rate == 0 {
+                "protection off".to_string()
+            } else {
+                format!("protection on ({}/s per CPU)", r.rate)
+            };
+            println!(
+                "  {what:<34} SYN {:>4} ns ({:>8} SYN/s), established kept {:>6} of {} \
+                 ({} SYNs without state, {} entered), handshake ACK {} ns ({} in flood mode)",
+                r.syn_ns,
+                r.pps,
+                r.established_after,
+                r.established_before,
+                r.stateless,
+                r.new_entries,
+                r.ack_ns,
+                r.handshakes
+            );
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "conntrack_entries": FLOOD_CT,
+            "flood_syns": FLOOD_SYNS,
+            "handshakes": FLOOD_ACKS,
+            "rows": self.rows.iter().map(|r| serde_json::json!({
+                "syn_flood_rate": r.rate,
+                "syn_ns": r.syn_ns,
+                "syn_per_s": r.pps,
+                "established_before": r.established_before,
+                "established_after": r.established_after,
+                "syn_without_state": r.stateless,
+                "new_entries": r.new_entries,
+                "handshake_ack_ns": r.ack_ns,
+                "flood_handshakes": r.handshakes,
             })).collect::<Vec<_>>(),
         })
     }

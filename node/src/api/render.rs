@@ -327,6 +327,12 @@ fn datapath_stat_help(stat: &str) -> &'static str {
         "LB_STAT_DROP_UNSUPPORTED" => "VIP packets of an unsupported kind (IP options, extension headers), dropped",
         "LB_STAT_DROP_ADJUST" => "Packets dropped because the frame could not be grown for encapsulation",
         "LB_STAT_PASS_OTHERHOST" => "Unicast frames for another MAC (flooded or promiscuous), left to the kernel",
+        "LB_STAT_SYN_FLOOD" => {
+            "SYNs forwarded by Maglev without a conntrack entry because their CPU was over the SYN flood rate"
+        }
+        "LB_STAT_FLOOD_HANDSHAKE" => {
+            "TCP packets without an entry during a SYN flood (handshakes completing), entered by Maglev"
+        }
         _ => "Datapath counter (see docs/operations.md)",
     }
 }

@@ -236,6 +236,9 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             // (262k events) absorbs the burst; losses are reported.
             ring_bytes: 1 << 24,
             node_id: id as u16,
+            // Flows are made by SYN frames alone at rates a CPU would call a
+            // flood: every SYN must enter conntrack (and replication).
+            syn_flood_rate: 0,
             ..Default::default()
         })?;
         dp.apply(&config())?;

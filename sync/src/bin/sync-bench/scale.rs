@@ -150,6 +150,9 @@ fn node(rt: &Runtime, id: u64, ca: &str, ca_key: &str, conntrack_size: u32) -> R
         conntrack_size,
         ring_bytes: 1 << 24,
         node_id: id as u16,
+        // SYN frames alone at up to 200 000/s: every one must enter
+        // conntrack (and replication), so no SYN flood mode.
+        syn_flood_rate: 0,
         ..Default::default()
     })?;
     dp.apply(&config())?;
