@@ -87,6 +87,9 @@ impl Default for SyncSection {
 pub const KIND_SYNC: u8 = 0x10;
 pub const KIND_SNAPSHOT: u8 = 0x11;
 const SNAPSHOT_CHUNK: usize = 1024;
+/// Batches up to this many entries are written into the map on the
+/// receiving task itself (see `apply`).
+const INLINE_APPLY: usize = 64;
 
 #[derive(Default)]
 pub struct PeerStats {
@@ -105,6 +108,10 @@ pub struct SyncMetrics {
     pub peers: Mutex<BTreeMap<u64, Arc<PeerStats>>>,
     /// Creation on the origin → applied here.
     pub lag: Histogram,
+    /// Where that lag goes, as milestones from creation (each includes the
+    /// ones before): read from the ring and handed to QUIC on the origin,
+    /// received here. Applied is `lag`.
+    pub stages: LagStages,
     pub batches_sent: AtomicU64,
     /// Bytes written on replication streams (frames, incl. headers).
     pub bytes_sent: AtomicU64,
@@ -120,6 +127,29 @@ pub struct SyncMetrics {
     /// Own entries queued in refresh rounds (to every peer).
     pub refresh_sent: AtomicU64,
     pub expired: AtomicU64,
+}
+
+/// Milestones of a replicated entry, measured from its creation on the
+/// origin (the datapath's insert): `ring` when the origin's consumer read it
+/// from the ring buffer, `queued` when the peer's session took it into its
+/// batch (recorded on the origin, per peer), `sent` when its batch was handed to the QUIC stream
+/// (recorded on the origin), `received` when its batch was read off the
+/// stream on a peer (recorded on the peer). New flows only (a closing event
+/// carries its flow's creation time).
+#[derive(Default)]
+pub struct LagStages {
+    pub ring: Histogram,
+    pub queued: Histogram,
+    pub sent: Histogram,
+    pub received: Histogram,
+}
+
+/// Creation → `now_unix` of the new-flow entries among `entries`.
+fn ages(entries: &[WireEntry], now_unix: u64) -> impl Iterator<Item = Duration> + '_ {
+    entries
+        .iter()
+        .filter(|e| e.flags & datapath_ebpf::abi::CT_F_CLOSING == 0)
+        .map(move |e| Duration::from_nanos(now_unix.saturating_sub(e.created)))
 }
 
 /// Replication state of a node, as the admin API reports it.
@@ -302,6 +332,12 @@ impl SyncService {
         }
     }
 
+    /// Now on the wire's clock (Unix ns).
+    fn unix_now(&self) -> u64 {
+        self.clock
+            .to_unix(datapath_ebpf::loader::monotonic_now().as_nanos() as u64)
+    }
+
     fn peer_stats(&self, peer: u64) -> Arc<PeerStats> {
         self.metrics
             .peers
@@ -346,6 +382,11 @@ impl SyncService {
                 return;
             }
             let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+            self.metrics.stages.ring.observe_many(
+                buf.iter()
+                    .filter(|ev| ev.flags & datapath_ebpf::abi::CT_F_CLOSING == 0)
+                    .map(|ev| Duration::from_nanos(now.saturating_sub(ev.created_ns))),
+            );
             let entries: Arc<Vec<WireEntry>> = Arc::new(
                 buf.iter()
                     .map(|ev| {
@@ -451,6 +492,7 @@ impl SyncService {
                         Some(PeerCmd::Entries(es)) => {
                             let now = Instant::now();
                             for e in es.iter() { out.push(e.clone(), now); }
+                            self.metrics.stages.queued.observe_many(ages(&es, self.unix_now()));
                             stats.queued.store(out.queued() as u64, Ordering::Relaxed);
                         }
                         Some(PeerCmd::Refresh(es)) => {
@@ -478,6 +520,12 @@ impl SyncService {
                     }
                     if ok {
                         ok = write_msg(&mut send, &m, &self.metrics).await;
+                        if let (true, Msg::Batch { entries, .. }) = (ok, &m) {
+                            self.metrics
+                                .stages
+                                .sent
+                                .observe_many(ages(entries, self.unix_now()));
+                        }
                     }
                 }
                 stats.queued.store(out.queued() as u64, Ordering::Relaxed);
@@ -543,6 +591,10 @@ impl SyncService {
                         stats
                             .received
                             .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                        self.metrics
+                            .stages
+                            .received
+                            .observe_many(ages(&entries, self.unix_now()));
                         let d = self.inbox.lock().await.on_batch(
                             origin,
                             incarnation,
@@ -588,21 +640,25 @@ impl SyncService {
             return Ok(());
         }
         let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
-        let ct = self.ct.clone();
         let me = self.node_id as u16;
-        let st = tokio::task::spawn_blocking(move || apply_remote(&ct, &kv, me)).await??;
+        // A small batch (the common case: new flows as they come) is one
+        // batched map write of a few microseconds: done here, without the
+        // hand-off to a blocking thread and back (two wake-ups, measured as a
+        // large part of the lag's tail). Large ones (bursts, refresh rounds)
+        // go to a blocking thread so the runtime's worker is not held.
+        let st = if kv.len() <= INLINE_APPLY {
+            apply_remote(&self.ct, &kv, me)?
+        } else {
+            let ct = self.ct.clone();
+            tokio::task::spawn_blocking(move || apply_remote(&ct, &kv, me)).await??
+        };
         let stats = self.peer_stats(peer);
         stats.applied.fetch_add(st.applied, Ordering::Relaxed);
         stats.rejected.fetch_add(st.rejected, Ordering::Relaxed);
         if lag {
-            let now = self
-                .clock
-                .to_unix(datapath_ebpf::loader::monotonic_now().as_nanos() as u64);
-            self.metrics.lag.observe_many(
-                entries
-                    .iter()
-                    .map(|e| Duration::from_nanos(now.saturating_sub(e.created))),
-            );
+            self.metrics
+                .lag
+                .observe_many(ages(entries, self.unix_now()));
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! real BPF maps and real QUIC (mutual TLS).
 //!
 //! ```text
-//! cargo run --release -p sync --bin sync-bench [-- --json] [--rate N] [--secs S] [--burst N]
+//! cargo run --release -p sync --bin sync-bench [-- --json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N]
 //! cargo run --release -p sync --bin sync-bench -- --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
 //! ```
 //! `--scale` is the million-flow bench (warm join, refresh, the rate curve
@@ -15,7 +15,8 @@
 //!
 //! Phase 1 (lag): every node creates `--rate` new flows/s for `--secs`;
 //! reported: replication lag (creation on the origin → applied on a peer)
-//! p50/p99/max, bytes on the wire per entry, CPU time per 100k replicated
+//! p50/p99/max and where it goes (milestones from creation: read from the
+//! ring, taken into a peer's batch, handed to QUIC, received, applied), bytes on the wire per entry, CPU time per 100k replicated
 //! entries (the whole process: the three generators — including their
 //! per-flow pacing sleeps — and three nodes).
 //! Phase 2 (throughput): one node creates `--burst` flows as fast as it can;
@@ -127,7 +128,8 @@ fn applied(n: &BenchNode) -> u64 {
     n.svc.applied_total()
 }
 
-const USAGE: &str = "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N]
+const USAGE: &str =
+    "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N]
        sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]";
 
 fn main() -> Result<()> {
@@ -191,6 +193,7 @@ fn scale_args(argv: &[String]) -> Result<scale::Args> {
 
 async fn bench(argv: Vec<String>) -> Result<()> {
     let (mut json, mut rate, mut secs, mut burst) = (false, 20_000u32, 5u64, 300_000u32);
+    let mut cfg = SyncSection::default();
     let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         let mut num = |n: &str| -> Result<u64> {
@@ -204,6 +207,7 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             "--rate" => rate = num("--rate")? as u32,
             "--secs" => secs = num("--secs")?,
             "--burst" => burst = num("--burst")? as u32,
+            "--batch-delay-us" => cfg.batch_delay_us = num("--batch-delay-us")?,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -225,7 +229,6 @@ async fn bench(argv: Vec<String>) -> Result<()> {
         .iter()
         .map(|t| t.local_addr())
         .collect::<Result<_>>()?;
-    let cfg = SyncSection::default();
     let mut nodes = Vec::new();
     for (i, t) in transports.iter().enumerate() {
         let id = i as u64 + 1;
@@ -304,6 +307,27 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             .unwrap_or(f64::NAN)
     };
     let (lag50, lag99, lagmax) = (q(0.5), q(0.99), q(1.0));
+    // Where the lag goes: each milestone from creation, the same quantiles.
+    let stage = |h: &dyn Fn(&BenchNode) -> &sync::hist::Histogram, f: f64| {
+        nodes
+            .iter()
+            .filter_map(|n| h(n).quantile(f))
+            .max()
+            .map(|d| d.as_secs_f64() * 1e3)
+            .unwrap_or(f64::NAN)
+    };
+    type Pick = fn(&BenchNode) -> &sync::hist::Histogram;
+    let milestones: [(&str, Pick); 5] = [
+        ("ring", |n| &n.svc.metrics.stages.ring),
+        ("queued", |n| &n.svc.metrics.stages.queued),
+        ("sent", |n| &n.svc.metrics.stages.sent),
+        ("received", |n| &n.svc.metrics.stages.received),
+        ("applied", |n| &n.svc.metrics.lag),
+    ];
+    let breakdown: Vec<(&str, f64, f64)> = milestones
+        .iter()
+        .map(|(name, h)| (*name, stage(h, 0.5), stage(h, 0.99)))
+        .collect();
     let bytes: u64 = nodes
         .iter()
         .map(|n| n.svc.metrics.bytes_sent.load(Ordering::Relaxed))
@@ -369,6 +393,10 @@ async fn bench(argv: Vec<String>) -> Result<()> {
                 "cpu_s_per_100k": cpu_per_100k,
                 "rate_per_node": rate,
                 "ring_lost": ring_lost,
+                "lag_breakdown": breakdown
+                    .iter()
+                    .map(|(n, p50, p99)| (n.to_string(), serde_json::json!({"p50_ms": p50, "p99_ms": p99})))
+                    .collect::<serde_json::Map<_, _>>(),
                 "conntrackd": {
                     "applied_per_s": ctd.applied_per_s,
                     "lag_p50_ms": ctd.lag_p50_ms,
@@ -383,6 +411,10 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             "phase 1: {rate} new flows/s per node for {secs} s ({replicated} entries replicated)"
         );
         println!("  lag (created on origin -> applied on peer): p50 {lag50:.3} ms  p99 {lag99:.3} ms  max {lagmax:.3} ms");
+        println!("  where it goes, milestones from creation (p50 / p99 ms):");
+        for (name, p50, p99) in &breakdown {
+            println!("    {name:<9} {p50:.3} / {p99:.3}");
+        }
         println!("  bytes on the wire per entry: {bytes_per_entry:.1}");
         println!("  CPU time per 100k replicated entries (whole process): {cpu_per_100k:.3} s");
         println!("phase 2: {burst} flows as fast as one node creates them");
