@@ -158,10 +158,35 @@ static __always_inline int cpu_flooded(__u64 now)
 }
 
 /*
- * Clocks: the conntrack-hit path reads the coarse monotonic clock (a tick of
- * accuracy is plenty for idle timeouts and refreshes, and it is much cheaper);
- * a new entry's created_ns uses the precise clock, because replication lag is
- * measured from it. Both count CLOCK_MONOTONIC, so they compare.
+ * The conntrack-hit path's clock: what the agent published in lb_clock (a
+ * few milliseconds of accuracy are plenty for idle timeouts, last-seen
+ * refreshes and the next-hop cache; a helper call costs ~30 ns per hit on
+ * SRSO-mitigated CPUs, an inlined array read nothing). On every 64th hit of
+ * a CPU, and when nothing was published, the kernel's coarse clock too, the
+ * later of the two: an agent that stopped publishing leaves the other 63
+ * with an old time, which only makes entries look less idle (no refresh is
+ * written with it: last_seen stays at the later time) — never expires or
+ * re-picks a flow early.
+ */
+static __always_inline __u64 hit_clock(const struct lb_stats *st)
+{
+	__u32 zero = 0;
+	const __u64 *c = bpf_map_lookup_elem(&lb_clock, &zero);
+	__u64 now = c ? *c : 0;
+
+	if (!now || !st || (st->c[LB_STAT_CT_HITS] & 63) == 0) {
+		__u64 k = bpf_ktime_get_coarse_ns();
+
+		if (k > now)
+			now = k;
+	}
+	return now;
+}
+
+/*
+ * Clocks: the conntrack-hit path reads hit_clock (above); a new entry's
+ * created_ns uses the precise clock, because replication lag is measured
+ * from it. All count CLOCK_MONOTONIC, so they compare.
  *
  * (Inserting a SYN's entry with BPF_NOEXIST before any lookup was measured
  * slower on 6.18 than lookup-then-insert: LRU updates with NOEXIST cost more.)
@@ -180,7 +205,7 @@ static __always_inline struct lb_backend *select_backend(const struct pkt *p,
 	__u32 bid;
 
 	if (ct) {
-		now = bpf_ktime_get_coarse_ns();
+		now = hit_clock(st);
 		be = backend_get(ct->backend_id);
 		if (!be) {
 			stat_add(st, LB_STAT_REPICK_GONE, 1);

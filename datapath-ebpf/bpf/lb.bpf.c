@@ -143,6 +143,22 @@ static __always_inline int lb_unbalanced(const struct pkt *p, int res)
 	return XDP_PASS;
 }
 
+/* The attached interface `ifx`, or NULL (see lb_iface_slot). */
+static __always_inline const struct lb_iface_slot *iface_find(__u32 ifx)
+{
+#pragma unroll
+	for (__u32 i = 0; i < LB_IFACE_PROBES; i++) {
+		__u32 k = (ifx + i) & (LB_IFACE_SLOTS - 1);
+		const struct lb_iface_slot *s = bpf_map_lookup_elem(&lb_iface_slots, &k);
+
+		if (!s || s->ifindex == 0)
+			return NULL;
+		if (s->ifindex == ifx)
+			return s;
+	}
+	return NULL;
+}
+
 SEC("xdp")
 int holdfast_lb(struct xdp_md *ctx)
 {
@@ -152,15 +168,13 @@ int holdfast_lb(struct xdp_md *ctx)
 	{
 		void *data = (void *)(long)ctx->data;
 		void *end = (void *)(long)ctx->data_end;
-		__u32 ifx = ctx->ingress_ifindex;
-		struct lb_iface *ifc = bpf_map_lookup_elem(&lb_ifaces, &ifx);
+		const struct lb_iface_slot *ifc = iface_find(ctx->ingress_ifindex);
 
 		if (ifc && data + ETH_HLEN <= end) {
 			const __u8 *d = data;
 
-			if (!(d[0] & 1) &&
-			    (d[0] != ifc->mac[0] || d[1] != ifc->mac[1] || d[2] != ifc->mac[2] ||
-			     d[3] != ifc->mac[3] || d[4] != ifc->mac[4] || d[5] != ifc->mac[5])) {
+			if (!(d[0] & 1) && (*(const __u32 *)d != *(const __u32 *)ifc->mac ||
+					    *(const __u16 *)(d + 4) != *(const __u16 *)(ifc->mac + 4))) {
 				stat_add(stats_get(), LB_STAT_PASS_OTHERHOST, 1);
 				return XDP_PASS;
 			}
@@ -169,7 +183,7 @@ int holdfast_lb(struct xdp_md *ctx)
 
 	int res = parse_packet(ctx, &p);
 
-	if (res == PARSE_NOT_IP)
+	if (res == PARSE_NOT_VIP || res == PARSE_NOT_IP)
 		return XDP_PASS;
 	if (res == PARSE_MALFORMED_L3) {
 		stat_add(stats_get(), LB_STAT_PASS_MALFORMED, 1);

@@ -108,13 +108,34 @@ struct {
 	__type(value, struct lb_meta);
 } lb_meta SEC(".maps");
 
-/* Interfaces the program is attached to: ifindex -> MAC (see lb_iface). */
+/* Interfaces the program is attached to, with their MACs (see lb_iface_slot). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_IFACE_SLOTS);
 	__type(key, __u32);
-	__type(value, struct lb_iface);
-} lb_ifaces SEC(".maps");
+	__type(value, struct lb_iface_slot);
+} lb_iface_slots SEC(".maps");
+
+/* Bits of VIP address hashes: the non-VIP fast path (see LB_VIP_FILTER_WORDS). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_VIP_FILTER_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_vip_filter SEC(".maps");
+
+/*
+ * CLOCK_MONOTONIC as the agent publishes it every few milliseconds (element
+ * 0, memory-mapped by the agent): the conntrack-hit path reads it instead
+ * of calling bpf_ktime_get_coarse_ns (see hit_clock in ct.h).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_clock SEC(".maps");
 
 LB_ABI_ANCHOR_MAP;
 

@@ -25,6 +25,7 @@
 #include <bpf/bpf_endian.h>
 #include "include/lb_abi.h"
 #include "lb_consts.h"
+#include "lb_maps.h"
 
 /* Our own ICMP headers: linux/icmp.h drags in libc's socket headers. */
 struct icmphdr {
@@ -59,7 +60,23 @@ enum parse_res {
 	PARSE_FRAGMENT,     /* drop if the destination is a VIP, else pass */
 	PARSE_BAD_L4,       /* drop if the destination is a VIP, else pass */
 	PARSE_OTHER_L4,     /* not TCP/UDP/ICMP error: pass (counted if VIP) */
+	PARSE_NOT_VIP,      /* valid L3 for an address that is no VIP: pass, uncounted */
 };
+
+/*
+ * May this (folded) destination address be a VIP? One inlined array read
+ * (see LB_VIP_FILTER_WORDS); everything that is ours — balanced flows,
+ * fragments, bad L4 headers, other protocols, ICMP errors quoting a VIP
+ * flow — has a VIP as the outer destination, so a clear bit is a pass.
+ */
+static __always_inline int maybe_vip(__u32 folded)
+{
+	__u32 h = (folded * LB_VIP_HASH_MUL) >> 16;
+	__u32 w = h >> 6;
+	__u64 *word = bpf_map_lookup_elem(&lb_vip_filter, &w);
+
+	return word && ((*word >> (h & 63)) & 1);
+}
 
 struct pkt {
 	struct lb_ct_key flow; /* client -> VIP (for ICMP errors: the reversed quoted tuple) */
@@ -190,6 +207,8 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct pkt *p)
 	__u32 tot = bpf_ntohs(iph->tot_len);
 	if (tot < hlen || (void *)iph + tot > data_end)
 		return PARSE_MALFORMED_L3;
+	if (!maybe_vip(iph->daddr))
+		return PARSE_NOT_VIP;
 
 	p->flow.family = LB_FAMILY_V4;
 	p->flow.proto = iph->protocol;
@@ -218,6 +237,9 @@ static __always_inline int parse_ipv6(void *data, void *data_end, struct pkt *p)
 	__u32 plen = bpf_ntohs(ip6->payload_len);
 	if ((void *)(ip6 + 1) + plen > data_end)
 		return PARSE_MALFORMED_L3;
+	if (!maybe_vip(ip6->daddr.in6_u.u6_addr32[0] ^ ip6->daddr.in6_u.u6_addr32[1] ^
+		       ip6->daddr.in6_u.u6_addr32[2] ^ ip6->daddr.in6_u.u6_addr32[3]))
+		return PARSE_NOT_VIP;
 
 	p->flow.family = LB_FAMILY_V6;
 	p->l3_len = sizeof(*ip6) + plen;

@@ -182,12 +182,39 @@ pub struct Meta {
     pub max_table: u32,
 }
 
-/// An attached interface's MAC (`lb_ifaces`, key: ifindex).
+/// An attached interface and its MAC, in `lb_iface_slots` (an array with
+/// open addressing: interface `ifindex` is in slot `(ifindex + i) %
+/// IFACE_SLOTS` for some `i < IFACE_PROBES`; see `lb_iface_slot`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Iface {
+pub struct IfaceSlot {
+    /// 0: free (ends a probe sequence); [`IFACE_TOMBSTONE`]: freed.
+    pub ifindex: u32,
     pub mac: [u8; 6],
     pub flags: u16,
+}
+
+pub const IFACE_SLOTS: u32 = 64;
+pub const IFACE_PROBES: u32 = 4;
+pub const IFACE_TOMBSTONE: u32 = u32::MAX;
+
+/// Words of the VIP prefilter (`lb_vip_filter`, see `LB_VIP_FILTER_WORDS`).
+pub const VIP_FILTER_WORDS: u32 = 1024;
+const VIP_HASH_MUL: u32 = 0x9E37_79B1;
+
+/// The prefilter word and bit of a VIP address (`addr` as in keys: an IPv4
+/// address in its first 4 bytes), exactly as the program computes them: the
+/// address folded to 32 bits as loaded from memory (native byte order),
+/// times `LB_VIP_HASH_MUL`, the top 16 bits.
+pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> (u32, u32) {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let folded = if family == FAMILY_V4 {
+        w(0)
+    } else {
+        w(0) ^ w(4) ^ w(8) ^ w(12)
+    };
+    let h = folded.wrapping_mul(VIP_HASH_MUL) >> 16;
+    (h >> 6, h & 63)
 }
 
 pub const STAT_MAX: usize = 24;
@@ -249,7 +276,7 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtVal {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for Meta {}
-unsafe impl aya::Pod for Iface {}
+unsafe impl aya::Pod for IfaceSlot {}
 unsafe impl aya::Pod for Stats {}
 unsafe impl aya::Pod for SvcStats {}
 unsafe impl aya::Pod for DecapKey {}

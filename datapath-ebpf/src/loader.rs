@@ -22,8 +22,9 @@ use tracing::{debug, info};
 
 use crate::{
     abi::{
-        addr_bytes, Backend, CtKey, CtVal, Iface, Meta, Nh, Stats, Svc, SvcKey, SvcStats,
-        ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
+        addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, Stats, Svc, SvcKey,
+        SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY, IFACE_PROBES,
+        IFACE_SLOTS, IFACE_TOMBSTONE, VIP_FILTER_WORDS,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
     conntrack::Conntrack,
@@ -50,9 +51,55 @@ pub(crate) const M_STATS: &str = "lb_stats";
 pub(crate) const M_SVC_STATS: &str = "lb_svc_stats";
 pub(crate) const M_META: &str = "lb_meta";
 pub(crate) const M_NH_CACHE: &str = "lb_nh_cache";
-pub(crate) const M_IFACES: &str = "lb_ifaces";
+pub(crate) const M_IFACE_SLOTS: &str = "lb_iface_slots";
+pub(crate) const M_VIP_FILTER: &str = "lb_vip_filter";
+/// Not pinned: each process publishes its own clock to its own program.
+pub(crate) const M_CLOCK: &str = "lb_clock";
+/// How often the agent publishes CLOCK_MONOTONIC into `lb_clock`.
+pub const CLOCK_PERIOD: Duration = Duration::from_millis(2);
+
+/// Publishes CLOCK_MONOTONIC into the program's `lb_clock` every
+/// [`CLOCK_PERIOD`] from a thread of its own, until dropped.
+struct ClockPublisher {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ClockPublisher {
+    fn start(cell: sys::MmapU64Cell) -> Result<Self> {
+        cell.store(monotonic_now().as_nanos() as u64);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("hf-dp-clock".into())
+            .spawn(move || {
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    cell.store(monotonic_now().as_nanos() as u64);
+                    std::thread::sleep(CLOCK_PERIOD);
+                }
+            })
+            .map_err(|source| Error::Syscall {
+                call: "spawn clock thread",
+                map: M_CLOCK,
+                source,
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ClockPublisher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 /// The maps pinned with `pin_dir` (a restart adopts them).
-const ALL_MAPS: [&str; 10] = [
+const ALL_MAPS: [&str; 11] = [
     M_SERVICES,
     M_VIPS,
     M_BACKENDS,
@@ -62,7 +109,8 @@ const ALL_MAPS: [&str; 10] = [
     M_STATS,
     M_SVC_STATS,
     M_META,
-    M_IFACES,
+    M_IFACE_SLOTS,
+    M_VIP_FILTER,
 ];
 
 /// bpffs magic (statfs f_type).
@@ -132,6 +180,19 @@ pub struct Datapath {
     maglev: sys::MmapU32Array,
     links: HashMap<String, HeldLink>,
     adopted: bool,
+    /// What `lb_vip_filter` holds, word by word.
+    vip_filter: Vec<u64>,
+    _clock: ClockPublisher,
+}
+
+/// The VIP prefilter words with the bits of these addresses set.
+fn vip_filter_words<'a>(vips: impl IntoIterator<Item = &'a SvcKey>) -> Vec<u64> {
+    let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+    for k in vips {
+        let (w, b) = vip_filter_bit(&k.addr, k.family);
+        words[w as usize] |= 1 << b;
+    }
+    words
 }
 
 fn statfs_type(path: &Path) -> std::io::Result<i64> {
@@ -282,6 +343,16 @@ impl Datapath {
             },
         })?;
 
+        let clock =
+            sys::MmapU64Cell::map(map_data(&bpf, M_CLOCK)?.fd().as_fd()).map_err(|source| {
+                Error::Syscall {
+                    call: "mmap",
+                    map: M_CLOCK,
+                    source,
+                }
+            })?;
+        let clock = ClockPublisher::start(clock)?;
+
         let ct_fd = map_data(&bpf, M_CONNTRACK)?
             .fd()
             .as_fd()
@@ -308,11 +379,14 @@ impl Datapath {
             maglev,
             links: HashMap::new(),
             adopted,
+            vip_filter: Vec::new(),
+            _clock: clock,
         };
         if adopted {
             dp.check_pinned_sizes(maglev_slots)?;
         }
         dp.init_meta()?;
+        dp.check_array_sizes()?;
         dp.recover_state()?;
         info!(
             adopted,
@@ -321,6 +395,51 @@ impl Datapath {
             "datapath loaded"
         );
         Ok(dp)
+    }
+
+    /// The fixed-size arrays the program indexes by the rules of lb_abi.h
+    /// must have the sizes this build computes with.
+    fn check_array_sizes(&self) -> Result<()> {
+        for (name, size) in [
+            (M_IFACE_SLOTS, IFACE_SLOTS),
+            (M_VIP_FILTER, VIP_FILTER_WORDS),
+        ] {
+            let info = map_data(&self.bpf, name)?
+                .info()
+                .map_err(Error::map(name))?;
+            if info.max_entries() != size {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "map has {} entries, this build indexes {size}",
+                        info.max_entries()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn vip_filter_map(&mut self) -> Result<Array<&mut MapData, u64>> {
+        Array::try_from(
+            self.bpf
+                .map_mut(M_VIP_FILTER)
+                .ok_or(Error::MissingMap { map: M_VIP_FILTER })?,
+        )
+        .map_err(Error::map(M_VIP_FILTER))
+    }
+
+    /// Make `lb_vip_filter` hold `words` (writing the words that differ).
+    fn write_vip_filter(&mut self, words: Vec<u64>) -> Result<()> {
+        let old = std::mem::take(&mut self.vip_filter);
+        let mut arr = self.vip_filter_map()?;
+        for (i, w) in words.iter().enumerate() {
+            if old.get(i) != Some(w) {
+                arr.set(i as u32, *w, 0).map_err(Error::map(M_VIP_FILTER))?;
+            }
+        }
+        self.vip_filter = words;
+        Ok(())
     }
 
     /// Pinned maps must have the sizes this process was configured with.
@@ -406,6 +525,15 @@ impl Datapath {
             self.free_ids.remove(&svc.id);
             self.slots.insert(key, Slot { id: svc.id, half });
         }
+        // The prefilter as it is (adopted pins), then exactly the services'
+        // VIPs (pins of a build without the filter get one here, before the
+        // program is attached).
+        let arr = self.vip_filter_map()?;
+        self.vip_filter = (0..VIP_FILTER_WORDS)
+            .map(|i| arr.get(&i, 0).map_err(Error::map(M_VIP_FILTER)))
+            .collect::<Result<_>>()?;
+        let words = vip_filter_words(self.slots.keys());
+        self.write_vip_filter(words)?;
         self.recover_backends()
     }
 
@@ -455,6 +583,19 @@ impl Datapath {
     /// (no packet goes unprocessed during an agent restart).
     pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
         let ifindex = ifindex(ifname)?;
+        // Frames for other MACs are not ours (see lb_iface_slot in
+        // lb_abi.h): the filter is in place before the program runs there.
+        let mac = crate::prog::if_mac(ifname)?;
+        let had = self.links.contains_key(ifname);
+        self.set_iface(ifindex, Some(mac))?;
+        let r = self.attach_link(ifname, ifindex, mode);
+        if r.is_err() && !had {
+            self.set_iface(ifindex, None)?;
+        }
+        r
+    }
+
+    fn attach_link(&mut self, ifname: &str, ifindex: u32, mode: AttachMode) -> Result<()> {
         let link_path = self.pin_dir().map(|d| d.join(format!("link_{ifname}")));
         let prog = self.program_mut()?;
         let held = match link_path {
@@ -504,26 +645,66 @@ impl Datapath {
             }
         };
         self.links.insert(ifname.to_string(), held);
-        // Frames for other MACs are not ours (see lb_iface in lb_abi.h).
-        let mac = crate::prog::if_mac(ifname)?;
-        self.set_iface(ifindex, Some(Iface { mac, flags: 0 }))?;
         Ok(())
     }
 
-    fn set_iface(&mut self, ifindex: u32, iface: Option<Iface>) -> Result<()> {
-        let mut m: aya::maps::HashMap<_, u32, Iface> = aya::maps::HashMap::try_from(
-            self.bpf
-                .map_mut(M_IFACES)
-                .ok_or(Error::MissingMap { map: M_IFACES })?,
-        )
-        .map_err(Error::map(M_IFACES))?;
-        match iface {
-            Some(i) => m.insert(ifindex, i, 0).map_err(Error::map(M_IFACES)),
-            None => match m.remove(&ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(Error::map(M_IFACES)(e)),
-            },
+    /// Enter `ifindex` with its MAC into `lb_iface_slots` (or, `None`, take
+    /// it out), by the probe rule of `lb_iface_slot`.
+    fn set_iface(&mut self, ifindex: u32, mac: Option<[u8; 6]>) -> Result<()> {
+        if ifindex == 0 || ifindex == IFACE_TOMBSTONE {
+            return Err(Error::invalid("interfaces", "reserved ifindex"));
         }
+        let mut arr: Array<&mut MapData, IfaceSlot> = Array::try_from(
+            self.bpf
+                .map_mut(M_IFACE_SLOTS)
+                .ok_or(Error::MissingMap { map: M_IFACE_SLOTS })?,
+        )
+        .map_err(Error::map(M_IFACE_SLOTS))?;
+        let mut found = None;
+        let mut free = None;
+        for i in 0..IFACE_PROBES {
+            let k = (ifindex.wrapping_add(i)) % IFACE_SLOTS;
+            let slot = arr.get(&k, 0).map_err(Error::map(M_IFACE_SLOTS))?;
+            if slot.ifindex == ifindex {
+                found = Some(k);
+                break;
+            }
+            if free.is_none() && (slot.ifindex == 0 || slot.ifindex == IFACE_TOMBSTONE) {
+                free = Some(k);
+            }
+            if slot.ifindex == 0 {
+                break;
+            }
+        }
+        match (mac, found, free) {
+            (Some(mac), Some(k), _) | (Some(mac), None, Some(k)) => arr.set(
+                k,
+                IfaceSlot {
+                    ifindex,
+                    mac,
+                    flags: 0,
+                },
+                0,
+            ),
+            (Some(_), None, None) => {
+                return Err(Error::invalid(
+                    "interfaces",
+                    format!(
+                        "ifindex {ifindex}: the {IFACE_PROBES} slots it may use hold other                          interfaces (too many attached interfaces collide)"
+                    ),
+                ))
+            }
+            (None, Some(k), _) => arr.set(
+                k,
+                IfaceSlot {
+                    ifindex: IFACE_TOMBSTONE,
+                    ..Default::default()
+                },
+                0,
+            ),
+            (None, None, _) => Ok(()),
+        }
+        .map_err(Error::map(M_IFACE_SLOTS))
     }
 
     /// Detach from `ifname` (removing its pinned link if any).
@@ -657,6 +838,22 @@ impl Datapath {
         let new_backends: HashMap<u32, Backend> =
             ids.iter().copied().zip(vals.iter().copied()).collect();
 
+        // 2a. The VIP prefilter lets the new VIPs through before their
+        // services exist (and keeps the old ones until step 4 removed them).
+        let want_filter = vip_filter_words(
+            cfg.services
+                .iter()
+                .map(|svc| SvcKey::new(svc.vip, svc.port, svc.proto.number()))
+                .collect::<Vec<_>>()
+                .iter(),
+        );
+        let union = want_filter
+            .iter()
+            .zip(&self.vip_filter)
+            .map(|(a, b)| a | b)
+            .collect();
+        self.write_vip_filter(union)?;
+
         // 2. Tables and service entries.
         let mut desired = HashSet::new();
         let mut vip_count: HashMap<SvcKey, u32> = HashMap::new();
@@ -743,6 +940,9 @@ impl Datapath {
             self.free_ids.insert(slot.id);
             report.services_removed += 1;
         }
+
+        // 4a. The prefilter: only the VIPs of this config.
+        self.write_vip_filter(want_filter)?;
 
         // 5. Backends that are gone: no table references them any more.
         let removed: Vec<u32> = self

@@ -308,3 +308,62 @@ impl Drop for MmapU32Array {
         }
     }
 }
+
+/// Element 0 of a `BPF_F_MMAPABLE` array map of `u64`, memory-mapped: a
+/// value BPF programs read with an ordinary aligned load.
+pub struct MmapU64Cell {
+    ptr: std::ptr::NonNull<u8>,
+}
+
+// SAFETY: shared memory owned by this value until Drop unmaps it; every
+// access goes through an atomic.
+unsafe impl Send for MmapU64Cell {}
+// SAFETY: as above.
+unsafe impl Sync for MmapU64Cell {}
+
+impl MmapU64Cell {
+    const LEN: usize = 8;
+
+    pub fn map(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
+        // the length against the map's size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap"))?;
+        Ok(Self { ptr })
+    }
+
+    fn cell(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: element 0 is 8-byte aligned at the start of the live
+        // mapping; BPF programs read it with aligned 64-bit loads.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().cast::<u64>()) }
+    }
+
+    pub fn store(&self, v: u64) {
+        self.cell().store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn load(&self) -> u64 {
+        self.cell().load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for MmapU64Cell {
+    fn drop(&mut self) {
+        // SAFETY: ptr/LEN are exactly the mapping made in `map`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), Self::LEN);
+        }
+    }
+}

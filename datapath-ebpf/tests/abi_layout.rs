@@ -169,7 +169,9 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 [key, backend_id, flags, origin, created_ns]
             ),
             "lb_meta" => check_struct!(btf, "lb_meta", Meta, [epoch, abi_version, max_table]),
-            "lb_iface" => check_struct!(btf, "lb_iface", Iface, [mac, flags]),
+            "lb_iface_slot" => {
+                check_struct!(btf, "lb_iface_slot", IfaceSlot, [ifindex, mac, flags])
+            }
             "lb_stats" => check_struct!(btf, "lb_stats", Stats, [c]),
             "lb_svc_stats" => check_struct!(btf, "lb_svc_stats", SvcStats, [c]),
             "lb_decap_key" => check_struct!(btf, "lb_decap_key", DecapKey, [addr, family, pad]),
@@ -199,7 +201,7 @@ fn lb_structs_match_btf() {
             "lb_ct_val",
             "lb_flow_event",
             "lb_meta",
-            "lb_iface",
+            "lb_iface_slot",
             "lb_stats",
             "lb_svc_stats",
         ],

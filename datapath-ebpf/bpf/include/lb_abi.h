@@ -131,16 +131,36 @@ struct lb_meta {
 _Static_assert(sizeof(struct lb_meta) == 16, "lb_meta size");
 
 /*
- * An interface the program is attached to (lb_ifaces, key: ifindex). Frames
- * whose unicast destination MAC is not the interface's are not ours: a NIC
- * in promiscuous mode, or a switch flooding a dead node's MAC, delivers them
- * to XDP, and forwarding them would duplicate another LB node's traffic.
+ * An interface the program is attached to, with its MAC (lb_iface_slots).
+ * Frames whose unicast destination MAC is not the interface's are not ours:
+ * a NIC in promiscuous mode, or a switch flooding a dead node's MAC,
+ * delivers them to XDP, and forwarding them would duplicate another LB
+ * node's traffic. The map is an array (its lookups are inlined; a hash
+ * lookup is a call) with open addressing: interface `ifindex` is in slot
+ * (ifindex + i) % LB_IFACE_SLOTS for some i < LB_IFACE_PROBES; ifindex 0
+ * ends a probe sequence, LB_IFACE_TOMBSTONE (a detached interface) does not.
  */
-struct lb_iface {
+#define LB_IFACE_SLOTS 64
+#define LB_IFACE_PROBES 4
+#define LB_IFACE_TOMBSTONE 0xffffffffu
+struct lb_iface_slot {
+	__u32 ifindex;
 	__u8 mac[6];
 	__u16 flags;
 };
-_Static_assert(sizeof(struct lb_iface) == 8, "lb_iface size");
+_Static_assert(sizeof(struct lb_iface_slot) == 12, "lb_iface_slot size");
+
+/*
+ * VIP prefilter (lb_vip_filter, an array of LB_VIP_FILTER_WORDS 64-bit
+ * words): one bit per hash of a VIP address, so a packet for any other
+ * address is passed after one inlined array read instead of two service
+ * hash lookups. Hash: fold the address into 32 bits (IPv4: its 4 bytes as
+ * loaded; IPv6: the XOR of its four 32-bit words), multiply by 0x9E3779B1,
+ * keep the top 16 bits h; the bit is h % 64 of word h / 64. A set bit only
+ * means "maybe a VIP": the service lookup decides.
+ */
+#define LB_VIP_FILTER_WORDS 1024
+#define LB_VIP_HASH_MUL 0x9E3779B1u
 
 /* Global per-CPU counters: index into lb_stats.c. */
 enum lb_stat {
