@@ -38,7 +38,7 @@ use crate::{
     hist::Histogram,
     session::{Inbox, InboxConfig, Outbox, OutboxConfig},
     transport::{BoxFuture, Transport},
-    wire::{frame, Deframer, Msg, WireEntry, VERSION},
+    wire::{frame, frame_compact, Deframer, Msg, WireEntry, VERSION},
 };
 
 /// Who may replicate with this node, supplied by the node (from Raft).
@@ -76,7 +76,7 @@ impl Default for SyncSection {
         Self {
             enabled: true,
             max_batch: 256,
-            batch_delay_us: 200,
+            batch_delay_us: 100,
             max_unacked_entries: 1 << 18,
             refresh_interval_s: 60,
             expire_interval_s: 60,
@@ -469,20 +469,30 @@ impl SyncService {
             backoff = Duration::from_millis(100);
             stats.connected.store(true, Ordering::Relaxed);
             let (ack_tx, mut ack_rx) = mpsc::channel::<(u64, u64)>(1024);
-            let reader = tokio::spawn(read_acks(recv, ack_tx));
+            // Set once the peer's answering Hello says it speaks version 2.
+            let compact = Arc::new(AtomicBool::new(false));
+            let reader = tokio::spawn(read_acks(recv, ack_tx, compact.clone()));
+            // Opened with version 1, which every version accepts (see wire).
             let mut ok = write_msg(
                 &mut send,
                 &Msg::Hello {
-                    version: VERSION,
+                    version: 1,
                     node_id: self.node_id,
                     incarnation: self.incarnation,
                 },
                 &self.metrics,
+                false,
             )
             .await;
             for m in out.on_reconnect() {
                 if ok {
-                    ok = write_msg(&mut send, &m, &self.metrics).await;
+                    ok = write_msg(
+                        &mut send,
+                        &m,
+                        &self.metrics,
+                        compact.load(Ordering::Relaxed),
+                    )
+                    .await;
                 }
             }
             while ok {
@@ -497,7 +507,7 @@ impl SyncService {
                         }
                         Some(PeerCmd::Refresh(es)) => {
                             for chunk in es.chunks(crate::wire::MAX_BATCH) {
-                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }, &self.metrics).await;
+                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }, &self.metrics, false).await;
                             }
                         }
                         None => { reader.abort(); return; }
@@ -519,7 +529,13 @@ impl SyncService {
                             .fetch_add(entries.len() as u64, Ordering::Relaxed);
                     }
                     if ok {
-                        ok = write_msg(&mut send, &m, &self.metrics).await;
+                        ok = write_msg(
+                            &mut send,
+                            &m,
+                            &self.metrics,
+                            compact.load(Ordering::Relaxed),
+                        )
+                        .await;
                         if let (true, Msg::Batch { entries, .. }) = (ok, &m) {
                             self.metrics
                                 .stages
@@ -575,7 +591,18 @@ impl SyncService {
                         let _ = send.reset(4u32.into());
                         bail!("node {peer} claims to be {node_id}");
                     }
-                    Msg::Hello { .. } | Msg::Ack { .. } | Msg::SnapshotChunk { .. } => {}
+                    Msg::Hello { .. } => {
+                        // Answer with the newest version we speak: a
+                        // sender of version 2 or later then sends compact
+                        // batches (older ones ignore the answer).
+                        send.write_all(&frame(&Msg::Hello {
+                            version: VERSION,
+                            node_id: self.node_id,
+                            incarnation: self.incarnation,
+                        }))
+                        .await?;
+                    }
+                    Msg::Ack { .. } | Msg::SnapshotChunk { .. } | Msg::CompactBatch { .. } => {}
                     Msg::Batch {
                         origin,
                         incarnation,
@@ -898,24 +925,44 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn write_msg(send: &mut quinn::SendStream, m: &Msg, metrics: &SyncMetrics) -> bool {
-    let f = frame(m);
+/// Write `m`; `compact`: the peer speaks wire version 2 (batches in the
+/// compact encoding).
+async fn write_msg(
+    send: &mut quinn::SendStream,
+    m: &Msg,
+    metrics: &SyncMetrics,
+    compact: bool,
+) -> bool {
+    let f = if compact { frame_compact(m) } else { frame(m) };
     metrics
         .bytes_sent
         .fetch_add(f.len() as u64, Ordering::Relaxed);
     send.write_all(&f).await.is_ok()
 }
 
-async fn read_acks(mut recv: quinn::RecvStream, tx: mpsc::Sender<(u64, u64)>) {
+/// The receiver's side of a sync stream: acknowledgements, and its Hello
+/// (version 2 and later answer ours), which says whether it takes compact
+/// batches.
+async fn read_acks(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<(u64, u64)>,
+    compact: Arc<AtomicBool>,
+) {
     let mut de = Deframer::default();
     let mut buf = vec![0u8; 4096];
     while let Ok(Some(n)) = recv.read(&mut buf).await {
         de.push(&buf[..n]);
         while let Ok(Some(m)) = de.next_msg() {
-            if let Msg::Ack { incarnation, seq } = m {
-                if tx.send((incarnation, seq)).await.is_err() {
-                    return;
+            let ack = match m {
+                Msg::Ack { incarnation, seq } => (incarnation, seq),
+                Msg::Hello { version, .. } => {
+                    compact.store(version >= 2, Ordering::Relaxed);
+                    continue;
                 }
+                _ => continue,
+            };
+            if tx.send(ack).await.is_err() {
+                return;
             }
         }
     }

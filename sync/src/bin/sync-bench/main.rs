@@ -2,7 +2,7 @@
 //! real BPF maps and real QUIC (mutual TLS).
 //!
 //! ```text
-//! cargo run --release -p sync --bin sync-bench [-- --json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N]
+//! cargo run --release -p sync --bin sync-bench [-- --json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
 //! cargo run --release -p sync --bin sync-bench -- --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
 //! ```
 //! `--scale` is the million-flow bench (warm join, refresh, the rate curve
@@ -129,7 +129,7 @@ fn applied(n: &BenchNode) -> u64 {
 }
 
 const USAGE: &str =
-    "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N]
+    "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
        sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]";
 
 fn main() -> Result<()> {
@@ -194,6 +194,7 @@ fn scale_args(argv: &[String]) -> Result<scale::Args> {
 async fn bench(argv: Vec<String>) -> Result<()> {
     let (mut json, mut rate, mut secs, mut burst) = (false, 20_000u32, 5u64, 300_000u32);
     let mut cfg = SyncSection::default();
+    let mut with_conntrackd = true;
     let mut args = argv.into_iter();
     while let Some(a) = args.next() {
         let mut num = |n: &str| -> Result<u64> {
@@ -208,6 +209,7 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             "--secs" => secs = num("--secs")?,
             "--burst" => burst = num("--burst")? as u32,
             "--batch-delay-us" => cfg.batch_delay_us = num("--batch-delay-us")?,
+            "--no-conntrackd" => with_conntrackd = false,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -377,9 +379,15 @@ async fn bench(argv: Vec<String>) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     // Phase 3: conntrackd, same flows per second and count as one node above.
-    let ctd = tokio::task::spawn_blocking(move || conntrackd::run(rate, secs))
-        .await?
-        .context("conntrackd phase")?;
+    let ctd = if with_conntrackd {
+        Some(
+            tokio::task::spawn_blocking(move || conntrackd::run(rate, secs))
+                .await?
+                .context("conntrackd phase")?,
+        )
+    } else {
+        None
+    };
 
     if json {
         println!(
@@ -397,12 +405,12 @@ async fn bench(argv: Vec<String>) -> Result<()> {
                     .iter()
                     .map(|(n, p50, p99)| (n.to_string(), serde_json::json!({"p50_ms": p50, "p99_ms": p99})))
                     .collect::<serde_json::Map<_, _>>(),
-                "conntrackd": {
-                    "applied_per_s": ctd.applied_per_s,
-                    "lag_p50_ms": ctd.lag_p50_ms,
-                    "lag_p99_ms": ctd.lag_p99_ms,
-                    "bytes_per_entry": ctd.bytes_per_entry,
-                },
+                "conntrackd": ctd.as_ref().map(|c| serde_json::json!({
+                    "applied_per_s": c.applied_per_s,
+                    "lag_p50_ms": c.lag_p50_ms,
+                    "lag_p99_ms": c.lag_p99_ms,
+                    "bytes_per_entry": c.bytes_per_entry,
+                })),
             })
         );
     } else {
@@ -420,14 +428,19 @@ async fn bench(argv: Vec<String>) -> Result<()> {
         println!("phase 2: {burst} flows as fast as one node creates them");
         println!("  applied per receiver: {applied_per_s:.0} entries/s (slower receiver, incl. generation)");
         println!("  ring-buffer events lost: {ring_lost}");
-        println!(
-            "phase 3: conntrackd (FTFW over UDP, two namespaces), {} flows at {rate}/s",
-            u64::from(rate) * secs
-        );
-        println!(
-            "  lag p50 {:.1} ms  p99 {:.1} ms (polled every ~5 ms)  applied {:.0} entries/s  bytes/entry {:.1}",
-            ctd.lag_p50_ms, ctd.lag_p99_ms, ctd.applied_per_s, ctd.bytes_per_entry
-        );
+        match &ctd {
+            Some(c) => {
+                println!(
+                    "phase 3: conntrackd (FTFW over UDP, two namespaces), {} flows at {rate}/s",
+                    u64::from(rate) * secs
+                );
+                println!(
+                    "  lag p50 {:.1} ms  p99 {:.1} ms (polled every ~5 ms)  applied {:.0} entries/s  bytes/entry {:.1}",
+                    c.lag_p50_ms, c.lag_p99_ms, c.applied_per_s, c.bytes_per_entry
+                );
+            }
+            None => println!("phase 3: conntrackd comparison skipped (--no-conntrackd)"),
+        }
     }
     Ok(())
 }
