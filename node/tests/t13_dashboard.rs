@@ -97,6 +97,7 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
         "holdfast_conntrack_entries",
         "holdfast_datapath_midflow_miss_total",
         "holdfast_sync_lag_seconds",
+        "holdfast_sync_lag_stage_seconds",
         "holdfast_sync_sent_total",
         "holdfast_raft_role",
         "holdfast_raft_term",
@@ -106,6 +107,15 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
         assert!(
             text.contains(&format!("# TYPE {want} ")),
             "{want} is not exported"
+        );
+    }
+    // The lag's stages, one labelled histogram each.
+    for stage in ["ring", "queued", "sent", "received"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!(
+                "holdfast_sync_lag_stage_seconds_count{{stage=\"{stage}\"}} "
+            ))),
+            "no lag stage {stage}"
         );
     }
     // Per-peer replication state carries the peer.
@@ -121,6 +131,7 @@ async fn t13_metric_names_and_help_follow_prometheus_conventions() {
         ("# TYPE holdfast_y counter\nholdfast_y 1\n", "HELP"),
         ("# HELP holdfast_z_ms z\n# TYPE holdfast_z_ms gauge\nholdfast_z_ms 1\n", "unit"),
         ("# HELP holdfast_h h\n# TYPE holdfast_h histogram\nholdfast_h_bucket{le=\"1\"} 2\nholdfast_h_bucket{le=\"+Inf\"} 1\nholdfast_h_sum 1\nholdfast_h_count 1\n", "cumulative"),
+        ("# HELP holdfast_h h\n# TYPE holdfast_h histogram\nholdfast_h_bucket{s=\"a\",le=\"1\"} 2\nholdfast_h_bucket{s=\"a\",le=\"+Inf\"} 2\nholdfast_h_sum{s=\"a\"} 1\nholdfast_h_count{s=\"a\"} 2\nholdfast_h_bucket{s=\"b\",le=\"1\"} 2\nholdfast_h_bucket{s=\"b\",le=\"+Inf\"} 1\nholdfast_h_sum{s=\"b\"} 1\nholdfast_h_count{s=\"b\"} 1\n", "s=\"b\"}: buckets not ordered or not cumulative"),
     ] {
         let p = lint(bad);
         assert!(p.iter().any(|m| m.contains(why)), "lint missed {why}: {p:?}");
@@ -250,7 +261,14 @@ fn lint(text: &str) -> Vec<String> {
         match kind.get(family).map(String::as_str) {
             None => problems.push(format!("{name}: sample before (or without) its TYPE")),
             Some("histogram") => {
-                let h = hist.entry(family.to_string()).or_default();
+                // One histogram per label set (its labels but `le`).
+                let set: Vec<&str> = labels
+                    .split(',')
+                    .filter(|p| !p.is_empty() && !p.starts_with("le="))
+                    .collect();
+                let h = hist
+                    .entry(format!("{family}{{{}}}", set.join(",")))
+                    .or_default();
                 if name.ends_with("_bucket") {
                     let le = labels
                         .split(',')
