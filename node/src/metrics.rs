@@ -43,15 +43,34 @@ impl Writer<'_> {
         if labels.is_empty() {
             let _ = writeln!(self.0, "{name} {v}");
         } else {
-            let l: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-                .collect();
-            let _ = writeln!(self.0, "{name}{{{}}} {v}", l.join(","));
+            let _ = writeln!(self.0, "{name}{{{}}} {v}", label_pairs(labels));
         }
     }
 
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
         h.render_prometheus(self.0, name, help);
     }
+
+    /// One histogram family with a member per value of the label `key`.
+    pub fn histograms(
+        &mut self,
+        name: &str,
+        help: &str,
+        key: &str,
+        members: &[(&str, &Histogram)],
+    ) {
+        self.family(name, help, "histogram");
+        for (value, h) in members {
+            h.render_samples(self.0, name, &label_pairs(&[(key, value.to_string())]));
+        }
+    }
+}
+
+/// `k="v"` pairs, comma-separated, values escaped.
+fn label_pairs(labels: &[(&str, String)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect::<Vec<_>>()
+        .join(",")
 }

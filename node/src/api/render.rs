@@ -152,25 +152,19 @@ pub fn render_metrics(node: &Node) -> String {
             "Replication lag: entry created on the origin until applied here",
             &m.lag,
         );
-        w.family(
+        w.histograms(
             "holdfast_sync_lag_stage_seconds",
             "Where the replication lag goes: entry created on the origin until read from its \
              ring buffer (ring), taken into a peer's batch (queued), handed to QUIC (sent), all \
              on the origin; read off the stream here (received)",
-            "histogram",
+            "stage",
+            &[
+                ("ring", &m.stages.ring),
+                ("queued", &m.stages.queued),
+                ("sent", &m.stages.sent),
+                ("received", &m.stages.received),
+            ],
         );
-        for (stage, h) in [
-            ("ring", &m.stages.ring),
-            ("queued", &m.stages.queued),
-            ("sent", &m.stages.sent),
-            ("received", &m.stages.received),
-        ] {
-            h.render_samples(
-                w.0,
-                "holdfast_sync_lag_stage_seconds",
-                &format!("stage=\"{stage}\""),
-            );
-        }
         w.counter(
             "holdfast_sync_batches_sent_total",
             "Batches sent to peers",
