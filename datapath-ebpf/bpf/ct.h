@@ -188,60 +188,92 @@ static __always_inline __u64 hit_clock(const struct lb_stats *st)
  * created_ns uses the precise clock, because replication lag is measured
  * from it. All count CLOCK_MONOTONIC, so they compare.
  *
+ * The entry comes first, before the service: an established flow's packet
+ * needs neither the service lookup (a hash of the 20-byte service key,
+ * ~30-40 ns per hit) nor the Maglev table, and its backend names its
+ * service's stats slot (lb_backend.svc_id; a backend id belongs to one
+ * service). A hit is only possible for a VIP flow: entries are made for
+ * VIP flows only (here and by peers), and a removed service's backends are
+ * emptied in the same apply, so its entries re-pick, find no service and
+ * pass. Only a miss or a re-pick looks the service up.
+ *
  * (Inserting a SYN's entry with BPF_NOEXIST before any lookup was measured
  * slower on 6.18 than lookup-then-insert: LRU updates with NOEXIST cost more.)
  */
-static __always_inline struct lb_backend *select_backend(const struct pkt *p,
-							 const struct lb_svc *svc,
-							 struct lb_stats *st,
-							 struct lb_svc_stats *ss, __u32 *bid_out,
-							 __u64 *now_out)
+
+/* A TCP SYN without ACK (not quoted in an ICMP error): a new connection. */
+static __always_inline int pkt_is_syn(const struct pkt *p)
+{
+	return p->flow.proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN &&
+	       !p->icmp_err;
+}
+
+/*
+ * Whether the entry `ct` of p->flow is followed: its backend, or NULL with
+ * *why the stat that says why it must be re-picked.
+ */
+static __always_inline struct lb_backend *ct_follow(const struct pkt *p, const struct lb_ct_val *ct,
+						    __u64 now, enum lb_stat *why)
+{
+	struct lb_backend *be = backend_get(ct->backend_id);
+
+	if (!be) {
+		*why = LB_STAT_REPICK_GONE;
+		return NULL;
+	}
+	__u64 last = ct->last_seen_ns;
+	__u64 idle = now > last ? now - last : 0;
+	if (p->flow.proto == IPPROTO_TCP_) {
+		if (pkt_is_syn(p) && (be->state != LB_BACKEND_ACTIVE || (ct->flags & LB_CT_F_CLOSING) ||
+			    idle > lb_tcp_timeout_ns)) {
+			*why = LB_STAT_REPICK_STALE;
+			return NULL;
+		}
+	} else if (idle > lb_udp_timeout_ns) {
+		*why = LB_STAT_REPICK_STALE;
+		return NULL;
+	}
+	return be;
+}
+
+/* A followed entry: refresh last_seen, note a client's FIN/RST, count. */
+static __always_inline void ct_hit(const struct pkt *p, struct lb_ct_val *ct, __u64 now,
+				   struct lb_stats *st, struct lb_svc_stats *ss)
+{
+	if (!p->icmp_err) {
+		__u64 last = ct->last_seen_ns;
+
+		if (now > last && now - last > lb_ct_refresh_ns)
+			ct->last_seen_ns = now;
+		if (p->flow.proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_FIN | TCP_RST)) &&
+		    !(ct->flags & LB_CT_F_CLOSING)) {
+			ct->flags |= LB_CT_F_CLOSING;
+			/* Own entries only: peers accept a node's events for
+			 * the entries it created. */
+			if (ct->origin == (__u16)lb_node_id)
+				ct_closing_event(p, ct, st);
+		}
+	}
+	stat_add(st, LB_STAT_CT_HITS, 1);
+	svc_stat_add(ss, LB_SVC_CT_HITS, 1);
+}
+
+/*
+ * A new pick for p->flow (no entry, or one that is not followed: `had_ct`):
+ * Maglev, and an entry unless a flooded CPU's SYN or an ICMP error.
+ */
+static __always_inline struct lb_backend *ct_pick(const struct pkt *p, const struct lb_svc *svc,
+						  int had_ct, struct lb_stats *st,
+						  struct lb_svc_stats *ss, __u32 *bid_out,
+						  __u64 *now_out)
 {
 	int tcp = p->flow.proto == IPPROTO_TCP_;
-	int syn = tcp && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN && !p->icmp_err;
-	struct lb_ct_val *ct = bpf_map_lookup_elem(&lb_conntrack, &p->flow);
+	int syn = pkt_is_syn(p);
 	struct lb_backend *be;
 	__u64 now;
 	__u32 bid;
 
-	if (ct) {
-		now = hit_clock(st);
-		be = backend_get(ct->backend_id);
-		if (!be) {
-			stat_add(st, LB_STAT_REPICK_GONE, 1);
-			goto pick;
-		}
-		__u64 last = ct->last_seen_ns;
-		__u64 idle = now > last ? now - last : 0;
-		if (tcp) {
-			if (syn && (be->state != LB_BACKEND_ACTIVE || (ct->flags & LB_CT_F_CLOSING) ||
-				    idle > lb_tcp_timeout_ns)) {
-				stat_add(st, LB_STAT_REPICK_STALE, 1);
-				goto pick;
-			}
-		} else if (idle > lb_udp_timeout_ns) {
-			stat_add(st, LB_STAT_REPICK_STALE, 1);
-			goto pick;
-		}
-		if (!p->icmp_err) {
-			if (idle > lb_ct_refresh_ns)
-				ct->last_seen_ns = now;
-			if (tcp && (p->tcp_flags & (TCP_FIN | TCP_RST)) &&
-			    !(ct->flags & LB_CT_F_CLOSING)) {
-				ct->flags |= LB_CT_F_CLOSING;
-				/* Own entries only: peers accept a node's events for
-				 * the entries it created. */
-				if (ct->origin == (__u16)lb_node_id)
-					ct_closing_event(p, ct, st);
-			}
-		}
-		stat_add(st, LB_STAT_CT_HITS, 1);
-		svc_stat_add(ss, LB_SVC_CT_HITS, 1);
-		*bid_out = ct->backend_id;
-		*now_out = now;
-		return be;
-	}
-	if (tcp && !syn && !p->icmp_err) {
+	if (!had_ct && tcp && !syn && !p->icmp_err) {
 		/* During a SYN flood, SYNs make no entry: a handshake's first
 		 * non-SYN packet lands here, and is not a broken flow. */
 		if (cpu_flooded(bpf_ktime_get_ns())) {
@@ -252,14 +284,13 @@ static __always_inline struct lb_backend *select_backend(const struct pkt *p,
 		}
 	}
 
-pick:
 	be = maglev_pick(p, svc, &bid);
 	if (!be)
 		return NULL;
 	now = bpf_ktime_get_ns();
 	/* A new flow's SYN on a flooded CPU: forwarded by Maglev, no state (a
 	 * SYN that found a stale entry re-picks it: its next packet looks there). */
-	if (syn && !ct && syn_flood(now)) {
+	if (syn && !had_ct && syn_flood(now)) {
 		stat_add(st, LB_STAT_SYN_FLOOD, 1);
 		*bid_out = bid;
 		*now_out = now;

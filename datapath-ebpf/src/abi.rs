@@ -94,7 +94,8 @@ pub struct Svc {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr: [u8; 16],
-    pub flags: u32,
+    /// Stats slot (`Svc::id`) + 1 of the backend's service; 0: not known.
+    pub svc_ref: u32,
     pub family: u8,
     pub state: u8,
     pub pad: u16,

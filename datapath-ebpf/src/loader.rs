@@ -263,11 +263,12 @@ pub(crate) fn map_data<'a>(bpf: &'a Ebpf, name: &'static str) -> Result<&'a MapD
     }
 }
 
-fn backend_value(addr: std::net::IpAddr, state: BackendState) -> Backend {
+/// A backend's map value; `svc_slot` is its service's stats slot.
+fn backend_value(addr: std::net::IpAddr, state: BackendState, svc_slot: u32) -> Backend {
     let (addr, family) = addr_bytes(addr);
     Backend {
         addr,
-        flags: 0,
+        svc_ref: svc_slot + 1,
         family,
         state: match state {
             BackendState::Active => BACKEND_ACTIVE,
@@ -806,13 +807,30 @@ impl Datapath {
             })
             .unwrap_or_default();
 
+        // 0. Each service's stats slot: its own, or for a new service the
+        // free slot step 2 takes (lowest first, in config order). Backends
+        // carry it (svc_ref), so they need it before step 1.
+        let mut free = self.free_ids.iter().copied();
+        let mut slot_of: HashMap<SvcKey, u32> = HashMap::new();
+        for svc in &cfg.services {
+            let key = SvcKey::new(svc.vip, svc.port, svc.proto.number());
+            let id = match self.slots.get(&key) {
+                Some(s) => s.id,
+                None => free
+                    .next()
+                    .ok_or_else(|| Error::invalid("services", "no free service slot"))?,
+            };
+            slot_of.insert(key, id);
+        }
+
         // 1. Backends (new and changed) before any table references them.
         let mut ids = Vec::new();
         let mut vals = Vec::new();
         for svc in &cfg.services {
+            let slot = slot_of[&SvcKey::new(svc.vip, svc.port, svc.proto.number())];
             for b in &svc.backends {
                 ids.push(b.id);
-                vals.push(backend_value(b.addr, b.state));
+                vals.push(backend_value(b.addr, b.state, slot));
             }
         }
         // Only what is new or changed (the map holds the rest already).
@@ -882,10 +900,8 @@ impl Datapath {
                     half: 1 - s.half.min(1),
                 },
                 None => {
-                    let id = self
-                        .free_ids
-                        .pop_first()
-                        .ok_or_else(|| Error::invalid("services", "no free service slot"))?;
+                    let id = slot_of[&key];
+                    self.free_ids.remove(&id);
                     self.reset_svc_stats(id)?;
                     report.services_added += 1;
                     Slot { id, half: 0 }

@@ -147,7 +147,7 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 btf,
                 "lb_backend",
                 Backend,
-                [addr, flags, family, state, pad]
+                [addr, svc_ref, family, state, pad]
             ),
             "lb_ct_key" => check_struct!(
                 btf,

@@ -7,8 +7,10 @@
 mod common;
 
 use common::*;
+use std::collections::HashMap;
+
 use datapath_ebpf::{
-    abi::{stat, vip_filter_bit, CtKey, CtVal, IPPROTO_TCP},
+    abi::{stat, svc_stat, vip_filter_bit, Backend, CtKey, CtVal, SvcKey, SvcStats, IPPROTO_TCP},
     loader::{monotonic_now, CLOCK_PERIOD},
     packet::{Packet, L4, TCP_ACK, TCP_SYN},
     testrun::{self, XDP_PASS, XDP_REDIRECT, XDP_TX},
@@ -271,4 +273,116 @@ fn conntrack_hits_refresh_last_seen_with_the_published_clock() {
         seen + slack >= before && seen <= after,
         "last_seen {seen} not within [{before} - {slack}, {after}] (was {old})"
     );
+}
+
+/// A bpffs directory for one test's pins, removed (with its pins) on drop.
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(name: &str) -> Self {
+        let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{name}-{}", std::process::id()));
+        datapath_ebpf::loader::ensure_bpffs_dir(&dir).expect("bpffs pin directory");
+        Self(dir)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = datapath_ebpf::loader::remove_pins(&self.0);
+    }
+}
+
+fn svc_counters(fx: &Fixture) -> HashMap<SvcKey, SvcStats> {
+    fx.dp
+        .service_stats()
+        .expect("service stats")
+        .into_iter()
+        .collect()
+}
+
+/// A conntrack hit is followed before any service lookup and counts in the
+/// stats slot its backend carries (svc_ref = slot + 1): exactly in its own
+/// service's counters. A backend without svc_ref (maps pinned by a build
+/// before it) still counts right, through the service lookup. A removed
+/// service's entries are not followed: its packets go to the kernel.
+#[test]
+fn conntrack_hits_count_in_their_backends_service() {
+    let pins = PinDir::new("hffast4");
+    let mut fx = Fixture::with_options(
+        "hffast4",
+        datapath_ebpf::DatapathOptions {
+            pin_dir: Some(pins.0.clone()),
+            ..options()
+        },
+    );
+    for s in &fx.cfg.services {
+        let k = SvcKey::new(s.vip, s.port, s.proto.number());
+        let slot = fx.dp.service(&k).expect("lookup").expect("service").id;
+        for b in &s.backends {
+            let v = fx.dp.backend(b.id).expect("backend");
+            assert_eq!(v.svc_ref, slot + 1, "backend {} of {}", b.id, s.name());
+        }
+    }
+    let key3 = SvcKey::new("10.200.0.3".parse().unwrap(), 80, IPPROTO_TCP);
+    let ack = Packet::tcp("192.0.2.10", 43_000, "10.200.0.3", 80, TCP_ACK);
+    let syn = Packet::tcp("192.0.2.10", 43_000, "10.200.0.3", 80, TCP_SYN);
+    assert_eq!(fx.run(&syn).verdict, XDP_TX);
+    let before = svc_counters(&fx);
+    let hits = fx.stat(stat::CT_HITS);
+    for _ in 0..5 {
+        let r = fx.run(&ack);
+        assert_eq!(r.verdict, XDP_TX);
+        assert_eq!(r.frame, fx.expected_encap(&ack, 10));
+    }
+    assert_eq!(fx.stat(stat::CT_HITS), hits + 5);
+    let after = svc_counters(&fx);
+    for (k, st) in &after {
+        let was = &before[k];
+        if *k == key3 {
+            assert_eq!(st.c[svc_stat::CT_HITS], was.c[svc_stat::CT_HITS] + 5);
+            assert_eq!(st.c[svc_stat::PACKETS], was.c[svc_stat::PACKETS] + 5);
+        } else {
+            assert_eq!(st, was, "hits of 10.200.0.3:80 counted in {k:?}");
+        }
+    }
+
+    // The pins of an older build: backend 10 without svc_ref.
+    {
+        let md = aya::maps::MapData::from_pin(pins.0.join("lb_backends")).expect("pinned map");
+        let mut arr: aya::maps::Array<_, Backend> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(md)).expect("array");
+        let mut v = fx.dp.backend(10).expect("backend");
+        v.svc_ref = 0;
+        arr.set(10, v, 0).expect("write backend");
+    }
+    let r = fx.run(&ack);
+    assert_eq!(r.verdict, XDP_TX);
+    assert_eq!(r.frame, fx.expected_encap(&ack, 10));
+    let old = svc_counters(&fx);
+    assert_eq!(
+        old[&key3].c[svc_stat::CT_HITS],
+        after[&key3].c[svc_stat::CT_HITS] + 1,
+        "a hit on a backend without svc_ref counts in its service"
+    );
+    for (k, st) in &old {
+        if *k != key3 {
+            assert_eq!(st, &after[k], "counted in {k:?}");
+        }
+    }
+
+    // The service goes (its backend with it): the entry is not followed.
+    let mut cfg = fx.cfg.clone();
+    cfg.epoch += 1;
+    cfg.services.retain(|s| s.vip.to_string() != "10.200.0.3");
+    fx.apply(cfg);
+    assert!(
+        fx.dp.ct_get(&key(&ack)).expect("ct").is_some(),
+        "entry kept"
+    );
+    let r = fx.run(&ack);
+    assert_eq!(
+        r.verdict, XDP_PASS,
+        "a removed service's flow is still balanced"
+    );
+    assert_eq!(r.frame, ack.frame());
 }

@@ -12,7 +12,7 @@
 
 #include <linux/types.h>
 
-#define LB_ABI_VERSION 2
+/* (The version the Rust loader stamps into lb_meta is abi.rs ABI_VERSION.) */
 
 /* Address families as stored in keys (not AF_* which differ per OS). */
 #define LB_FAMILY_V4 4
@@ -56,10 +56,16 @@ struct lb_svc {
 };
 _Static_assert(sizeof(struct lb_svc) == 16, "lb_svc size");
 
-/* Backend, indexed by its cluster-wide id in the `backends` array. */
+/*
+ * Backend, indexed by its cluster-wide id in the `backends` array.
+ * svc_ref is the stats slot (lb_svc.id) + 1 of the one service it belongs
+ * to, so that a conntrack hit counts there without looking the service up;
+ * 0 (the zero flags word of builds before it) means not known: a hit then
+ * looks the service up as before.
+ */
 struct lb_backend {
 	__u8 addr[16];
-	__u32 flags;
+	__u32 svc_ref;
 	__u8 family;
 	__u8 state;
 	__u16 pad;
