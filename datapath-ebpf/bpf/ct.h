@@ -188,14 +188,15 @@ static __always_inline __u64 hit_clock(const struct lb_stats *st)
  * created_ns uses the precise clock, because replication lag is measured
  * from it. All count CLOCK_MONOTONIC, so they compare.
  *
- * The entry comes first, before the service: an established flow's packet
- * needs neither the service lookup (a hash of the 20-byte service key,
- * ~30-40 ns per hit) nor the Maglev table, and its backend names its
- * service's stats slot (lb_backend.svc_id; a backend id belongs to one
- * service). A hit is only possible for a VIP flow: entries are made for
- * VIP flows only (here and by peers), and a removed service's backends are
- * emptied in the same apply, so its entries re-pick, find no service and
- * pass. Only a miss or a re-pick looks the service up.
+ * For TCP past its SYN the entry comes first, before the service: an
+ * established flow's packet needs neither the service lookup (a hash of
+ * the 20-byte service key, 20-40 ns per hit here) nor the Maglev table,
+ * and its backend names its service's stats slot (lb_backend.svc_ref; a
+ * backend id belongs to one service). A hit is only possible for a VIP
+ * flow: entries are made for VIP flows only (here and by peers), and a
+ * removed service's backends are emptied in the same apply, so its entries
+ * re-pick, find no service and pass. SYNs and UDP, mostly new flows, look
+ * the service up first (lb.bpf.c says why).
  *
  * (Inserting a SYN's entry with BPF_NOEXIST before any lookup was measured
  * slower on 6.18 than lookup-then-insert: LRU updates with NOEXIST cost more.)

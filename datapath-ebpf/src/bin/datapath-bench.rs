@@ -7,6 +7,8 @@
 //! ```text
 //! cargo run --release -p datapath-ebpf --bin datapath-bench [-- --json] [--iters N] [--pin DIR]
 //! ```
+//! `--conntrack-size N` sizes the main cases' conntrack (default 1 M, the
+//! node's default; the options' validation applies).
 //! `--pin DIR` leaves the configured program (DIR/prog) and its maps pinned
 //! so an outside harness can run it side by side; remove DIR to clean up.
 //! `--cpus` adds the multi-CPU figures: the same loop on one thread pinned
@@ -36,6 +38,8 @@ struct Args {
     cpus: bool,
     /// Also run the SYN flood case (conntrack full, protection off and on).
     syn_flood: bool,
+    /// Conntrack entries of the main cases' datapath.
+    conntrack_size: u32,
 }
 
 fn args() -> Result<Args> {
@@ -45,6 +49,7 @@ fn args() -> Result<Args> {
         pin: None,
         cpus: false,
         syn_flood: false,
+        conntrack_size: 1 << 20,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -60,12 +65,20 @@ fn args() -> Result<Args> {
                     bail!("--iters must be at least 100");
                 }
             }
+            "--conntrack-size" => {
+                a.conntrack_size = it
+                    .next()
+                    .context("--conntrack-size needs a number")?
+                    .parse()
+                    .context("--conntrack-size needs a number")?;
+            }
             "--pin" => a.pin = Some(it.next().context("--pin needs a directory")?.into()),
             "--cpus" => a.cpus = true,
             "--syn-flood" => a.syn_flood = true,
             "-h" | "--help" => {
                 println!(
-                    "usage: datapath-bench [--json] [--iters N] [--pin DIR] [--cpus] [--syn-flood]"
+                    "usage: datapath-bench [--json] [--iters N] [--conntrack-size N] [--pin DIR] \
+                     [--cpus] [--syn-flood]"
                 );
                 std::process::exit(0);
             }
@@ -94,6 +107,17 @@ fn config() -> DatapathConfig {
                     be(1, "10.99.0.11"),
                     be(2, "10.99.0.12"),
                     be(3, "10.99.0.13"),
+                ],
+            },
+            ServiceSpec {
+                vip: "10.200.0.1".parse().expect("static"),
+                port: 53,
+                proto: Proto::Udp,
+                table_size: 65_537,
+                backends: vec![
+                    be(7, "10.99.0.11"),
+                    be(8, "10.99.0.12"),
+                    be(9, "10.99.0.13"),
                 ],
             },
             ServiceSpec {
@@ -136,7 +160,7 @@ fn main() -> Result<()> {
     }
     let mut dp = Datapath::load(DatapathOptions {
         max_services: 8,
-        conntrack_size: 1 << 20,
+        conntrack_size: args.conntrack_size,
         // Room for the multi-CPU rounds' new flows between drains.
         ring_bytes: 1 << 24,
         // The new-flow cases time a SYN entering conntrack: the path of
@@ -174,6 +198,14 @@ fn main() -> Result<()> {
             Packet::tcp(&src, 12345, "10.200.0.1", 80, TCP_SYN).frame()
         })
         .collect();
+    // And as UDP (a DNS query from a new client: no SYN, a miss).
+    let new_udp: Vec<Vec<u8>> = (0..args.iters as u32)
+        .map(|i| {
+            let c = 0x6480_0000u32 + i; // 100.128.0.0/10
+            let src = std::net::Ipv4Addr::from(c).to_string();
+            Packet::udp(&src, 12345, "10.200.0.1", 53).frame()
+        })
+        .collect();
 
     let mut cases = [
         ("conntrack hit (IPv4 TCP)", "ct_hit_ns"),
@@ -183,6 +215,10 @@ fn main() -> Result<()> {
         ),
         ("non-VIP pass", "pass_ns"),
         ("conntrack hit (IPv6 TCP)", "ct_hit_v6_ns"),
+        (
+            "new flow (UDP: miss, Maglev, insert, ring buffer)",
+            "new_flow_udp_ns",
+        ),
     ]
     .map(|(name, key)| Case {
         name,
@@ -198,7 +234,8 @@ fn main() -> Result<()> {
                 0 => &ct_hit,
                 1 => new_flow,
                 2 => &pass,
-                _ => &ct_hit_v6,
+                3 => &ct_hit_v6,
+                _ => &new_udp[i],
             };
             let r = testrun::run(dp.program(), frame, ifindex)?;
             let want = if ci == 2 { XDP_PASS } else { XDP_TX };
