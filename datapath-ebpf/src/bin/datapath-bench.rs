@@ -314,8 +314,14 @@ fn main() -> Result<()> {
                 m.cpus
             );
             for r in &m.rows {
+                let judged = match (r.ratio, r.scaling) {
+                    (Some(ratio), Some(scaling)) => {
+                        format!("ratio {ratio:.2} (scaling {scaling:.2} of {})", m.cpus)
+                    }
+                    _ => "ratio n/a (alone below the test-run clock's steps)".to_string(),
+                };
                 println!(
-                    "  {:<44} alone {:>5}   all: {:<24} ratio {:.2} (scaling {:.2} of {})",
+                    "  {:<44} alone {:>5}   all: {:<24} {judged}",
                     r.case,
                     r.alone_ns,
                     r.per_cpu_ns
@@ -323,9 +329,6 @@ fn main() -> Result<()> {
                         .map(|n| n.to_string())
                         .collect::<Vec<_>>()
                         .join(" "),
-                    r.ratio,
-                    r.scaling,
-                    m.cpus
                 );
             }
         }
@@ -347,10 +350,11 @@ struct MultiRow {
     alone_ns: u64,
     /// Median net ns/packet of each CPU's thread, all running at once.
     per_cpu_ns: Vec<u64>,
-    /// Mean of `per_cpu_ns` over `alone_ns`: the cost of sharing, per packet.
-    ratio: f64,
+    /// Mean of `per_cpu_ns` over `alone_ns`: the cost of sharing, per packet
+    /// (None when `alone_ns` is 0: below the test-run clock's steps).
+    ratio: Option<f64>,
     /// Packets per second of all CPUs over one CPU's (ideal: the CPU count).
-    scaling: f64,
+    scaling: Option<f64>,
 }
 
 struct Multi {
@@ -519,17 +523,13 @@ fn multi_cpu(
             .map(|(l, b)| median(l).saturating_sub(median(b)))
             .collect();
         let mean = per_cpu.iter().sum::<u64>() as f64 / per_cpu.len() as f64;
-        let ratio = if alone > 0 { mean / alone as f64 } else { 0.0 };
+        let ratio = (alone > 0).then(|| mean / alone as f64);
         rows.push(MultiRow {
             case,
             alone_ns: alone,
             per_cpu_ns: per_cpu,
             ratio,
-            scaling: if ratio > 0.0 {
-                cpus as f64 / ratio
-            } else {
-                0.0
-            },
+            scaling: ratio.filter(|r| *r > 0.0).map(|r| cpus as f64 / r),
         });
     }
     let st = dp.stats()?;
