@@ -237,6 +237,23 @@ static __always_inline struct lb_backend *ct_follow(const struct pkt *p, const s
 	return be;
 }
 
+/*
+ * The entry of p->flow, or NULL. If there is one: *now is the hit clock and
+ * *be its backend if it is followed, else NULL with *why (see ct_follow).
+ */
+static __always_inline struct lb_ct_val *ct_find(const struct pkt *p, const struct lb_stats *st,
+						 struct lb_backend **be, __u64 *now,
+						 enum lb_stat *why)
+{
+	struct lb_ct_val *ct = bpf_map_lookup_elem(&lb_conntrack, &p->flow);
+
+	if (ct) {
+		*now = hit_clock(st);
+		*be = ct_follow(p, ct, *now, why);
+	}
+	return ct;
+}
+
 /* A followed entry: refresh last_seen, note a client's FIN/RST, count. */
 static __always_inline void ct_hit(const struct pkt *p, struct lb_ct_val *ct, __u64 now,
 				   struct lb_stats *st, struct lb_svc_stats *ss)

@@ -211,16 +211,12 @@ int holdfast_lb(struct xdp_md *ctx)
 	 * (SYN and UDP, docs/benchmarks.md).
 	 */
 	if (est) {
-		ct = bpf_map_lookup_elem(&lb_conntrack, &p.flow);
-		if (ct) {
-			now = hit_clock(st);
-			be = ct_follow(&p, ct, now, &why);
-			if (be && be->svc_ref) {
-				__u32 hsid = be->svc_ref - 1;
+		ct = ct_find(&p, st, &be, &now, &why);
+		if (ct && be && be->svc_ref) {
+			__u32 hsid = be->svc_ref - 1;
 
-				ss = bpf_map_lookup_elem(&lb_svc_stats, &hsid);
-				goto hit;
-			}
+			ss = bpf_map_lookup_elem(&lb_svc_stats, &hsid);
+			goto hit;
 		}
 	}
 
@@ -239,13 +235,8 @@ int holdfast_lb(struct xdp_md *ctx)
 
 	__u32 sid = svc->id;
 	ss = bpf_map_lookup_elem(&lb_svc_stats, &sid);
-	if (!est) {
-		ct = bpf_map_lookup_elem(&lb_conntrack, &p.flow);
-		if (ct) {
-			now = hit_clock(st);
-			be = ct_follow(&p, ct, now, &why);
-		}
-	}
+	if (!est)
+		ct = ct_find(&p, st, &be, &now, &why);
 	if (ct && be)
 		goto hit; /* a followed entry whose backend has no svc_ref */
 	if (why)
