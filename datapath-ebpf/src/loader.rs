@@ -807,9 +807,9 @@ impl Datapath {
             })
             .unwrap_or_default();
 
-        // 0. Each service's stats slot: its own, or for a new service the
-        // free slot step 2 takes (lowest first, in config order). Backends
-        // carry it (svc_ref), so they need it before step 1.
+        // 0. Each service's stats slot: its own, or for a new service a
+        // free one (lowest first; step 2 takes it). Backends carry it
+        // (svc_ref), so they need it before step 1.
         let mut free = self.free_ids.iter().copied();
         let mut slot_of: HashMap<SvcKey, u32> = HashMap::new();
         for svc in &cfg.services {
