@@ -812,7 +812,7 @@ impl Lab {
     /// without that many flows.
     pub fn fill_conntrack(&self, i: usize, n: u32) -> Result<usize> {
         use datapath_ebpf::abi::{CtKey, CtVal, CT_F_REMOTE, IPPROTO_TCP};
-        let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
         let vip: IpAddr = "10.88.100.200".parse()?;
         let entries: Vec<(CtKey, CtVal)> = (0..n)
             .map(|k| {

@@ -18,7 +18,7 @@ use crate::{
     sys, Error, Result,
 };
 
-const MAP: &str = crate::loader::M_CONNTRACK;
+const MAP: &str = crate::maps::M_CONNTRACK;
 
 pub struct Conntrack {
     fd: OwnedFd,

@@ -11,8 +11,7 @@ use aya::{
 use crate::{
     abi::{DecapKey, DecapStats},
     error::{Error, Result},
-    loader::AttachMode,
-    prog::{ifindex, load_xdp, percpu_sum, xdp, xdp_mut},
+    prog::{ifindex, load_xdp, percpu_sum, xdp, xdp_mut, AttachMode},
 };
 
 pub(crate) static DECAP_OBJ: &[u8] =

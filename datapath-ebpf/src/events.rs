@@ -8,7 +8,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 use crate::{
     abi::FlowEvent,
     error::{Error, Result},
-    loader::M_EVENTS,
+    maps::M_EVENTS,
 };
 
 /// Consumer of `lb_flow_events`. Events lost because the ring was full are

@@ -18,6 +18,7 @@ pub mod hash;
 pub mod impair;
 pub mod loader;
 pub mod maglev;
+pub mod maps;
 pub mod packet;
 pub mod prog;
 pub mod sys;
@@ -26,7 +27,8 @@ pub mod testrun;
 
 pub use config::{BackendSpec, BackendState, DatapathConfig, DatapathOptions, Proto, ServiceSpec};
 pub use error::{Error, Result};
-pub use loader::{AttachMode, Datapath};
+pub use loader::Datapath;
+pub use prog::AttachMode;
 
 /// The embedded BPF objects by file name (the ABI layout test reads their BTF).
 pub fn objects() -> [(&'static str, &'static [u8]); 3] {

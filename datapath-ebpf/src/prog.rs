@@ -3,7 +3,7 @@
 
 use aya::{
     maps::{MapData, PerCpuArray},
-    programs::Xdp,
+    programs::{Xdp, XdpMode},
     Ebpf, Pod,
 };
 
@@ -110,5 +110,23 @@ pub(crate) fn ifindex(name: &str) -> Result<u32> {
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
         0 => Err(unknown()),
         i => Ok(i),
+    }
+}
+
+/// How the program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (fastest; veth, most NICs).
+    Native,
+    /// In the kernel's generic path (any interface).
+    Generic,
+}
+
+impl AttachMode {
+    pub(crate) fn xdp(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use datapath_ebpf::{
     abi::{stat, svc_stat, vip_filter_bit, Backend, CtKey, CtVal, SvcKey, SvcStats, IPPROTO_TCP},
-    loader::{monotonic_now, CLOCK_PERIOD},
+    maps::{monotonic_now, CLOCK_PERIOD},
     packet::{Packet, L4, TCP_ACK, TCP_SYN},
     testrun::{self, XDP_PASS, XDP_REDIRECT, XDP_TX},
     AttachMode, BackendState, Proto,
@@ -281,7 +281,7 @@ struct PinDir(std::path::PathBuf);
 impl PinDir {
     fn new(name: &str) -> Self {
         let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{name}-{}", std::process::id()));
-        datapath_ebpf::loader::ensure_bpffs_dir(&dir).expect("bpffs pin directory");
+        datapath_ebpf::maps::ensure_bpffs_dir(&dir).expect("bpffs pin directory");
         Self(dir)
     }
 }

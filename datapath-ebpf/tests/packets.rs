@@ -8,7 +8,7 @@ mod common;
 use common::{Fixture, NODE_ID};
 use datapath_ebpf::{
     abi::{stat, CtKey, CtVal, SvcKey, CT_F_CLOSING, CT_F_REMOTE, IPPROTO_TCP, IPPROTO_UDP},
-    loader::monotonic_now,
+    maps::monotonic_now,
     packet::{
         eth, ipip_frame, ipv4_header, ipv6_packet, Packet, CLIENT_MAC, ETH_P_ARP, ETH_P_IP,
         ETH_P_IPV6, L4, LB_MAC, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
@@ -1305,7 +1305,7 @@ fn t12_table_changes_write_only_the_differing_slots() {
 #[test]
 fn t13_closing_tcp_entries_expire_sooner() {
     let f = Fixture::new("hfx13");
-    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
     let key = |port: u16, proto: u8| {
         CtKey::new(
             "192.0.2.1".parse().expect("ip"),

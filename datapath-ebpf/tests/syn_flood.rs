@@ -8,7 +8,7 @@ mod common;
 use common::{be, svc, Fixture};
 use datapath_ebpf::{
     abi::{stat, CtKey, CtVal, SvcKey, CT_F_REMOTE, IPPROTO_TCP},
-    loader::monotonic_now,
+    maps::monotonic_now,
     packet::{Packet, TCP_ACK, TCP_SYN},
     testrun::XDP_TX,
     BackendState, DatapathOptions, Proto,

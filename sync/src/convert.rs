@@ -15,7 +15,7 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let mono = datapath_ebpf::loader::monotonic_now().as_nanos() as i128;
+        let mono = datapath_ebpf::maps::monotonic_now().as_nanos() as i128;
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)

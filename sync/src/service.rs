@@ -226,7 +226,7 @@ impl SyncService {
                 Duration::from_secs(cfg.refresh_interval_s.max(1)),
                 o.tcp_idle_timeout,
                 o.udp_idle_timeout,
-                datapath_ebpf::loader::monotonic_now().as_nanos() as u64,
+                datapath_ebpf::maps::monotonic_now().as_nanos() as u64,
             );
             (d.take_flow_events()?, refresher, d.conntrack())
         };
@@ -335,7 +335,7 @@ impl SyncService {
     /// Now on the wire's clock (Unix ns).
     fn unix_now(&self) -> u64 {
         self.clock
-            .to_unix(datapath_ebpf::loader::monotonic_now().as_nanos() as u64)
+            .to_unix(datapath_ebpf::maps::monotonic_now().as_nanos() as u64)
     }
 
     fn peer_stats(&self, peer: u64) -> Arc<PeerStats> {
@@ -381,7 +381,7 @@ impl SyncService {
                 warn!(error = %e, "ring buffer consumer stopped");
                 return;
             }
-            let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+            let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
             self.metrics.stages.ring.observe_many(
                 buf.iter()
                     .filter(|ev| ev.flags & datapath_ebpf::abi::CT_F_CLOSING == 0)
@@ -859,7 +859,7 @@ impl SyncService {
     /// both). Returns what was sent.
     pub async fn refresh_round(&self, full: bool) -> Result<RefreshReport> {
         let me = self.node_id as u16;
-        let start = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        let start = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
         let lost = self.ring_lost();
         let ct = self.ct.clone();
         let all = tokio::task::spawn_blocking(move || ct.dump()).await??;
@@ -892,7 +892,7 @@ impl SyncService {
         loop {
             tokio::time::sleep(every).await;
             let ct = self.ct.clone();
-            let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+            let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
             if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || ct.expire(now)).await {
                 self.metrics.expired.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -986,7 +986,7 @@ pub fn ct_rows(
     vip: Option<std::net::IpAddr>,
     limit: usize,
 ) -> Result<Vec<CtRow>> {
-    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
     let mut rows: Vec<CtRow> = dp
         .ct_dump()?
         .into_iter()

@@ -156,7 +156,7 @@ fn main() -> Result<()> {
     let net = TestNet::new("hfbench").context("creating the bench namespace")?;
     let _guard = net.enter()?;
     if let Some(dir) = &args.pin {
-        datapath_ebpf::loader::ensure_bpffs_dir(dir)?;
+        datapath_ebpf::maps::ensure_bpffs_dir(dir)?;
     }
     let mut dp = Datapath::load(DatapathOptions {
         max_services: 8,
@@ -596,7 +596,7 @@ fn syn_flood(nop: &Nop, ifindex: u32) -> Result<Flood> {
     use datapath_ebpf::abi::{CtKey, CtVal, IPPROTO_TCP};
     pin_to(0);
     let vip: std::net::IpAddr = "10.200.0.1".parse().expect("static");
-    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
     let established: Vec<(CtKey, CtVal)> = (0..FLOOD_CT)
         .map(|i| {
             let client = std::net::Ipv4Addr::from(0x0a00_0000u32 + i); // 10.0.0.0/8

@@ -196,7 +196,7 @@ fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<D
 
 /// `n` live TCP entries created by node 1 on the bench's VIP.
 fn synthetic(n: u32) -> Vec<(CtKey, CtVal)> {
-    let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+    let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
     let vip = "10.200.0.1".parse().expect("static");
     (0..n)
         .map(|k| {
@@ -352,7 +352,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut slotted = (0usize, 0f64, 0f64, 0u64, 0f64);
     for round in 1..=2 + SLOT_ROUNDS {
         let full = round <= 2;
-        let now = datapath_ebpf::loader::monotonic_now().as_nanos() as u64;
+        let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
         for (_, v) in flows.iter_mut() {
             v.last_seen_ns = now;
         }
