@@ -5,8 +5,15 @@ set -euo pipefail
 
 PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool linux-libc-dev procps nftables conntrackd conntrack bird2 systemd iputils-ping)
 
+# Sourced by the README's two scripts: from a user's shell they run again
+# as root through sudo (BPF programs, network namespaces and apt-get need
+# root); a root shell, where sudo is often absent, runs them directly.
 if [ "$(id -u)" -ne 0 ]; then
-  echo "install-deps: run as root (BPF programs, network namespaces, apt-get)" >&2
+  if command -v sudo >/dev/null 2>&1; then
+    echo "install-deps: not root; running $0 again through sudo" >&2
+    exec sudo env "PATH=$PATH" bash "$0" "$@"
+  fi
+  echo "install-deps: run as root (BPF programs, network namespaces, apt-get); there is no sudo here" >&2
   exit 1
 fi
 

@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/install-deps.sh
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -p chaos -p node --bin chaos --bin clusterctl
+cargo build --release -p chaos -p clusterctl
 exec target/release/chaos demo "$@"

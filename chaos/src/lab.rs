@@ -35,14 +35,12 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use datapath_ebpf::testrun::Nop;
+use holdfast_api::client::Client;
+use holdfast_api::wire::CtRow;
+use holdfast_api::wire::{LocalStatus, MemberRow};
+use holdfast_node::config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig};
+use holdfast_pki as tls;
 use netns::{veth, NetNs};
-use node::{
-    client::Client,
-    config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig},
-    replication::CtRow,
-    tls,
-    wire::{LocalStatus, MemberRow},
-};
 use raft_store::{
     cluster::{
         BackendState, CheckKind, Command, ForwardingMode, HealthCheck, Proto, Response, Service,
@@ -679,7 +677,7 @@ impl Lab {
                 enabled: self.spec.sync,
                 ..Default::default()
             },
-            bgp: node::bgp::BgpSection {
+            bgp: holdfast_bgp::BgpSection {
                 enabled: true,
                 bird_ctl: dir.join("bird.ctl"),
                 protocols: vec!["vip".into(), "vip6".into()],
@@ -956,7 +954,7 @@ impl Lab {
             api.post::<_, LocalStatus>(
                 &addr,
                 "/drain",
-                &node::wire::DrainRequest { drain },
+                &holdfast_api::wire::DrainRequest { drain },
                 Duration::from_secs(3),
             )
         })??)

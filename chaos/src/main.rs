@@ -158,10 +158,10 @@ fn main() -> ExitCode {
     if let Cmd::Node { args } = cli.cmd {
         let mut full = vec![std::ffi::OsString::from("holdfast-node")];
         full.extend(args);
-        return node::daemon::main_from(full);
+        return holdfast_node::daemon::main_from(full);
     }
     if let Cmd::Decap { args } = cli.cmd {
-        return node::decap_agent::main_from(std::iter::once("holdfast-decap".into()).chain(args));
+        return holdfast_decap::main_from(std::iter::once("holdfast-decap".into()).chain(args));
     }
     match real_main(cli) {
         Ok(code) => code,
@@ -396,7 +396,7 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
         }
     }
     // Let the nodes' conntrack counters (every 2 s) catch up.
-    std::thread::sleep(node::node::CT_COUNT_EVERY);
+    std::thread::sleep(holdfast_node::datapath::CT_COUNT_EVERY);
     println!();
     clusterctl_members(&lab, 1);
     println!("\nLive counters:");

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use node::wire::HealthTable;
+use holdfast_api::wire::HealthTable;
 use raft_store::{
     cluster::{Health, Proto},
     ClusterState,
@@ -520,7 +520,8 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
 fn change_in_flight(
     cx: &Ctx,
     avoid: &[usize],
-) -> Result<std::thread::JoinHandle<Result<raft_store::Response, node::client::ClientError>>> {
+) -> Result<std::thread::JoinHandle<Result<raft_store::Response, holdfast_api::client::ClientError>>>
+{
     let spare = cx.opts.backends + 1;
     let addrs: Vec<String> = cx
         .lab
@@ -545,7 +546,9 @@ fn change_in_flight(
 /// The in-flight change committed, exactly once, on every running node.
 fn committed_once(
     cx: &mut Ctx,
-    pending: std::thread::JoinHandle<Result<raft_store::Response, node::client::ClientError>>,
+    pending: std::thread::JoinHandle<
+        Result<raft_store::Response, holdfast_api::client::ClientError>,
+    >,
     t: Instant,
 ) -> Result<()> {
     let spare = cx.opts.backends + 1;

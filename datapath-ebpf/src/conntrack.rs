@@ -6,7 +6,7 @@
 //! 0.5 s dump for expiry held the lock and stalled every replicated write
 //! behind it (docs/benchmarks.md, the scale bench).
 //!
-//! [`Datapath`]: crate::Datapath
+//! [`Datapath`]: crate::loader::Datapath
 
 use std::{
     os::fd::{AsFd, OwnedFd},
@@ -15,7 +15,8 @@ use std::{
 
 use crate::{
     abi::{CtKey, CtVal, CT_F_CLOSING, IPPROTO_TCP},
-    sys, Error, Result,
+    error::{Error, Result},
+    sys,
 };
 
 const MAP: &str = crate::maps::M_CONNTRACK;

@@ -10,18 +10,16 @@
 //!   acks, resend, gap detection);
 //! - [`apply`]: batched, merged writes into the conntrack map.
 //!
-//! - [`tls`], [`transport`]: the node's QUIC endpoint (mutual TLS with the
-//!   cluster CA), shared with Raft;
+//! - [`transport`]: the node's QUIC endpoint (mutual TLS with the cluster
+//!   CA, certificates from `holdfast-pki`), shared with Raft;
 //! - [`service`]: replication run over that endpoint, with membership
 //!   supplied by the node ([`service::Membership`]).
 
 pub mod apply;
 pub mod convert;
-pub mod hist;
 pub mod merge;
 pub mod refresh;
 pub mod service;
 pub mod session;
-pub mod tls;
 pub mod transport;
 pub mod wire;

@@ -28,6 +28,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use datapath_ebpf::{abi::FlowEvent, conntrack::Conntrack, Datapath};
+use holdfast_api::wire::{PeerStatus, SyncStatus};
+use holdfast_metrics::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -35,7 +37,6 @@ use tracing::{debug, info, warn};
 use crate::{
     apply::apply_remote,
     convert::{from_wire, to_wire, Clock},
-    hist::Histogram,
     session::{Inbox, InboxConfig, Outbox, OutboxConfig},
     transport::{BoxFuture, Transport},
     wire::{frame, frame_compact, Deframer, Msg, WireEntry, VERSION},
@@ -150,29 +151,6 @@ fn ages(entries: &[WireEntry], now_unix: u64) -> impl Iterator<Item = Duration> 
         .iter()
         .filter(|e| e.flags & datapath_ebpf::abi::CT_F_CLOSING == 0)
         .map(move |e| Duration::from_nanos(now_unix.saturating_sub(e.created)))
-}
-
-/// Replication state of a node, as the admin API reports it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SyncStatus {
-    pub ready: bool,
-    pub incarnation: u64,
-    pub peers: Vec<PeerStatus>,
-    pub lag_p50_ms: Option<f64>,
-    pub lag_p99_ms: Option<f64>,
-    pub snapshot_entries: u64,
-    pub refused: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct PeerStatus {
-    pub peer: u64,
-    pub connected: bool,
-    pub sent: u64,
-    pub received: u64,
-    pub applied: u64,
-    pub rejected: u64,
-    pub queued: u64,
 }
 
 /// What a refresh round did.
@@ -966,56 +944,6 @@ async fn read_acks(
             }
         }
     }
-}
-
-/// A conntrack entry as the admin API lists it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct CtRow {
-    pub client: String,
-    pub vip: String,
-    pub proto: String,
-    pub backend_id: u32,
-    pub origin: u16,
-    pub remote: bool,
-    pub closing: bool,
-    pub idle_s: f64,
-}
-
-pub fn ct_rows(
-    dp: &datapath_ebpf::Datapath,
-    vip: Option<std::net::IpAddr>,
-    limit: usize,
-) -> Result<Vec<CtRow>> {
-    let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
-    let mut rows: Vec<CtRow> = dp
-        .ct_dump()?
-        .into_iter()
-        .filter(|(k, _)| vip.is_none() || k.vip() == vip)
-        .map(|(k, v)| {
-            let sock = |a: Option<std::net::IpAddr>, p: u16| match a {
-                Some(std::net::IpAddr::V6(a)) => format!("[{a}]:{p}"),
-                Some(a) => format!("{a}:{p}"),
-                None => "?".into(),
-            };
-            CtRow {
-                client: sock(k.client(), u16::from_be(k.sport)),
-                vip: sock(k.vip(), u16::from_be(k.dport)),
-                proto: if k.proto == 6 {
-                    "tcp".into()
-                } else {
-                    "udp".into()
-                },
-                backend_id: v.backend_id,
-                origin: v.origin,
-                remote: v.flags & datapath_ebpf::abi::CT_F_REMOTE != 0,
-                closing: v.flags & datapath_ebpf::abi::CT_F_CLOSING != 0,
-                idle_s: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
-            }
-        })
-        .collect();
-    rows.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));
-    rows.truncate(limit);
-    Ok(rows)
 }
 
 impl SyncService {

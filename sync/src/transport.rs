@@ -11,7 +11,7 @@
 //! Bounds, so that no peer — not even one with a valid certificate — can
 //! exhaust the node: at most [`MAX_CONNECTIONS`] connections (handshaking
 //! included) and [`MAX_CONNECTIONS_PER_PEER`] per peer id, at most
-//! [`crate::tls::MAX_STREAMS_PER_CONNECTION`] streams per connection, an RPC
+//! [`MAX_STREAMS_PER_CONNECTION`] streams per connection, an RPC
 //! of at most [`MAX_RPC_BYTES`], and all RPCs being read together hold at
 //! most [`RPC_MEMORY_BUDGET`] bytes. [`Transport::reload`] swaps the
 //! certificates for new connections (rotation without restart).
@@ -34,7 +34,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use tracing::{debug, info, warn};
 
-use crate::tls::{cert_info, node_server_name, CertInfo, Identity};
+use holdfast_pki::{cert_info, node_server_name, provider, CertInfo, Identity, ALPN};
 
 /// Largest RPC message (request or response) accepted.
 pub const MAX_RPC_BYTES: usize = 64 << 20;
@@ -100,9 +100,9 @@ pub struct Transport {
 impl Transport {
     /// Bind the endpoint (server and client side).
     pub fn bind(addr: SocketAddr, identity: &Identity) -> Result<Arc<Self>> {
-        let endpoint = quinn::Endpoint::server(identity.quic_server()?, addr)
+        let endpoint = quinn::Endpoint::server(quic_server(identity)?, addr)
             .with_context(|| format!("binding QUIC endpoint on {addr}"))?;
-        let client = identity.quic_client()?;
+        let client = quic_client(identity)?;
         Ok(Arc::new(Self {
             endpoint,
             client: Mutex::new(client),
@@ -120,8 +120,8 @@ impl Transport {
     /// established connections keep the identity they were authenticated
     /// with until they close.
     pub fn reload(&self, identity: &Identity) -> Result<()> {
-        let server = identity.quic_server()?;
-        let client = identity.quic_client()?;
+        let server = quic_server(identity)?;
+        let client = quic_client(identity)?;
         self.endpoint.set_server_config(Some(server));
         *self.client.lock().expect("client config") = client;
         Ok(())
@@ -498,4 +498,55 @@ pub fn peer_cert(conn: &quinn::Connection) -> Result<CertInfo> {
         .first()
         .ok_or_else(|| anyhow!("empty certificate chain"))?;
     cert_info(first)
+}
+
+/// QUIC server side: TLS 1.3, client certificate required and verified.
+pub fn quic_server(id: &Identity) -> Result<quinn::ServerConfig> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots()?, provider())
+            .build()
+            .context("client verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .context("server certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| anyhow!("QUIC server TLS: {e}"))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+/// QUIC client side: verifies the server against the CA, presents ours.
+pub fn quic_client(id: &Identity) -> Result<quinn::ClientConfig> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(id.roots()?)
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+        .context("client certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| anyhow!("QUIC client TLS: {e}"))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+/// Concurrent bidirectional streams a peer may open on one connection: a
+/// Raft RPC or a replication session each. Raft pipelines a handful per
+/// peer; the rest is headroom.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)).expect("static"),
+    ));
+    t.max_concurrent_bidi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    // Nothing here uses unidirectional streams.
+    t.max_concurrent_uni_streams(0u32.into());
+    Arc::new(t)
 }

@@ -26,6 +26,7 @@
 //! created at `--rate` (one node's phase-1 load); see `conntrackd.rs`.
 
 mod conntrackd;
+mod flows;
 mod scale;
 
 use std::{
@@ -39,14 +40,11 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use datapath_ebpf::{
-    packet::{Packet, TCP_SYN},
-    testrun, BackendSpec, BackendState, Datapath, DatapathConfig, DatapathOptions, Proto,
-    ServiceSpec,
-};
+use datapath_ebpf::{Datapath, DatapathOptions};
+use flows::{config, generate};
+use holdfast_pki::{self as tls, Identity};
 use sync::{
     service::{Membership, SyncSection, SyncService},
-    tls::{self, Identity},
     transport::{BoxFuture, Transport},
 };
 
@@ -81,47 +79,6 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     t(u.ru_utime) + t(u.ru_stime)
-}
-
-fn config() -> DatapathConfig {
-    DatapathConfig {
-        epoch: 1,
-        services: vec![ServiceSpec {
-            vip: "10.200.0.1".parse().expect("static"),
-            port: 80,
-            proto: Proto::Tcp,
-            table_size: 65_537,
-            backends: (1..=3)
-                .map(|i| BackendSpec {
-                    id: i,
-                    addr: format!("10.99.0.1{i}").parse().expect("static"),
-                    weight: 1,
-                    state: BackendState::Active,
-                })
-                .collect(),
-        }],
-    }
-}
-
-/// Create flows `[from, to)` on `dp` (distinct client addresses), pacing to
-/// `rate` per second if given.
-fn generate(dp: &Arc<Mutex<Datapath>>, from: u32, to: u32, rate: Option<u32>) -> Result<()> {
-    let mut frame = Packet::tcp("100.64.0.0", 40000, "10.200.0.1", 80, TCP_SYN).frame();
-    let fd = dp.lock().expect("dp").program().fd()?.try_clone()?;
-    let start = Instant::now();
-    for (i, n) in (from..to).enumerate() {
-        frame[26..30].copy_from_slice(&(0x6440_0000u32 + n).to_be_bytes());
-        testrun::run_fd(std::os::fd::AsFd::as_fd(&fd), &frame, 0)?;
-        // Pace every flow: a steady arrival rate (bursts would let the three
-        // generator threads starve the replication runtime on 2 cores).
-        if let Some(r) = rate {
-            let due = start + Duration::from_secs_f64(i as f64 / f64::from(r));
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
-    }
-    Ok(())
 }
 
 fn applied(n: &BenchNode) -> u64 {
@@ -310,7 +267,7 @@ async fn bench(argv: Vec<String>) -> Result<()> {
     };
     let (lag50, lag99, lagmax) = (q(0.5), q(0.99), q(1.0));
     // Where the lag goes: each milestone from creation, the same quantiles.
-    let stage = |h: &dyn Fn(&BenchNode) -> &sync::hist::Histogram, f: f64| {
+    let stage = |h: &dyn Fn(&BenchNode) -> &holdfast_metrics::Histogram, f: f64| {
         nodes
             .iter()
             .filter_map(|n| h(n).quantile(f))
@@ -318,7 +275,7 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             .map(|d| d.as_secs_f64() * 1e3)
             .unwrap_or(f64::NAN)
     };
-    type Pick = fn(&BenchNode) -> &sync::hist::Histogram;
+    type Pick = fn(&BenchNode) -> &holdfast_metrics::Histogram;
     let milestones: [(&str, Pick); 5] = [
         ("ring", |n| &n.svc.metrics.stages.ring),
         ("queued", |n| &n.svc.metrics.stages.queued),

@@ -31,14 +31,14 @@ use datapath_ebpf::{
     abi::{CtKey, CtVal, IPPROTO_TCP},
     Datapath, DatapathOptions,
 };
+use holdfast_pki::{self as tls, Identity};
 use sync::{
     service::{Membership, SyncSection, SyncService},
-    tls::{self, Identity},
     transport::{BoxFuture, Transport},
 };
 use tokio::runtime::Runtime;
 
-use crate::{config, generate};
+use crate::flows::{config, generate};
 
 pub struct Args {
     pub entries: u32,

@@ -1,0 +1,227 @@
+//! When to announce and how: the readiness rule, the [`Announcer`] trait
+//! every BGP speaker driver implements, and the loop that keeps the
+//! announcement in line with readiness.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+/// Announces or withdraws this node's VIP routes.
+pub trait Announcer: Send + Sync {
+    fn announce(&self) -> Result<()>;
+    fn withdraw(&self) -> Result<()>;
+    fn is_announced(&self) -> Result<bool>;
+}
+
+/// What the node's readiness depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub shutting_down: bool,
+    /// The operator drained the node (`clusterctl drain`).
+    pub draining: bool,
+    pub leader_known: bool,
+    pub config_epoch: u64,
+    pub applied_epoch: u64,
+    /// The datapath is attached (when an interface is configured).
+    pub datapath_attached: bool,
+    /// Conntrack warm join done (or replication off).
+    pub sync_ready: bool,
+    /// The datapath health check passes (interface up, backends routable).
+    pub healthy: bool,
+}
+
+impl Readiness {
+    /// Announce only a node that forwards with the cluster's config and
+    /// knows the cluster's flows; `Err` says why not.
+    pub fn decide(&self) -> Result<(), &'static str> {
+        if self.shutting_down {
+            return Err("shutting down");
+        }
+        if self.draining {
+            return Err("drained by the operator");
+        }
+        if !self.datapath_attached {
+            return Err("datapath not attached");
+        }
+        if !self.healthy {
+            return Err("datapath health check failed");
+        }
+        if !self.leader_known {
+            return Err("no Raft leader known");
+        }
+        if self.config_epoch == 0 || self.applied_epoch != self.config_epoch {
+            return Err("datapath not at the committed config epoch");
+        }
+        if !self.sync_ready {
+            return Err("conntrack warm join not done");
+        }
+        Ok(())
+    }
+}
+
+/// How often the announce loop compares readiness with the announcement.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+
+/// Announce when ready, withdraw when not (every [`ANNOUNCE_EVERY`]), until
+/// the task is aborted. `announced` mirrors what the speaker does (the
+/// node's status shows it).
+///
+/// It starts from what the speaker really does: after an agent restart it
+/// may still announce a datapath that never stopped forwarding. If so and
+/// the datapath was `adopted` from pins, the announcement is kept while
+/// the node catches up, for up to `restart_grace` (unless it shuts down).
+pub async fn announce_loop(
+    announcer: Arc<dyn Announcer>,
+    readiness: impl Fn() -> Readiness + Send,
+    adopted: bool,
+    restart_grace: Duration,
+    announced: Arc<AtomicBool>,
+) {
+    let a = announcer.clone();
+    let initially = tokio::task::spawn_blocking(move || a.is_announced())
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or(false);
+    let grace_until = (initially && adopted).then(|| Instant::now() + restart_grace);
+    if initially {
+        info!(
+            adopted,
+            grace_ms = grace_until.map(|_| restart_grace.as_millis() as u64),
+            "the BGP speaker already announces the VIPs"
+        );
+    }
+    announced.store(initially, Ordering::Relaxed);
+    let mut was_ready = false;
+    loop {
+        let mut want = readiness().decide();
+        was_ready |= want.is_ok();
+        // Restart grace: the adopted datapath forwards with its pinned
+        // config and conntrack; keep it announced until the node is
+        // ready (or the grace ends), unless it is shutting down.
+        if let (Err(why), Some(until)) = (&want, grace_until) {
+            if !was_ready && *why != "shutting down" && Instant::now() < until {
+                want = Ok(());
+            }
+        }
+        let have = announced.load(Ordering::Relaxed);
+        let a = announcer.clone();
+        let res = match (&want, have) {
+            (Ok(()), false) => tokio::task::spawn_blocking(move || a.announce())
+                .await
+                .map(|r| r.map(|_| true)),
+            (Err(_), true) => tokio::task::spawn_blocking(move || a.withdraw())
+                .await
+                .map(|r| r.map(|_| false)),
+            _ => Ok(Ok(have)),
+        };
+        match res {
+            Ok(Ok(now)) => {
+                if now != have {
+                    info!(announced = now, reason = ?want.err(), "BGP announcement changed");
+                }
+                announced.store(now, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "BGP: speaker command failed"),
+            Err(e) => warn!(error = %e, "BGP task failed"),
+        }
+        tokio::time::sleep(ANNOUNCE_EVERY).await;
+    }
+}
+
+/// Withdraw now (SIGTERM, shutdown): the first thing a stopping node does.
+pub async fn withdraw_now(announcer: Arc<dyn Announcer>) {
+    match tokio::task::spawn_blocking(move || announcer.withdraw()).await {
+        Ok(Ok(())) => info!("BGP: VIPs withdrawn"),
+        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "BGP: withdraw failed"),
+        Err(e) => warn!(error = %e, "BGP: withdraw task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_rules() {
+        let ok = Readiness {
+            shutting_down: false,
+            draining: false,
+            leader_known: true,
+            config_epoch: 7,
+            applied_epoch: 7,
+            datapath_attached: true,
+            sync_ready: true,
+            healthy: true,
+        };
+        assert_eq!(ok.decide(), Ok(()));
+        for (r, why) in [
+            (
+                Readiness {
+                    shutting_down: true,
+                    ..ok
+                },
+                "shutting down",
+            ),
+            (
+                Readiness {
+                    datapath_attached: false,
+                    ..ok
+                },
+                "datapath not attached",
+            ),
+            (
+                Readiness {
+                    leader_known: false,
+                    ..ok
+                },
+                "no Raft leader known",
+            ),
+            (
+                Readiness {
+                    applied_epoch: 6,
+                    ..ok
+                },
+                "datapath not at the committed config epoch",
+            ),
+            (
+                Readiness {
+                    config_epoch: 0,
+                    applied_epoch: 0,
+                    ..ok
+                },
+                "datapath not at the committed config epoch",
+            ),
+            (
+                Readiness {
+                    sync_ready: false,
+                    ..ok
+                },
+                "conntrack warm join not done",
+            ),
+            (
+                Readiness {
+                    healthy: false,
+                    ..ok
+                },
+                "datapath health check failed",
+            ),
+            (
+                Readiness {
+                    draining: true,
+                    ..ok
+                },
+                "drained by the operator",
+            ),
+        ] {
+            assert_eq!(r.decide(), Err(why));
+        }
+    }
+}

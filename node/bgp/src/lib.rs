@@ -1,0 +1,47 @@
+//! BGP announcement of the node's VIPs. The node decides *when* (ready: the
+//! datapath programmed with the committed config, a Raft leader known,
+//! conntrack warm join done); an [`Announcer`] does it. [`Bird`] drives a
+//! BIRD 2 daemon through its control socket by enabling or disabling the
+//! static protocols that carry the VIP routes (one per address family:
+//! `vip`, `vip6`); another BGP agent can replace it behind the same trait.
+
+mod announce;
+mod bird;
+mod link;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use announce::{announce_loop, withdraw_now, Announcer, Readiness, ANNOUNCE_EVERY};
+pub use bird::{check_protocol_name, Bird};
+pub use link::link_state;
+
+/// `[bgp]` of node.toml.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BgpSection {
+    /// Announce through BIRD (off: the node never touches BGP).
+    pub enabled: bool,
+    pub bird_ctl: PathBuf,
+    /// BIRD's static protocols that carry the VIP routes, one per address
+    /// family (`vip` for IPv4, `vip6` for IPv6); enabled and disabled
+    /// together.
+    pub protocols: Vec<String>,
+    /// After an agent restart that adopted a pinned, forwarding datapath
+    /// while BIRD still announces: keep announcing for up to this long while
+    /// the node catches up (Raft, warm join), instead of withdrawing and
+    /// moving every flow away and back. 0 disables the grace.
+    pub restart_grace_ms: u64,
+}
+
+impl Default for BgpSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bird_ctl: "/run/bird/bird.ctl".into(),
+            protocols: vec!["vip".into()],
+            restart_grace_ms: 10_000,
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! t09: the BIRD announcer against real BIRD 2 daemons in network
+//! namespaces: a router (eBGP, kernel export) and an LB node whose static
+//! `vip` protocol starts disabled. Announcing makes the router install the
+//! VIP prefix via the LB node; withdrawing removes it; a bad protocol name
+//! is BIRD's clear error. Timing allows for BIRD 2.0.12's 3 s update delay.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use holdfast_bgp::{Announcer, Bird};
+use netns::NetNs;
+
+/// A BIRD daemon (`-P` pid file); killed on drop. The namespace guard also
+/// kills whatever is left inside it.
+struct Daemon(std::path::PathBuf);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling a pid we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn bird(ns: &NetNs, dir: &std::path::Path, name: &str, conf: &str) -> Daemon {
+    let c = dir.join(format!("{name}.conf"));
+    let pid = dir.join(format!("{name}.pid"));
+    std::fs::write(&c, conf).expect("write bird.conf");
+    let st = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "bird", "-c"])
+        .arg(&c)
+        .arg("-s")
+        .arg(dir.join(format!("{name}.ctl")))
+        .arg("-P")
+        .arg(&pid)
+        .status()
+        .expect("bird2 must be installed (scripts/install-deps.sh)");
+    assert!(st.success(), "bird failed to start with {}", c.display());
+    Daemon(pid)
+}
+
+fn route(router: &NetNs) -> Option<String> {
+    router
+        .ip("route show 10.200.0.0/24")
+        .ok()
+        .filter(|r| !r.trim().is_empty())
+}
+
+fn wait(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn t09_bird_announce_and_withdraw() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "t09 runs BIRD in network namespaces: run as root"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = NetNs::new("hfbgpr").expect("ns");
+    let lb = NetNs::new("hfbgpl").expect("ns");
+    netns::veth(&router, "r0", &lb, "f0").expect("veth");
+    router.ip("addr add 10.66.0.1/24 dev r0").expect("addr");
+    lb.ip("addr add 10.66.0.11/24 dev f0").expect("addr");
+    let _r = bird(
+        &router,
+        dir.path(),
+        "router",
+        "router id 10.66.0.1;\nprotocol device { }\n\
+         protocol kernel { ipv4 { import none; export where source = RTS_BGP; }; merge paths yes limit 16; }\n\
+         protocol bgp lb1 { local as 65000; neighbor 10.66.0.11 as 65100; connect delay time 1; connect retry time 2; error wait time 1, 5;\n\
+         ipv4 { import where net ~ [ 10.200.0.0/16{16,32} ]; export none; }; }\n",
+    );
+    let _l = bird(
+        &lb,
+        dir.path(),
+        "lb",
+        "router id 10.66.0.11;\nprotocol device { }\n\
+         protocol static vip { disabled; ipv4; route 10.200.0.0/24 blackhole; }\n\
+         protocol bgp tor { local 10.66.0.11 as 65100; neighbor 10.66.0.1 as 65000; connect delay time 1; connect retry time 2; error wait time 1, 5;\n\
+         ipv4 { import none; export where proto = \"vip\"; }; }\n",
+    );
+    let b = Bird {
+        ctl: dir.path().join("lb.ctl"),
+        protocols: vec!["vip".into()],
+    };
+    wait("BIRD's control socket", || b.is_announced().is_ok());
+    assert!(!b.is_announced().expect("show"), "starts withdrawn");
+    assert!(route(&router).is_none());
+
+    b.announce().expect("announce");
+    assert!(b.is_announced().expect("show"));
+    wait("the router's route to the VIPs", || {
+        route(&router).is_some_and(|r| r.contains("via 10.66.0.11") && r.contains("proto bird"))
+    });
+
+    b.withdraw().expect("withdraw");
+    assert!(!b.is_announced().expect("show"));
+    wait("the route to be withdrawn", || route(&router).is_none());
+
+    let bad = Bird {
+        ctl: b.ctl.clone(),
+        protocols: vec!["nosuch".into()],
+    };
+    let e = bad.announce().unwrap_err().to_string();
+    assert!(e.contains("BIRD refused"), "{e}");
+}
+
+/// The shipped BIRD configs (deploy/bird/) parse with the BIRD we run, and
+/// the LB node's template keeps the `vip` protocol the node drives.
+#[test]
+fn t09_shipped_bird_configs_parse() {
+    for f in ["lb-node.bird.conf", "tor.bird.conf"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/bird")
+            .join(f);
+        let out = Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .expect("bird2 must be installed (scripts/install-deps.sh)");
+        assert!(
+            out.status.success(),
+            "{f} does not parse: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let lb = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/bird/lb-node.bird.conf"),
+    )
+    .expect("read");
+    assert!(lb.contains("protocol static vip {") && lb.contains("disabled;"));
+    assert!(
+        lb.contains("protocol static vip6 {"),
+        "the template announces IPv6 VIPs too"
+    );
+}

@@ -1,0 +1,269 @@
+//! The commands about services and backends.
+
+use anyhow::anyhow;
+use holdfast_api::wire::{HealthTable, NodeView};
+use raft_store::{
+    cluster::{BackendState, ForwardingMode, Proto, Service},
+    ClusterState, Command,
+};
+use serde::Serialize;
+
+use crate::{
+    args::{BeCmd, SvcCmd},
+    ctx::{applied, command, print, table, Ctx},
+    error::Failure,
+};
+
+/// `clusterctl services …`.
+pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
+    match cmd.unwrap_or(&SvcCmd::List) {
+        SvcCmd::List => {
+            let c: ClusterState = cx.get("/config")?;
+            let list: Vec<&Service> = c.services.values().collect();
+            print(cx.cli.output, &list, |list| {
+                table(
+                    &["NAME", "VIP", "PORT", "PROTO", "TABLE", "BACKENDS", "CHECK"],
+                    list.iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                s.vip.to_string(),
+                                s.port.to_string(),
+                                s.proto.to_string(),
+                                s.table_size.to_string(),
+                                c.backends_of(&s.name).count().to_string(),
+                                s.health_check
+                                    .as_ref()
+                                    .map(|h| {
+                                        format!(
+                                            "{} every {} ms, rise {} fall {}",
+                                            h.kind, h.interval_ms, h.rise, h.fall
+                                        )
+                                    })
+                                    .unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+        SvcCmd::Add {
+            name,
+            vip,
+            port,
+            proto,
+            table_size,
+            check,
+        } => {
+            let health_check = check.build(*port)?;
+            let proto = match proto.to_ascii_lowercase().as_str() {
+                "tcp" => Proto::Tcp,
+                "udp" => Proto::Udp,
+                other => return Err(anyhow!("--proto {other:?}: use tcp or udp").into()),
+            };
+            let r = command(
+                cx,
+                Command::PutService {
+                    service: Service {
+                        name: name.clone(),
+                        vip: *vip,
+                        port: *port,
+                        proto,
+                        table_size: *table_size,
+                        mode: ForwardingMode::Dsr,
+                        health_check,
+                    },
+                },
+            )?;
+            applied(cx.cli, r)
+        }
+        SvcCmd::Remove { name } => {
+            let r = command(cx, Command::RemoveService { name: name.clone() })?;
+            applied(cx.cli, r)
+        }
+        SvcCmd::Check { name, check, none } => {
+            let c: ClusterState = cx.get("/config")?;
+            let mut svc = c
+                .services
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Failure::Usage(format!("no service {name:?}")))?;
+            svc.health_check = match (none, check.build(svc.port)?) {
+                (true, _) => None,
+                (false, Some(hc)) => Some(hc),
+                (false, None) => {
+                    return Err(Failure::Usage(
+                        "give --check TYPE (and its settings) or --none".into(),
+                    ))
+                }
+            };
+            applied(cx.cli, command(cx, Command::PutService { service: svc })?)
+        }
+    }
+}
+
+/// `clusterctl backends …`.
+pub fn backends(cx: &Ctx, cmd: Option<&BeCmd>) -> Result<(), Failure> {
+    match cmd.unwrap_or(&BeCmd::List { service: None }) {
+        BeCmd::List { service } => {
+            let c: ClusterState = cx.get("/config")?;
+            let checked = c.services.values().any(|s| s.health_check.is_some());
+            // Each node's view lives on the leader (GET /health).
+            let (health, health_error) = if checked {
+                match cx.get::<HealthTable>("/health") {
+                    Ok(t) => (Some(t), None),
+                    Err(e) => (None, Some(e.to_string())),
+                }
+            } else {
+                (None, None)
+            };
+            let rows: Vec<BackendRow> = c
+                .backends
+                .values()
+                .filter(|b| service.as_ref().is_none_or(|s| &b.service == s))
+                .map(|b| {
+                    let row = health
+                        .as_ref()
+                        .and_then(|t| t.backends.iter().find(|r| r.backend_id == b.id));
+                    let checked = c
+                        .services
+                        .get(&b.service)
+                        .is_some_and(|s| s.health_check.is_some());
+                    BackendRow {
+                        backend: b.clone(),
+                        checked,
+                        views: row.map(|r| r.views.clone()).unwrap_or_default(),
+                        disagree: row.map(|r| r.disagree.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            if let Some(e) = &health_error {
+                eprintln!("clusterctl: the nodes' views are not shown: {e}");
+            }
+            print(cx.cli.output, &rows, |list| {
+                let mut t = table(
+                    &[
+                        "ID", "SERVICE", "ADDRESS", "PORT", "WEIGHT", "STATE", "HEALTH", "VIEWS",
+                    ],
+                    list.iter()
+                        .map(|r| {
+                            let b = &r.backend;
+                            vec![
+                                b.id.to_string(),
+                                b.service.clone(),
+                                b.addr.to_string(),
+                                b.port.to_string(),
+                                b.weight.to_string(),
+                                format!("{:?}", b.state).to_lowercase(),
+                                if r.checked {
+                                    b.health.to_string()
+                                } else {
+                                    "-".into()
+                                },
+                                views_cell(r),
+                            ]
+                        })
+                        .collect(),
+                );
+                if let Some(h) = &health {
+                    for (svc, why) in &h.panic {
+                        t += &format!("ALERT {svc}: {why}\n");
+                    }
+                }
+                t
+            })
+        }
+        BeCmd::Add {
+            service,
+            addr,
+            port,
+            weight,
+        } => {
+            let port = match port {
+                Some(p) => *p,
+                None => {
+                    let c: ClusterState = cx.get("/config")?;
+                    c.services
+                        .get(service)
+                        .map(|s| s.port)
+                        .ok_or_else(|| anyhow!("no service {service:?}"))?
+                }
+            };
+            let r = command(
+                cx,
+                Command::AddBackend {
+                    service: service.clone(),
+                    addr: *addr,
+                    port,
+                    weight: *weight,
+                },
+            )?;
+            applied(cx.cli, r)
+        }
+        BeCmd::Remove { id } => applied(cx.cli, command(cx, Command::RemoveBackend { id: *id })?),
+        BeCmd::Drain { id } => applied(
+            cx.cli,
+            command(
+                cx,
+                Command::SetBackendState {
+                    id: *id,
+                    state: BackendState::Draining,
+                },
+            )?,
+        ),
+        BeCmd::Undrain { id } => applied(
+            cx.cli,
+            command(
+                cx,
+                Command::SetBackendState {
+                    id: *id,
+                    state: BackendState::Active,
+                },
+            )?,
+        ),
+        BeCmd::Weight { id, weight } => applied(
+            cx.cli,
+            command(
+                cx,
+                Command::SetBackendWeight {
+                    id: *id,
+                    weight: *weight,
+                },
+            )?,
+        ),
+    }
+}
+
+/// A row of `clusterctl backends`: the backend as configured, with each
+/// node's view of its checks.
+#[derive(Serialize)]
+struct BackendRow {
+    #[serde(flatten)]
+    backend: raft_store::cluster::Backend,
+    /// Its service has a health check.
+    checked: bool,
+    /// Each node's view (from the leader), empty without a check.
+    views: Vec<NodeView>,
+    /// Nodes whose fresh view differs from the tier's verdict.
+    disagree: Vec<u64>,
+}
+
+/// "1:up 2:down(connect refused) 3:up"; a stale view is marked "?".
+fn views_cell(r: &BackendRow) -> String {
+    if r.views.is_empty() {
+        return "-".into();
+    }
+    r.views
+        .iter()
+        .map(|v| {
+            let st = if v.up { "up" } else { "down" };
+            let stale = if v.fresh { "" } else { "?" };
+            if v.up {
+                format!("{}:{st}{stale}", v.node_id)
+            } else {
+                format!("{}:{st}{stale}({})", v.node_id, v.detail)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

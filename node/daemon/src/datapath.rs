@@ -1,0 +1,240 @@
+//! Programming the datapath: every committed epoch mapped to a
+//! [`DatapathConfig`] and applied, the conntrack count, and the datapath
+//! health check that readiness (and so BGP) depends on.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use datapath_ebpf::{
+    BackendSpec, BackendState as DpState, DatapathConfig, Proto as DpProto, ServiceSpec,
+};
+use raft_store::cluster::{BackendState, ClusterState, Health, OnDown, Proto};
+use tracing::{error, info, warn, Instrument};
+
+use crate::node::Node;
+
+/// How often the conntrack entries are counted.
+pub const CT_COUNT_EVERY: Duration = Duration::from_secs(2);
+/// How often the datapath health check runs.
+pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+/// Map the replicated config to what the datapath is programmed with.
+///
+/// A backend the tier marked down gets no new flows: it is programmed as
+/// draining (its flows keep their entries: `on_down = keep`) or left out
+/// (its flows re-pick on their next packet: `repick`). When every active
+/// backend of a service is down the service is in panic and all of them
+/// stay in ([`ClusterState::health_panic`]).
+pub fn to_datapath(state: &ClusterState) -> DatapathConfig {
+    DatapathConfig {
+        epoch: state.epoch,
+        services: state
+            .services
+            .values()
+            .map(|s| {
+                let on_down = s
+                    .health_check
+                    .as_ref()
+                    .map(|c| c.on_down(s.proto == Proto::Udp));
+                // Every active backend down: all of them stay in (fail
+                // open); `Failing` backends (the last healthy set) are
+                // in service anyway.
+                let mut active = state
+                    .backends_of(&s.name)
+                    .filter(|b| b.state == BackendState::Active)
+                    .peekable();
+                let fail_open = active.peek().is_some() && active.all(|b| b.health == Health::Down);
+                ServiceSpec {
+                    vip: s.vip,
+                    port: s.port,
+                    proto: match s.proto {
+                        Proto::Tcp => DpProto::Tcp,
+                        Proto::Udp => DpProto::Udp,
+                    },
+                    table_size: s.table_size,
+                    backends: state
+                        .backends_of(&s.name)
+                        .filter_map(|b| {
+                            let down = b.health == Health::Down && !fail_open;
+                            if down && on_down == Some(OnDown::Repick) {
+                                return None;
+                            }
+                            Some(BackendSpec {
+                                id: b.id,
+                                addr: b.addr,
+                                weight: b.weight,
+                                state: match b.state {
+                                    BackendState::Active if !down => DpState::Active,
+                                    _ => DpState::Draining,
+                                },
+                            })
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// What is wrong with forwarding from this node, if anything.
+fn health_problem(
+    iface: Option<String>,
+    backends: std::collections::BTreeSet<std::net::IpAddr>,
+) -> Option<String> {
+    if let Some(i) = &iface {
+        match holdfast_bgp::link_state(i) {
+            Ok((true, true)) => {}
+            Ok((up, carrier)) => return Some(format!("interface {i}: up {up}, carrier {carrier}")),
+            Err(e) => return Some(format!("interface {i}: {e}")),
+        }
+    }
+    // Per address family: a node that reaches its IPv6 backends but none
+    // of its IPv4 ones would black-hole the IPv4 VIPs it announces.
+    for (family, v4) in [("IPv4", true), ("IPv6", false)] {
+        let of_family: Vec<_> = backends.iter().filter(|a| a.is_ipv4() == v4).collect();
+        if of_family.is_empty() {
+            continue;
+        }
+        let mut last_err = None;
+        let reachable = of_family.iter().any(|a| {
+            let local: std::net::SocketAddr = match a {
+                std::net::IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                std::net::IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            match std::net::UdpSocket::bind(local).and_then(|s| s.connect((**a, 9))) {
+                Ok(()) => true,
+                Err(e) => {
+                    last_err = Some(format!("{a}: {e}"));
+                    false
+                }
+            }
+        });
+        if !reachable {
+            return Some(format!(
+                "no route to any of the {} {family} backends ({})",
+                of_family.len(),
+                last_err.unwrap_or_default()
+            ));
+        }
+    }
+    None
+}
+
+impl Node {
+    /// Refresh [`Node::conntrack_entries`].
+    pub(crate) async fn count_loop(self: Arc<Self>) {
+        let Some(h) = self.datapath.clone() else {
+            return;
+        };
+        loop {
+            let h = h.clone();
+            if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || {
+                h.dp.lock().expect("dp").ct_dump().map(|v| v.len())
+            })
+            .await
+            {
+                self.conntrack_entries.store(n as u64, Ordering::Relaxed);
+            }
+            tokio::time::sleep(CT_COUNT_EVERY).await;
+        }
+    }
+
+    /// The datapath health check: the attached interface must be up with
+    /// carrier, and at least one backend of the config must be routable
+    /// from here (a UDP connect: a route lookup, no packet sent). A node
+    /// failing it would black-hole every flow ECMP gives it, so it is
+    /// unready and BGP withdraws it. (One unroutable backend does not
+    /// withdraw the node: that fault is usually shared by every node.)
+    pub(crate) async fn health_loop(self: Arc<Self>) {
+        let Some(h) = self.datapath.clone() else {
+            return;
+        };
+        loop {
+            let iface = h.interface.clone();
+            let addrs: std::collections::BTreeSet<std::net::IpAddr> = self
+                .sm
+                .current()
+                .state
+                .backends
+                .values()
+                .map(|b| b.addr)
+                .collect();
+            let problem = tokio::task::spawn_blocking(move || health_problem(iface, addrs))
+                .await
+                .unwrap_or_else(|e| Some(format!("health check task: {e}")));
+            {
+                let mut cur = self.health_error.lock().expect("health");
+                if *cur != problem {
+                    match &problem {
+                        Some(p) => warn!(problem = %p, "datapath health check failed"),
+                        None => info!("datapath health check passes"),
+                    }
+                    *cur = problem;
+                }
+            }
+            tokio::time::sleep(HEALTH_EVERY).await;
+        }
+    }
+
+    /// Program every new committed epoch into the datapath.
+    pub(crate) async fn apply_loop(self: Arc<Self>) {
+        let mut rx = self.sm.subscribe();
+        loop {
+            let data = rx.borrow_and_update().clone();
+            let epoch = data.state.epoch;
+            let prev = self.applied_epoch.load(Ordering::Relaxed);
+            if epoch != prev || epoch == 0 {
+                // Continue the traces of the requests that led to this epoch.
+                let span = tracing::info_span!("datapath_apply", node = self.id(), epoch);
+                crate::telemetry::continue_traces(
+                    &span,
+                    data.traces
+                        .iter()
+                        .filter(|(e, _)| *e > prev && *e <= epoch)
+                        .map(|(_, tp)| tp.as_str()),
+                );
+                let t0 = Instant::now();
+                let ok = async {
+                    match &self.datapath {
+                        Some(h) => {
+                            let h = h.clone();
+                            let cfg = to_datapath(&data.state);
+                            match tokio::task::spawn_blocking(move || {
+                                h.dp.lock().expect("dp").apply(&cfg)
+                            })
+                            .await
+                            {
+                                Ok(Ok(_)) => true,
+                                Ok(Err(e)) => {
+                                    error!(epoch, error = %e, "datapath refused config epoch");
+                                    false
+                                }
+                                Err(e) => {
+                                    error!(epoch, error = %e, "datapath apply task failed");
+                                    false
+                                }
+                            }
+                        }
+                        None => true,
+                    }
+                }
+                .instrument(span)
+                .await;
+                if ok {
+                    self.metrics.datapath_apply.observe(t0.elapsed());
+                    self.applied_epoch.store(epoch, Ordering::Relaxed);
+                    self.applied_tx.send_replace(epoch);
+                } else {
+                    self.metrics
+                        .datapath_apply_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
