@@ -87,6 +87,7 @@ pub fn lab_config(epoch: u64, n_backends: usize, draining: &[usize]) -> Datapath
                     } else {
                         BackendState::Active
                     },
+                    port: 0,
                 })
                 .collect();
             services.push(ServiceSpec {
@@ -95,10 +96,15 @@ pub fn lab_config(epoch: u64, n_backends: usize, draining: &[usize]) -> Datapath
                 proto,
                 table_size: 251,
                 backends,
+                forwarding: Default::default(),
             });
         }
     }
-    DatapathConfig { epoch, services }
+    DatapathConfig {
+        epoch,
+        services,
+        snat: Default::default(),
+    }
 }
 
 pub fn lab_options(pin_dir: Option<PathBuf>) -> DatapathOptions {

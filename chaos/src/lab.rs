@@ -828,6 +828,7 @@ impl Lab {
                     origin: 99,
                     created_ns: now,
                     last_seen_ns: now,
+                    ..Default::default()
                 };
                 (key, val)
             })

@@ -58,16 +58,24 @@ static __always_inline struct lb_backend *maglev_pick(const struct pkt *p, const
 	return be;
 }
 
-/* Write a new entry for p->flow and announce it. Returns the map update's result. */
+/*
+ * Write a new entry for p->flow and announce it. A SNAT entry (snat_port
+ * != 0) carries its binding: this node's slot and the port; its ring record
+ * carries the port in the key's pad (peers know every node's slot). Returns
+ * the map update's result.
+ */
 static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, __u64 flags,
-				     struct lb_stats *st, struct lb_svc_stats *ss)
+				     struct lb_stats *st, struct lb_svc_stats *ss, __be16 snat_port,
+				     __u16 snat_slot)
 {
 	struct lb_ct_val val = {
 		.backend_id = bid,
-		.flags = 0,
+		.flags = snat_port ? LB_CT_F_SNAT : 0,
 		.origin = (__u16)lb_node_id,
 		.created_ns = now,
 		.last_seen_ns = now,
+		.snat_port = snat_port,
+		.snat_slot = snat_slot,
 	};
 	int err = bpf_map_update_elem(&lb_conntrack, &p->flow, &val, flags);
 	if (err)
@@ -76,10 +84,11 @@ static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, 
 	struct lb_flow_event ev = {
 		.key = p->flow,
 		.backend_id = bid,
-		.flags = 0,
+		.flags = val.flags,
 		.origin = val.origin,
 		.created_ns = now,
 	};
+	ev.key.pad = snat_port;
 	if (bpf_ringbuf_output(&lb_flow_events, &ev, sizeof(ev), 0))
 		stat_add(st, LB_STAT_RING_LOST, 1);
 	stat_add(st, LB_STAT_NEW_FLOWS, 1);
@@ -92,17 +101,18 @@ static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, 
  * a new flow, with the CLOSING flag, so that peers' copies expire after the
  * closing timeout too (the merge rule takes the flag) without a refresh round.
  */
-static __always_inline void ct_closing_event(const struct pkt *p,
+static __always_inline void ct_closing_event(const struct lb_ct_key *key,
 					     const struct lb_ct_val *ct,
 					     struct lb_stats *st)
 {
 	struct lb_flow_event ev = {
-		.key = p->flow,
+		.key = *key,
 		.backend_id = ct->backend_id,
-		.flags = LB_CT_F_CLOSING,
+		.flags = LB_CT_F_CLOSING | (ct->flags & LB_CT_F_SNAT),
 		.origin = ct->origin,
 		.created_ns = ct->created_ns,
 	};
+	ev.key.pad = ct->snat_port;
 	if (bpf_ringbuf_output(&lb_flow_events, &ev, sizeof(ev), 0))
 		stat_add(st, LB_STAT_RING_LOST, 1);
 }
@@ -269,7 +279,7 @@ static __always_inline void ct_hit(const struct pkt *p, struct lb_ct_val *ct, __
 			/* Own entries only: peers accept a node's events for
 			 * the entries it created. */
 			if (ct->origin == (__u16)lb_node_id)
-				ct_closing_event(p, ct, st);
+				ct_closing_event(&p->flow, ct, st);
 		}
 	}
 	stat_add(st, LB_STAT_CT_HITS, 1);
@@ -278,12 +288,22 @@ static __always_inline void ct_hit(const struct pkt *p, struct lb_ct_val *ct, __
 
 /*
  * A new pick for p->flow (no entry, or one that is not followed: `had_ct`):
- * Maglev, and an entry unless a flooded CPU's SYN or an ICMP error.
+ * Maglev. *bid and *now are set; *state says what the caller writes:
+ * PICK_ENTRY an entry (and, for SNAT, a binding), PICK_STATELESS nothing —
+ * an ICMP error, which follows or borrows the flow's pick — or
+ * PICK_FLOODED nothing either (a new flow's SYN on a flooded CPU; a SNAT
+ * service binds it in the half-open table instead).
  */
+enum pick_state {
+	PICK_ENTRY = 0,
+	PICK_STATELESS,
+	PICK_FLOODED,
+};
+
 static __always_inline struct lb_backend *ct_pick(const struct pkt *p, const struct lb_svc *svc,
 						  int had_ct, struct lb_stats *st,
 						  struct lb_svc_stats *ss, __u32 *bid_out,
-						  __u64 *now_out)
+						  __u64 *now_out, enum pick_state *state)
 {
 	int tcp = p->flow.proto == IPPROTO_TCP_;
 	int syn = pkt_is_syn(p);
@@ -306,20 +326,17 @@ static __always_inline struct lb_backend *ct_pick(const struct pkt *p, const str
 	if (!be)
 		return NULL;
 	now = bpf_ktime_get_ns();
+	*bid_out = bid;
+	*now_out = now;
 	/* A new flow's SYN on a flooded CPU: forwarded by Maglev, no state (a
 	 * SYN that found a stale entry re-picks it: its next packet looks there). */
 	if (syn && !had_ct && syn_flood(now)) {
 		stat_add(st, LB_STAT_SYN_FLOOD, 1);
-		*bid_out = bid;
-		*now_out = now;
+		*state = PICK_FLOODED;
 		return be;
 	}
-	*bid_out = bid;
-	*now_out = now;
 	/* An ICMP error never creates state: it follows or borrows the flow's pick. */
-	/* A failed insert (map full of locked buckets) still forwards: best effort. */
-	if (!p->icmp_err)
-		ct_create(p, bid, now, BPF_ANY, st, ss);
+	*state = p->icmp_err ? PICK_STATELESS : PICK_ENTRY;
 	return be;
 }
 

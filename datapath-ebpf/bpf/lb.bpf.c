@@ -3,8 +3,10 @@
  * lb.bpf.c - the Holdfast XDP load balancer.
  *
  * VIP traffic -> service -> backend (conntrack, else Maglev) -> IPIP
- * encapsulation (DSR) -> next hop by bpf_fib_lookup -> XDP_TX / redirect.
- * Everything else goes to the kernel untouched. See docs/architecture.md.
+ * encapsulation (DSR) or SNAT -> next hop by bpf_fib_lookup -> XDP_TX /
+ * redirect; a backend's reply to a SNAT address -> its binding -> back to
+ * the client. Everything else goes to the kernel untouched. See
+ * docs/architecture.md.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -16,6 +18,7 @@
 #include "csum.h"
 #include "encap.h"
 #include "ct.h"
+#include "snat.h"
 #include "stats.h"
 
 #define AF_INET_ 2
@@ -32,11 +35,12 @@ static __always_inline int drop(struct lb_stats *st, struct lb_svc_stats *ss, en
  * Next hop towards a backend: the per-CPU cache if fresh, else
  * bpf_fib_lookup (only successful lookups are cached; an unresolved neighbour
  * is retried on every packet so the kernel's resolution is seen at once).
+ * The lookup's source is `src` (SNAT) or the encapsulation's (NULL).
  * Returns a BPF_FIB_LKUP_RET_* code; on success *nh is filled.
  */
 static __always_inline int next_hop(struct xdp_md *ctx, const struct pkt *p,
 				    const struct lb_backend *be, __u32 bid, __u64 now,
-				    struct lb_nh *nh)
+				    struct lb_nh *nh, const __u8 *src)
 {
 	struct lb_nh *cached = bpf_map_lookup_elem(&lb_nh_cache, &bid);
 
@@ -49,11 +53,14 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct pkt *p,
 	fib.ifindex = ctx->ingress_ifindex;
 	if (be->family == LB_FAMILY_V4) {
 		fib.family = AF_INET_;
-		fib.ipv4_src = encap_src_v4(p);
+		fib.ipv4_src = src ? *(const __u32 *)src : encap_src_v4(p);
 		fib.ipv4_dst = *(const __u32 *)be->addr;
 	} else {
 		fib.family = AF_INET6_;
-		encap_src_v6(p, fib.ipv6_src);
+		if (src)
+			__builtin_memcpy(fib.ipv6_src, src, 16);
+		else
+			encap_src_v6(p, fib.ipv6_src);
 		__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
 	}
 	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
@@ -92,7 +99,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
 	}
 
 	struct lb_nh nh;
-	int rc = next_hop(ctx, p, be, bid, now, &nh);
+	int rc = next_hop(ctx, p, be, bid, now, &nh, NULL);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return drop(st, ss, LB_STAT_FIB_FAIL);
 
@@ -122,6 +129,371 @@ static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
 	if (nh.ifindex == ctx->ingress_ifindex)
 		return XDP_TX;
 	return bpf_redirect(nh.ifindex, 0);
+}
+
+/* Send a rewritten frame to next hop `nh` (or to the kernel, `rc` NO_NEIGH). */
+static __always_inline int send_to(struct xdp_md *ctx, const struct lb_nh *nh, int rc,
+				   struct lb_stats *st, struct lb_svc_stats *ss)
+{
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		/* The kernel forwards the rewritten packet and resolves the neighbour. */
+		stat_add(st, LB_STAT_FIB_NO_NEIGH, 1);
+		return XDP_PASS;
+	}
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return drop(st, ss, LB_STAT_DROP_ADJUST);
+	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, nh->smac, ETH_ALEN);
+	if (nh->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(nh->ifindex, 0);
+}
+
+/* The stats of backend `be`'s service (NULL if not known). */
+static __always_inline struct lb_svc_stats *backend_svc_stats(const struct lb_backend *be)
+{
+	if (!be || !be->svc_ref)
+		return NULL;
+	__u32 sid = be->svc_ref - 1;
+
+	return bpf_map_lookup_elem(&lb_svc_stats, &sid);
+}
+
+/* The scratch space for an ICMP error's translation target. */
+static __always_inline struct nat_icmp_to *scratch_icmp_to(void)
+{
+	__u32 zero = 0;
+	struct lb_scratch *s = bpf_map_lookup_elem(&lb_scratch, &zero);
+
+	_Static_assert(sizeof(struct nat_icmp_to) <= sizeof(struct lb_scratch), "scratch");
+	if (s)
+		__builtin_memset(s, 0, sizeof(struct nat_icmp_to));
+	return (void *)s;
+}
+
+/* Count a packet forwarded to a backend with SNAT. */
+static __always_inline void count_snat_fwd(const struct pkt *p, struct lb_stats *st,
+					   struct lb_svc_stats *ss)
+{
+	stat_add(st, LB_STAT_FWD_PACKETS, 1);
+	stat_add(st, LB_STAT_FWD_BYTES, p->l3_len);
+	stat_add(st, LB_STAT_SNAT_FWD, 1);
+	svc_stat_add(ss, LB_SVC_PACKETS, 1);
+	svc_stat_add(ss, LB_SVC_BYTES, p->l3_len);
+}
+
+/*
+ * A SNAT flow's packet from the client to its backend, from the address of
+ * the binding's slot and its port (`binding` = slot << 16 | port). Out of
+ * line: the program and its calls share 512 bytes of stack.
+ */
+static __noinline int snat_forward(struct xdp_md *ctx, const struct pkt *p, __u32 bid,
+				   __u32 binding, __u64 now)
+{
+	struct lb_stats *st = stats_get();
+	const struct lb_backend *be = backend_get(bid);
+	struct lb_svc_stats *ss = backend_svc_stats(be);
+	__u32 slot = binding >> 16;
+	__be16 sport = (__be16)binding;
+	const __u8 *src = snat_addr(slot, p->flow.family);
+	struct lb_nh nh;
+
+	if (!be)
+		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
+	if (!src)
+		return drop(st, ss, LB_STAT_SNAT_NO_ADDR);
+	if (be->family != p->flow.family)
+		return drop(st, ss, LB_STAT_DROP_UNSUPPORTED);
+	int rc = next_hop(ctx, p, be, bid, now, &nh, src);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return drop(st, ss, LB_STAT_FIB_FAIL);
+	int r = nat_rewrite(ctx, p, src, be->addr, sport, backend_port(be, p));
+	if (r > 0)
+		return drop(st, ss, LB_STAT_DROP_TTL);
+	if (r < 0)
+		return drop(st, ss, LB_STAT_DROP_MALFORMED);
+	count_snat_fwd(p, st, ss);
+	return send_to(ctx, &nh, rc, st, ss);
+}
+
+/*
+ * An ICMP error from the client's side about a SNAT flow, to its backend
+ * as if about the packet the backend sent (out of line: a rare path whose
+ * translation needs a frame of its own).
+ */
+static __noinline int snat_forward_icmp(struct xdp_md *ctx, const struct pkt *p, __u32 bid,
+					__u32 slot, __be16 sport)
+{
+	struct lb_stats *st = stats_get();
+	const struct lb_backend *be = backend_get(bid);
+	struct lb_svc_stats *ss = backend_svc_stats(be);
+	const __u8 *src = snat_addr(slot, p->flow.family);
+	struct nat_icmp_to *t = scratch_icmp_to();
+	struct lb_nh nh;
+
+	if (!be)
+		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
+	if (!t)
+		return drop(st, ss, LB_STAT_DROP_ADJUST);
+	if (!src)
+		return drop(st, ss, LB_STAT_SNAT_NO_ADDR);
+	if (be->family != p->flow.family)
+		return drop(st, ss, LB_STAT_DROP_UNSUPPORTED);
+	int rc = next_hop(ctx, p, be, bid, hit_clock(st), &nh, src);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return drop(st, ss, LB_STAT_FIB_FAIL);
+	addr_copy(t->os, src);
+	__builtin_memcpy(t->od, be->addr, 16);
+	__builtin_memcpy(t->qs, be->addr, 16);
+	addr_copy(t->qd, src);
+	t->qsp = backend_port(be, p);
+	t->qdp = sport;
+	int r = nat_icmp(ctx, p, t);
+	if (r > 0)
+		return drop(st, ss, LB_STAT_DROP_TTL);
+	if (r < 0)
+		return drop(st, ss, LB_STAT_DROP_MALFORMED);
+	stat_add(st, LB_STAT_SNAT_ICMP, 1);
+	stat_add(st, LB_STAT_ICMP_ERR_FWD, 1);
+	count_snat_fwd(p, st, ss);
+	return send_to(ctx, &nh, rc, st, ss);
+}
+
+/*
+ * A new flow (or a re-pick) of a SNAT service: bind a port of this node's
+ * address (in flood mode, a half-open binding for a new SYN; the
+ * handshake's ACK moves it into lb_snat_rev). Returns the binding, slot <<
+ * 16 | port, for the caller to write the entry with and forward, or
+ * -(verdict + 1) when the packet was dropped here. Out of line (a BPF-to-BPF call): the
+ * binding's keys need a frame of their own. `how` is the pick state << 32
+ * | the service's stats slot.
+ */
+static __noinline __s64 snat_new(struct xdp_md *ctx, const struct pkt *p, __u32 bid, __u64 how)
+{
+	enum pick_state state = how >> 32;
+	__u32 sid = (__u32)how;
+	struct lb_stats *st = stats_get();
+	struct lb_svc_stats *ss = bpf_map_lookup_elem(&lb_svc_stats, &sid);
+	const struct lb_backend *be = backend_get(bid);
+	enum lb_stat why;
+	__be16 port = 0;
+
+	if (!be) {
+		why = LB_STAT_DROP_NO_BACKEND;
+		goto out;
+	}
+	/* An ICMP error about a flow without an entry: nothing to translate with. */
+	if (state == PICK_STATELESS) {
+		why = LB_STAT_SNAT_NO_ENTRY;
+		goto out;
+	}
+	int slot = snat_own_slot();
+	const __u8 *src = slot >= 0 ? snat_addr(slot, p->flow.family) : NULL;
+
+	if (!src) {
+		why = LB_STAT_SNAT_NO_ADDR;
+		goto out;
+	}
+	if (be->family != p->flow.family) {
+		why = LB_STAT_DROP_UNSUPPORTED;
+		goto out;
+	}
+	__u32 flood = snat_flood_min();
+	int half_open = state == PICK_FLOODED;
+	struct lb_ct_key rk = {};
+	struct lb_snat_rev rv = {
+		.flow = p->flow,
+		.backend_id = bid,
+	};
+
+	snat_rev_key(&rk, p, be, src);
+	if (!half_open && p->flow.proto == IPPROTO_TCP_ && !pkt_is_syn(p))
+		port = snat_promote(p, &rk, &rv);
+	if (!port) {
+		if (half_open) {
+			rv.pad = syn_expected_ack(ctx, p);
+			port = snat_bind(p, &rk, &rv, &lb_snat_half_open, flood, lb_snat_port_max);
+		} else {
+			port = snat_bind(p, &rk, &rv, &lb_snat_rev, lb_snat_port_min, flood - 1);
+		}
+	}
+	if (port) {
+		if (half_open)
+			stat_add(st, LB_STAT_SNAT_HALF_OPEN, 1);
+		return (__s64)slot << 16 | port;
+	}
+	svc_stat_add(ss, LB_SVC_SNAT_EXHAUSTED, 1);
+	why = LB_STAT_SNAT_EXHAUSTED;
+out:
+	return -(__s64)drop(st, ss, why) - 1;
+}
+
+/* Next hop towards a client (SNAT replies): the per-CPU cache, else the FIB. */
+static __always_inline int client_hop(struct xdp_md *ctx, const struct lb_ct_key *f, __u64 now,
+				      struct lb_nh *nh)
+{
+	const __u32 *a = (const __u32 *)f->saddr;
+	__u32 folded = f->family == LB_FAMILY_V4 ? a[0] : a[0] ^ a[1] ^ a[2] ^ a[3];
+	__u32 k = (folded * LB_VIP_HASH_MUL) >> 24;
+	struct lb_nh_client *c = bpf_map_lookup_elem(&lb_nh_client, &k);
+
+	if (c && c->nh.expires_ns > now && __builtin_memcmp(c->addr, f->saddr, 16) == 0) {
+		*nh = c->nh;
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	struct bpf_fib_lookup fib = {};
+	fib.ifindex = ctx->ingress_ifindex;
+	if (f->family == LB_FAMILY_V4) {
+		fib.family = AF_INET_;
+		fib.ipv4_src = *(const __u32 *)f->daddr;
+		fib.ipv4_dst = *(const __u32 *)f->saddr;
+	} else {
+		fib.family = AF_INET6_;
+		__builtin_memcpy(fib.ipv6_src, f->daddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, f->saddr, 16);
+	}
+	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return rc;
+	nh->ifindex = fib.ifindex;
+	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
+	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	nh->expires_ns = now + lb_nh_cache_ns;
+	if (c && lb_nh_cache_ns) {
+		__builtin_memcpy(c->addr, f->saddr, 16);
+		c->nh = *nh;
+	}
+	return rc;
+}
+
+/* snat_reply's answer when the packet has no binding and is no SNAT address's. */
+#define SNAT_NOT_OURS (-1)
+
+/*
+ * The binding of a packet to a SNAT address, or NULL (with the verdict
+ * SNAT_NOT_OURS, or the packet counted and passed or dropped): a reply
+ * with no binding goes to the kernel, counted; a SYN-ACK for a half-open
+ * binding must acknowledge the client's ISN (else it is another flow's:
+ * dropped).
+ */
+static __always_inline const struct lb_snat_rev *snat_binding(struct xdp_md *ctx,
+							       const struct pkt *p,
+							       struct lb_stats *st, int *verdict)
+{
+	const struct lb_snat_rev *rv = bpf_map_lookup_elem(&lb_snat_rev, &p->flow);
+
+	if (rv)
+		return rv;
+	if (p->flow.proto == IPPROTO_TCP_ && !p->icmp_err &&
+	    (p->tcp_flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK)) {
+		rv = bpf_map_lookup_elem(&lb_snat_half_open, &p->flow);
+		if (rv) {
+			void *data = (void *)(long)ctx->data;
+			void *end = (void *)(long)ctx->data_end;
+			struct tcphdr *th = data + (p->l4_off & 0x3ff);
+
+			if ((void *)(th + 1) <= end && bpf_ntohl(th->ack_seq) == rv->pad)
+				return rv;
+			*verdict = drop(st, NULL, LB_STAT_SNAT_STRAY);
+			return NULL;
+		}
+	}
+	struct lb_svc_key vk = {};
+
+	__builtin_memcpy(vk.addr, p->flow.daddr, 16);
+	vk.family = p->flow.family;
+	__u32 *v = bpf_map_lookup_elem(&lb_vips, &vk);
+	if (v && (*v & LB_VIPS_F_SNAT)) {
+		stat_add(st, LB_STAT_SNAT_NO_ENTRY, 1);
+		*verdict = XDP_PASS;
+	} else {
+		*verdict = SNAT_NOT_OURS;
+	}
+	return NULL;
+}
+
+/* Count a reply translated back to its client. */
+static __always_inline void count_snat_reply(const struct pkt *p, struct lb_stats *st,
+					     struct lb_svc_stats *ss)
+{
+	stat_add(st, LB_STAT_SNAT_REPLIES, 1);
+	svc_stat_add(ss, LB_SVC_REPLIES, 1);
+	svc_stat_add(ss, LB_SVC_BYTES, p->l3_len);
+}
+
+/*
+ * A backend's reply to a SNAT address, back to the client as if from the
+ * VIP. A FIN or RST from the backend turns the flow's entry CLOSING (and
+ * peers' copies, by the ring). Out of line: most packets are no reply.
+ */
+static __noinline int snat_reply(struct xdp_md *ctx, const struct pkt *p)
+{
+	struct lb_stats *st = stats_get();
+	int verdict = SNAT_NOT_OURS;
+	const struct lb_snat_rev *rv = snat_binding(ctx, p, st, &verdict);
+
+	if (!rv)
+		return verdict;
+	const struct lb_ct_key *f = &rv->flow;
+	struct lb_svc_stats *ss = backend_svc_stats(backend_get(rv->backend_id));
+	struct lb_nh nh;
+	int rc = client_hop(ctx, f, hit_clock(st), &nh);
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return drop(st, ss, LB_STAT_FIB_FAIL);
+	int r = nat_rewrite(ctx, p, f->daddr, f->saddr, f->dport, f->sport);
+	if (r > 0)
+		return drop(st, ss, LB_STAT_DROP_TTL);
+	if (r < 0)
+		return drop(st, ss, LB_STAT_DROP_MALFORMED);
+	if (f->proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_FIN | TCP_RST))) {
+		struct lb_ct_val *ct = bpf_map_lookup_elem(&lb_conntrack, f);
+
+		if (ct && !(ct->flags & LB_CT_F_CLOSING)) {
+			ct->flags |= LB_CT_F_CLOSING;
+			if (ct->origin == (__u16)lb_node_id)
+				ct_closing_event(f, ct, st);
+		}
+	}
+	count_snat_reply(p, st, ss);
+	return send_to(ctx, &nh, rc, st, ss);
+}
+
+/* An ICMP error from the backend's side about a SNAT flow, to its client as if from the VIP. */
+static __noinline int snat_reply_icmp(struct xdp_md *ctx, const struct pkt *p)
+{
+	struct lb_stats *st = stats_get();
+	int verdict = SNAT_NOT_OURS;
+	const struct lb_snat_rev *rv = snat_binding(ctx, p, st, &verdict);
+
+	if (!rv)
+		return verdict;
+	struct nat_icmp_to *t = scratch_icmp_to();
+	struct lb_svc_stats *ss = backend_svc_stats(backend_get(rv->backend_id));
+
+	if (!t)
+		return drop(st, ss, LB_STAT_DROP_ADJUST);
+	__builtin_memcpy(t->os, rv->flow.daddr, 16);
+	__builtin_memcpy(t->od, rv->flow.saddr, 16);
+	__builtin_memcpy(t->qs, rv->flow.saddr, 16);
+	__builtin_memcpy(t->qd, rv->flow.daddr, 16);
+	t->qsp = rv->flow.sport;
+	t->qdp = rv->flow.dport;
+	struct lb_nh nh;
+	int rc = client_hop(ctx, &rv->flow, hit_clock(st), &nh);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return drop(st, ss, LB_STAT_FIB_FAIL);
+	int r = nat_icmp(ctx, p, t);
+	if (r > 0)
+		return drop(st, ss, LB_STAT_DROP_TTL);
+	if (r < 0)
+		return drop(st, ss, LB_STAT_DROP_MALFORMED);
+	stat_add(st, LB_STAT_SNAT_ICMP, 1);
+	count_snat_reply(p, st, ss);
+	return send_to(ctx, &nh, rc, st, ss);
 }
 
 /* Fragments, bad L4 headers and unbalanced protocols: drop or pass by whether a VIP is hit. */
@@ -193,13 +565,22 @@ int holdfast_lb(struct xdp_md *ctx)
 		return lb_unbalanced(&p, res);
 
 	struct lb_stats *st = stats_get();
+
+	/* A SNAT address's packet: a backend's reply, translated back. */
+	if (maybe_snat(&p)) {
+		int r = p.icmp_err ? snat_reply_icmp(ctx, &p) : snat_reply(ctx, &p);
+
+		if (r != SNAT_NOT_OURS)
+			return r;
+	}
+
 	/* TCP past its SYN: mostly established flows (see below). */
 	int est = p.flow.proto == IPPROTO_TCP_ && !pkt_is_syn(&p);
 	struct lb_ct_val *ct = NULL;
 	enum lb_stat why = 0;
 	struct lb_backend *be = NULL;
 	struct lb_svc_stats *ss;
-	__u32 bid;
+	__u32 bid, binding;
 	__u64 now = 0;
 
 	/*
@@ -242,18 +623,41 @@ int holdfast_lb(struct xdp_md *ctx)
 	if (why)
 		stat_add(st, why, 1);
 	bid = 0;
-	be = ct_pick(&p, svc, ct != NULL, st, ss, &bid, &now);
+	enum pick_state state = PICK_ENTRY;
+	be = ct_pick(&p, svc, ct != NULL, st, ss, &bid, &now, &state);
 	if (!be)
 		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
+	binding = 0;
+	if (svc->flags & LB_SVC_F_SNAT) {
+		__s64 r = snat_new(ctx, &p, bid, ((__u64)state << 32) | sid);
+
+		if (r < 0)
+			return (int)(-r - 1);
+		binding = (__u32)r;
+	}
+	/* A failed insert (map full of locked buckets) still forwards: best effort. */
+	if (state == PICK_ENTRY)
+		ct_create(&p, bid, now, BPF_ANY, st, ss, (__be16)binding, binding >> 16);
+	if (binding)
+		goto snat;
 	goto forward;
 
 hit:
 	ct_hit(&p, ct, now, st, ss);
 	bid = ct->backend_id;
+	/* An entry keeps the mode it was made with. */
+	if (ct->flags & LB_CT_F_SNAT) {
+		binding = (__u32)ct->snat_slot << 16 | ct->snat_port;
+		goto snat;
+	}
 forward:
 	if (p.l3_off == ETH_HLEN)
 		return lb_forward(ctx, &p, be, bid, now, st, ss, ETH_HLEN);
 	return lb_forward(ctx, &p, be, bid, now, st, ss, ETH_HLEN + VLAN_HLEN);
+snat:
+	if (p.icmp_err)
+		return snat_forward_icmp(ctx, &p, bid, binding >> 16, (__be16)binding);
+	return snat_forward(ctx, &p, bid, binding, now);
 }
 
 char _license[] SEC("license") = "GPL";

@@ -22,6 +22,12 @@
 #ifndef LB_RING_BYTES
 #define LB_RING_BYTES (1 << 20)
 #endif
+#ifndef LB_SNAT_SIZE
+#define LB_SNAT_SIZE 262144
+#endif
+#ifndef LB_SNAT_HALF_OPEN_SIZE
+#define LB_SNAT_HALF_OPEN_SIZE 65536
+#endif
 
 #define ETH_P_IP_BE bpf_htons(0x0800)
 #define ETH_P_IPV6_BE bpf_htons(0x86DD)
@@ -64,6 +70,8 @@
 #define IPIP_V6_PREFIX0_BE bpf_htonl(0x01000000)
 
 #define ENCAP_TTL 64
+/* Ports tried for a new SNAT flow before it counts as exhausted. */
+#define SNAT_PROBES 16
 /* Bytes of the offending packet quoted in ICMP too-big replies (needs mtu >= 1280). */
 #define ICMP_QUOTE 128
 
@@ -88,6 +96,9 @@ volatile const __u32 lb_node_id = 0;
  */
 volatile const __u32 lb_syn_window_max = 2000;
 volatile const __u64 lb_syn_window_ns = 100000000ULL;
+/* SNAT source ports this node allocates from its SNAT address (inclusive). */
+volatile const __u32 lb_snat_port_min = 1024;
+volatile const __u32 lb_snat_port_max = 65535;
 /* Seed of the flow hash; must be equal on every LB node of a cluster. */
 volatile const __u32 lb_hash_seed = 0x686f6c64; /* "hold" */
 

@@ -137,6 +137,96 @@ struct {
 	__type(value, __u64);
 } lb_clock SEC(".maps");
 
+/*
+ * SNAT reverse bindings (see struct lb_snat_rev). A plain hash, not an LRU:
+ * a binding must never be evicted while its flow lives, or its port could
+ * be given to another flow. Inserted with BPF_NOEXIST by the datapath (the
+ * port allocation) and by replication; deleted by the agent's expiry after
+ * the flow's entry, never before it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_SNAT_SIZE);
+	__type(key, struct lb_ct_key);
+	__type(value, struct lb_snat_rev);
+} lb_snat_rev SEC(".maps");
+
+/*
+ * SYN flood mode: half-open SNAT bindings (key and value as lb_snat_rev;
+ * pad is the client's ISN + 1, which the backend's SYN-ACK must
+ * acknowledge). An LRU of its own, so a flood evicts only other half-open
+ * bindings, never an established flow or its port; the handshake's ACK
+ * moves a binding into lb_snat_rev and conntrack.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LB_SNAT_HALF_OPEN_SIZE);
+	__type(key, struct lb_ct_key);
+	__type(value, struct lb_snat_rev);
+} lb_snat_half_open SEC(".maps");
+
+/* Every node's SNAT addresses by slot (see struct lb_snat_addr). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_SNAT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct lb_snat_addr);
+} lb_snat_addrs SEC(".maps");
+
+/* This node's SNAT slot + 1 (element 0; 0: this node has no SNAT address). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} lb_snat_own SEC(".maps");
+
+/*
+ * Bits of SNAT address hashes, as lb_vip_filter (whose bits the SNAT
+ * addresses also set, so their packets are parsed): a packet whose
+ * destination sets a bit here looks for a reverse binding first.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_VIP_FILTER_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_snat_filter SEC(".maps");
+
+/*
+ * Next hop towards clients (SNAT replies), per CPU, direct-mapped by a hash
+ * of the client address: the reply path's bpf_fib_lookup saved, as
+ * lb_nh_cache saves the forward path's.
+ */
+#define LB_NH_CLIENT_SLOTS 256
+struct lb_nh_client {
+	__u8 addr[16];
+	struct lb_nh nh;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_NH_CLIENT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct lb_nh_client);
+} lb_nh_client SEC(".maps");
+
+/*
+ * Per-CPU scratch space for the rare paths' large temporaries (an ICMP
+ * error's translation), which would not fit the stack that a program and
+ * its calls share (512 bytes). Not part of the ABI.
+ */
+struct lb_scratch {
+	__u8 b[128];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_scratch);
+} lb_scratch SEC(".maps");
+
 LB_ABI_ANCHOR_MAP;
 
 #endif /* LB_MAPS_H */

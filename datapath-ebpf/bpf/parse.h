@@ -82,9 +82,11 @@ struct pkt {
 	struct lb_ct_key flow; /* client -> VIP (for ICMP errors: the reversed quoted tuple) */
 	__u32 l3_off;          /* 14, or 18 with one 802.1Q tag */
 	__u32 l3_len;          /* IPv4 total length / IPv6 40 + payload length */
+	__u16 l4_off;          /* frame offset of the TCP/UDP/ICMP header */
+	__u16 in_off;          /* ICMP errors: frame offset of the quoted IP header */
 	__u8 tcp_flags;
 	__u8 tos;
-	__u8 icmp_err; /* ICMP error quoting a VIP flow */
+	__u8 icmp_err; /* ICMP error quoting a VIP flow (or a SNAT address's flow) */
 	__u8 pad;
 };
 
@@ -139,6 +141,7 @@ static __always_inline int parse_icmp4(void *data, void *data_end, void *l4, str
 	p->flow.dport = ports->src;
 	p->flow.proto = in->protocol;
 	p->icmp_err = 1;
+	p->in_off = (void *)in - data;
 	return PARSE_OK;
 }
 
@@ -170,6 +173,7 @@ static __always_inline int parse_icmp6(void *data, void *data_end, void *l4, str
 	p->flow.dport = ports->src;
 	p->flow.proto = in->nexthdr;
 	p->icmp_err = 1;
+	p->in_off = (void *)in - data;
 	return PARSE_OK;
 }
 
@@ -221,6 +225,7 @@ static __always_inline int parse_ipv4(void *data, void *data_end, struct pkt *p)
 		return PARSE_FRAGMENT;
 
 	void *l4 = (void *)iph + hlen;
+	p->l4_off = l4 - data;
 	if (iph->protocol == IPPROTO_ICMP_)
 		return parse_icmp4(data, data_end, l4, iph, p);
 	return parse_l4(data_end, l4, iph->protocol, p);
@@ -278,6 +283,7 @@ static __always_inline int parse_ipv6(void *data, void *data_end, struct pkt *p)
 		return PARSE_OTHER_L4; /* more extension headers than we step over */
 
 	void *l4 = (void *)ip6 + (off & 0x3FF);
+	p->l4_off = l4 - data;
 	if (nh == IPPROTO_ICMPV6_)
 		return parse_icmp6(data, data_end, l4, ip6, p);
 	return parse_l4(data_end, l4, nh, p);

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -22,6 +22,18 @@ pub const NO_BACKEND: u32 = 0xFFFF_FFFF;
 
 pub const CT_F_CLOSING: u16 = 0x0001;
 pub const CT_F_REMOTE: u16 = 0x0002;
+/// Forwarded with SNAT (`CtVal::snat_slot`, `CtVal::snat_port`), not DSR.
+pub const CT_F_SNAT: u16 = 0x0004;
+
+/// `Svc::flags`: new flows are forwarded with SNAT.
+pub const SVC_F_SNAT: u32 = 0x0001;
+/// `lb_vips` values: or'd in when the address is a node's SNAT address.
+pub const VIPS_F_SNAT: u32 = 0x8000_0000;
+
+/// Slots of `lb_snat_addrs` (SNAT addresses of the nodes).
+pub const SNAT_SLOTS: u32 = 256;
+pub const SNAT_F_V4: u32 = 0x1;
+pub const SNAT_F_V6: u32 = 0x2;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -98,7 +110,8 @@ pub struct Backend {
     pub svc_ref: u32,
     pub family: u8,
     pub state: u8,
-    pub pad: u16,
+    /// Network order; 0 keeps the client's destination port (DSR always does).
+    pub port: u16,
 }
 
 #[repr(C)]
@@ -149,6 +162,11 @@ pub struct CtVal {
     pub origin: u16,
     pub created_ns: u64,
     pub last_seen_ns: u64,
+    /// SNAT entries: the port the backend sees (network order).
+    pub snat_port: u16,
+    /// SNAT entries: the slot of the SNAT address (the origin node's).
+    pub snat_slot: u16,
+    pub pad: u32,
 }
 
 /// A new flow as the datapath created it (`last_seen_ns == created_ns`).
@@ -163,7 +181,14 @@ pub struct FlowEvent {
 }
 
 impl FlowEvent {
-    /// The conntrack value this event stands for.
+    /// The entry's key: the record's with its pad (which carries a SNAT
+    /// entry's port) cleared.
+    pub fn key(&self) -> CtKey {
+        CtKey { pad: 0, ..self.key }
+    }
+
+    /// The conntrack value this event stands for. A SNAT entry's slot is
+    /// not in the record: it is the origin node's, which the receiver sets.
     pub fn val(&self) -> CtVal {
         CtVal {
             backend_id: self.backend_id,
@@ -171,8 +196,39 @@ impl FlowEvent {
             origin: self.origin,
             created_ns: self.created_ns,
             last_seen_ns: self.created_ns,
+            snat_port: if self.flags & CT_F_SNAT != 0 {
+                self.key.pad
+            } else {
+                0
+            },
+            snat_slot: 0,
+            pad: 0,
         }
     }
+}
+
+/// A SNAT reverse binding's value (`lb_snat_rev`): the client -> VIP flow
+/// and its backend. Its key is the backend's reply: a [`CtKey`] with
+/// saddr = backend, daddr = SNAT address, sport = backend port, dport =
+/// SNAT port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatRev {
+    pub flow: CtKey,
+    pub backend_id: u32,
+    /// Half-open bindings: the client's ISN + 1.
+    pub pad: u32,
+}
+
+/// A node's SNAT addresses (`lb_snat_addrs`, by slot), in the 16-byte
+/// form of keys (IPv4 in the first 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnatAddr {
+    pub v4: [u8; 16],
+    pub v6: [u8; 16],
+    pub flags: u32,
+    pub pad: u32,
 }
 
 #[repr(C)]
@@ -218,7 +274,7 @@ pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> (u32, u32) {
     (h >> 6, h & 63)
 }
 
-pub const STAT_MAX: usize = 24;
+pub const STAT_MAX: usize = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -282,6 +338,8 @@ unsafe impl aya::Pod for Stats {}
 unsafe impl aya::Pod for SvcStats {}
 unsafe impl aya::Pod for DecapKey {}
 unsafe impl aya::Pod for DecapStats {}
+unsafe impl aya::Pod for SnatRev {}
+unsafe impl aya::Pod for SnatAddr {}
 
 /// Declares counter indices as constants plus a table of (C name, index)
 /// that the layout test checks against the C enum in BTF.
@@ -317,6 +375,15 @@ counters!(stat, STAT_NAMES,
     PASS_OTHERHOST = "LB_STAT_PASS_OTHERHOST" => 19,
     SYN_FLOOD = "LB_STAT_SYN_FLOOD" => 20,
     FLOOD_HANDSHAKE = "LB_STAT_FLOOD_HANDSHAKE" => 21,
+    SNAT_FWD = "LB_STAT_SNAT_FWD" => 22,
+    SNAT_REPLIES = "LB_STAT_SNAT_REPLIES" => 23,
+    SNAT_NO_ENTRY = "LB_STAT_SNAT_NO_ENTRY" => 24,
+    SNAT_EXHAUSTED = "LB_STAT_SNAT_EXHAUSTED" => 25,
+    SNAT_NO_ADDR = "LB_STAT_SNAT_NO_ADDR" => 26,
+    SNAT_ICMP = "LB_STAT_SNAT_ICMP" => 27,
+    DROP_TTL = "LB_STAT_DROP_TTL" => 28,
+    SNAT_HALF_OPEN = "LB_STAT_SNAT_HALF_OPEN" => 29,
+    SNAT_STRAY = "LB_STAT_SNAT_STRAY" => 30,
 );
 
 counters!(svc_stat, SVC_STAT_NAMES,
@@ -326,6 +393,8 @@ counters!(svc_stat, SVC_STAT_NAMES,
     CT_HITS = "LB_SVC_CT_HITS" => 3,
     MIDFLOW_MISS = "LB_SVC_MIDFLOW_MISS" => 4,
     DROPS = "LB_SVC_DROPS" => 5,
+    SNAT_EXHAUSTED = "LB_SVC_SNAT_EXHAUSTED" => 6,
+    REPLIES = "LB_SVC_REPLIES" => 7,
 );
 
 counters!(decap_stat, DECAP_STAT_NAMES,

@@ -1,7 +1,12 @@
 //! What the datapath is programmed with: load-time options and the per-epoch
 //! service/backend configuration, both validated before anything is written.
 
-use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use crate::{
     abi::{IPPROTO_TCP, IPPROTO_UDP},
@@ -42,6 +47,14 @@ pub struct DatapathOptions {
     pub hash_seed: u32,
     /// bpffs directory to pin maps and links in; `None` keeps nothing pinned.
     pub pin_dir: Option<PathBuf>,
+    /// SNAT bindings (flows of SNAT services, every node's) the map holds.
+    pub snat_size: u32,
+    /// Half-open SNAT bindings of SYN flood mode (an LRU).
+    pub snat_half_open_size: u32,
+    /// Source ports this node allocates from its SNAT address (inclusive;
+    /// the top quarter is for SYN flood mode).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 impl Default for DatapathOptions {
@@ -61,6 +74,10 @@ impl Default for DatapathOptions {
             node_id: 0,
             hash_seed: 0x686f_6c64,
             pin_dir: None,
+            snat_size: 262_144,
+            snat_half_open_size: 65_536,
+            snat_port_min: 1024,
+            snat_port_max: 65535,
         }
     }
 }
@@ -126,6 +143,26 @@ impl DatapathOptions {
         if self.udp_idle_timeout.is_zero() {
             return Err(Error::invalid("udp_idle_timeout", "must be positive"));
         }
+        if self.snat_size < 1024 {
+            return Err(Error::invalid("snat_size", "must be at least 1024"));
+        }
+        if self.snat_half_open_size < 1024 {
+            return Err(Error::invalid(
+                "snat_half_open_size",
+                "must be at least 1024",
+            ));
+        }
+        if self.snat_port_min == 0
+            || u32::from(self.snat_port_max) < u32::from(self.snat_port_min) + 63
+        {
+            return Err(Error::invalid(
+                "snat_port_min",
+                format!(
+                    "the SNAT port range {}..={} must start above 0 and hold at least 64 ports",
+                    self.snat_port_min, self.snat_port_max
+                ),
+            ));
+        }
         if !(1280..=9216).contains(&self.mtu) {
             return Err(Error::invalid(
                 "mtu",
@@ -183,13 +220,53 @@ pub enum BackendState {
 }
 
 /// A backend of a service. `id` is the cluster-wide backend id; a backend
-/// belongs to exactly one service.
+/// belongs to exactly one service. `port` is where SNAT flows go (0: the
+/// client's destination port; DSR always keeps it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub id: u32,
     pub addr: IpAddr,
+    pub port: u16,
     pub weight: u32,
     pub state: BackendState,
+}
+
+/// How a service's new flows reach their backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Forwarding {
+    /// IPIP encapsulation; the backend answers the client directly.
+    #[default]
+    Dsr,
+    /// Both addresses rewritten (the node's SNAT address and port); the
+    /// backend answers through the LB.
+    Snat,
+}
+
+/// One node's SNAT addresses (`slot` indexes `lb_snat_addrs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnatSlot {
+    pub slot: u16,
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// Every node's SNAT addresses and which is this node's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnatConfig {
+    pub slots: Vec<SnatSlot>,
+    /// This node's slot (None: it binds no new SNAT flow).
+    pub own: Option<u16>,
+}
+
+impl SnatConfig {
+    /// Every SNAT address, with its slot.
+    pub fn addrs(&self) -> impl Iterator<Item = (u16, IpAddr)> + '_ {
+        self.slots.iter().flat_map(|s| {
+            s.v4.map(|a| (s.slot, IpAddr::V4(a)))
+                .into_iter()
+                .chain(s.v6.map(|a| (s.slot, IpAddr::V6(a))))
+        })
+    }
 }
 
 /// A service: (VIP, port, protocol); port 0 matches every port of the VIP.
@@ -200,6 +277,8 @@ pub struct ServiceSpec {
     pub proto: Proto,
     /// Maglev table size (a prime <= max_table_size).
     pub table_size: u32,
+    /// How new flows are forwarded (an entry keeps the mode it was made with).
+    pub forwarding: Forwarding,
     pub backends: Vec<BackendSpec>,
 }
 
@@ -214,6 +293,7 @@ impl ServiceSpec {
             port,
             proto: proto.parse()?,
             table_size: DEFAULT_TABLE_SIZE,
+            forwarding: Forwarding::Dsr,
             backends: Vec::new(),
         })
     }
@@ -235,6 +315,9 @@ impl ServiceSpec {
 pub struct DatapathConfig {
     pub epoch: u64,
     pub services: Vec<ServiceSpec>,
+    /// Every node's SNAT addresses (SNAT services and replication need all
+    /// of them: a survivor forwards a dead node's flows with its address).
+    pub snat: SnatConfig,
 }
 
 impl DatapathConfig {
@@ -321,6 +404,12 @@ impl DatapathConfig {
                         "an IPv6 service cannot forward to an IPv4 backend",
                     ));
                 }
+                if svc.forwarding == Forwarding::Snat && svc.vip.is_ipv4() != b.addr.is_ipv4() {
+                    return Err(Error::invalid(
+                        format!("{bf}.addr"),
+                        "a SNAT service forwards within its VIP's address family",
+                    ));
+                }
                 match owner.insert(b.id, i) {
                     Some(j) if j != i => {
                         return Err(Error::invalid(
@@ -331,12 +420,76 @@ impl DatapathConfig {
                     _ => {}
                 }
             }
+            if svc.forwarding == Forwarding::Dsr && svc.backends.iter().any(|b| b.port != 0) {
+                // (A DSR backend answers from the VIP and the client's port.)
+                if let Some(b) = svc
+                    .backends
+                    .iter()
+                    .find(|b| b.port != 0 && b.port != svc.port)
+                {
+                    return Err(Error::invalid(
+                        format!("{field}.backend {}.port", b.id),
+                        format!(
+                            "a DSR backend keeps the service port {}, not {}",
+                            svc.port, b.port
+                        ),
+                    ));
+                }
+            }
             let mut ids: Vec<u32> = svc.backends.iter().map(|b| b.id).collect();
             ids.sort_unstable();
             if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
                 return Err(Error::invalid(
                     format!("{field}.backends"),
                     format!("backend id {} appears twice", w[0]),
+                ));
+            }
+        }
+        self.validate_snat()
+    }
+
+    fn validate_snat(&self) -> Result<()> {
+        let mut seen = HashMap::new();
+        for s in &self.snat.slots {
+            if u32::from(s.slot) >= crate::abi::SNAT_SLOTS {
+                return Err(Error::invalid(
+                    format!("snat.slots[{}]", s.slot),
+                    format!("slot must be below {}", crate::abi::SNAT_SLOTS),
+                ));
+            }
+            if seen.insert(s.slot, ()).is_some() {
+                return Err(Error::invalid(
+                    format!("snat.slots[{}]", s.slot),
+                    "slot appears twice",
+                ));
+            }
+        }
+        if let Some(own) = self.snat.own {
+            if !seen.contains_key(&own) {
+                return Err(Error::invalid(
+                    "snat.own",
+                    format!("slot {own} has no addresses"),
+                ));
+            }
+        }
+        let mut addrs = HashMap::new();
+        for (slot, a) in self.snat.addrs() {
+            if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                return Err(Error::invalid(
+                    format!("snat.slots[{slot}]"),
+                    format!("{a} is not a usable SNAT address"),
+                ));
+            }
+            if let Some(other) = addrs.insert(a, slot) {
+                return Err(Error::invalid(
+                    format!("snat.slots[{slot}]"),
+                    format!("{a} is also slot {other}'s"),
+                ));
+            }
+            if let Some(s) = self.services.iter().find(|s| s.vip == a) {
+                return Err(Error::invalid(
+                    format!("snat.slots[{slot}]"),
+                    format!("{a} is the VIP of {}", s.name()),
                 ));
             }
         }

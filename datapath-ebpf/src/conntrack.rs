@@ -9,23 +9,68 @@
 //! [`Datapath`]: crate::loader::Datapath
 
 use std::{
+    collections::HashSet,
     os::fd::{AsFd, OwnedFd},
+    sync::Mutex,
     time::Duration,
 };
 
 use crate::{
-    abi::{CtKey, CtVal, CT_F_CLOSING, IPPROTO_TCP},
+    abi::{
+        Backend, CtKey, CtVal, SnatAddr, SnatRev, BACKEND_EMPTY, CT_F_CLOSING, CT_F_SNAT,
+        FAMILY_V4, IPPROTO_TCP, SNAT_F_V4, SNAT_F_V6, SNAT_SLOTS,
+    },
     error::{Error, Result},
+    maps::{M_BACKENDS, M_SNAT_ADDRS, M_SNAT_HALF_OPEN, M_SNAT_REV},
     sys,
 };
 
 const MAP: &str = crate::maps::M_CONNTRACK;
 
+/// File descriptors (duplicates) of the maps a conntrack handle uses.
+pub(crate) struct CtMaps {
+    pub conntrack: OwnedFd,
+    pub snat_rev: OwnedFd,
+    pub snat_half_open: OwnedFd,
+    pub backends: OwnedFd,
+    pub snat_addrs: OwnedFd,
+}
+
 pub struct Conntrack {
     fd: OwnedFd,
+    rev: OwnedFd,
+    half_open: OwnedFd,
+    backends: OwnedFd,
+    snat_addrs: OwnedFd,
     tcp_idle: Duration,
     tcp_closing: Duration,
     udp_idle: Duration,
+    /// What the previous sweep found: bindings without a live entry, and
+    /// half-open bindings (see [`Conntrack::sweep_bindings`]).
+    sweep: Mutex<Sweep>,
+}
+
+#[derive(Default)]
+struct Sweep {
+    stale: HashSet<CtKey>,
+    half_open: HashSet<CtKey>,
+}
+
+/// What writing a replicated SNAT entry's binding did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindReport {
+    /// Bindings written.
+    pub bound: usize,
+    /// Entries whose binding could not be made: their backend or their
+    /// slot's address is not (or no more) in this node's config.
+    pub unresolved: usize,
+    /// Local entries dropped because their origin gave their port to a
+    /// newer flow (the binding now names that flow).
+    pub superseded: usize,
+}
+
+fn syscall_on(call: &'static str, map: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Syscall { call, map, source }
 }
 
 fn syscall(call: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -38,16 +83,21 @@ fn syscall(call: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 
 impl Conntrack {
     pub(crate) fn new(
-        fd: OwnedFd,
+        maps: CtMaps,
         tcp_idle: Duration,
         tcp_closing: Duration,
         udp_idle: Duration,
     ) -> Self {
         Self {
-            fd,
+            fd: maps.conntrack,
+            rev: maps.snat_rev,
+            half_open: maps.snat_half_open,
+            backends: maps.backends,
+            snat_addrs: maps.snat_addrs,
             tcp_idle,
             tcp_closing,
             udp_idle,
+            sweep: Mutex::new(Sweep::default()),
         }
     }
 
@@ -93,8 +143,16 @@ impl Conntrack {
     }
 
     /// Delete entries idle longer than their protocol's timeout (per this
-    /// host's CLOCK_MONOTONIC). Returns how many were removed.
+    /// host's CLOCK_MONOTONIC), then the SNAT bindings no live entry holds
+    /// (see [`Conntrack::sweep_bindings`]). Returns how many entries were
+    /// removed.
     pub fn expire(&self, now_ns: u64) -> Result<usize> {
+        let n = self.expire_entries(now_ns)?;
+        self.sweep_bindings()?;
+        Ok(n)
+    }
+
+    fn expire_entries(&self, now_ns: u64) -> Result<usize> {
         let tcp = self.tcp_idle.as_nanos() as u64;
         let closing = self.tcp_closing.as_nanos() as u64;
         let udp = self.udp_idle.as_nanos() as u64;
@@ -114,5 +172,132 @@ impl Conntrack {
             .map(|(k, _)| k)
             .collect();
         self.delete_batch(&stale)
+    }
+}
+
+impl Conntrack {
+    /// The reverse key of a SNAT entry (the backend's reply as it
+    /// arrives), from this node's backends and SNAT addresses; None when
+    /// the entry is not SNAT or either is unknown here.
+    pub fn snat_rev_key(&self, key: &CtKey, val: &CtVal) -> Result<Option<CtKey>> {
+        if val.flags & CT_F_SNAT == 0 || u32::from(val.snat_slot) >= SNAT_SLOTS {
+            return Ok(None);
+        }
+        let be: Option<Backend> = sys::lookup_elem(self.backends.as_fd(), &val.backend_id)
+            .map_err(syscall_on("BPF_MAP_LOOKUP_ELEM", M_BACKENDS))?;
+        let Some(be) = be.filter(|b| b.state != BACKEND_EMPTY && b.family == key.family) else {
+            return Ok(None);
+        };
+        let slot = u32::from(val.snat_slot);
+        let a: Option<SnatAddr> = sys::lookup_elem(self.snat_addrs.as_fd(), &slot)
+            .map_err(syscall_on("BPF_MAP_LOOKUP_ELEM", M_SNAT_ADDRS))?;
+        let Some(a) = a else { return Ok(None) };
+        let (want, daddr) = if key.family == FAMILY_V4 {
+            (SNAT_F_V4, a.v4)
+        } else {
+            (SNAT_F_V6, a.v6)
+        };
+        if a.flags & want == 0 {
+            return Ok(None);
+        }
+        Ok(Some(CtKey {
+            saddr: be.addr,
+            daddr,
+            sport: if be.port != 0 { be.port } else { key.dport },
+            dport: val.snat_port,
+            proto: key.proto,
+            family: key.family,
+            pad: 0,
+        }))
+    }
+
+    /// Write the bindings of replicated SNAT entries that were stored
+    /// (DSR entries are skipped). A binding held by another flow is
+    /// replaced: its origin gave the port to this newer flow, so the older
+    /// flow's entry, if it still names the port, is deleted first.
+    pub fn bind(&self, entries: &[(CtKey, CtVal)]) -> Result<BindReport> {
+        let mut r = BindReport::default();
+        for (k, v) in entries.iter().filter(|(_, v)| v.flags & CT_F_SNAT != 0) {
+            let Some(rk) = self.snat_rev_key(k, v)? else {
+                r.unresolved += 1;
+                continue;
+            };
+            let old: Option<SnatRev> = sys::lookup_elem(self.rev.as_fd(), &rk)
+                .map_err(syscall_on("BPF_MAP_LOOKUP_ELEM", M_SNAT_REV))?;
+            if let Some(old) = old.filter(|o| o.flow != *k) {
+                if let Some(ov) = self.get(&old.flow)? {
+                    if ov.flags & CT_F_SNAT != 0
+                        && ov.snat_port == v.snat_port
+                        && ov.snat_slot == v.snat_slot
+                        && ov.created_ns <= v.created_ns
+                    {
+                        self.delete_batch(&[old.flow])?;
+                        r.superseded += 1;
+                    }
+                }
+            }
+            let rv = SnatRev {
+                flow: *k,
+                backend_id: v.backend_id,
+                pad: 0,
+            };
+            sys::update_elem(self.rev.as_fd(), &rk, &rv, 0)
+                .map_err(syscall_on("BPF_MAP_UPDATE_ELEM", M_SNAT_REV))?;
+            r.bound += 1;
+        }
+        Ok(r)
+    }
+
+    /// Every SNAT binding: (reverse key, value).
+    pub fn bindings(&self) -> Result<Vec<(CtKey, SnatRev)>> {
+        sys::lookup_all(self.rev.as_fd(), 16_384)
+            .map_err(syscall_on("BPF_MAP_LOOKUP_BATCH", M_SNAT_REV))
+    }
+
+    /// Every half-open binding of SYN flood mode.
+    pub fn half_open(&self) -> Result<Vec<(CtKey, SnatRev)>> {
+        sys::lookup_all(self.half_open.as_fd(), 16_384)
+            .map_err(syscall_on("BPF_MAP_LOOKUP_BATCH", M_SNAT_HALF_OPEN))
+    }
+
+    /// Delete the SNAT bindings that no live entry holds (its entry is
+    /// gone, no longer SNAT, or names another port or backend) in two
+    /// sweeps in a row, so their ports can be bound again; and the
+    /// half-open bindings already there in the previous sweep (their
+    /// handshake never completed). Two sweeps: the datapath binds a port
+    /// just before it writes the entry, and a binding caught in between
+    /// must not be freed. An entry always goes before its binding — by
+    /// expiry above, or by the LRU — so a port is never free while an entry
+    /// names it. Returns how many bindings were deleted.
+    pub fn sweep_bindings(&self) -> Result<usize> {
+        let mut stale = HashSet::new();
+        for (rk, rv) in self.bindings()? {
+            let live = match self.get(&rv.flow)? {
+                Some(v) => self.snat_rev_key(&rv.flow, &v)?.is_some_and(|k| k == rk),
+                None => false,
+            };
+            if !live {
+                stale.insert(rk);
+            }
+        }
+        let mut sweep = self.sweep.lock().expect("sweep");
+        let mut n = 0;
+        let dead: Vec<CtKey> = stale.intersection(&sweep.stale).copied().collect();
+        if !dead.is_empty() {
+            n += sys::delete_batch(self.rev.as_fd(), &dead)
+                .map_err(syscall_on("BPF_MAP_DELETE_BATCH", M_SNAT_REV))?;
+        }
+        for k in &dead {
+            stale.remove(k);
+        }
+        sweep.stale = stale;
+        let now: HashSet<CtKey> = self.half_open()?.into_iter().map(|(k, _)| k).collect();
+        let old: Vec<CtKey> = now.intersection(&sweep.half_open).copied().collect();
+        if !old.is_empty() {
+            n += sys::delete_batch(self.half_open.as_fd(), &old)
+                .map_err(syscall_on("BPF_MAP_DELETE_BATCH", M_SNAT_HALF_OPEN))?;
+        }
+        sweep.half_open = now.into_iter().filter(|k| !old.contains(k)).collect();
+        Ok(n)
     }
 }

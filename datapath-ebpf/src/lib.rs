@@ -21,11 +21,15 @@ pub mod maglev;
 pub mod maps;
 pub mod packet;
 pub mod prog;
+pub mod snat;
 pub mod sys;
 pub mod testbed;
 pub mod testrun;
 
-pub use config::{BackendSpec, BackendState, DatapathConfig, DatapathOptions, Proto, ServiceSpec};
+pub use config::{
+    BackendSpec, BackendState, DatapathConfig, DatapathOptions, Forwarding, Proto, ServiceSpec,
+    SnatConfig, SnatSlot,
+};
 pub use error::{Error, Result};
 pub use loader::Datapath;
 pub use prog::AttachMode;

@@ -22,19 +22,21 @@ use crate::{
     abi::{
         addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, Stats, Svc, SvcKey,
         SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY, IFACE_PROBES,
-        IFACE_SLOTS, IFACE_TOMBSTONE, VIP_FILTER_WORDS,
+        IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_SNAT, VIPS_F_SNAT, VIP_FILTER_WORDS,
     },
-    config::{BackendState, DatapathConfig, DatapathOptions, ServiceSpec},
-    conntrack::Conntrack,
+    config::{BackendState, DatapathConfig, DatapathOptions, Forwarding, ServiceSpec},
+    conntrack::{Conntrack, CtMaps},
     error::{Error, Result},
     events::FlowEvents,
     maglev::{build_table, MaglevBackend},
     maps::{
         ensure_bpffs_dir, map_data, monotonic_now, ALL_MAPS, CLOCK_PERIOD, M_BACKENDS, M_CLOCK,
-        M_CONNTRACK, M_EVENTS, M_IFACE_SLOTS, M_MAGLEV, M_META, M_NH_CACHE, M_SERVICES, M_STATS,
-        M_SVC_STATS, M_VIPS, M_VIP_FILTER,
+        M_CONNTRACK, M_EVENTS, M_IFACE_SLOTS, M_MAGLEV, M_META, M_NH_CACHE, M_SERVICES,
+        M_SNAT_ADDRS, M_SNAT_FILTER, M_SNAT_HALF_OPEN, M_SNAT_REV, M_STATS, M_SVC_STATS, M_VIPS,
+        M_VIP_FILTER,
     },
     prog::{ifindex, percpu_sum, xdp, xdp_mut, AttachMode},
+    snat::SnatState,
     sys,
 };
 
@@ -116,7 +118,7 @@ pub struct ApplyReport {
 
 /// The load balancer datapath of one node.
 pub struct Datapath {
-    bpf: Ebpf,
+    pub(crate) bpf: Ebpf,
     /// The conntrack map, usable without this struct's lock.
     ct: Arc<Conntrack>,
     opts: DatapathOptions,
@@ -133,11 +135,13 @@ pub struct Datapath {
     adopted: bool,
     /// What `lb_vip_filter` holds, word by word.
     vip_filter: Vec<u64>,
+    /// What the SNAT maps hold (see `snat.rs`).
+    pub(crate) snat: SnatState,
     _clock: ClockPublisher,
 }
 
 /// The VIP prefilter words with the bits of these addresses set.
-fn vip_filter_words<'a>(vips: impl IntoIterator<Item = &'a SvcKey>) -> Vec<u64> {
+pub(crate) fn vip_filter_words<'a>(vips: impl IntoIterator<Item = &'a SvcKey>) -> Vec<u64> {
     let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
     for k in vips {
         let (w, b) = vip_filter_bit(&k.addr, k.family);
@@ -147,7 +151,7 @@ fn vip_filter_words<'a>(vips: impl IntoIterator<Item = &'a SvcKey>) -> Vec<u64> 
 }
 
 /// A backend's map value; `svc_slot` is its service's stats slot.
-fn backend_value(addr: std::net::IpAddr, state: BackendState, svc_slot: u32) -> Backend {
+fn backend_value(addr: std::net::IpAddr, port: u16, state: BackendState, svc_slot: u32) -> Backend {
     let (addr, family) = addr_bytes(addr);
     Backend {
         addr,
@@ -157,7 +161,7 @@ fn backend_value(addr: std::net::IpAddr, state: BackendState, svc_slot: u32) -> 
             BackendState::Active => BACKEND_ACTIVE,
             BackendState::Draining => BACKEND_DRAINING,
         },
-        pad: 0,
+        port: port.to_be(),
     }
 }
 
@@ -174,6 +178,7 @@ impl Datapath {
         let node_id = u32::from(opts.node_id);
         let syn_max = opts.syn_window_max();
         let syn_window_ns = crate::config::SYN_WINDOW.as_nanos() as u64;
+        let (snat_min, snat_max) = (u32::from(opts.snat_port_min), u32::from(opts.snat_port_max));
 
         let mut loader = EbpfLoader::new();
         loader
@@ -184,6 +189,10 @@ impl Datapath {
             .map_max_entries(M_CONNTRACK, opts.conntrack_size)
             .map_max_entries(M_EVENTS, opts.ring_bytes)
             .map_max_entries(M_SVC_STATS, opts.max_services)
+            .map_max_entries(M_SNAT_REV, opts.snat_size)
+            .map_max_entries(M_SNAT_HALF_OPEN, opts.snat_half_open_size)
+            .override_global("lb_snat_port_min", &snat_min, true)
+            .override_global("lb_snat_port_max", &snat_max, true)
             .override_global("lb_tcp_timeout_ns", &tcp_ns, true)
             .override_global("lb_udp_timeout_ns", &udp_ns, true)
             .override_global("lb_ct_refresh_ns", &refresh_ns, true)
@@ -237,17 +246,25 @@ impl Datapath {
             })?;
         let clock = ClockPublisher::start(clock)?;
 
-        let ct_fd = map_data(&bpf, M_CONNTRACK)?
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| Error::Syscall {
-                call: "dup",
-                map: M_CONNTRACK,
-                source,
-            })?;
+        let dup = |map: &'static str| -> Result<std::os::fd::OwnedFd> {
+            map_data(&bpf, map)?
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| Error::Syscall {
+                    call: "dup",
+                    map,
+                    source,
+                })
+        };
         let ct = Arc::new(Conntrack::new(
-            ct_fd,
+            CtMaps {
+                conntrack: dup(M_CONNTRACK)?,
+                snat_rev: dup(M_SNAT_REV)?,
+                snat_half_open: dup(M_SNAT_HALF_OPEN)?,
+                backends: dup(M_BACKENDS)?,
+                snat_addrs: dup(M_SNAT_ADDRS)?,
+            },
             opts.tcp_idle_timeout,
             opts.tcp_closing_timeout,
             opts.udp_idle_timeout,
@@ -264,6 +281,7 @@ impl Datapath {
             links: HashMap::new(),
             adopted,
             vip_filter: Vec::new(),
+            snat: SnatState::default(),
             _clock: clock,
         };
         if adopted {
@@ -287,6 +305,8 @@ impl Datapath {
         for (name, size) in [
             (M_IFACE_SLOTS, IFACE_SLOTS),
             (M_VIP_FILTER, VIP_FILTER_WORDS),
+            (M_SNAT_FILTER, VIP_FILTER_WORDS),
+            (M_SNAT_ADDRS, SNAT_SLOTS),
         ] {
             let info = map_data(&self.bpf, name)?
                 .info()
@@ -334,6 +354,8 @@ impl Datapath {
             (M_MAGLEV, maglev_slots),
             (M_CONNTRACK, self.opts.conntrack_size),
             (M_EVENTS, self.opts.ring_bytes),
+            (M_SNAT_REV, self.opts.snat_size),
+            (M_SNAT_HALF_OPEN, self.opts.snat_half_open_size),
         ];
         for (name, size) in want {
             let info = map_data(&self.bpf, name)?
@@ -416,7 +438,8 @@ impl Datapath {
         self.vip_filter = (0..VIP_FILTER_WORDS)
             .map(|i| arr.get(&i, 0).map_err(Error::map(M_VIP_FILTER)))
             .collect::<Result<_>>()?;
-        let words = vip_filter_words(self.slots.keys());
+        self.recover_snat()?;
+        let words = vip_filter_words(self.slots.keys().chain(self.snat.keys().iter()));
         self.write_vip_filter(words)?;
         self.recover_backends()
     }
@@ -713,7 +736,7 @@ impl Datapath {
             let slot = slot_of[&SvcKey::new(svc.vip, svc.port, svc.proto.number())];
             for b in &svc.backends {
                 ids.push(b.id);
-                vals.push(backend_value(b.addr, b.state, slot));
+                vals.push(backend_value(b.addr, b.port, b.state, slot));
             }
         }
         // Only what is new or changed (the map holds the rest already).
@@ -739,12 +762,19 @@ impl Datapath {
         let new_backends: HashMap<u32, Backend> =
             ids.iter().copied().zip(vals.iter().copied()).collect();
 
-        // 2a. The VIP prefilter lets the new VIPs through before their
-        // services exist (and keeps the old ones until step 4 removed them).
+        // 1a. Every node's SNAT addresses (before a SNAT service may bind
+        // with one; slots that are gone are cleared in step 4b).
+        let snat_keys = crate::snat::snat_keys(&cfg.snat);
+        self.write_snat(&cfg.snat, &snat_keys)?;
+
+        // 2a. The VIP prefilter lets the new VIPs (and SNAT addresses)
+        // through before their services exist (and keeps the old ones until
+        // step 4 removed them).
         let want_filter = vip_filter_words(
             cfg.services
                 .iter()
                 .map(|svc| SvcKey::new(svc.vip, svc.port, svc.proto.number()))
+                .chain(snat_keys.iter().copied())
                 .collect::<Vec<_>>()
                 .iter(),
         );
@@ -800,7 +830,10 @@ impl Datapath {
                     key,
                     Svc {
                         id: slot.id,
-                        flags: 0,
+                        flags: match svc.forwarding {
+                            Forwarding::Dsr => 0,
+                            Forwarding::Snat => SVC_F_SNAT,
+                        },
                         ring_base: base,
                         ring_size: svc.table_size,
                     },
@@ -812,7 +845,11 @@ impl Datapath {
             debug!(service = %svc.name(), id = slot.id, half = slot.half, "maglev table switched");
         }
 
-        // 3. VIP set (fragment / unbalanced-protocol handling).
+        // 3. VIP set (fragment / unbalanced-protocol handling; SNAT
+        // addresses flagged, so their stray packets are counted).
+        for k in &snat_keys {
+            *vip_count.entry(*k).or_default() |= VIPS_F_SNAT;
+        }
         {
             let mut vips = self.vips_map()?;
             let old: Vec<SvcKey> = vips.keys().filter_map(|k| k.ok()).collect();
@@ -842,6 +879,8 @@ impl Datapath {
 
         // 4a. The prefilter: only the VIPs of this config.
         self.write_vip_filter(want_filter)?;
+        // 4b. SNAT slots and filter bits that are gone.
+        self.prune_snat(&cfg.snat, &snat_keys)?;
 
         // 5. Backends that are gone: no table references them any more.
         let removed: Vec<u32> = self

@@ -25,13 +25,18 @@ pub(crate) const M_META: &str = "lb_meta";
 pub(crate) const M_NH_CACHE: &str = "lb_nh_cache";
 pub(crate) const M_IFACE_SLOTS: &str = "lb_iface_slots";
 pub(crate) const M_VIP_FILTER: &str = "lb_vip_filter";
+pub(crate) const M_SNAT_REV: &str = "lb_snat_rev";
+pub(crate) const M_SNAT_HALF_OPEN: &str = "lb_snat_half_open";
+pub(crate) const M_SNAT_ADDRS: &str = "lb_snat_addrs";
+pub(crate) const M_SNAT_OWN: &str = "lb_snat_own";
+pub(crate) const M_SNAT_FILTER: &str = "lb_snat_filter";
 /// Not pinned: each process publishes its own clock to its own program.
 pub(crate) const M_CLOCK: &str = "lb_clock";
 /// How often the agent publishes CLOCK_MONOTONIC into `lb_clock`.
 pub const CLOCK_PERIOD: Duration = Duration::from_millis(2);
 
 /// The maps pinned with `pin_dir` (a restart adopts them).
-pub(crate) const ALL_MAPS: [&str; 11] = [
+pub(crate) const ALL_MAPS: [&str; 16] = [
     M_SERVICES,
     M_VIPS,
     M_BACKENDS,
@@ -43,6 +48,11 @@ pub(crate) const ALL_MAPS: [&str; 11] = [
     M_META,
     M_IFACE_SLOTS,
     M_VIP_FILTER,
+    M_SNAT_REV,
+    M_SNAT_HALF_OPEN,
+    M_SNAT_ADDRS,
+    M_SNAT_OWN,
+    M_SNAT_FILTER,
 ];
 
 /// bpffs magic (statfs f_type).

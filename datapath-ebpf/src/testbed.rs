@@ -3,7 +3,9 @@
 //! the benchmark run the program inside it.
 //!
 //! `f0` (10.99.0.2/24, fd00:99::2/64) has static neighbours for
-//! 10.99.0.11-13 and fd00:99::11-13 (MAC 02:00:00:00:00:1N); `f1`
+//! 10.99.0.11-13 and fd00:99::11-13 (MAC 02:00:00:00:00:1N) and a router
+//! 10.99.0.1 / fd00:99::1 (02:00:00:00:00:01) that clients in
+//! 172.20.0.0/16 and fd00:20::/64 are routed through (SNAT replies); `f1`
 //! (10.98.0.2/24) has 10.98.0.21 (02:00:00:00:00:21). 10.99.0.99 has no
 //! neighbour entry and 10.50.0.0/16 no route.
 
@@ -20,6 +22,17 @@ pub const NEIGHBOURS: &[(&str, &str, Mac)] = &[
     ("fd00:99::12", "f0", [0x02, 0, 0, 0, 0, 0x12]),
     ("fd00:99::13", "f0", [0x02, 0, 0, 0, 0, 0x13]),
     ("10.98.0.21", "f1", [0x02, 0, 0, 0, 0, 0x21]),
+    ("10.99.0.1", "f0", ROUTER_MAC),
+    ("fd00:99::1", "f0", ROUTER_MAC),
+];
+
+/// The MAC of the router that clients are reached through.
+pub const ROUTER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+
+/// Client prefixes routed through the router (SNAT replies go there).
+pub const CLIENT_ROUTES: &[(&str, &str)] = &[
+    ("172.20.0.0/16", "10.99.0.1"),
+    ("fd00:20::/64", "fd00:99::1"),
 ];
 
 pub struct TestNet {
@@ -55,6 +68,9 @@ impl TestNet {
             ns.ip(&format!(
                 "neigh replace {addr} lladdr {mac} dev {dev} nud permanent"
             ))?;
+        }
+        for (prefix, via) in CLIENT_ROUTES {
+            ns.ip(&format!("route add {prefix} via {via} dev f0"))?;
         }
         Ok(Self {
             ifindex: ns.ifindex("f0")?,

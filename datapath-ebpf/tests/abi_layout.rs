@@ -147,7 +147,7 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 btf,
                 "lb_backend",
                 Backend,
-                [addr, svc_ref, family, state, pad]
+                [addr, svc_ref, family, state, port]
             ),
             "lb_ct_key" => check_struct!(
                 btf,
@@ -160,8 +160,19 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 btf,
                 "lb_ct_val",
                 CtVal,
-                [backend_id, flags, origin, created_ns, last_seen_ns]
+                [
+                    backend_id,
+                    flags,
+                    origin,
+                    created_ns,
+                    last_seen_ns,
+                    snat_port,
+                    snat_slot,
+                    pad
+                ]
             ),
+            "lb_snat_rev" => check_struct!(btf, "lb_snat_rev", SnatRev, [flow, backend_id, pad]),
+            "lb_snat_addr" => check_struct!(btf, "lb_snat_addr", SnatAddr, [v4, v6, flags, pad]),
             "lb_flow_event" => check_struct!(
                 btf,
                 "lb_flow_event",
@@ -204,6 +215,8 @@ fn lb_structs_match_btf() {
             "lb_iface_slot",
             "lb_stats",
             "lb_svc_stats",
+            "lb_snat_rev",
+            "lb_snat_addr",
         ],
     );
 }

@@ -253,6 +253,7 @@ fn conntrack_hits_refresh_last_seen_with_the_published_clock() {
                 origin: NODE_ID,
                 created_ns: old,
                 last_seen_ns: old,
+                ..Default::default()
             },
         )])
         .expect("insert");

@@ -736,6 +736,7 @@ fn t05_backend_changes() {
         addr: "10.99.0.12".parse().expect("a"),
         weight: 1,
         state: BackendState::Active,
+        port: 0,
     });
     fx.apply(cfg.clone());
     let mut moved = 0;
@@ -874,6 +875,7 @@ fn t05_backend_changes() {
                 origin: 3,
                 created_ns: now,
                 last_seen_ns: now,
+                ..Default::default()
             },
         )])
         .expect("insert replicated entry");
@@ -901,6 +903,7 @@ fn t05_backend_changes() {
                 origin: NODE_ID,
                 created_ns: long_ago,
                 last_seen_ns: long_ago,
+                ..Default::default()
             },
         )])
         .expect("insert stale entry");
@@ -969,6 +972,7 @@ fn t06_ring_events_match_conntrack() {
                 origin: NODE_ID + 1,
                 created_ns: now,
                 last_seen_ns: now,
+                ..Default::default()
             },
         )])
         .expect("insert a peer's entry");
@@ -1321,6 +1325,7 @@ fn t13_closing_tcp_entries_expire_sooner() {
         origin: 1,
         created_ns: now - idle_s * 1_000_000_000,
         last_seen_ns: now - idle_s * 1_000_000_000,
+        ..Default::default()
     };
     let entries = [
         (key(1, IPPROTO_TCP), val(0, 60)), // open, idle 60 s: stays

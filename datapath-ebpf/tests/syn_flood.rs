@@ -168,6 +168,7 @@ fn a_syn_flood_does_not_evict_established_flows() {
                 origin: 2,
                 created_ns: now,
                 last_seen_ns: now,
+                ..Default::default()
             };
             (k, v)
         })

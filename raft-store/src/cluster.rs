@@ -12,7 +12,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::cidr::{cidr_contains, parse_cidr};
 pub use crate::health::{CheckKind, Health, HealthCheck, OnDown, Via};
+pub use crate::snat::SnatPools;
 
 /// Backend ids are allocated round-robin below this limit (the datapath's
 /// `max_backends` must be at least this), so a removed id is reused as late
@@ -43,6 +45,29 @@ pub enum ForwardingMode {
     /// IPIP encapsulation, backends answer clients directly.
     #[default]
     Dsr,
+    /// Both addresses rewritten (the LB node's SNAT address and port);
+    /// backends need nothing and answer through the LB.
+    Snat,
+}
+
+impl std::fmt::Display for ForwardingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ForwardingMode::Dsr => "dsr",
+            ForwardingMode::Snat => "snat",
+        })
+    }
+}
+
+impl std::str::FromStr for ForwardingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "dsr" => Ok(ForwardingMode::Dsr),
+            "snat" => Ok(ForwardingMode::Snat),
+            other => Err(format!("forwarding {other:?}: use dsr or snat")),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,6 +226,16 @@ pub enum Command {
     RemoveVipPool {
         name: String,
     },
+    /// Set the SNAT pools (IPv4, IPv6; none: that family has none). Nodes
+    /// without a SNAT address get one.
+    PutSnatPools {
+        v4: Option<String>,
+        v6: Option<String>,
+    },
+    /// Free the SNAT address of a node that left for good.
+    ReleaseSnat {
+        node_id: u64,
+    },
     /// Several commands applied atomically: all of them or none.
     Batch {
         commands: Vec<Command>,
@@ -264,6 +299,9 @@ pub struct ClusterState {
     /// Revoked certificates by serial.
     #[serde(default)]
     pub revoked: BTreeMap<String, Revocation>,
+    /// SNAT pools and every node's SNAT address slot.
+    #[serde(default)]
+    pub snat: SnatPools,
 }
 
 impl Default for ClusterState {
@@ -278,6 +316,7 @@ impl Default for ClusterState {
             next_backend_id: 0,
             recent: VecDeque::new(),
             revoked: BTreeMap::new(),
+            snat: SnatPools::default(),
         }
     }
 }
@@ -300,47 +339,12 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
-/// Parse "addr/len"; the address must be the network address.
-pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
-    let (a, l) = cidr
-        .split_once('/')
-        .ok_or_else(|| format!("{cidr:?} is not a CIDR (addr/len)"))?;
-    let addr: IpAddr = a
-        .parse()
-        .map_err(|_| format!("{a:?} is not an IP address"))?;
-    let len: u8 = l
-        .parse()
-        .map_err(|_| format!("{l:?} is not a prefix length"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(format!("prefix length {len} > {max}"));
-    }
-    if mask(addr, len) != addr {
-        return Err(format!("{cidr} has host bits set"));
-    }
-    Ok((addr, len))
-}
-
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            IpAddr::V4((u32::from(a) & m).into())
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            IpAddr::V6((u128::from(a) & m).into())
-        }
-    }
-}
-
-/// Is `ip` inside `net`?
-pub fn cidr_contains(net: (IpAddr, u8), ip: IpAddr) -> bool {
-    net.0.is_ipv4() == ip.is_ipv4() && mask(ip, net.1) == mask(net.0, net.1)
+/// The addresses a member is reached at (none of them may be a SNAT address).
+fn member_addrs(m: &Member) -> impl Iterator<Item = IpAddr> + '_ {
+    [&m.raft_addr, &m.admin_addr]
+        .into_iter()
+        .filter_map(|a| a.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+        .chain(m.bgp_next_hop)
 }
 
 fn valid_name(what: &str, name: &str) -> Result<(), String> {
@@ -476,7 +480,17 @@ impl ClusterState {
                         member.node_id, member.admin_addr
                     ));
                 }
+                for a in member_addrs(member) {
+                    if self.snat.contains(a) {
+                        return Err(format!(
+                            "member {}: {a} is inside the SNAT pools",
+                            member.node_id
+                        ));
+                    }
+                }
                 self.members.insert(member.node_id, member.clone());
+                // A node gets a SNAT address when it joins (kept by id).
+                self.snat.assign(member.node_id);
                 Ok(())
             }
             Command::RemoveMember { node_id } => self
@@ -487,6 +501,19 @@ impl ClusterState {
             Command::PutVipPool { pool } => {
                 valid_name("pool", &pool.name)?;
                 let net = parse_cidr(&pool.cidr)?;
+                if let Some(snat) = [&self.snat.v4, &self.snat.v6]
+                    .into_iter()
+                    .flatten()
+                    .find(|c| {
+                        parse_cidr(c)
+                            .is_ok_and(|o| cidr_contains(net, o.0) || cidr_contains(o, net.0))
+                    })
+                {
+                    return Err(format!(
+                        "pool {} ({}) overlaps the SNAT pool {snat}",
+                        pool.name, pool.cidr
+                    ));
+                }
                 for other in self.pools.values().filter(|p| p.name != pool.name) {
                     let o = parse_cidr(&other.cidr)?;
                     if cidr_contains(net, o.0) || cidr_contains(o, net.0) {
@@ -504,6 +531,42 @@ impl ClusterState {
                 .remove(name)
                 .map(|_| ())
                 .ok_or_else(|| format!("no pool {name:?}")),
+            Command::PutSnatPools { v4, v6 } => {
+                let vip_pools: Vec<(String, String)> = self
+                    .pools
+                    .values()
+                    .map(|p| (p.name.clone(), p.cidr.clone()))
+                    .collect();
+                let mut taken: Vec<(IpAddr, String)> = self
+                    .services
+                    .values()
+                    .map(|s| (s.vip, format!("the VIP of service {}", s.name)))
+                    .collect();
+                for m in self.members.values() {
+                    taken.extend(
+                        member_addrs(m).map(|a| (a, format!("an address of node {}", m.node_id))),
+                    );
+                }
+                self.snat
+                    .set_pools(v4.clone(), v6.clone(), &vip_pools, &taken)?;
+                let ids: Vec<u64> = self.members.keys().copied().collect();
+                for id in ids {
+                    self.snat.assign(id);
+                }
+                Ok(())
+            }
+            Command::ReleaseSnat { node_id } => {
+                if self.members.contains_key(node_id) {
+                    return Err(format!(
+                        "node {node_id} is a member: it uses its SNAT address (remove it first)"
+                    ));
+                }
+                self.snat
+                    .slots
+                    .remove(node_id)
+                    .map(|_| ())
+                    .ok_or_else(|| format!("node {node_id} holds no SNAT address"))
+            }
             Command::RevokeCertificate { revocation } => {
                 valid_serial(&revocation.serial)?;
                 if revocation.note.len() > 256 {
@@ -570,6 +633,32 @@ impl ClusterState {
                 s.name
             ));
         }
+        if self.snat.contains(s.vip) {
+            return Err(format!(
+                "service {}: {} is inside the SNAT pools",
+                s.name, s.vip
+            ));
+        }
+        match s.mode {
+            ForwardingMode::Snat => {
+                if let Some(b) = mine.iter().find(|b| b.addr.is_ipv4() != s.vip.is_ipv4()) {
+                    return Err(format!(
+                        "service {}: forwarding snat stays within the VIP's address family \
+                         (backend {} is {})",
+                        s.name, b.id, b.addr
+                    ));
+                }
+            }
+            ForwardingMode::Dsr => {
+                if let Some(b) = mine.iter().find(|b| s.port != 0 && b.port != s.port) {
+                    return Err(format!(
+                        "service {}: forwarding dsr keeps the destination port, but backend {} \
+                         listens on {} (use forwarding snat, or change the backend)",
+                        s.name, b.id, b.port
+                    ));
+                }
+            }
+        }
         if let Some(c) = &s.health_check {
             c.validate(s.port)
                 .map_err(|e| format!("service {}: {e}", s.name))?;
@@ -614,11 +703,25 @@ impl ClusterState {
                 "service {service} has an IPv6 VIP: backend {addr} must be IPv6"
             ));
         }
-        if svc.port != 0 && port != svc.port {
-            return Err(format!(
-                "DSR keeps the destination port: backend port {port} must equal service port {}",
-                svc.port
-            ));
+        match svc.mode {
+            ForwardingMode::Dsr if svc.port != 0 && port != svc.port => {
+                return Err(format!(
+                    "DSR keeps the destination port: backend port {port} must equal service port {}",
+                    svc.port
+                ));
+            }
+            ForwardingMode::Snat if svc.vip.is_ipv4() != addr.is_ipv4() => {
+                return Err(format!(
+                    "service {service} forwards with snat within its VIP's family: backend {addr} \
+                     is of the other"
+                ));
+            }
+            ForwardingMode::Snat if port == 0 && svc.port != 0 => {
+                return Err(format!(
+                    "service {service}: a snat backend needs a port (1-65535)"
+                ));
+            }
+            _ => {}
         }
         let existing: Vec<&Backend> = self
             .backends

@@ -3,9 +3,11 @@
 //! appends never wait behind state-machine writes), with every redb call run
 //! on tokio's blocking pool.
 
+pub mod cidr;
 pub mod cluster;
 pub mod health;
 pub mod log_store;
+pub mod snat;
 pub mod state_machine;
 pub mod types;
 mod util;

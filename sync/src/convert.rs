@@ -73,6 +73,7 @@ pub fn from_wire(e: &WireEntry, clock: &Clock) -> (CtKey, CtVal) {
         origin: e.origin,
         created_ns: clock.to_mono(e.created),
         last_seen_ns: clock.to_mono(e.last_seen),
+        ..Default::default()
     };
     (key, val)
 }

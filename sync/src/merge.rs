@@ -58,6 +58,7 @@ mod tests {
             origin,
             created_ns: created,
             last_seen_ns: last,
+            ..Default::default()
         }
     }
 

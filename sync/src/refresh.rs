@@ -164,6 +164,7 @@ mod tests {
             origin: 1,
             created_ns: 0,
             last_seen_ns: last_seen,
+            ..Default::default()
         }
     }
 

@@ -29,6 +29,14 @@
 /* Conntrack entry flags (lb_ct_val.flags). */
 #define LB_CT_F_CLOSING 0x0001 /* client sent FIN or RST: a SYN may start a new connection */
 #define LB_CT_F_REMOTE 0x0002  /* written by a peer's replication, not by this datapath */
+#define LB_CT_F_SNAT 0x0004    /* forwarded with SNAT (snat_slot, snat_port), not DSR */
+
+/* lb_vips values: the number of services on the address, or'd with this
+ * flag when the address is a node's SNAT address. */
+#define LB_VIPS_F_SNAT 0x80000000u
+
+/* Service flags (lb_svc.flags). */
+#define LB_SVC_F_SNAT 0x0001 /* new flows are forwarded with SNAT (else DSR over IPIP) */
 
 /*
  * Service key: (VIP, port, protocol). An IPv4 address uses addr[0..4] and
@@ -61,14 +69,16 @@ _Static_assert(sizeof(struct lb_svc) == 16, "lb_svc size");
  * svc_ref is the stats slot (lb_svc.id) + 1 of the one service it belongs
  * to, so that a conntrack hit counts there without looking the service up;
  * 0 (the zero flags word of builds before it) means not known: a hit then
- * looks the service up as before.
+ * looks the service up as before. port is the backend's port (network
+ * order) that SNAT flows are sent to; 0 keeps the client's destination port
+ * (DSR always does).
  */
 struct lb_backend {
 	__u8 addr[16];
 	__u32 svc_ref;
 	__u8 family;
 	__u8 state;
-	__u16 pad;
+	__be16 port;
 };
 _Static_assert(sizeof(struct lb_backend) == 24, "lb_backend size");
 
@@ -99,7 +109,11 @@ _Static_assert(sizeof(struct lb_ct_key) == 40, "lb_ct_key size");
 
 /*
  * Conntrack value. Times are CLOCK_MONOTONIC nanoseconds of this host
- * (bpf_ktime_get_ns); replication converts them on the wire.
+ * (bpf_ktime_get_ns); replication converts them on the wire. A SNAT entry
+ * (LB_CT_F_SNAT) also names the source the backend sees: the SNAT address
+ * of slot snat_slot (lb_snat_addrs; the slot of the node that created the
+ * entry, which every node knows from the config) and snat_port (network
+ * order), allocated by the creating node from its own address only.
  */
 struct lb_ct_val {
 	__u32 backend_id;
@@ -107,14 +121,51 @@ struct lb_ct_val {
 	__u16 origin; /* node id (low 16 bits) of the LB node that created it */
 	__u64 created_ns;
 	__u64 last_seen_ns;
+	__be16 snat_port;
+	__u16 snat_slot;
+	__u32 pad;
 };
-_Static_assert(sizeof(struct lb_ct_val) == 24, "lb_ct_val size");
-_Static_assert(sizeof(struct lb_ct_key) + sizeof(struct lb_ct_val) <= 64, "ct entry budget");
+_Static_assert(sizeof(struct lb_ct_val) == 32, "lb_ct_val size");
+_Static_assert(sizeof(struct lb_ct_key) + sizeof(struct lb_ct_val) <= 72, "ct entry budget");
+
+/*
+ * SNAT reverse binding (lb_snat_rev): the key is the backend's reply as it
+ * arrives — saddr = backend, daddr = SNAT address, sport = backend port,
+ * dport = SNAT port — and the value the client -> VIP flow it belongs to,
+ * with its backend (for per-service counters). One binding per (backend
+ * address, backend port, protocol, SNAT address, SNAT port): a port is
+ * allocated with BPF_NOEXIST on this map, which never evicts, so no two
+ * live flows share it.
+ */
+struct lb_snat_rev {
+	struct lb_ct_key flow;
+	__u32 backend_id;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_snat_rev) == 48, "lb_snat_rev size");
+
+/*
+ * A node's SNAT addresses (lb_snat_addrs, indexed by slot), each in the
+ * 16-byte form of keys (an IPv4 address in the first 4 bytes, the rest
+ * zero): flags say which families it has. lb_snat_own holds this node's
+ * slot + 1 (0: none).
+ */
+#define LB_SNAT_SLOTS 256
+#define LB_SNAT_F_V4 0x1
+#define LB_SNAT_F_V6 0x2
+struct lb_snat_addr {
+	__u8 v4[16];
+	__u8 v6[16];
+	__u32 flags;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_snat_addr) == 40, "lb_snat_addr size");
 
 /*
  * New-flow event written to the ring buffer for the replication layer: the
  * entry as created (last_seen_ns == created_ns, so it is not repeated).
- * 56 bytes + the ring's 8-byte record header = one 64-byte cache line.
+ * 56 bytes + the ring's 8-byte record header = one 64-byte cache line. For a
+ * SNAT entry the key's pad carries its snat_port (the slot is the origin's).
  */
 struct lb_flow_event {
 	struct lb_ct_key key;
@@ -192,13 +243,22 @@ enum lb_stat {
 	LB_STAT_PASS_OTHERHOST,   /* unicast frame for another MAC (promiscuous port): to the kernel */
 	LB_STAT_SYN_FLOOD,        /* SYN flood mode: a SYN forwarded by Maglev without state */
 	LB_STAT_FLOOD_HANDSHAKE,  /* SYN flood mode: a TCP non-SYN with no entry (a handshake completing) */
-	LB_STAT_MAX = 24,
+	LB_STAT_SNAT_FWD,         /* packets forwarded to a backend with SNAT (also in FWD_PACKETS) */
+	LB_STAT_SNAT_REPLIES,     /* backend -> client packets translated back */
+	LB_STAT_SNAT_NO_ENTRY,    /* packet to a SNAT address with no binding: to the kernel */
+	LB_STAT_SNAT_EXHAUSTED,   /* no free SNAT port for a new flow: dropped */
+	LB_STAT_SNAT_NO_ADDR,     /* SNAT service, but this node has no SNAT address of the family: dropped */
+	LB_STAT_SNAT_ICMP,        /* ICMP errors about SNAT flows translated (either way) */
+	LB_STAT_DROP_TTL,         /* SNAT: TTL / hop limit would reach 0: dropped */
+	LB_STAT_SNAT_HALF_OPEN,   /* SYN flood mode: a SNAT SYN bound in the half-open table */
+	LB_STAT_SNAT_STRAY,       /* SNAT reply that does not match its half-open binding: dropped */
+	LB_STAT_MAX = 32,
 };
 
 struct lb_stats {
 	__u64 c[LB_STAT_MAX];
 };
-_Static_assert(sizeof(struct lb_stats) == 192, "lb_stats size");
+_Static_assert(sizeof(struct lb_stats) == 256, "lb_stats size");
 
 /* Per-service per-CPU counters: index into lb_svc_stats.c. */
 enum lb_svc_stat {
@@ -208,6 +268,8 @@ enum lb_svc_stat {
 	LB_SVC_CT_HITS,
 	LB_SVC_MIDFLOW_MISS,
 	LB_SVC_DROPS,
+	LB_SVC_SNAT_EXHAUSTED, /* new flows dropped for want of a free SNAT port */
+	LB_SVC_REPLIES,        /* SNAT: backend -> client packets translated */
 	LB_SVC_STAT_MAX = 8,
 };
 

@@ -94,6 +94,7 @@ fn config() -> DatapathConfig {
         addr: addr.parse().expect("static"),
         weight: 1,
         state: BackendState::Active,
+        port: 0,
     };
     DatapathConfig {
         epoch: 1,
@@ -108,6 +109,7 @@ fn config() -> DatapathConfig {
                     be(2, "10.99.0.12"),
                     be(3, "10.99.0.13"),
                 ],
+                forwarding: Default::default(),
             },
             ServiceSpec {
                 vip: "10.200.0.1".parse().expect("static"),
@@ -119,6 +121,7 @@ fn config() -> DatapathConfig {
                     be(8, "10.99.0.12"),
                     be(9, "10.99.0.13"),
                 ],
+                forwarding: Default::default(),
             },
             ServiceSpec {
                 vip: "fd00:200::1".parse().expect("static"),
@@ -130,8 +133,10 @@ fn config() -> DatapathConfig {
                     be(5, "fd00:99::12"),
                     be(6, "fd00:99::13"),
                 ],
+                forwarding: Default::default(),
             },
         ],
+        snat: Default::default(),
     }
 }
 
@@ -608,6 +613,7 @@ fn syn_flood(nop: &Nop, ifindex: u32) -> Result<Flood> {
                     origin: 0,
                     created_ns: now,
                     last_seen_ns: now,
+                    ..Default::default()
                 },
             )
         })

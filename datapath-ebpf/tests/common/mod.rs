@@ -61,6 +61,7 @@ pub fn be(id: u32, state: BackendState) -> BackendSpec {
         addr: addr.parse().expect("fixture address"),
         weight: 1,
         state,
+        port: 0,
     }
 }
 
@@ -71,6 +72,7 @@ pub fn svc(vip: &str, port: u16, proto: Proto, backends: Vec<BackendSpec>) -> Se
         proto,
         table_size: TABLE,
         backends,
+        forwarding: Default::default(),
     }
 }
 
@@ -106,6 +108,7 @@ pub fn base_config() -> DatapathConfig {
             svc("10.200.0.6", 80, Proto::Tcp, vec![be(13, Active)]),
             svc("10.200.0.7", 80, Proto::Tcp, vec![be(14, Draining)]),
         ],
+        snat: Default::default(),
     }
 }
 

@@ -8,9 +8,10 @@ use std::{
 };
 
 use datapath_ebpf::{
-    BackendSpec, BackendState as DpState, DatapathConfig, Proto as DpProto, ServiceSpec,
+    BackendSpec, BackendState as DpState, DatapathConfig, Forwarding, Proto as DpProto,
+    ServiceSpec, SnatConfig, SnatSlot,
 };
-use raft_store::cluster::{BackendState, ClusterState, Health, OnDown, Proto};
+use raft_store::cluster::{BackendState, ClusterState, ForwardingMode, Health, OnDown, Proto};
 use tracing::{error, info, warn, Instrument};
 
 use crate::node::Node;
@@ -27,9 +28,36 @@ pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
 /// (its flows re-pick on their next packet: `repick`). When every active
 /// backend of a service is down the service is in panic and all of them
 /// stay in ([`ClusterState::health_panic`]).
-pub fn to_datapath(state: &ClusterState) -> DatapathConfig {
+///
+/// Every node's SNAT address goes in (a survivor forwards a dead node's
+/// flows with its address); `node` is this node, whose slot new SNAT flows
+/// bind from.
+pub fn to_datapath(state: &ClusterState, node: u64) -> DatapathConfig {
+    let snat = SnatConfig {
+        slots: state
+            .snat
+            .slots
+            .values()
+            .map(|slot| {
+                let (v4, v6) = state.snat.addrs_of_slot(*slot);
+                SnatSlot {
+                    slot: *slot,
+                    v4,
+                    v6,
+                }
+            })
+            .filter(|s| s.v4.is_some() || s.v6.is_some())
+            .collect(),
+        own: state
+            .snat
+            .slots
+            .get(&node)
+            .copied()
+            .filter(|s| state.snat.addrs_of_slot(*s) != (None, None)),
+    };
     DatapathConfig {
         epoch: state.epoch,
+        snat,
         services: state
             .services
             .values()
@@ -54,6 +82,10 @@ pub fn to_datapath(state: &ClusterState) -> DatapathConfig {
                         Proto::Udp => DpProto::Udp,
                     },
                     table_size: s.table_size,
+                    forwarding: match s.mode {
+                        ForwardingMode::Dsr => Forwarding::Dsr,
+                        ForwardingMode::Snat => Forwarding::Snat,
+                    },
                     backends: state
                         .backends_of(&s.name)
                         .filter_map(|b| {
@@ -64,6 +96,11 @@ pub fn to_datapath(state: &ClusterState) -> DatapathConfig {
                             Some(BackendSpec {
                                 id: b.id,
                                 addr: b.addr,
+                                // DSR keeps the client's port; SNAT goes to the backend's.
+                                port: match s.mode {
+                                    ForwardingMode::Dsr => 0,
+                                    ForwardingMode::Snat => b.port,
+                                },
                                 weight: b.weight,
                                 state: match b.state {
                                     BackendState::Active if !down => DpState::Active,
@@ -200,7 +237,7 @@ impl Node {
                     match &self.datapath {
                         Some(h) => {
                             let h = h.clone();
-                            let cfg = to_datapath(&data.state);
+                            let cfg = to_datapath(&data.state, self.id());
                             match tokio::task::spawn_blocking(move || {
                                 h.dp.lock().expect("dp").apply(&cfg)
                             })

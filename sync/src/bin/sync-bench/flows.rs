@@ -26,9 +26,12 @@ pub fn config() -> DatapathConfig {
                     addr: format!("10.99.0.1{i}").parse().expect("static"),
                     weight: 1,
                     state: BackendState::Active,
+                    port: 0,
                 })
                 .collect(),
+            forwarding: Default::default(),
         }],
+        snat: Default::default(),
     }
 }
 

@@ -214,6 +214,7 @@ fn synthetic(n: u32) -> Vec<(CtKey, CtVal)> {
                 origin: 1,
                 created_ns: now,
                 last_seen_ns: now,
+                ..Default::default()
             };
             (key, val)
         })
