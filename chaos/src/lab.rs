@@ -685,6 +685,7 @@ impl Lab {
             },
             kubernetes: Default::default(),
             services: vec![],
+            snat: None,
         };
         let config = dir.join("node.toml");
         std::fs::write(&config, toml::to_string(&cfg)?)?;

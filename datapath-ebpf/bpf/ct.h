@@ -84,7 +84,7 @@ static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, 
 	struct lb_flow_event ev = {
 		.key = p->flow,
 		.backend_id = bid,
-		.flags = val.flags,
+		.flags = val.flags | (snat_slot << 8),
 		.origin = val.origin,
 		.created_ns = now,
 	};
@@ -108,7 +108,8 @@ static __always_inline void ct_closing_event(const struct lb_ct_key *key,
 	struct lb_flow_event ev = {
 		.key = *key,
 		.backend_id = ct->backend_id,
-		.flags = LB_CT_F_CLOSING | (ct->flags & LB_CT_F_SNAT),
+		.flags = LB_CT_F_CLOSING | (ct->flags & LB_CT_F_SNAT) |
+			 ((ct->flags & LB_CT_F_SNAT) ? ct->snat_slot << 8 : 0),
 		.origin = ct->origin,
 		.created_ns = ct->created_ns,
 	};

@@ -187,21 +187,19 @@ impl FlowEvent {
         CtKey { pad: 0, ..self.key }
     }
 
-    /// The conntrack value this event stands for. A SNAT entry's slot is
-    /// not in the record: it is the origin node's, which the receiver sets.
+    /// The conntrack value this event stands for. A SNAT entry's binding
+    /// travels in the record's spare fields: its port in the key's pad,
+    /// its slot in the flags' high byte.
     pub fn val(&self) -> CtVal {
+        let snat = self.flags & CT_F_SNAT != 0;
         CtVal {
             backend_id: self.backend_id,
-            flags: self.flags,
+            flags: self.flags & 0x00ff,
             origin: self.origin,
             created_ns: self.created_ns,
             last_seen_ns: self.created_ns,
-            snat_port: if self.flags & CT_F_SNAT != 0 {
-                self.key.pad
-            } else {
-                0
-            },
-            snat_slot: 0,
+            snat_port: if snat { self.key.pad } else { 0 },
+            snat_slot: if snat { self.flags >> 8 } else { 0 },
             pad: 0,
         }
     }

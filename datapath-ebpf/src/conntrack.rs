@@ -211,13 +211,18 @@ impl Conntrack {
         }))
     }
 
-    /// Write the bindings of replicated SNAT entries that were stored
-    /// (DSR entries are skipped). A binding held by another flow is
-    /// replaced: its origin gave the port to this newer flow, so the older
-    /// flow's entry, if it still names the port, is deleted first.
-    pub fn bind(&self, entries: &[(CtKey, CtVal)]) -> Result<BindReport> {
+    /// Write the bindings of the SNAT entries stored under `keys` (as the
+    /// map holds them after a merge; DSR entries and missing keys are
+    /// skipped). A binding held by another flow is replaced: its origin gave
+    /// the port to this newer flow, so the older flow's entry, if it still
+    /// names the port, is deleted first.
+    pub fn bind(&self, keys: &[CtKey]) -> Result<BindReport> {
         let mut r = BindReport::default();
-        for (k, v) in entries.iter().filter(|(_, v)| v.flags & CT_F_SNAT != 0) {
+        for k in keys {
+            let Some(v) = self.get(k)?.filter(|v| v.flags & CT_F_SNAT != 0) else {
+                continue;
+            };
+            let (k, v) = (k, &v);
             let Some(rk) = self.snat_rev_key(k, v)? else {
                 r.unresolved += 1;
                 continue;

@@ -4,7 +4,7 @@
 //! by one.
 
 use datapath_ebpf::{
-    abi::{CtKey, CtVal},
+    abi::{CtKey, CtVal, CT_F_SNAT},
     conntrack::Conntrack,
 };
 
@@ -18,6 +18,9 @@ pub struct ApplyStats {
     pub rejected: u64,
     /// Already equal.
     pub unchanged: u64,
+    /// SNAT entries whose binding could not be made here (their backend or
+    /// SNAT address is not in this node's config).
+    pub unbound: u64,
 }
 
 pub fn apply_remote(
@@ -53,6 +56,16 @@ pub fn apply_remote(
                 rest = &rest[i + 1..];
             }
         }
+    }
+    // SNAT entries: their bindings, from what the map now holds (a merge
+    // may have kept a newer local entry).
+    let snat: Vec<CtKey> = entries
+        .iter()
+        .filter(|(_, v)| v.flags & CT_F_SNAT != 0)
+        .map(|(k, _)| *k)
+        .collect();
+    if !snat.is_empty() {
+        st.unbound += ct.bind(&snat)?.unresolved as u64;
     }
     Ok(st)
 }

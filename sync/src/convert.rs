@@ -53,6 +53,8 @@ pub fn to_wire(key: &CtKey, val: &CtVal, clock: &Clock) -> WireEntry {
         origin: val.origin,
         created: clock.to_unix(val.created_ns),
         last_seen: clock.to_unix(val.last_seen_ns),
+        snat_port: u16::from_be(val.snat_port),
+        snat_slot: val.snat_slot,
     }
 }
 
@@ -73,6 +75,8 @@ pub fn from_wire(e: &WireEntry, clock: &Clock) -> (CtKey, CtVal) {
         origin: e.origin,
         created_ns: clock.to_mono(e.created),
         last_seen_ns: clock.to_mono(e.last_seen),
+        snat_port: e.snat_port.to_be(),
+        snat_slot: e.snat_slot,
         ..Default::default()
     };
     (key, val)

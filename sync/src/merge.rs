@@ -1,14 +1,14 @@
 //! The merge rule: what a node stores when a peer's entry arrives for a flow.
 //!
 //! 1. No local entry: store the peer's (marked `REMOTE`).
-//! 2. Same backend: keep the entry, take the later `last_seen` and the
-//!    peer's `CLOSING` flag.
+//! 2. Same backend (and, for SNAT entries, the same binding): keep the
+//!    entry, take the later `last_seen` and the peer's `CLOSING` flag.
 //! 3. Different backend: the entry created later wins — it is the newer
 //!    connection on a reused tuple, or a re-pick after a backend was
 //!    removed; on equal creation times the lower origin id wins, so every
 //!    node decides alike. A peer's entry never overrides a newer local one.
 
-use datapath_ebpf::abi::{CtVal, CT_F_CLOSING, CT_F_REMOTE};
+use datapath_ebpf::abi::{CtVal, CT_F_CLOSING, CT_F_REMOTE, CT_F_SNAT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Merge {
@@ -28,7 +28,9 @@ pub fn merge(local: Option<&CtVal>, remote: &CtVal, local_node: u16) -> Merge {
     let Some(l) = local else {
         return Merge::Store(incoming);
     };
-    if l.backend_id == remote.backend_id {
+    let same_binding = (l.flags & CT_F_SNAT, l.snat_slot, l.snat_port)
+        == (remote.flags & CT_F_SNAT, remote.snat_slot, remote.snat_port);
+    if l.backend_id == remote.backend_id && same_binding {
         let mut m = *l;
         m.last_seen_ns = m.last_seen_ns.max(remote.last_seen_ns);
         m.flags |= remote.flags & CT_F_CLOSING;

@@ -20,7 +20,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -39,7 +39,7 @@ use crate::{
     convert::{from_wire, to_wire, Clock},
     session::{Inbox, InboxConfig, Outbox, OutboxConfig},
     transport::{BoxFuture, Transport},
-    wire::{frame, frame_compact, Deframer, Msg, WireEntry, VERSION},
+    wire::{frame, frame_for, Deframer, Msg, WireEntry, VERSION},
 };
 
 /// Who may replicate with this node, supplied by the node (from Raft).
@@ -236,7 +236,7 @@ impl SyncService {
             Box::pin(async move {
                 let r = match kind {
                     KIND_SYNC => s.serve_sync(peer, send, recv).await,
-                    KIND_SNAPSHOT => s.serve_snapshot(peer, send).await,
+                    KIND_SNAPSHOT => s.serve_snapshot(peer, send, recv).await,
                     other => Err(anyhow!("unknown stream kind {other:#x}")),
                 };
                 if let Err(e) = r {
@@ -373,7 +373,7 @@ impl SyncService {
                         if ev.flags & datapath_ebpf::abi::CT_F_CLOSING != 0 {
                             v.last_seen_ns = now.max(v.created_ns);
                         }
-                        to_wire(&ev.key, &v, &self.clock)
+                        to_wire(&ev.key(), &v, &self.clock)
                     })
                     .collect(),
             );
@@ -447,9 +447,9 @@ impl SyncService {
             backoff = Duration::from_millis(100);
             stats.connected.store(true, Ordering::Relaxed);
             let (ack_tx, mut ack_rx) = mpsc::channel::<(u64, u64)>(1024);
-            // Set once the peer's answering Hello says it speaks version 2.
-            let compact = Arc::new(AtomicBool::new(false));
-            let reader = tokio::spawn(read_acks(recv, ack_tx, compact.clone()));
+            // The peer's version, once its answering Hello says it.
+            let version = Arc::new(AtomicU16::new(1));
+            let reader = tokio::spawn(read_acks(recv, ack_tx, version.clone()));
             // Opened with version 1, which every version accepts (see wire).
             let mut ok = write_msg(
                 &mut send,
@@ -459,7 +459,7 @@ impl SyncService {
                     incarnation: self.incarnation,
                 },
                 &self.metrics,
-                false,
+                1,
             )
             .await;
             for m in out.on_reconnect() {
@@ -468,7 +468,7 @@ impl SyncService {
                         &mut send,
                         &m,
                         &self.metrics,
-                        compact.load(Ordering::Relaxed),
+                        version.load(Ordering::Relaxed),
                     )
                     .await;
                 }
@@ -485,7 +485,7 @@ impl SyncService {
                         }
                         Some(PeerCmd::Refresh(es)) => {
                             for chunk in es.chunks(crate::wire::MAX_BATCH) {
-                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }, &self.metrics, false).await;
+                                ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }, &self.metrics, version.load(Ordering::Relaxed)).await;
                             }
                         }
                         None => { reader.abort(); return; }
@@ -511,7 +511,7 @@ impl SyncService {
                             &mut send,
                             &m,
                             &self.metrics,
-                            compact.load(Ordering::Relaxed),
+                            version.load(Ordering::Relaxed),
                         )
                         .await;
                         if let (true, Msg::Batch { entries, .. }) = (ok, &m) {
@@ -580,7 +580,12 @@ impl SyncService {
                         }))
                         .await?;
                     }
-                    Msg::Ack { .. } | Msg::SnapshotChunk { .. } | Msg::CompactBatch { .. } => {}
+                    Msg::Ack { .. }
+                    | Msg::SnapshotChunk { .. }
+                    | Msg::CompactBatch { .. }
+                    | Msg::BatchV3 { .. }
+                    | Msg::RefreshV3 { .. }
+                    | Msg::SnapshotChunkV3 { .. } => {}
                     Msg::Batch {
                         origin,
                         incarnation,
@@ -668,28 +673,48 @@ impl SyncService {
         Ok(())
     }
 
-    /// Stream our whole conntrack map to `peer` in chunks.
-    async fn serve_snapshot(self: Arc<Self>, peer: u64, mut send: quinn::SendStream) -> Result<()> {
+    /// Stream our whole conntrack map to `peer` in chunks, encoded for the
+    /// version its request names (a request without one is from a node
+    /// before version 3, which gets no SNAT entry).
+    async fn serve_snapshot(
+        self: Arc<Self>,
+        peer: u64,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<()> {
         if !self.is_member(peer) {
             self.metrics.refused.fetch_add(1, Ordering::Relaxed);
             let _ = send.reset(1u32.into());
             bail!("snapshot refused to non-member {peer}");
+        }
+        let mut version = 1;
+        if let Ok(Ok(req)) =
+            tokio::time::timeout(Duration::from_secs(2), recv.read_to_end(256)).await
+        {
+            let mut de = Deframer::default();
+            de.push(&req);
+            if let Ok(Some(Msg::Hello { version: v, .. })) = de.next_msg() {
+                version = v.min(VERSION);
+            }
         }
         let ct = self.ct.clone();
         let all = tokio::task::spawn_blocking(move || ct.dump()).await??;
         let n = all.len();
         let mut chunks = all.chunks(SNAPSHOT_CHUNK).peekable();
         if chunks.peek().is_none() {
-            send.write_all(&frame(&Msg::SnapshotChunk {
-                entries: vec![],
-                last: true,
-            }))
+            send.write_all(&frame_for(
+                version,
+                &Msg::SnapshotChunk {
+                    entries: vec![],
+                    last: true,
+                },
+            ))
             .await?;
         }
         while let Some(c) = chunks.next() {
             let entries = c.iter().map(|(k, v)| to_wire(k, v, &self.clock)).collect();
             let last = chunks.peek().is_none();
-            let f = frame(&Msg::SnapshotChunk { entries, last });
+            let f = frame_for(version, &Msg::SnapshotChunk { entries, last });
             self.metrics
                 .snapshot_bytes_sent
                 .fetch_add(f.len() as u64, Ordering::Relaxed);
@@ -707,6 +732,13 @@ impl SyncService {
             .open_stream(peer, addr, KIND_SNAPSHOT)
             .await
             .map_err(|e| anyhow!("{e}"))?;
+        // The request: our version (older servers never read it).
+        send.write_all(&frame(&Msg::Hello {
+            version: VERSION,
+            node_id: self.node_id,
+            incarnation: self.incarnation,
+        }))
+        .await?;
         send.finish()?;
         let mut de = Deframer::default();
         let mut buf = vec![0u8; 64 * 1024];
@@ -903,15 +935,14 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Write `m`; `compact`: the peer speaks wire version 2 (batches in the
-/// compact encoding).
+/// Write `m` for a peer that speaks wire `version` ([`frame_for`]).
 async fn write_msg(
     send: &mut quinn::SendStream,
     m: &Msg,
     metrics: &SyncMetrics,
-    compact: bool,
+    version: u16,
 ) -> bool {
-    let f = if compact { frame_compact(m) } else { frame(m) };
+    let f = frame_for(version, m);
     metrics
         .bytes_sent
         .fetch_add(f.len() as u64, Ordering::Relaxed);
@@ -919,12 +950,11 @@ async fn write_msg(
 }
 
 /// The receiver's side of a sync stream: acknowledgements, and its Hello
-/// (version 2 and later answer ours), which says whether it takes compact
-/// batches.
+/// (version 2 and later answer ours), which says what it speaks.
 async fn read_acks(
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<(u64, u64)>,
-    compact: Arc<AtomicBool>,
+    version: Arc<AtomicU16>,
 ) {
     let mut de = Deframer::default();
     let mut buf = vec![0u8; 4096];
@@ -933,8 +963,8 @@ async fn read_acks(
         while let Ok(Some(m)) = de.next_msg() {
             let ack = match m {
                 Msg::Ack { incarnation, seq } => (incarnation, seq),
-                Msg::Hello { version, .. } => {
-                    compact.store(version >= 2, Ordering::Relaxed);
+                Msg::Hello { version: v, .. } => {
+                    version.store(v.min(VERSION), Ordering::Relaxed);
                     continue;
                 }
                 _ => continue,

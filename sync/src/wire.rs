@@ -5,18 +5,24 @@
 //! longer than [`MAX_BATCH`] is an error, never an allocation.
 //!
 //! Versions: 1 has [`Msg::Batch`] with full entries; 2 adds the compact
-//! batch ([`frame_compact`]: times as differences, ports as fixed bytes —
-//! 25 instead of 37 bytes for an IPv4 entry). A node speaks both: a sender
-//! opens with `Hello { version: 1 }` (what every version accepts), the
-//! receiver answers with its own `Hello`, and only once that says 2 or more
-//! does the sender switch to compact batches. So a rolling upgrade mixes
-//! versions freely. The decoder turns a compact batch back into
-//! [`Msg::Batch`], exactly (the conversion is lossless).
+//! batch (times as differences, ports as fixed bytes — 25 instead of 37
+//! bytes for an IPv4 entry); 3 adds SNAT entries (their binding: port and
+//! slot) to batches, refreshes and snapshot chunks. A node speaks all of
+//! them: a sender opens with `Hello { version: 1 }` (what every version
+//! accepts), the receiver answers with its own `Hello`, and the sender
+//! then encodes for that version ([`frame_for`]); a warm join's request
+//! says the requester's version the same way. A peer below version 3 is
+//! sent no SNAT entry (it could only forward it as DSR). So a rolling
+//! upgrade mixes versions freely. The decoder turns the compact and
+//! version-3 encodings back into [`Msg::Batch`], [`Msg::Refresh`] and
+//! [`Msg::SnapshotChunk`], exactly (the conversions are lossless).
 
 use bincode::{Decode, Encode};
 
 /// Newest wire format version this node speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
+/// The first version that carries SNAT entries.
+pub const SNAT_VERSION: u16 = 3;
 /// Oldest version it still accepts (a peer below it is refused).
 pub const MIN_VERSION: u16 = 1;
 /// Largest encoded message.
@@ -28,8 +34,10 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
 }
 
-/// A conntrack entry on the wire. IPv4 addresses take 4 bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+/// A conntrack entry on the wire. IPv4 addresses take 4 bytes. Its own
+/// encoding (versions 1 and 2) leaves the SNAT fields out; version 3's
+/// messages carry them ([`EntryV3`], [`CompactEntryV3`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WireEntry {
     pub family: u8,
     pub proto: u8,
@@ -45,6 +53,92 @@ pub struct WireEntry {
     pub created: u64,
     /// Unix nanoseconds.
     pub last_seen: u64,
+    /// SNAT entries (`CT_F_SNAT`): the port the backend sees, and the slot
+    /// of the SNAT address (its origin's); 0 otherwise.
+    pub snat_port: u16,
+    pub snat_slot: u16,
+}
+
+impl WireEntry {
+    pub fn is_snat(&self) -> bool {
+        self.flags & datapath_ebpf::abi::CT_F_SNAT != 0
+    }
+}
+
+impl Encode for WireEntry {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        e: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.family.encode(e)?;
+        self.proto.encode(e)?;
+        self.saddr.encode(e)?;
+        self.daddr.encode(e)?;
+        self.sport.encode(e)?;
+        self.dport.encode(e)?;
+        self.backend_id.encode(e)?;
+        self.flags.encode(e)?;
+        self.origin.encode(e)?;
+        self.created.encode(e)?;
+        self.last_seen.encode(e)
+    }
+}
+
+impl<C> Decode<C> for WireEntry {
+    fn decode<D: bincode::de::Decoder<Context = C>>(
+        d: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Ok(Self {
+            family: Decode::decode(d)?,
+            proto: Decode::decode(d)?,
+            saddr: Decode::decode(d)?,
+            daddr: Decode::decode(d)?,
+            sport: Decode::decode(d)?,
+            dport: Decode::decode(d)?,
+            backend_id: Decode::decode(d)?,
+            flags: Decode::decode(d)?,
+            origin: Decode::decode(d)?,
+            created: Decode::decode(d)?,
+            last_seen: Decode::decode(d)?,
+            snat_port: 0,
+            snat_slot: 0,
+        })
+    }
+}
+bincode::impl_borrow_decode!(WireEntry);
+
+/// A [`WireEntry`] with its SNAT fields (version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct EntryV3 {
+    pub entry: WireEntry,
+    pub snat_port: u16,
+    pub snat_slot: u16,
+}
+
+impl EntryV3 {
+    fn from_entry(e: &WireEntry) -> Self {
+        Self {
+            entry: e.clone(),
+            snat_port: e.snat_port,
+            snat_slot: e.snat_slot,
+        }
+    }
+
+    fn into_entry(self) -> WireEntry {
+        WireEntry {
+            snat_port: self.snat_port,
+            snat_slot: self.snat_slot,
+            ..self.entry
+        }
+    }
+}
+
+/// A [`CompactEntry`] with the SNAT fields (version 3's batches).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct CompactEntryV3 {
+    pub entry: CompactEntry,
+    pub snat_port: u16,
+    pub snat_slot: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
@@ -85,6 +179,20 @@ pub enum Msg {
         t0: u64,
         entries: Vec<CompactEntry>,
     },
+    /// Version 3's encoding of a [`Msg::Batch`]: compact entries with
+    /// their SNAT fields. Decoded into the `Batch`.
+    BatchV3 {
+        origin: u64,
+        incarnation: u64,
+        seq: u64,
+        base: u64,
+        t0: u64,
+        entries: Vec<CompactEntryV3>,
+    },
+    /// Version 3's [`Msg::Refresh`] (decoded into it).
+    RefreshV3 { entries: Vec<EntryV3> },
+    /// Version 3's [`Msg::SnapshotChunk`] (decoded into it).
+    SnapshotChunkV3 { entries: Vec<EntryV3>, last: bool },
 }
 
 /// A [`WireEntry`] in a compact batch: times as differences (zigzag
@@ -139,6 +247,8 @@ impl CompactEntry {
             origin: self.origin,
             created,
             last_seen: created.wrapping_add(self.last_seen as u64),
+            snat_port: 0,
+            snat_slot: 0,
         }
     }
 }
@@ -189,6 +299,34 @@ impl Msg {
                 base,
                 entries: entries.into_iter().map(|e| e.into_entry(t0)).collect(),
             },
+            Msg::BatchV3 {
+                origin,
+                incarnation,
+                seq,
+                base,
+                t0,
+                entries,
+            } => Msg::Batch {
+                origin,
+                incarnation,
+                seq,
+                base,
+                entries: entries
+                    .into_iter()
+                    .map(|e| WireEntry {
+                        snat_port: e.snat_port,
+                        snat_slot: e.snat_slot,
+                        ..e.entry.into_entry(t0)
+                    })
+                    .collect(),
+            },
+            Msg::RefreshV3 { entries } => Msg::Refresh {
+                entries: entries.into_iter().map(EntryV3::into_entry).collect(),
+            },
+            Msg::SnapshotChunkV3 { entries, last } => Msg::SnapshotChunk {
+                entries: entries.into_iter().map(EntryV3::into_entry).collect(),
+                last,
+            },
             m => m,
         };
         msg.validate()?;
@@ -235,6 +373,18 @@ impl WireEntry {
         if self.backend_id == datapath_ebpf::abi::NO_BACKEND {
             return Err(WireError::BadEntry("reserved backend id".into()));
         }
+        if self.is_snat() {
+            if self.snat_port == 0 {
+                return Err(WireError::BadEntry("SNAT entry without a port".into()));
+            }
+            if u32::from(self.snat_slot) >= datapath_ebpf::abi::SNAT_SLOTS {
+                return Err(WireError::BadEntry(format!("SNAT slot {}", self.snat_slot)));
+            }
+        } else if self.snat_port != 0 || self.snat_slot != 0 {
+            return Err(WireError::BadEntry(
+                "SNAT fields on an entry that is no SNAT entry".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -248,31 +398,89 @@ pub fn frame(msg: &Msg) -> Vec<u8> {
     out
 }
 
-/// Frame a message for a peer that speaks version 2: a `Batch` in the
-/// compact encoding, anything else as [`frame`] does.
-pub fn frame_compact(msg: &Msg) -> Vec<u8> {
-    let Msg::Batch {
-        origin,
-        incarnation,
-        seq,
-        base,
-        entries,
-    } = msg
-    else {
-        return frame(msg);
+/// Frame a message for a peer that speaks `version`: batches compact from
+/// version 2 on, SNAT entries (and their fields) from version 3 on; a
+/// peer below 3 is sent none of them.
+pub fn frame_for(version: u16, msg: &Msg) -> Vec<u8> {
+    let snat = version >= SNAT_VERSION;
+    let keep = |es: &[WireEntry]| -> Vec<WireEntry> {
+        es.iter().filter(|e| !e.is_snat()).cloned().collect()
     };
-    let t0 = entries.first().map_or(0, |e| e.created);
-    frame(&Msg::CompactBatch {
-        origin: *origin,
-        incarnation: *incarnation,
-        seq: *seq,
-        base: *base,
-        t0,
-        entries: entries
-            .iter()
-            .map(|e| CompactEntry::from_entry(e, t0))
-            .collect(),
-    })
+    match msg {
+        Msg::Batch {
+            origin,
+            incarnation,
+            seq,
+            base,
+            entries,
+        } if version >= 2 => {
+            let t0 = entries.first().map_or(0, |e| e.created);
+            let (origin, incarnation, seq, base) = (*origin, *incarnation, *seq, *base);
+            if snat {
+                frame(&Msg::BatchV3 {
+                    origin,
+                    incarnation,
+                    seq,
+                    base,
+                    t0,
+                    entries: entries
+                        .iter()
+                        .map(|e| CompactEntryV3 {
+                            entry: CompactEntry::from_entry(e, t0),
+                            snat_port: e.snat_port,
+                            snat_slot: e.snat_slot,
+                        })
+                        .collect(),
+                })
+            } else {
+                frame(&Msg::CompactBatch {
+                    origin,
+                    incarnation,
+                    seq,
+                    base,
+                    t0,
+                    entries: entries
+                        .iter()
+                        .filter(|e| !e.is_snat())
+                        .map(|e| CompactEntry::from_entry(e, t0))
+                        .collect(),
+                })
+            }
+        }
+        Msg::Batch {
+            origin,
+            incarnation,
+            seq,
+            base,
+            entries,
+        } => frame(&Msg::Batch {
+            origin: *origin,
+            incarnation: *incarnation,
+            seq: *seq,
+            base: *base,
+            entries: keep(entries),
+        }),
+        Msg::Refresh { entries } if snat => frame(&Msg::RefreshV3 {
+            entries: entries.iter().map(EntryV3::from_entry).collect(),
+        }),
+        Msg::Refresh { entries } => frame(&Msg::Refresh {
+            entries: keep(entries),
+        }),
+        Msg::SnapshotChunk { entries, last } if snat => frame(&Msg::SnapshotChunkV3 {
+            entries: entries.iter().map(EntryV3::from_entry).collect(),
+            last: *last,
+        }),
+        Msg::SnapshotChunk { entries, last } => frame(&Msg::SnapshotChunk {
+            entries: keep(entries),
+            last: *last,
+        }),
+        m => frame(m),
+    }
+}
+
+/// Frame a message for a peer that speaks version 2 (see [`frame_for`]).
+pub fn frame_compact(msg: &Msg) -> Vec<u8> {
+    frame_for(2, msg)
 }
 
 /// Incremental deframer for a byte stream.

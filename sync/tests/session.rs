@@ -28,6 +28,8 @@ fn entry(n: u32) -> WireEntry {
         origin: 1,
         created: 1_000 + u64::from(n),
         last_seen: 1_000 + u64::from(n),
+        snat_port: 0,
+        snat_slot: 0,
     }
 }
 

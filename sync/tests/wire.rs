@@ -5,7 +5,8 @@
 
 use proptest::prelude::*;
 use sync::wire::{
-    frame, frame_compact, Deframer, Msg, WireEntry, WireError, MAX_BATCH, MIN_VERSION, VERSION,
+    frame, frame_compact, frame_for, Deframer, Msg, WireEntry, WireError, MAX_BATCH, MIN_VERSION,
+    VERSION,
 };
 
 fn entry(i: u32, v6: bool) -> WireEntry {
@@ -24,6 +25,8 @@ fn entry(i: u32, v6: bool) -> WireEntry {
         origin: 3,
         created: 1_764_300_000_000_000_000 + u64::from(i) * 1_000,
         last_seen: 1_764_300_000_000_000_000 + u64::from(i) * 1_000,
+        snat_port: 0,
+        snat_slot: 0,
     }
 }
 
@@ -260,5 +263,92 @@ proptest! {
             Ok(Msg::CompactBatch { .. }) => panic!("a compact batch escaped the decoder"),
             _ => {}
         }
+    }
+}
+
+fn snat_entry(i: u32) -> WireEntry {
+    WireEntry {
+        flags: datapath_ebpf::abi::CT_F_SNAT,
+        snat_port: 20_000 + i as u16,
+        snat_slot: 3,
+        ..entry(i, i % 2 == 1)
+    }
+}
+
+fn deframe(f: &[u8]) -> Msg {
+    let mut de = Deframer::default();
+    de.push(f);
+    de.next_msg().expect("decodes").expect("a whole frame")
+}
+
+#[test]
+fn version_3_carries_snat_entries_and_older_versions_get_none() {
+    let mixed: Vec<WireEntry> = (0..6)
+        .map(|i| {
+            if i % 3 == 0 {
+                snat_entry(i)
+            } else {
+                entry(i, false)
+            }
+        })
+        .collect();
+    let dsr: Vec<WireEntry> = mixed.iter().filter(|e| !e.is_snat()).cloned().collect();
+    let msgs = |es: Vec<WireEntry>| {
+        vec![
+            Msg::Batch {
+                origin: 3,
+                incarnation: 42,
+                seq: 9,
+                base: 7,
+                entries: es.clone(),
+            },
+            Msg::Refresh {
+                entries: es.clone(),
+            },
+            Msg::SnapshotChunk {
+                entries: es,
+                last: false,
+            },
+        ]
+    };
+    for (m, want_old) in msgs(mixed).into_iter().zip(msgs(dsr)) {
+        // Version 3: exactly what was sent, SNAT fields included.
+        assert_eq!(deframe(&frame_for(3, &m)), m);
+        // Versions 1 and 2: the SNAT entries left out, the rest exact.
+        assert_eq!(deframe(&frame_for(2, &m)), want_old);
+        assert_eq!(deframe(&frame_for(1, &m)), want_old);
+    }
+}
+
+#[test]
+fn snat_fields_are_validated() {
+    for (e, why) in [
+        (
+            WireEntry {
+                snat_port: 0,
+                ..snat_entry(1)
+            },
+            "without a port",
+        ),
+        (
+            WireEntry {
+                snat_slot: 999,
+                ..snat_entry(1)
+            },
+            "SNAT slot",
+        ),
+        (
+            WireEntry {
+                snat_port: 5,
+                ..entry(1, false)
+            },
+            "no SNAT entry",
+        ),
+    ] {
+        let f = frame_for(3, &Msg::Refresh { entries: vec![e] });
+        let mut de = Deframer::default();
+        de.push(&f);
+        let err = de.next_msg().expect_err("refused");
+        assert!(err.to_string().contains(why), "{err}");
     }
 }

@@ -165,7 +165,8 @@ _Static_assert(sizeof(struct lb_snat_addr) == 40, "lb_snat_addr size");
  * New-flow event written to the ring buffer for the replication layer: the
  * entry as created (last_seen_ns == created_ns, so it is not repeated).
  * 56 bytes + the ring's 8-byte record header = one 64-byte cache line. For a
- * SNAT entry the key's pad carries its snat_port (the slot is the origin's).
+ * SNAT entry the key's pad carries its snat_port and the flags' high byte
+ * its snat_slot (entry flags use the low byte).
  */
 struct lb_flow_event {
 	struct lb_ct_key key;

@@ -3,7 +3,7 @@
 use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use raft_store::cluster::{CheckKind, HealthCheck, OnDown, Via};
+use raft_store::cluster::{CheckKind, ForwardingMode, HealthCheck, OnDown, Via};
 
 use crate::error::Failure;
 
@@ -119,6 +119,37 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: CertCmd,
     },
+    /// The SNAT pools and every node's SNAT address.
+    Snat {
+        #[command(subcommand)]
+        cmd: Option<SnatCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SnatCmd {
+    /// The pools and which node holds which address.
+    List,
+    /// Set the pools (a family left out has no SNAT address); nodes get an
+    /// address each, kept by node id.
+    Set {
+        /// IPv4 pool, e.g. 10.88.3.0/28.
+        #[arg(long)]
+        v4: Option<String>,
+        /// IPv6 pool, e.g. fd88:3::/120.
+        #[arg(long)]
+        v6: Option<String>,
+    },
+    /// Free the SNAT address of a node that left for good (its SNAT flows
+    /// are gone).
+    Release {
+        #[arg(long)]
+        node_id: u64,
+    },
+}
+
+fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -134,8 +165,21 @@ pub enum SvcCmd {
         proto: String,
         #[arg(long, default_value_t = 65537)]
         table_size: u32,
+        /// dsr (IPIP; the backend answers the client directly) or snat
+        /// (both addresses rewritten; the backend needs nothing).
+        #[arg(long, default_value = "dsr", value_parser = parse_forwarding)]
+        forwarding: ForwardingMode,
         #[command(flatten)]
         check: CheckArgs,
+    },
+    /// Change a service: its forwarding mode (new flows only: an
+    /// established flow keeps its mode) or its table size.
+    Set {
+        name: String,
+        #[arg(long, value_parser = parse_forwarding)]
+        forwarding: Option<ForwardingMode>,
+        #[arg(long)]
+        table_size: Option<u32>,
     },
     Remove {
         name: String,

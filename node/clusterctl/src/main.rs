@@ -15,6 +15,7 @@ mod error;
 mod nodes;
 mod services;
 mod settings;
+mod snat;
 mod top;
 
 use std::process::ExitCode;
@@ -63,6 +64,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             limit,
         } => nodes::conntrack(&cx, node_id, vip, limit),
         Cmd::Certs { cmd } => certs::remote(&cx, cmd),
+        Cmd::Snat { cmd } => snat::snat(&cx, cmd.as_ref()),
     }
 }
 

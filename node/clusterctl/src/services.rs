@@ -3,7 +3,7 @@
 use anyhow::anyhow;
 use holdfast_api::wire::{HealthTable, NodeView};
 use raft_store::{
-    cluster::{BackendState, ForwardingMode, Proto, Service},
+    cluster::{BackendState, Proto, Service},
     ClusterState, Command,
 };
 use serde::Serialize;
@@ -22,7 +22,16 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             let list: Vec<&Service> = c.services.values().collect();
             print(cx.cli.output, &list, |list| {
                 table(
-                    &["NAME", "VIP", "PORT", "PROTO", "TABLE", "BACKENDS", "CHECK"],
+                    &[
+                        "NAME",
+                        "VIP",
+                        "PORT",
+                        "PROTO",
+                        "FORWARDING",
+                        "TABLE",
+                        "BACKENDS",
+                        "CHECK",
+                    ],
                     list.iter()
                         .map(|s| {
                             vec![
@@ -30,6 +39,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                                 s.vip.to_string(),
                                 s.port.to_string(),
                                 s.proto.to_string(),
+                                s.mode.to_string(),
                                 s.table_size.to_string(),
                                 c.backends_of(&s.name).count().to_string(),
                                 s.health_check
@@ -53,6 +63,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             port,
             proto,
             table_size,
+            forwarding,
             check,
         } => {
             let health_check = check.build(*port)?;
@@ -70,12 +81,36 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                         port: *port,
                         proto,
                         table_size: *table_size,
-                        mode: ForwardingMode::Dsr,
+                        mode: *forwarding,
                         health_check,
                     },
                 },
             )?;
             applied(cx.cli, r)
+        }
+        SvcCmd::Set {
+            name,
+            forwarding,
+            table_size,
+        } => {
+            if forwarding.is_none() && table_size.is_none() {
+                return Err(Failure::Usage(
+                    "give what to change: --forwarding dsr|snat, --table-size N".into(),
+                ));
+            }
+            let c: ClusterState = cx.get("/config")?;
+            let mut svc = c
+                .services
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Failure::Usage(format!("no service {name:?}")))?;
+            if let Some(f) = forwarding {
+                svc.mode = *f;
+            }
+            if let Some(t) = table_size {
+                svc.table_size = *t;
+            }
+            applied(cx.cli, command(cx, Command::PutService { service: svc })?)
         }
         SvcCmd::Remove { name } => {
             let r = command(cx, Command::RemoveService { name: name.clone() })?;

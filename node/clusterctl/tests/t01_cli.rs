@@ -42,6 +42,21 @@ fn t01_help_bad_arguments_and_missing_credentials() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--addr"), "{}", text(&o));
 
+    let o = run(&[
+        "services",
+        "add",
+        "web",
+        "--vip",
+        "10.200.0.1",
+        "--port",
+        "80",
+        "--forwarding",
+        "nat",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--forwarding"), "{}", text(&o));
+    assert!(text(&o).contains("use dsr or snat"), "{}", text(&o));
+
     let o = run(&["members"]);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     assert!(text(&o).contains("no client certificate"), "{}", text(&o));

@@ -92,6 +92,10 @@ pub struct NodeConfig {
     /// the node that bootstraps it (later changes: clusterctl).
     #[serde(default, rename = "service")]
     pub services: Vec<SeedService>,
+    /// `[snat]`: the SNAT pools that seed a new cluster's config (later
+    /// changes: `clusterctl snat set`).
+    #[serde(default)]
+    pub snat: Option<SnatSeed>,
 }
 
 /// `[[service]]` of node.toml (bare metal without Kubernetes).
@@ -105,12 +109,28 @@ pub struct SeedService {
     pub proto: raft_store::cluster::Proto,
     #[serde(default = "default_seed_table")]
     pub table_size: u32,
+    /// "dsr" (default: IPIP, the backend answers the client directly) or
+    /// "snat" (both addresses rewritten; the backend needs nothing).
+    #[serde(default)]
+    pub forwarding: raft_store::cluster::ForwardingMode,
+    /// The port the backends listen on (SNAT; default: `port`).
+    #[serde(default)]
+    pub backend_port: Option<u16>,
     /// Backend addresses (DSR: they receive VIP:port unchanged).
     #[serde(default)]
     pub backends: Vec<std::net::IpAddr>,
     /// `[service.health_check]`: active health check of the backends.
     #[serde(default)]
     pub health_check: Option<raft_store::cluster::HealthCheck>,
+}
+
+/// `[snat]` of node.toml: the SNAT pools (CIDRs) each node's SNAT address
+/// comes from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnatSeed {
+    pub v4: Option<String>,
+    pub v6: Option<String>,
 }
 
 fn default_seed_table() -> u32 {
@@ -120,11 +140,14 @@ fn default_seed_table() -> u32 {
 impl NodeConfig {
     /// The seed services as one batch of commands.
     pub fn seed_commands(&self) -> Vec<raft_store::Command> {
-        use raft_store::{
-            cluster::{ForwardingMode, Service},
-            Command,
-        };
+        use raft_store::{cluster::Service, Command};
         let mut v = Vec::new();
+        if let Some(p) = &self.snat {
+            v.push(Command::PutSnatPools {
+                v4: p.v4.clone(),
+                v6: p.v6.clone(),
+            });
+        }
         for s in &self.services {
             v.push(Command::PutService {
                 service: Service {
@@ -133,7 +156,7 @@ impl NodeConfig {
                     port: s.port,
                     proto: s.proto,
                     table_size: s.table_size,
-                    mode: ForwardingMode::Dsr,
+                    mode: s.forwarding,
                     health_check: s.health_check.clone(),
                 },
             });
@@ -141,7 +164,7 @@ impl NodeConfig {
                 v.push(Command::AddBackend {
                     service: s.name.clone(),
                     addr: *b,
-                    port: s.port,
+                    port: s.backend_port.unwrap_or(s.port),
                     weight: 1,
                 });
             }
@@ -303,6 +326,14 @@ pub struct DatapathSection {
     pub udp_idle_timeout_s: u64,
     /// Closing TCP entries (client sent FIN/RST) expire after this long idle.
     pub tcp_closing_timeout_s: u64,
+    /// SNAT bindings the datapath holds (every node's SNAT flows).
+    pub snat_size: u32,
+    /// Half-open SNAT bindings in SYN flood mode.
+    pub snat_half_open_size: u32,
+    /// Source ports this node binds SNAT flows to (the top quarter is for
+    /// SYN flood mode).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
 }
 
 impl Default for DatapathSection {
@@ -325,6 +356,10 @@ impl Default for DatapathSection {
             tcp_idle_timeout_s: d.tcp_idle_timeout.as_secs(),
             udp_idle_timeout_s: d.udp_idle_timeout.as_secs(),
             tcp_closing_timeout_s: d.tcp_closing_timeout.as_secs(),
+            snat_size: d.snat_size,
+            snat_half_open_size: d.snat_half_open_size,
+            snat_port_min: d.snat_port_min,
+            snat_port_max: d.snat_port_max,
         }
     }
 }
@@ -345,6 +380,10 @@ impl DatapathSection {
             node_id: node_id as u16,
             hash_seed: self.hash_seed,
             pin_dir: self.pin_dir.clone(),
+            snat_size: self.snat_size,
+            snat_half_open_size: self.snat_half_open_size,
+            snat_port_min: self.snat_port_min,
+            snat_port_max: self.snat_port_max,
             ..Default::default()
         }
     }
@@ -422,13 +461,18 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.services.is_empty() {
+        if !self.services.is_empty() || self.snat.is_some() {
             // The state machine's own rules, on an empty config.
             let r = raft_store::ClusterState::default().apply(&raft_store::Command::Batch {
                 commands: self.seed_commands(),
             });
             if let Some(why) = r.rejected {
-                return Err(invalid("service", why));
+                let field = if why.contains("snat") && !why.contains("service") {
+                    "snat"
+                } else {
+                    "service"
+                };
+                return Err(invalid(field, why));
             }
         }
         if self.node_id == 0 || self.node_id > u64::from(u16::MAX) {

@@ -394,6 +394,7 @@ impl Cluster {
             } else {
                 vec![]
             },
+            snat: None,
         }
     }
 

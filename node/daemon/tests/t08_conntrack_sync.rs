@@ -155,6 +155,8 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
             origin: 9,
             created: 1,
             last_seen: 1,
+            snat_port: 0,
+            snat_slot: 0,
         };
         let _ = send
             .write_all(&frame(&Msg::Hello {

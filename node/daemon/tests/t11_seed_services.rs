@@ -16,6 +16,8 @@ async fn t11_seed_services_from_the_config_file() {
         port: 53,
         proto: raft_store::cluster::Proto::Udp,
         table_size: 251,
+        forwarding: Default::default(),
+        backend_port: None,
         backends: vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()],
         health_check: None,
     }];

@@ -348,6 +348,23 @@ fn datapath_stat_help(stat: &str) -> &'static str {
         "LB_STAT_FLOOD_HANDSHAKE" => {
             "TCP packets without an entry during a SYN flood (handshakes completing), entered by Maglev"
         }
+        "LB_STAT_SNAT_FWD" => "Packets forwarded to a backend with SNAT (also counted as forwarded)",
+        "LB_STAT_SNAT_REPLIES" => "Backend replies to a SNAT address translated back to their client",
+        "LB_STAT_SNAT_NO_ENTRY" => {
+            "Packets to a SNAT address (or SNAT ICMP errors) with no binding, passed to the kernel or dropped"
+        }
+        "LB_STAT_SNAT_EXHAUSTED" => {
+            "New SNAT flows dropped because no free source port was found (alert: the port range of a backend is full)"
+        }
+        "LB_STAT_SNAT_NO_ADDR" => {
+            "SNAT packets dropped because this node (or the entry's slot) has no SNAT address of the family"
+        }
+        "LB_STAT_SNAT_ICMP" => "ICMP errors about SNAT flows translated, either way",
+        "LB_STAT_DROP_TTL" => "SNAT packets whose TTL or hop limit would reach 0, dropped",
+        "LB_STAT_SNAT_HALF_OPEN" => "SYNs of SNAT services bound half-open during a SYN flood",
+        "LB_STAT_SNAT_STRAY" => {
+            "SYN-ACKs to a half-open SNAT binding that do not acknowledge its client's SYN, dropped"
+        }
         _ => "Datapath counter (see docs/operations.md)",
     }
 }
@@ -361,6 +378,10 @@ fn service_stat_help(stat: &str) -> &'static str {
         "LB_SVC_CT_HITS" => "Packets of the service forwarded by conntrack",
         "LB_SVC_MIDFLOW_MISS" => "Mid-flow packets of the service with no conntrack entry",
         "LB_SVC_DROPS" => "Packets of the service dropped",
+        "LB_SVC_SNAT_EXHAUSTED" => {
+            "New flows of the service dropped for want of a free SNAT port (alert)"
+        }
+        "LB_SVC_REPLIES" => "Backend replies of the service translated back to clients (SNAT)",
         _ => "Per-service datapath counter",
     }
 }

@@ -32,6 +32,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// the form of `[[service]]`'s `health_check` (e.g.
 /// `{"type":"http","path":"/healthz","interval_ms":1000}`).
 pub const HEALTH_CHECK_ANNOTATION: &str = "holdfast.io/health-check";
+/// Annotation choosing the forwarding mode: "dsr" (default) or "snat".
+pub const FORWARDING_ANNOTATION: &str = "holdfast.io/forwarding";
 
 #[derive(Clone, Debug)]
 pub struct PlanConfig {
@@ -399,6 +401,31 @@ pub fn plan(
                 .map(Some)
                 .map_err(|e| e.to_string()),
         };
+        // A bad value is reported and the service keeps the mode it has.
+        let forwarding: Option<ForwardingMode> = match s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FORWARDING_ANNOTATION))
+        {
+            None => Some(ForwardingMode::Dsr),
+            Some(v) => match v.parse::<ForwardingMode>() {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    out.notes.push(note(
+                        "Service",
+                        &ns,
+                        &name,
+                        &uid,
+                        "InvalidForwarding",
+                        format!(
+                            "annotation {FORWARDING_ANNOTATION}: {e}; the service keeps its current mode"
+                        ),
+                    ));
+                    None
+                }
+            },
+        };
         let spec = s.spec.as_ref().expect("filtered above");
         let ports = spec.ports.clone().unwrap_or_default();
         let mut any = false;
@@ -414,6 +441,13 @@ pub fn plan(
             any = true;
             for vip in &vips {
                 let v6 = vip.is_ipv6();
+                let hf_name = owned_name(&ns, &name, port, proto, v6);
+                let mode = forwarding.unwrap_or_else(|| {
+                    state
+                        .services
+                        .get(&hf_name)
+                        .map_or(ForwardingMode::Dsr, |s| s.mode)
+                });
                 let mut backends: BTreeMap<(IpAddr, u16), BackendState> = BTreeMap::new();
                 for sl in by_svc
                     .get(&(ns.clone(), name.clone()))
@@ -438,7 +472,7 @@ pub fn plan(
                     else {
                         continue;
                     };
-                    if target != port {
+                    if target != port && mode == ForwardingMode::Dsr {
                         // DSR leaves the packet as the client sent it: the
                         // pod receives VIP:port and must listen there.
                         out.notes.push(note(
@@ -487,7 +521,6 @@ pub fn plan(
                         }
                     }
                 }
-                let hf_name = owned_name(&ns, &name, port, proto, v6);
                 // A bad annotation keeps the check the service has (if
                 // any) and is reported; it never drops a working check.
                 let health_check = match check.clone().and_then(|c| match c {
@@ -516,7 +549,7 @@ pub fn plan(
                     port,
                     proto,
                     table_size: cfg.table_size,
-                    mode: ForwardingMode::Dsr,
+                    mode,
                     health_check,
                 };
                 want.insert(
@@ -700,272 +733,4 @@ fn diff(state: &ClusterState, want: &BTreeMap<String, WantService>, out: &mut Pl
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use raft_store::cluster::VipPool;
-
-    fn cfg() -> PlanConfig {
-        PlanConfig {
-            load_balancer_class: "holdfast.io/l4".into(),
-            external_ips: true,
-            table_size: 251,
-        }
-    }
-
-    fn state() -> ClusterState {
-        let mut s = ClusterState::default();
-        for (n, c) in [("v4", "10.210.0.0/29"), ("v6", "fd00:210::/120")] {
-            let r = s.apply(&Command::PutVipPool {
-                pool: VipPool {
-                    name: n.into(),
-                    cidr: c.into(),
-                },
-            });
-            assert!(r.rejected.is_none());
-        }
-        s
-    }
-
-    fn svc(v: serde_json::Value) -> Service {
-        serde_json::from_value(v).expect("Service")
-    }
-
-    fn slice(v: serde_json::Value) -> EndpointSlice {
-        serde_json::from_value(v).expect("EndpointSlice")
-    }
-
-    /// Apply the plan's commands the way the controller does.
-    fn apply(s: &mut ClusterState, p: &Plan) {
-        let r = s.apply(&Command::Batch {
-            commands: p.commands.clone(),
-        });
-        assert!(r.rejected.is_none(), "{:?}", r.rejected);
-    }
-
-    #[test]
-    fn dual_stack_multi_port_and_idempotent() {
-        let services = vec![svc(serde_json::json!({
-            "metadata": {"name": "dns", "namespace": "ns", "uid": "u1"},
-            "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
-                     "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
-                     "ports": [{"name": "udp", "port": 53, "protocol": "UDP"},
-                               {"name": "tcp", "port": 53, "protocol": "TCP"}]}
-        }))];
-        let slices = vec![
-            slice(serde_json::json!({
-                "metadata": {"name": "dns-a", "namespace": "ns",
-                             "labels": {"kubernetes.io/service-name": "dns"}},
-                "addressType": "IPv4",
-                "endpoints": [{"addresses": ["10.1.0.1"], "conditions": {"ready": true}},
-                              {"addresses": ["10.1.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}}],
-                "ports": [{"name": "udp", "port": 53, "protocol": "UDP"},
-                          {"name": "tcp", "port": 53, "protocol": "TCP"}]
-            })),
-            slice(serde_json::json!({
-                "metadata": {"name": "dns-b", "namespace": "ns",
-                             "labels": {"kubernetes.io/service-name": "dns"}},
-                "addressType": "IPv6",
-                "endpoints": [{"addresses": ["fd00:1::1"], "conditions": {"ready": true}}],
-                "ports": [{"name": "udp", "port": 53, "protocol": "UDP"},
-                          {"name": "tcp", "port": 53, "protocol": "TCP"}]
-            })),
-        ];
-        let mut s = state();
-        let p = plan(&services, &slices, &s, &cfg());
-        assert!(p.notes.is_empty(), "{:?}", p.notes);
-        apply(&mut s, &p);
-        let names: Vec<&str> = s.services.keys().map(|k| k.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "k8s:ns/dns:53/tcp",
-                "k8s:ns/dns:53/tcp/v6",
-                "k8s:ns/dns:53/udp",
-                "k8s:ns/dns:53/udp/v6"
-            ]
-        );
-        assert_eq!(
-            s.services["k8s:ns/dns:53/udp"].vip.to_string(),
-            "10.210.0.1"
-        );
-        assert_eq!(
-            s.services["k8s:ns/dns:53/udp/v6"].vip.to_string(),
-            "fd00:210::1"
-        );
-        // The terminating endpoint was never a backend: not added.
-        let v4: Vec<String> = s
-            .backends
-            .values()
-            .filter(|b| b.service == "k8s:ns/dns:53/udp")
-            .map(|b| b.addr.to_string())
-            .collect();
-        assert_eq!(v4, ["10.1.0.1"]);
-        let v6: Vec<String> = s
-            .backends
-            .values()
-            .filter(|b| b.service == "k8s:ns/dns:53/tcp/v6")
-            .map(|b| b.addr.to_string())
-            .collect();
-        assert_eq!(v6, ["fd00:1::1"]);
-        assert_eq!(p.statuses[&("ns".into(), "dns".into())].len(), 2);
-        // Idempotent: the same objects against the new state change nothing.
-        let again = plan(&services, &slices, &s, &cfg());
-        assert!(again.commands.is_empty(), "{:?}", again.commands);
-        // The Service goes: everything it owned goes, nothing else.
-        let gone = plan(&[], &[], &s, &cfg());
-        apply(&mut s, &gone);
-        assert!(s.services.is_empty() && s.backends.is_empty());
-    }
-
-    #[test]
-    fn external_ips_and_foreign_services_are_respected() {
-        let mut s = state();
-        // A service made by clusterctl holds 10.210.0.1.
-        let r = s.apply(&Command::PutService {
-            service: HfService {
-                name: "manual".into(),
-                vip: "10.210.0.1".parse().unwrap(),
-                port: 80,
-                proto: Proto::Tcp,
-                table_size: 251,
-                mode: ForwardingMode::Dsr,
-                health_check: None,
-            },
-        });
-        assert!(r.rejected.is_none());
-        let services = vec![
-            svc(serde_json::json!({
-                "metadata": {"name": "ext", "namespace": "ns", "uid": "u2"},
-                "spec": {"type": "ClusterIP", "externalIPs": ["10.210.0.3", "192.0.2.9"],
-                         "ports": [{"port": 80}]}
-            })),
-            svc(serde_json::json!({
-                "metadata": {"name": "lb", "namespace": "ns", "uid": "u3"},
-                "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
-                         "ports": [{"port": 80}]}
-            })),
-            svc(serde_json::json!({
-                "metadata": {"name": "other-class", "namespace": "ns", "uid": "u4"},
-                "spec": {"type": "LoadBalancer", "loadBalancerClass": "someone.else/lb",
-                         "ports": [{"port": 80}]}
-            })),
-        ];
-        let p = plan(&services, &[], &s, &cfg());
-        apply(&mut s, &p);
-        // externalIPs in a pool are served (no status: not a LoadBalancer);
-        // the address outside the pools is ignored.
-        assert_eq!(
-            s.services["k8s:ns/ext:80/tcp"].vip.to_string(),
-            "10.210.0.3"
-        );
-        assert!(!p.statuses.contains_key(&("ns".into(), "ext".into())));
-        // The LB service skips the manual VIP and the external IP.
-        assert_eq!(s.services["k8s:ns/lb:80/tcp"].vip.to_string(), "10.210.0.2");
-        assert!(!s.services.keys().any(|k| k.contains("other-class")));
-        assert!(
-            s.services.contains_key("manual"),
-            "foreign services are untouched"
-        );
-        assert!(plan(&services, &[], &s, &cfg()).commands.is_empty());
-    }
-
-    #[test]
-    fn health_check_annotation_events_and_bad_values() {
-        let mk = |ann: &str| {
-            svc(serde_json::json!({
-                "metadata": {"name": "web", "namespace": "ns", "uid": "u9",
-                             "annotations": {HEALTH_CHECK_ANNOTATION: ann}},
-                "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
-                         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
-            }))
-        };
-        let slices = vec![slice(serde_json::json!({
-            "metadata": {"name": "web-a", "namespace": "ns",
-                         "labels": {"kubernetes.io/service-name": "web"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}],
-            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]
-        }))];
-        let mut s = state();
-        let good = r#"{"type":"http","path":"/healthz","interval_ms":1000,"timeout_ms":500}"#;
-        let p = plan(&[mk(good)], &slices, &s, &cfg());
-        apply(&mut s, &p);
-        let hs = s.services.values().next().expect("service");
-        let hc = hs.health_check.clone().expect("check from the annotation");
-        assert_eq!(
-            (hc.kind, hc.path.as_deref(), hc.interval_ms),
-            (raft_store::cluster::CheckKind::Http, Some("/healthz"), 1000)
-        );
-        // A bad annotation (interval 0, unknown type, not JSON): the
-        // service keeps its check and an Event names the problem.
-        for (bad, word) in [
-            (
-                r#"{"type":"http","interval_ms":0}"#,
-                "health_check.interval_ms",
-            ),
-            (r#"{"type":"icmp"}"#, "icmp"),
-            ("tcp please", "expected"),
-        ] {
-            let p = plan(&[mk(bad)], &slices, &s, &cfg());
-            assert!(p.commands.is_empty(), "{bad}: {:?}", p.commands);
-            let n = p
-                .notes
-                .iter()
-                .find(|n| n.reason == "InvalidHealthCheck")
-                .unwrap_or_else(|| panic!("{bad}: no event"));
-            assert!(n.message.contains(word), "{bad}: {}", n.message);
-            assert_eq!((n.name.as_str(), n.uid.as_str()), ("web", "u9"));
-        }
-        // The tier marks its only backend down: events for it and the panic.
-        let id = *s.backends.keys().next().expect("backend");
-        assert!(s
-            .apply(&Command::SetBackendHealth {
-                id,
-                health: raft_store::cluster::Health::Failing
-            })
-            .rejected
-            .is_none());
-        let p = plan(&[mk(good)], &slices, &s, &cfg());
-        let reasons: Vec<&str> = p.notes.iter().map(|n| n.reason).collect();
-        assert!(
-            reasons.contains(&"BackendUnhealthy") && reasons.contains(&"HealthPanic"),
-            "{reasons:?}"
-        );
-        // A node alone disagreeing: an Event on the Service.
-        let table = holdfast_api::wire::HealthTable {
-            leader: 1,
-            backends: vec![holdfast_api::wire::HealthRow {
-                backend_id: id,
-                service: s.backends[&id].service.clone(),
-                addr: s.backends[&id].addr,
-                health: raft_store::cluster::Health::Up,
-                views: vec![holdfast_api::wire::NodeView {
-                    node_id: 3,
-                    up: false,
-                    detail: "connect: refused".into(),
-                    latency_ms: 0.1,
-                    age_ms: 10,
-                    fresh: true,
-                }],
-                disagree: vec![3],
-            }],
-            panic: Default::default(),
-        };
-        let n = view_notes(&[mk(good)], &s, &table);
-        assert_eq!(n.len(), 1, "{n:?}");
-        assert!(
-            n[0].reason == "NodeViewDiffers"
-                && n[0].message.contains("LB node 3 sees backend 10.1.0.1"),
-            "{n:?}"
-        );
-        // Without the annotation the check goes.
-        let plain = svc(serde_json::json!({
-            "metadata": {"name": "web", "namespace": "ns", "uid": "u9"},
-            "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
-        }));
-        let p = plan(&[plain], &slices, &s, &cfg());
-        apply(&mut s, &p);
-        assert!(s.services.values().all(|x| x.health_check.is_none()));
-    }
-}
+mod tests;
