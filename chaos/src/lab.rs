@@ -64,6 +64,13 @@ pub const TCP_PORT: u16 = 8007;
 pub const UDP_PORT: u16 = 5353;
 pub const TCP_SERVICE: &str = "echo";
 pub const UDP_SERVICE: &str = "dns";
+/// A SNAT service beside the lab's main ones (in a DSR lab): VIP:8008 to
+/// the backends' echo server on 8007 (a target port other than the port).
+pub const SNAT_TCP_SERVICE: &str = "echo-snat";
+pub const SNAT_TCP_PORT: u16 = 8008;
+/// The SNAT pools: each LB node's SNAT addresses come from them.
+pub const SNAT_POOL: &str = "10.88.3.0/28";
+pub const SNAT_POOL6: &str = "fd88:3::/120";
 const RAFT_PORT: u16 = 7001;
 const ADMIN_PORT: u16 = 7101;
 const METRICS_PORT: u16 = 7102;
@@ -118,6 +125,9 @@ pub struct LabSpec {
     pub exe: PathBuf,
     /// Health checks on the services ([`lab_check`]).
     pub health_checks: bool,
+    /// How the main services forward: DSR (backends run the decap agent
+    /// and hold the VIP) or SNAT (backends run plain servers only).
+    pub forwarding: ForwardingMode,
 }
 
 impl LabSpec {
@@ -132,6 +142,7 @@ impl LabSpec {
             dir,
             exe,
             health_checks: false,
+            forwarding: ForwardingMode::Dsr,
         }
     }
 }
@@ -347,8 +358,14 @@ fn router_conf(nodes: usize) -> String {
         out.push_str(
             &line
                 .replace("10.0.0.1;", &format!("{ROUTER_FABRIC};"))
-                .replace("10.200.0.0/16{16,32}", "10.88.100.0/24{24,32}")
-                .replace("fd00:200::/48{48,128}", "fd88:100::/48{48,128}"),
+                .replace(
+                    "10.200.0.0/16{16,32}",
+                    "10.88.100.0/24{24,32}, 10.88.3.0/24{24,32}",
+                )
+                .replace(
+                    "fd00:200::/47{47,128}",
+                    "fd88:100::/48{48,128}, fd88:3::/48{48,128}",
+                ),
         );
         out.push('\n');
     }
@@ -361,13 +378,30 @@ fn router_conf(nodes: usize) -> String {
     out
 }
 
-fn lb_bird_conf(i: usize) -> String {
+fn lb_bird_conf(i: usize, snat_routes: &Path) -> String {
     include_str!("../../deploy/bird/lb-node.bird.conf")
         .replace("10.0.0.11", &lb_addr(i).to_string())
         .replace("neighbor 10.0.0.1 ", &format!("neighbor {ROUTER_FABRIC} "))
         .replace("10.200.0.0/24", VIP_CIDR)
         .replace("fd00:200::/120", VIP6_CIDR)
+        .replace("10.200.1.0/28", SNAT_POOL)
+        .replace("fd00:201::/120", SNAT_POOL6)
+        .replace(
+            "/etc/bird/holdfast-snat.conf",
+            &snat_routes.display().to_string(),
+        )
 }
+
+/// The BGP protocols a lab node drives: the VIPs, its own SNAT addresses
+/// and the SNAT pools.
+const LAB_PROTOCOLS: [&str; 6] = [
+    "vip",
+    "vip6",
+    "snat_own",
+    "snat_own6",
+    "snat_pool",
+    "snat_pool6",
+];
 
 impl Lab {
     /// Build the whole lab and wait until every LB node is a voter, has the
@@ -491,11 +525,24 @@ impl Lab {
             s.leader == Some(1)
         })?;
         let hc = lab.spec.health_checks;
+        let mode = lab.spec.forwarding;
         let mut cmds = vec![
-            put_service(TCP_SERVICE, VIP, Proto::Tcp, TCP_PORT, hc),
-            put_service(UDP_SERVICE, VIP, Proto::Udp, UDP_PORT, hc),
-            put_service(TCP_SERVICE6, VIP6, Proto::Tcp, TCP_PORT, hc),
-            put_service(UDP_SERVICE6, VIP6, Proto::Udp, UDP_PORT, hc),
+            Command::PutSnatPools {
+                v4: Some(SNAT_POOL.into()),
+                v6: Some(SNAT_POOL6.into()),
+            },
+            put_service(TCP_SERVICE, VIP, Proto::Tcp, TCP_PORT, hc, mode),
+            put_service(UDP_SERVICE, VIP, Proto::Udp, UDP_PORT, hc, mode),
+            put_service(TCP_SERVICE6, VIP6, Proto::Tcp, TCP_PORT, hc, mode),
+            put_service(UDP_SERVICE6, VIP6, Proto::Udp, UDP_PORT, hc, mode),
+            put_service(
+                SNAT_TCP_SERVICE,
+                VIP,
+                Proto::Tcp,
+                SNAT_TCP_PORT,
+                false,
+                ForwardingMode::Snat,
+            ),
         ];
         for j in 1..=spec.backends {
             cmds.extend(add_backend_cmds(j));
@@ -521,15 +568,23 @@ impl Lab {
         self.sw.ip(&format!("link set pb{j} master brb"))?;
         be.ip(&format!("addr add {}/24 dev b0", backend_addr(j)))?;
         be.ip("route add default via 10.88.1.1")?;
-        be.ip(&format!("addr add {VIP}/32 dev lo"))?;
         be.ip(&format!("addr add {}/64 dev b0 nodad", backend_addr6(j)))?;
         be.ip("-6 route add default via fd88:1::1")?;
-        be.ip(&format!("addr add {VIP6}/128 dev lo nodad"))?;
         be.sysctl("net.ipv4.conf.b0.rp_filter", "0")?;
-        // The backend host runs holdfast-decap, as an operator's would.
-        let child = start_decap(&be, &self.spec, j)?;
-        let decap = Some(child);
-        let servers = Some(start_servers(&be, j)?);
+        // A SNAT reply passes the LB's XDP, which must see full checksums
+        // (a veth leaves them partial; a real NIC computes them).
+        be.exec(&["ethtool", "-K", "b0", "tx", "off"])?;
+        let dsr = self.spec.forwarding == ForwardingMode::Dsr;
+        // A DSR backend holds the VIP and runs holdfast-decap, as an
+        // operator's would; a SNAT backend runs plain servers only.
+        let decap = if dsr {
+            be.ip(&format!("addr add {VIP}/32 dev lo"))?;
+            be.ip(&format!("addr add {VIP6}/128 dev lo nodad"))?;
+            Some(start_decap(&be, &self.spec, j)?)
+        } else {
+            None
+        };
+        let servers = Some(start_servers(&be, j, dsr)?);
         self.backends.push(Backend {
             servers,
             decap,
@@ -556,7 +611,7 @@ impl Lab {
             .get_mut(j - 1)
             .ok_or_else(|| anyhow!("no backend host {j}"))?;
         if be.servers.is_none() {
-            be.servers = Some(start_servers(&be.ns, j)?);
+            be.servers = Some(start_servers(&be.ns, j, be.decap.is_some())?);
         }
         Ok(())
     }
@@ -680,7 +735,8 @@ impl Lab {
             bgp: holdfast_bgp::BgpSection {
                 enabled: true,
                 bird_ctl: dir.join("bird.ctl"),
-                protocols: vec!["vip".into(), "vip6".into()],
+                protocols: LAB_PROTOCOLS.iter().map(|p| p.to_string()).collect(),
+                snat_routes_file: Some(dir.join("bird-snat.conf")),
                 ..Default::default()
             },
             kubernetes: Default::default(),
@@ -711,7 +767,12 @@ impl Lab {
         let exe = self.spec.exe.clone();
         let n = &mut self.lbs[i - 1];
         if n.bird.is_none() {
-            let bird = Bird::start(&n.ns, &n.dir, "bird", &lb_bird_conf(i))?;
+            // The node's own SNAT routes: none until it writes them.
+            let routes = n.dir.join("bird-snat.conf");
+            if !routes.exists() {
+                std::fs::write(&routes, holdfast_bgp::render_own_routes(&[]))?;
+            }
+            let bird = Bird::start(&n.ns, &n.dir, "bird", &lb_bird_conf(i, &routes))?;
             // The pid/ctl names follow Bird::start's scheme.
             let ctl = n.dir.join("bird.ctl");
             wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
@@ -1316,32 +1377,27 @@ fn start_decap(be: &NetNs, spec: &LabSpec, j: usize) -> Result<std::process::Chi
 
 /// Backend host `j`'s servers: the VIPs (for clients, DSR) and the host's
 /// own addresses (for health checks).
-fn start_servers(be: &NetNs, j: usize) -> Result<(Servers, Servers)> {
-    let vip: IpAddr = VIP.parse()?;
-    let vip6: IpAddr = VIP6.parse()?;
+/// Backend host `j`'s servers: on its own addresses (SNAT, health checks)
+/// and, on a DSR host (`vip`), on the VIPs too.
+fn start_servers(be: &NetNs, j: usize, vip: bool) -> Result<(Servers, Servers)> {
+    let on = |own: IpAddr, vip_addr: &str, port: u16| -> Result<Vec<SocketAddr>> {
+        let mut v = vec![SocketAddr::new(own, port)];
+        if vip {
+            v.insert(0, SocketAddr::new(vip_addr.parse()?, port));
+        }
+        Ok(v)
+    };
     let v4 = Servers::start_on(
         be,
         j,
-        vec![
-            SocketAddr::new(vip, TCP_PORT),
-            SocketAddr::new(backend_addr(j), TCP_PORT),
-        ],
-        vec![
-            SocketAddr::new(vip, UDP_PORT),
-            SocketAddr::new(backend_addr(j), UDP_PORT),
-        ],
+        on(backend_addr(j), VIP, TCP_PORT)?,
+        on(backend_addr(j), VIP, UDP_PORT)?,
     )?;
     let v6 = Servers::start_on(
         be,
         j,
-        vec![
-            SocketAddr::new(vip6, TCP_PORT),
-            SocketAddr::new(backend_addr6(j), TCP_PORT),
-        ],
-        vec![
-            SocketAddr::new(vip6, UDP_PORT),
-            SocketAddr::new(backend_addr6(j), UDP_PORT),
-        ],
+        on(backend_addr6(j), VIP6, TCP_PORT)?,
+        on(backend_addr6(j), VIP6, UDP_PORT)?,
     )?;
     Ok((v4, v6))
 }
@@ -1350,7 +1406,14 @@ fn start_servers(be: &NetNs, j: usize) -> Result<(Servers, Servers)> {
 /// backend host.
 pub const SERVICES: [&str; 4] = [TCP_SERVICE, UDP_SERVICE, TCP_SERVICE6, UDP_SERVICE6];
 
-fn put_service(name: &str, vip: &str, proto: Proto, port: u16, checked: bool) -> Command {
+fn put_service(
+    name: &str,
+    vip: &str,
+    proto: Proto,
+    port: u16,
+    checked: bool,
+    mode: ForwardingMode,
+) -> Command {
     Command::PutService {
         service: Service {
             name: name.into(),
@@ -1358,7 +1421,7 @@ fn put_service(name: &str, vip: &str, proto: Proto, port: u16, checked: bool) ->
             port,
             proto,
             table_size: 1021,
-            mode: ForwardingMode::Dsr,
+            mode,
             health_check: checked.then(|| lab_check(proto)),
         },
     }
@@ -1372,6 +1435,8 @@ pub fn add_backend_cmds(j: usize) -> Vec<Command> {
         (UDP_SERVICE, UDP_PORT, backend_addr(j)),
         (TCP_SERVICE6, TCP_PORT, backend_addr6(j)),
         (UDP_SERVICE6, UDP_PORT, backend_addr6(j)),
+        // SNAT: VIP:8008 to the echo server's 8007.
+        (SNAT_TCP_SERVICE, TCP_PORT, backend_addr(j)),
     ]
     .iter()
     .map(|(s, port, addr)| Command::AddBackend {

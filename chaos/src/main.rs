@@ -23,6 +23,7 @@ use chaos::{
     traffic::{Traffic, TrafficSpec},
 };
 use clap::{Parser, Subcommand, ValueEnum};
+use raft_store::cluster::ForwardingMode;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +69,14 @@ struct Size {
     /// Short TCP connections opened (and closed) per second besides.
     #[arg(long, default_value_t = 0)]
     short_rate: u32,
+    /// How the lab's services forward: dsr (backends run the decap agent)
+    /// or snat (backends run plain servers; the LB rewrites both addresses).
+    #[arg(long, default_value = "dsr", value_parser = parse_forwarding)]
+    forwarding: ForwardingMode,
+}
+
+fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -242,6 +251,7 @@ fn run(
                 opts.tcp = size.tcp;
                 opts.udp = size.udp;
                 opts.short_per_s = size.short_rate;
+                opts.forwarding = size.forwarding;
                 opts.tcp6 = size.tcp6;
                 opts.udp6 = size.udp6;
                 opts.soak = Duration::from_secs_f64(size.soak_minutes * 60.0);
@@ -362,6 +372,7 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
     let mut spec = LabSpec::new("hfd", dir.clone(), exe()?);
     spec.nodes = size.nodes.max(2);
     spec.backends = size.backends;
+    spec.forwarding = size.forwarding;
     spec.sync = sync;
     println!(
         "Bringing up the lab: router (BIRD, ECMP, BFD), {} LB nodes (holdfast-node + BIRD), {} backends, a client ...",
@@ -545,6 +556,7 @@ fn keeper(name: &str, size: &Size) -> Result<ExitCode> {
     let mut spec = LabSpec::new("hfl", dir.join("lab"), exe()?);
     spec.nodes = size.nodes;
     spec.backends = size.backends;
+    spec.forwarding = size.forwarding;
     let lab = Lab::up(spec)?;
     let traffic = Traffic::start(&lab.client, traffic_spec(size)?)?;
     traffic.mark();

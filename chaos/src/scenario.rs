@@ -85,6 +85,8 @@ pub struct RunOpts {
     pub verbose: bool,
     /// How long the soak scenario runs.
     pub soak: Duration,
+    /// How the lab's services forward (DSR or SNAT).
+    pub forwarding: raft_store::cluster::ForwardingMode,
 }
 
 impl RunOpts {
@@ -102,6 +104,7 @@ impl RunOpts {
             settle: Duration::from_secs(2),
             verbose: false,
             soak: Duration::from_secs(30 * 60),
+            forwarding: Default::default(),
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct ScenarioResult {
     /// LB nodes of the lab.
     pub nodes: usize,
     pub sync: bool,
+    /// "dsr" or "snat": how the lab's services forwarded.
+    pub forwarding: String,
     pub tcp_total: usize,
     pub tcp_broken: usize,
     pub udp_total: usize,
@@ -329,6 +334,7 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     spec.spare_backends = 1;
     spec.sync = opts.sync;
     spec.health_checks = name == "health";
+    spec.forwarding = opts.forwarding;
     let res = run_in(name, opts, spec, t0);
     match &res {
         Ok(_) => {
@@ -459,6 +465,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         name: name.into(),
         nodes,
         sync: opts.sync,
+        forwarding: opts.forwarding.to_string(),
         tcp_total: report.tcp_total,
         tcp_broken: report.tcp_broken,
         udp_total: report.udp_total,

@@ -18,6 +18,18 @@ pub trait Announcer: Send + Sync {
     fn announce(&self) -> Result<()>;
     fn withdraw(&self) -> Result<()>;
     fn is_announced(&self) -> Result<bool>;
+    /// Make the node's own host routes (its SNAT addresses) these,
+    /// announced with the rest from the next `announce`. Called only while
+    /// withdrawn (a speaker may reload its config). Returns whether the
+    /// speaker's config changed.
+    fn set_own_routes(&self, _addrs: &[std::net::IpAddr]) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether the speaker already has exactly these own routes (a
+    /// restarted agent keeps announcing if so).
+    fn has_own_routes(&self, _addrs: &[std::net::IpAddr]) -> bool {
+        true
+    }
 }
 
 /// What the node's readiness depends on.
@@ -35,6 +47,9 @@ pub struct Readiness {
     pub sync_ready: bool,
     /// The datapath health check passes (interface up, backends routable).
     pub healthy: bool,
+    /// The node is a registered member of the config (so it has its SNAT
+    /// addresses, which are assigned at registration).
+    pub registered: bool,
 }
 
 impl Readiness {
@@ -62,12 +77,17 @@ impl Readiness {
         if !self.sync_ready {
             return Err("conntrack warm join not done");
         }
+        if !self.registered {
+            return Err("not yet a registered member");
+        }
         Ok(())
     }
 }
 
 /// How often the announce loop compares readiness with the announcement.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+/// Every this many rounds the loop asks the speaker what it announces.
+const VERIFY_EVERY: u64 = 10;
 
 /// Announce when ready, withdraw when not (every [`ANNOUNCE_EVERY`]), until
 /// the task is aborted. `announced` mirrors what the speaker does (the
@@ -77,9 +97,12 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
 /// may still announce a datapath that never stopped forwarding. If so and
 /// the datapath was `adopted` from pins, the announcement is kept while
 /// the node catches up, for up to `restart_grace` (unless it shuts down).
+/// `own_routes` are the node's own host routes (its SNAT addresses; None
+/// while it does not know them): a change is applied while withdrawn.
 pub async fn announce_loop(
     announcer: Arc<dyn Announcer>,
     readiness: impl Fn() -> Readiness + Send,
+    own_routes: impl Fn() -> Option<Vec<std::net::IpAddr>> + Send,
     adopted: bool,
     restart_grace: Duration,
     announced: Arc<AtomicBool>,
@@ -100,7 +123,55 @@ pub async fn announce_loop(
     }
     announced.store(initially, Ordering::Relaxed);
     let mut was_ready = false;
+    // The own routes the speaker has, once known to be current.
+    let mut routes: Option<Vec<std::net::IpAddr>> = None;
+    let mut tick: u64 = 0;
     loop {
+        tick += 1;
+        // Every VERIFY_EVERY ticks: does the speaker still do what we
+        // believe? (A reloaded or restarted speaker is back at its config:
+        // withdrawn.) A difference is corrected by the rest of the loop.
+        if tick.is_multiple_of(VERIFY_EVERY) {
+            let a = announcer.clone();
+            if let Ok(Ok(real)) = tokio::task::spawn_blocking(move || a.is_announced()).await {
+                if real != announced.load(Ordering::Relaxed) {
+                    warn!(
+                        announced = real,
+                        "the BGP speaker's state changed behind the node (reload or restart)"
+                    );
+                    announced.store(real, Ordering::Relaxed);
+                }
+            }
+        }
+        // (None: the node does not know yet, e.g. before its config loaded.)
+        let desired = own_routes();
+        if let Some(desired) = desired.filter(|d| routes.as_ref() != Some(d)) {
+            if routes.is_none() && announcer.has_own_routes(&desired) {
+                routes = Some(desired.clone());
+            } else {
+                // New own routes (the node's SNAT addresses changed): the
+                // speaker reloads its config while withdrawn, then the node
+                // announces again when ready.
+                if announced.load(Ordering::Relaxed) {
+                    info!("own routes change: withdrawing to reload the speaker's config");
+                    withdraw_now(announcer.clone()).await;
+                    announced.store(false, Ordering::Relaxed);
+                }
+                let (a, d) = (announcer.clone(), desired.clone());
+                match tokio::task::spawn_blocking(move || a.set_own_routes(&d)).await {
+                    Ok(Ok(changed)) => {
+                        info!(routes = ?desired, changed, "own routes set");
+                        routes = Some(desired);
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %format!("{e:#}"), "BGP: setting own routes failed");
+                        tokio::time::sleep(ANNOUNCE_EVERY).await;
+                        continue;
+                    }
+                    Err(e) => warn!(error = %e, "BGP task failed"),
+                }
+            }
+        }
         let mut want = readiness().decide();
         was_ready |= want.is_ok();
         // Restart grace: the adopted datapath forwards with its pinned
@@ -160,6 +231,7 @@ mod tests {
             datapath_attached: true,
             sync_ready: true,
             healthy: true,
+            registered: true,
         };
         assert_eq!(ok.decide(), Ok(()));
         for (r, why) in [
@@ -219,6 +291,13 @@ mod tests {
                     ..ok
                 },
                 "drained by the operator",
+            ),
+            (
+                Readiness {
+                    registered: false,
+                    ..ok
+                },
+                "not yet a registered member",
             ),
         ] {
             assert_eq!(r.decide(), Err(why));

@@ -19,6 +19,28 @@ pub struct Bird {
     /// The protocols carrying the VIP routes (e.g. `protocol static vip`
     /// for IPv4 and `vip6` for IPv6), driven together.
     pub protocols: Vec<String>,
+    /// Where the node's own host routes go (`snat_own`, `snat_own6`; an
+    /// `include` of BIRD's config).
+    pub own_routes_file: Option<PathBuf>,
+}
+
+/// The BIRD config of the node's own host routes: protocols `snat_own`
+/// (IPv4) and `snat_own6` (IPv6), defined even without routes, `disabled`
+/// (the node enables them with the VIPs: they are in `bgp.protocols`).
+pub fn render_own_routes(addrs: &[std::net::IpAddr]) -> String {
+    let mut out =
+        String::from("# Written by holdfast-node: this node's SNAT addresses (host routes).\n");
+    for (name, v4) in [("snat_own", true), ("snat_own6", false)] {
+        out += &format!(
+            "protocol static {name} {{\n\tdisabled;\n\t{};\n",
+            if v4 { "ipv4" } else { "ipv6" }
+        );
+        for a in addrs.iter().filter(|a| a.is_ipv4() == v4) {
+            out += &format!("\troute {a}/{} blackhole;\n", if v4 { 32 } else { 128 });
+        }
+        out += "}\n";
+    }
+    out
 }
 
 impl Bird {
@@ -99,6 +121,35 @@ impl Announcer for Bird {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Write the own host routes and have BIRD reload its config (only
+    /// while withdrawn: a reload puts every protocol back to its configured
+    /// `disabled` state). An unchanged file is left alone.
+    fn set_own_routes(&self, addrs: &[std::net::IpAddr]) -> Result<bool> {
+        let Some(path) = &self.own_routes_file else {
+            return Ok(false);
+        };
+        let text = render_own_routes(addrs);
+        if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+            return Ok(false);
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        // (A config BIRD refuses is an 8xxx reply: an error here.)
+        let lines = self.command("configure")?;
+        if lines.iter().any(|l| l.starts_with("0006")) {
+            bail!("BIRD ignored the new config: {}", lines.join(" / "));
+        }
+        Ok(true)
+    }
+
+    fn has_own_routes(&self, addrs: &[std::net::IpAddr]) -> bool {
+        match &self.own_routes_file {
+            Some(path) => std::fs::read_to_string(path).ok() == Some(render_own_routes(addrs)),
+            None => true,
+        }
+    }
+
     /// Announced only when every protocol is up (a half-announced node is
     /// announced again, which enables the missing one).
     fn is_announced(&self) -> Result<bool> {
@@ -125,6 +176,7 @@ mod tests {
     #[test]
     fn protocol_names_are_checked_before_talking_to_bird() {
         let b = Bird {
+            own_routes_file: None,
             ctl: "/nonexistent".into(),
             protocols: vec!["vip".into(), "vip6; shutdown".into()],
         };
@@ -134,6 +186,7 @@ mod tests {
             .to_string()
             .contains("not a BIRD protocol name"));
         let b = Bird {
+            own_routes_file: None,
             ctl: "/nonexistent/bird.ctl".into(),
             protocols: vec!["vip".into()],
         };

@@ -95,6 +95,7 @@ fn t09_bird_announce_and_withdraw() {
     let b = Bird {
         ctl: dir.path().join("lb.ctl"),
         protocols: vec!["vip".into()],
+        own_routes_file: None,
     };
     wait("BIRD's control socket", || b.is_announced().is_ok());
     assert!(!b.is_announced().expect("show"), "starts withdrawn");
@@ -113,6 +114,7 @@ fn t09_bird_announce_and_withdraw() {
     let bad = Bird {
         ctl: b.ctl.clone(),
         protocols: vec!["nosuch".into()],
+        own_routes_file: None,
     };
     let e = bad.announce().unwrap_err().to_string();
     assert!(e.contains("BIRD refused"), "{e}");
@@ -122,10 +124,25 @@ fn t09_bird_announce_and_withdraw() {
 /// the LB node's template keeps the `vip` protocol the node drives.
 #[test]
 fn t09_shipped_bird_configs_parse() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/bird");
+    // The shipped own-routes file is what the node writes with no address.
+    let snat = deploy.join("holdfast-snat.conf");
+    assert_eq!(
+        std::fs::read_to_string(&snat).expect("holdfast-snat.conf"),
+        holdfast_bgp::render_own_routes(&[]),
+        "deploy/bird/holdfast-snat.conf is the node's rendering of no SNAT address"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
     for f in ["lb-node.bird.conf", "tor.bird.conf"] {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/bird")
-            .join(f);
+        // The include points at the shipped file's installed path.
+        let text = std::fs::read_to_string(deploy.join(f))
+            .expect("read")
+            .replace(
+                "/etc/bird/holdfast-snat.conf",
+                snat.to_str().expect("utf-8"),
+            );
+        let path = dir.path().join(f);
+        std::fs::write(&path, text).expect("write");
         let out = Command::new("bird")
             .arg("-p")
             .arg("-c")
@@ -138,14 +155,37 @@ fn t09_shipped_bird_configs_parse() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let lb = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/bird/lb-node.bird.conf"),
-    )
-    .expect("read");
+    let lb = std::fs::read_to_string(deploy.join("lb-node.bird.conf")).expect("read");
     assert!(lb.contains("protocol static vip {") && lb.contains("disabled;"));
     assert!(
         lb.contains("protocol static vip6 {"),
         "the template announces IPv6 VIPs too"
+    );
+    assert!(lb.contains("include \"/etc/bird/holdfast-snat.conf\";"));
+    // Own SNAT addresses render as host routes BIRD takes.
+    let own = holdfast_bgp::render_own_routes(&[
+        "10.200.1.3".parse().unwrap(),
+        "fd00:201::3".parse().unwrap(),
+    ]);
+    assert!(own.contains("route 10.200.1.3/32 blackhole;"), "{own}");
+    assert!(own.contains("route fd00:201::3/128 blackhole;"), "{own}");
+    let text = std::fs::read_to_string(deploy.join("lb-node.bird.conf"))
+        .expect("read")
+        .replace(
+            "/etc/bird/holdfast-snat.conf",
+            dir.path().join("own.conf").to_str().expect("utf-8"),
+        );
+    std::fs::write(dir.path().join("own.conf"), own).expect("write");
+    std::fs::write(dir.path().join("lb.conf"), text).expect("write");
+    let out = Command::new("bird")
+        .arg("-p")
+        .arg("-c")
+        .arg(dir.path().join("lb.conf"))
+        .output()
+        .expect("bird");
+    assert!(
+        out.status.success(),
+        "with own routes: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

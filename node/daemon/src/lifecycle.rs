@@ -178,9 +178,11 @@ impl Node {
                 .as_ref()
                 .is_some_and(|h| h.dp.lock().expect("dp").adopted());
             let n = node.clone();
+            let m = node.clone();
             let b = tokio::spawn(holdfast_bgp::announce_loop(
                 node.announcer(),
                 move || n.readiness(),
+                move || m.own_snat_addrs(),
                 adopted,
                 Duration::from_millis(node.cfg.bgp.restart_grace_ms),
                 node.bgp_announced.clone(),
@@ -335,6 +337,7 @@ impl Node {
         Arc::new(holdfast_bgp::Bird {
             ctl: self.cfg.bgp.bird_ctl.clone(),
             protocols: self.cfg.bgp.protocols.clone(),
+            own_routes_file: self.cfg.bgp.snat_routes_file.clone(),
         })
     }
 

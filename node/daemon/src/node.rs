@@ -110,16 +110,34 @@ impl Node {
             Some(h) => h.interface.is_some() && !h.dp.lock().expect("dp").attached().is_empty(),
             None => false,
         };
+        let cur = self.sm.current();
         holdfast_bgp::Readiness {
             shutting_down: self.is_shutting_down(),
             draining: self.draining.load(Ordering::Relaxed),
             leader_known: self.raft.metrics().borrow().current_leader.is_some(),
-            config_epoch: self.sm.current().state.epoch,
+            config_epoch: cur.state.epoch,
+            registered: cur.state.members.contains_key(&self.id()),
             applied_epoch: self.applied_epoch.load(Ordering::Relaxed),
             datapath_attached: attached,
             sync_ready: self.sync.get().is_none_or(|s| s.is_ready()),
             healthy: self.health_error.lock().expect("health").is_none(),
         }
+    }
+
+    /// This node's SNAT addresses (announced as its own host routes); None
+    /// until a config is applied (a restarting node does not know yet).
+    pub fn own_snat_addrs(&self) -> Option<Vec<std::net::IpAddr>> {
+        let cur = self.sm.current();
+        if cur.state.epoch == 0 {
+            return None;
+        }
+        let (v4, v6) = cur.state.snat.addrs_of(self.id());
+        Some(
+            v4.map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(v6.map(std::net::IpAddr::V6))
+                .collect(),
+        )
     }
 
     /// The leader's id and admin address, if known.
