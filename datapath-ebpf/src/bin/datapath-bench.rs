@@ -27,7 +27,8 @@ use datapath_ebpf::{
     packet::{Packet, TCP_ACK, TCP_SYN},
     testbed::TestNet,
     testrun::{self, Nop, XDP_PASS, XDP_TX},
-    BackendSpec, BackendState, Datapath, DatapathConfig, DatapathOptions, Proto, ServiceSpec,
+    BackendSpec, BackendState, Datapath, DatapathConfig, DatapathOptions, Forwarding, Proto,
+    ServiceSpec, SnatConfig, SnatSlot,
 };
 
 struct Args {
@@ -88,6 +89,12 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
+/// The SNAT service's VIP, this node's SNAT address, and a client that is
+/// routed (through the test network's router: replies need a next hop).
+const SNAT_VIP: &str = "10.200.0.2";
+const SNAT_ADDR: &str = "10.97.0.1";
+const SNAT_CLIENT: &str = "172.20.0.10";
+
 fn config() -> DatapathConfig {
     let be = |id: u32, addr: &str| BackendSpec {
         id,
@@ -135,8 +142,30 @@ fn config() -> DatapathConfig {
                 ],
                 forwarding: Default::default(),
             },
+            // SNAT: the same backends on another port, this node in slot 1.
+            ServiceSpec {
+                vip: SNAT_VIP.parse().expect("static"),
+                port: 80,
+                proto: Proto::Tcp,
+                table_size: 65_537,
+                backends: [(10, "10.99.0.11"), (11, "10.99.0.12"), (12, "10.99.0.13")]
+                    .into_iter()
+                    .map(|(id, a)| BackendSpec {
+                        port: 8080,
+                        ..be(id, a)
+                    })
+                    .collect(),
+                forwarding: Forwarding::Snat,
+            },
         ],
-        snat: Default::default(),
+        snat: SnatConfig {
+            slots: vec![SnatSlot {
+                slot: 1,
+                v4: Some(SNAT_ADDR.parse().expect("static")),
+                v6: None,
+            }],
+            own: Some(1),
+        },
     }
 }
 
@@ -185,22 +214,60 @@ fn main() -> Result<()> {
     let ct_hit = Packet::tcp("192.0.2.10", 40000, "10.200.0.1", 80, TCP_ACK).frame();
     let ct_hit_v6 = Packet::tcp("2001:db8::10", 40000, "fd00:200::1", 80, TCP_ACK).frame();
     let pass = Packet::tcp("192.0.2.10", 40000, "198.51.100.1", 80, TCP_SYN).frame();
-    // Open the two flows first so their packets are conntrack hits.
+    let snat_hit = Packet::tcp(SNAT_CLIENT, 40000, SNAT_VIP, 80, TCP_ACK).frame();
+    // Open the flows first so their packets are conntrack hits.
     for f in [
         Packet::tcp("192.0.2.10", 40000, "10.200.0.1", 80, TCP_SYN).frame(),
         Packet::tcp("2001:db8::10", 40000, "fd00:200::1", 80, TCP_SYN).frame(),
+        Packet::tcp(SNAT_CLIENT, 40000, SNAT_VIP, 80, TCP_SYN).frame(),
     ] {
         let r = testrun::run(dp.program(), &f, ifindex)?;
         if r.verdict != XDP_TX {
             bail!("priming SYN got verdict {} instead of TX", r.verdict);
         }
     }
+    // The SNAT flow's binding: its backend answers the SNAT address and port.
+    let snat_key = datapath_ebpf::abi::CtKey::new(
+        SNAT_CLIENT.parse()?,
+        40000,
+        SNAT_VIP.parse()?,
+        80,
+        datapath_ebpf::abi::IPPROTO_TCP,
+    );
+    let snat_entry = dp
+        .conntrack()
+        .get(&snat_key)?
+        .context("the SNAT flow's entry")?;
+    let backend = dp.backend(snat_entry.backend_id)?;
+    let backend_addr = std::net::Ipv4Addr::new(
+        backend.addr[0],
+        backend.addr[1],
+        backend.addr[2],
+        backend.addr[3],
+    )
+    .to_string();
+    let snat_reply = Packet::tcp(
+        &backend_addr,
+        8080,
+        SNAT_ADDR,
+        u16::from_be(snat_entry.snat_port),
+        TCP_ACK,
+    )
+    .frame();
     // Distinct new flows: one client address per iteration.
     let new_flows: Vec<Vec<u8>> = (0..args.iters as u32)
         .map(|i| {
             let c = 0x6440_0000u32 + i; // 100.64.0.0/10
             let src = std::net::Ipv4Addr::from(c).to_string();
             Packet::tcp(&src, 12345, "10.200.0.1", 80, TCP_SYN).frame()
+        })
+        .collect();
+    // New SNAT flows (a port bound per flow): clients of 172.20.0.0/16.
+    let new_snat: Vec<Vec<u8>> = (0..args.iters as u32)
+        .map(|i| {
+            let c = 0xAC14_0000u32 + 256 + i; // 172.20.1.0 onwards
+            let src = std::net::Ipv4Addr::from(c).to_string();
+            Packet::tcp(&src, 12345, SNAT_VIP, 80, TCP_SYN).frame()
         })
         .collect();
     // And as UDP (a DNS query from a new client: no SYN, a miss).
@@ -224,6 +291,12 @@ fn main() -> Result<()> {
             "new flow (UDP: miss, Maglev, insert, ring buffer)",
             "new_flow_udp_ns",
         ),
+        (
+            "SNAT new flow (SYN: port bound, insert, rewrite)",
+            "snat_new_flow_ns",
+        ),
+        ("SNAT hit (client -> backend, rewrite)", "snat_hit_ns"),
+        ("SNAT reply (backend -> client, rewrite)", "snat_reply_ns"),
     ]
     .map(|(name, key)| Case {
         name,
@@ -240,7 +313,10 @@ fn main() -> Result<()> {
                 1 => new_flow,
                 2 => &pass,
                 3 => &ct_hit_v6,
-                _ => &new_udp[i],
+                4 => &new_udp[i],
+                5 => &new_snat[i],
+                6 => &snat_hit,
+                _ => &snat_reply,
             };
             let r = testrun::run(dp.program(), frame, ifindex)?;
             let want = if ci == 2 { XDP_PASS } else { XDP_TX };
