@@ -1232,6 +1232,25 @@ impl Lab {
             )?;
         }
         self.wait_route(&running, timeout.saturating_sub(t0.elapsed()))?;
+        self.prime_neighbours(&running)?;
+        Ok(())
+    }
+
+    /// Resolve the router's neighbour entries of the nodes' fabric
+    /// addresses, as a router has them for its BGP peers. (Linux routes a
+    /// flow's packets around a multipath next hop whose neighbour is still
+    /// being resolved while the first packet waits for it: the two halves
+    /// of a handshake would reach two LB nodes, a split that a SNAT flow
+    /// does not survive. Production routers resolve their peers up front.)
+    pub fn prime_neighbours(&self, nodes: &[usize]) -> Result<()> {
+        for &i in nodes {
+            for a in [lb_addr(i), lb_addr6(i)] {
+                let a = a.to_string();
+                self.router
+                    .exec(&["ping", "-c", "1", "-W", "2", &a])
+                    .with_context(|| format!("the router resolving LB node {i} at {a}"))?;
+            }
+        }
         Ok(())
     }
 

@@ -4,12 +4,14 @@
 //!   balancer, backends with the decap program and real TCP/UDP servers).
 //! - `lab`: the BGP/ECMP lab (router with BIRD, N LB nodes running
 //!   holdfast-node and BIRD, backends, client).
+//! - `natbench`: Holdfast's SNAT mode against nftables NAT on one LB node.
 //! - `traffic`: the client's traffic generator; `servers`: the backends'.
 //! - `scenario`: the fault scenarios of `chaos run`.
 
 pub mod dplab;
 pub mod impair;
 pub mod lab;
+pub mod natbench;
 pub mod scenario;
 pub mod servers;
 pub mod traffic;

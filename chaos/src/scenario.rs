@@ -394,6 +394,10 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
             d.as_millis()
         ));
     }
+    if opts.forwarding == raft_store::cluster::ForwardingMode::Snat {
+        // Before the fault: every node's (a dead node's are gone after).
+        snat_counters(&mut cx, "before_fault_")?;
+    }
     match name {
         "kill-node" => kill_node(&mut cx)?,
         "churn-then-kill" => churn_then_kill(&mut cx)?,
@@ -413,6 +417,11 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
     // Every surviving flow must answer again; then keep going a little.
     if let Err(e) = cx.all_answer(Duration::from_secs(15)) {
         cx.say(format!("not every flow answered again: {e}"));
+    }
+    if opts.forwarding == raft_store::cluster::ForwardingMode::Snat {
+        if let Err(e) = snat_census(&mut cx) {
+            cx.say(format!("SNAT census failed: {e:#}"));
+        }
     }
     std::thread::sleep(opts.settle);
     cx.say("stopping the traffic");
@@ -519,6 +528,62 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
         cx.wait_new_leader(v, Duration::from_secs(10))?;
         cx.ms("election", t.elapsed());
     }
+    Ok(())
+}
+
+/// The SNAT counters summed over the running nodes, into counts (`prefix`
+/// before each name).
+fn snat_counters(cx: &mut Ctx, prefix: &str) -> Result<()> {
+    for c in [
+        "snat_midflow",
+        "snat_no_entry",
+        "snat_exhausted",
+        "snat_no_addr",
+    ] {
+        let mut sum = 0.0;
+        for i in cx.lab.running() {
+            sum += cx
+                .lab
+                .metric(i, &format!("holdfast_datapath_{c}_total"), &[])?
+                .unwrap_or(0.0);
+        }
+        cx.counts.insert(format!("{prefix}{c}"), sum as u64);
+    }
+    Ok(())
+}
+
+/// SNAT mode: how many entries the running nodes hold with a SNAT source,
+/// and how many of those use a dead victim's SNAT address and port (its
+/// flows, forwarded by survivors exactly as it did).
+fn snat_census(cx: &mut Ctx) -> Result<()> {
+    let cfg = cx.lab.config()?;
+    let victim_addrs: Vec<std::net::IpAddr> = match cx.victim {
+        Some(v) => {
+            let (v4, v6) = cfg.snat.addrs_of(v as u64);
+            v4.map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(v6.map(std::net::IpAddr::V6))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let (mut snat, mut of_victim) = (0u64, 0u64);
+    for i in cx.lab.running() {
+        for r in cx.lab.conntrack(i)? {
+            let Some(src) = r.snat else { continue };
+            snat += 1;
+            let ip = src.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok();
+            if ip.is_some_and(|ip| victim_addrs.contains(&ip)) {
+                of_victim += 1;
+            }
+        }
+    }
+    snat_counters(cx, "")?;
+    cx.counts.insert("snat_entries".into(), snat);
+    cx.counts.insert("snat_entries_of_victim".into(), of_victim);
+    cx.say(format!(
+        "SNAT entries on the running nodes: {snat}, {of_victim} of them with the victim's address"
+    ));
     Ok(())
 }
 

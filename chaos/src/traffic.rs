@@ -92,6 +92,8 @@ pub struct FlowRecord {
     pub backend: Option<usize>,
     pub answers: u64,
     pub max_stall_ms: u64,
+    /// When the longest wait ended, ms after the traffic started.
+    pub max_stall_at_ms: u64,
     pub failure: Option<Failure>,
 }
 
@@ -542,6 +544,7 @@ impl Book {
                 backend: None,
                 answers: 0,
                 max_stall_ms: 0,
+                max_stall_at_ms: 0,
                 failure: None,
             },
             live,
@@ -572,7 +575,10 @@ impl Book {
         }
         self.rec.answers += 1;
         let us = waited.as_micros() as u64;
-        self.rec.max_stall_ms = self.rec.max_stall_ms.max(us / 1000);
+        if us / 1000 > self.rec.max_stall_ms {
+            self.rec.max_stall_ms = us / 1000;
+            self.rec.max_stall_at_ms = self.started.elapsed().as_millis() as u64;
+        }
         self.live.max_stall_us.fetch_max(us, Ordering::Relaxed);
         self.live.answers.fetch_add(1, Ordering::Relaxed);
         let mark = self.live.mark.load(Ordering::Relaxed);

@@ -268,12 +268,13 @@ static __noinline int snat_forward_icmp(struct xdp_md *ctx, const struct pkt *p,
  * handshake's ACK moves it into lb_snat_rev). Returns the binding, slot <<
  * 16 | port, for the caller to write the entry with and forward, or
  * -(verdict + 1) when the packet was dropped here. Out of line (a BPF-to-BPF call): the
- * binding's keys need a frame of their own. `how` is the pick state << 32
- * | the service's stats slot.
+ * binding's keys need a frame of their own. `how` is (an entry existed)
+ * << 48 | the pick state << 32 | the service's stats slot.
  */
 static __noinline __s64 snat_new(struct xdp_md *ctx, const struct pkt *p, __u32 bid, __u64 how)
 {
-	enum pick_state state = how >> 32;
+	enum pick_state state = (how >> 32) & 0xffff;
+	int had_entry = (how >> 48) & 1;
 	__u32 sid = (__u32)how;
 	struct lb_stats *st = stats_get();
 	struct lb_svc_stats *ss = bpf_map_lookup_elem(&lb_svc_stats, &sid);
@@ -310,8 +311,22 @@ static __noinline __s64 snat_new(struct xdp_md *ctx, const struct pkt *p, __u32 
 	};
 
 	snat_rev_key(&rk, p, be, src);
-	if (!half_open && p->flow.proto == IPPROTO_TCP_ && !pkt_is_syn(p))
+	if (!half_open && p->flow.proto == IPPROTO_TCP_ && !pkt_is_syn(p)) {
 		port = snat_promote(p, &rk, &rv);
+		/*
+		 * Past its SYN, with no entry and no half-open binding here: a
+		 * new port would reach the backend as a connection it does not
+		 * know, which it resets. Dropped instead: most likely ECMP moved
+		 * the flow here a moment after it began and its entry is on its
+		 * way by replication; the retransmission finds it. (An entry
+		 * whose backend is gone binds anew: that connection is lost, and
+		 * the backend's reset says so at once.)
+		 */
+		if (!port && !had_entry) {
+			why = LB_STAT_SNAT_MIDFLOW;
+			goto out;
+		}
+	}
 	if (!port) {
 		if (half_open) {
 			rv.pad = syn_expected_ack(ctx, p);
@@ -629,7 +644,8 @@ int holdfast_lb(struct xdp_md *ctx)
 		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
 	binding = 0;
 	if (svc->flags & LB_SVC_F_SNAT) {
-		__s64 r = snat_new(ctx, &p, bid, ((__u64)state << 32) | sid);
+		__s64 r = snat_new(ctx, &p, bid,
+				   (__u64)(ct != NULL) << 48 | ((__u64)state << 32) | sid);
 
 		if (r < 0)
 			return (int)(-r - 1);

@@ -103,6 +103,13 @@ static __always_inline void snat_rev_key(struct lb_ct_key *rk, const struct pkt 
 	rk->family = p->flow.family;
 }
 
+static __always_inline int flow_eq(const struct lb_ct_key *a, const struct lb_ct_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
+}
+
 /*
  * Bind p->flow to a free port in [lo, hi]: rk is the binding's key with
  * its port to be chosen, rv its value. The map is lb_snat_rev, or
@@ -125,6 +132,19 @@ static __always_inline __be16 snat_bind(const struct pkt *p, struct lb_ct_key *r
 			continue;
 		if (!bpf_map_update_elem(map, rk, rv, BPF_NOEXIST))
 			return rk->dport;
+		/*
+		 * Taken by this very tuple's previous connection (a client that
+		 * reuses its port after a close, whose old entry this flow's
+		 * replaces): the port is this flow's again, as the kernel's NAT
+		 * reopens a TIME_WAIT tuple. Any other owner keeps it.
+		 */
+		if (!half_open) {
+			const struct lb_snat_rev *old = bpf_map_lookup_elem(map, rk);
+
+			if (old && flow_eq(&old->flow, &p->flow) &&
+			    !bpf_map_update_elem(map, rk, rv, BPF_EXIST))
+				return rk->dport;
+		}
 	}
 	return 0;
 }

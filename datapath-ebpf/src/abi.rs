@@ -382,6 +382,7 @@ counters!(stat, STAT_NAMES,
     DROP_TTL = "LB_STAT_DROP_TTL" => 28,
     SNAT_HALF_OPEN = "LB_STAT_SNAT_HALF_OPEN" => 29,
     SNAT_STRAY = "LB_STAT_SNAT_STRAY" => 30,
+    SNAT_MIDFLOW = "LB_STAT_SNAT_MIDFLOW" => 31,
 );
 
 counters!(svc_stat, SVC_STAT_NAMES,

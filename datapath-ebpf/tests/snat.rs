@@ -280,6 +280,32 @@ fn snat_tcp_both_ways_ipv4() {
     last.ttl = 1;
     assert_eq!(fx.run(&last).verdict, XDP_DROP);
     assert_eq!(fx.stat(stat::DROP_TTL), 1);
+
+    // The client closes too and connects again from the same port: the
+    // new connection gets its old port back (one binding, not two).
+    let fin = Packet::tcp(CLIENT, 40001, VIP, 80, TCP_FIN | TCP_ACK);
+    assert_eq!(fx.run(&fin).verdict, XDP_TX);
+    let r = fx.run(&syn);
+    expect_frame(
+        &r,
+        XDP_TX,
+        &rewritten(
+            &syn,
+            SNAT4,
+            port,
+            "10.99.0.11",
+            8080,
+            mac_of("10.99.0.11"),
+            lb,
+        ),
+        "the same tuple's next SYN, from the same port",
+    );
+    let e = entry(&fx, &key);
+    assert_eq!(e.flags & CT_F_CLOSING, 0, "a new connection");
+    assert_eq!(u16::from_be(e.snat_port), port);
+    let bindings = fx.dp.conntrack().bindings().expect("bindings");
+    assert_eq!(bindings.iter().filter(|(_, v)| v.flow == key).count(), 1);
+    assert_eq!(bindings.len(), 1);
 }
 
 #[test]
@@ -517,6 +543,46 @@ fn snat_icmp_errors_both_ways() {
 }
 
 #[test]
+fn snat_midflow_packets_without_an_entry_are_dropped_not_rebound() {
+    let fx = fixture("hsnm");
+    // An ACK of a flow this node never saw (ECMP moved it here before its
+    // entry arrived): a new port would make the backend reset it.
+    let ack = Packet::tcp(CLIENT, 45000, VIP, 80, TCP_ACK).with_payload(vec![1; 20]);
+    assert_eq!(fx.run(&ack).verdict, XDP_DROP);
+    assert_eq!(fx.stat(stat::SNAT_MIDFLOW), 1);
+    assert_eq!(fx.stat(stat::SNAT_FWD), 0);
+    let key = CtKey::new(
+        CLIENT.parse().unwrap(),
+        45000,
+        VIP.parse().unwrap(),
+        80,
+        IPPROTO_TCP,
+    );
+    assert!(
+        fx.dp.conntrack().get(&key).unwrap().is_none(),
+        "no entry made"
+    );
+    assert!(
+        fx.dp.conntrack().bindings().unwrap().is_empty(),
+        "no port bound"
+    );
+    // Once the flow's entry exists here, its packets go through with it.
+    assert_eq!(
+        fx.run(&Packet::tcp(CLIENT, 45000, VIP, 80, TCP_SYN))
+            .verdict,
+        XDP_TX
+    );
+    let port = entry(&fx, &key).snat_port;
+    let r = fx.run(&ack);
+    assert_eq!(r.verdict, XDP_TX);
+    assert_eq!(
+        u16::from_be_bytes([r.frame[34], r.frame[35]]),
+        u16::from_be(port)
+    );
+    assert_eq!(fx.stat(stat::SNAT_MIDFLOW), 1);
+}
+
+#[test]
 fn snat_replies_without_a_binding_and_bad_input() {
     let fx = fixture("hsnb");
     // To this node's SNAT address, no binding: the kernel, counted.
@@ -592,6 +658,26 @@ fn snat_ports_are_never_shared_and_exhaustion_is_counted() {
     }
     assert!(ok >= 44, "only {ok} of 48 ports were bound");
     assert_eq!(ok + dropped, 200);
+    let full = fx.dp.conntrack().bindings().expect("bindings").len();
+    // With every port taken, a bound client that closes and connects again
+    // from the same port gets its own port back; nobody else gets one.
+    let first = CtKey::new(
+        "172.20.0.1".parse().unwrap(),
+        33000,
+        VIP.parse().unwrap(),
+        80,
+        IPPROTO_TCP,
+    );
+    let port0 = entry(&fx, &first).snat_port;
+    let fin = Packet::tcp("172.20.0.1", 33000, VIP, 80, TCP_FIN | TCP_ACK);
+    assert_eq!(fx.run(&fin).verdict, XDP_TX);
+    let r = fx.run(&Packet::tcp("172.20.0.1", 33000, VIP, 80, TCP_SYN));
+    assert_eq!(r.verdict, XDP_TX, "the reconnect binds its old port");
+    assert_eq!(entry(&fx, &first).snat_port, port0);
+    let r = fx.run(&Packet::tcp("172.20.7.7", 33000, VIP, 80, TCP_SYN));
+    assert_eq!(r.verdict, XDP_DROP, "a new client still finds no port");
+    dropped += 1;
+    assert_eq!(fx.dp.conntrack().bindings().expect("bindings").len(), full);
     assert_eq!(fx.stat(stat::SNAT_EXHAUSTED), dropped as u64);
     assert_eq!(
         svc_stats(&fx, VIP, 80, IPPROTO_TCP)[svc_stat::SNAT_EXHAUSTED],

@@ -253,6 +253,7 @@ enum lb_stat {
 	LB_STAT_DROP_TTL,         /* SNAT: TTL / hop limit would reach 0: dropped */
 	LB_STAT_SNAT_HALF_OPEN,   /* SYN flood mode: a SNAT SYN bound in the half-open table */
 	LB_STAT_SNAT_STRAY,       /* SNAT reply that does not match its half-open binding: dropped */
+	LB_STAT_SNAT_MIDFLOW,     /* SNAT TCP packet past its SYN with no entry here: dropped */
 	LB_STAT_MAX = 32,
 };
 

@@ -250,4 +250,8 @@ pub struct CtRow {
     pub remote: bool,
     pub closing: bool,
     pub idle_s: f64,
+    /// A SNAT flow's source towards its backend ("addr:port"; the address
+    /// of the slot that bound it, "slot N" if the pools no longer hold it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat: Option<String>,
 }

@@ -276,7 +276,7 @@ pub fn conntrack(
     print(cx.cli.output, &rows, |rows| {
         table(
             &[
-                "CLIENT", "VIP", "PROTO", "BACKEND", "ORIGIN", "FLAGS", "IDLE",
+                "CLIENT", "VIP", "PROTO", "BACKEND", "SNAT", "ORIGIN", "FLAGS", "IDLE",
             ],
             rows.iter()
                 .map(|r| {
@@ -285,6 +285,7 @@ pub fn conntrack(
                         r.vip.clone(),
                         r.proto.clone(),
                         r.backend_id.to_string(),
+                        r.snat.clone().unwrap_or_else(|| "-".into()),
                         r.origin.to_string(),
                         [(r.remote, "remote"), (r.closing, "closing")]
                             .iter()

@@ -365,6 +365,9 @@ fn datapath_stat_help(stat: &str) -> &'static str {
         "LB_STAT_SNAT_STRAY" => {
             "SYN-ACKs to a half-open SNAT binding that do not acknowledge its client's SYN, dropped"
         }
+        "LB_STAT_SNAT_MIDFLOW" => {
+            "SNAT TCP packets past the SYN with no entry on this node, dropped (a new port would reset the connection; the retransmission finds the replicated entry)"
+        }
         _ => "Datapath counter (see docs/operations.md)",
     }
 }

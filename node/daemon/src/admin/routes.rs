@@ -281,8 +281,14 @@ async fn conntrack(
             "this node has no datapath",
         ));
     };
+    let pools = node.sm.current().state.snat.clone();
     let rows = tokio::task::spawn_blocking(move || {
-        ct_rows(&h.dp.lock().expect("dp"), q.vip, q.limit.unwrap_or(10_000))
+        ct_rows(
+            &h.dp.lock().expect("dp"),
+            &pools,
+            q.vip,
+            q.limit.unwrap_or(10_000),
+        )
     })
     .await
     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?

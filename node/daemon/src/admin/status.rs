@@ -58,6 +58,7 @@ pub fn local_status(node: &Node) -> LocalStatus {
 /// them (at most `limit`, sorted by VIP and client).
 pub fn ct_rows(
     dp: &datapath_ebpf::Datapath,
+    snat: &raft_store::snat::SnatPools,
     vip: Option<std::net::IpAddr>,
     limit: usize,
 ) -> datapath_ebpf::Result<Vec<CtRow>> {
@@ -85,6 +86,18 @@ pub fn ct_rows(
                 remote: v.flags & datapath_ebpf::abi::CT_F_REMOTE != 0,
                 closing: v.flags & datapath_ebpf::abi::CT_F_CLOSING != 0,
                 idle_s: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+                snat: (v.flags & datapath_ebpf::abi::CT_F_SNAT != 0).then(|| {
+                    let port = u16::from_be(v.snat_port);
+                    let (v4, v6) = snat.addrs_of_slot(v.snat_slot);
+                    let addr = match k.client() {
+                        Some(std::net::IpAddr::V6(_)) => v6.map(std::net::IpAddr::V6),
+                        _ => v4.map(std::net::IpAddr::V4),
+                    };
+                    match addr {
+                        Some(a) => sock(Some(a), port),
+                        None => format!("slot {}:{port}", v.snat_slot),
+                    }
+                }),
             }
         })
         .collect();
