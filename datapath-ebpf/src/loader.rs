@@ -438,7 +438,7 @@ impl Datapath {
         self.vip_filter = (0..VIP_FILTER_WORDS)
             .map(|i| arr.get(&i, 0).map_err(Error::map(M_VIP_FILTER)))
             .collect::<Result<_>>()?;
-        self.recover_snat()?;
+        self.snat = SnatState::recover(&mut self.bpf)?;
         let words = vip_filter_words(self.slots.keys().chain(self.snat.keys().iter()));
         self.write_vip_filter(words)?;
         self.recover_backends()
@@ -765,7 +765,7 @@ impl Datapath {
         // 1a. Every node's SNAT addresses (before a SNAT service may bind
         // with one; slots that are gone are cleared in step 4b).
         let snat_keys = crate::snat::snat_keys(&cfg.snat);
-        self.write_snat(&cfg.snat, &snat_keys)?;
+        self.snat.write(&mut self.bpf, &cfg.snat, &snat_keys)?;
 
         // 2a. The VIP prefilter lets the new VIPs (and SNAT addresses)
         // through before their services exist (and keeps the old ones until
@@ -880,7 +880,7 @@ impl Datapath {
         // 4a. The prefilter: only the VIPs of this config.
         self.write_vip_filter(want_filter)?;
         // 4b. SNAT slots and filter bits that are gone.
-        self.prune_snat(&cfg.snat, &snat_keys)?;
+        self.snat.prune(&mut self.bpf, &cfg.snat, &snat_keys)?;
 
         // 5. Backends that are gone: no table references them any more.
         let removed: Vec<u32> = self

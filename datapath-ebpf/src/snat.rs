@@ -13,7 +13,6 @@ use crate::{
     abi::{addr_bytes, vip_filter_bit, SnatAddr, SvcKey, SNAT_F_V4, SNAT_F_V6, SNAT_SLOTS},
     config::SnatConfig,
     error::{Error, Result},
-    loader::Datapath,
     maps::{M_SNAT_ADDRS, M_SNAT_FILTER, M_SNAT_OWN},
 };
 
@@ -76,10 +75,10 @@ fn array<'a, V: aya::Pod>(
         .map_err(Error::map(name))
 }
 
-impl Datapath {
+impl SnatState {
     /// Read what the (adopted) SNAT maps hold.
-    pub(crate) fn recover_snat(&mut self) -> Result<()> {
-        let addrs: Array<&mut MapData, SnatAddr> = array(&mut self.bpf, M_SNAT_ADDRS)?;
+    pub(crate) fn recover(bpf: &mut aya::Ebpf) -> Result<Self> {
+        let addrs: Array<&mut MapData, SnatAddr> = array(bpf, M_SNAT_ADDRS)?;
         let mut slots = BTreeMap::new();
         for i in 0..SNAT_SLOTS {
             let v = addrs.get(&i, 0).map_err(Error::map(M_SNAT_ADDRS))?;
@@ -87,9 +86,9 @@ impl Datapath {
                 slots.insert(i, v);
             }
         }
-        let own: Array<&mut MapData, u32> = array(&mut self.bpf, M_SNAT_OWN)?;
+        let own: Array<&mut MapData, u32> = array(bpf, M_SNAT_OWN)?;
         let own = own.get(&0, 0).map_err(Error::map(M_SNAT_OWN))?;
-        let filter: Array<&mut MapData, u64> = array(&mut self.bpf, M_SNAT_FILTER)?;
+        let filter: Array<&mut MapData, u64> = array(bpf, M_SNAT_FILTER)?;
         let filter = (0..VIP_FILTER_WORDS_USIZE as u32)
             .map(|i| filter.get(&i, 0).map_err(Error::map(M_SNAT_FILTER)))
             .collect::<Result<Vec<u64>>>()?;
@@ -102,98 +101,91 @@ impl Datapath {
                 keys.push(SvcKey::new(std::net::Ipv6Addr::from(v.v6).into(), 0, 0).vip_only());
             }
         }
-        self.snat = SnatState {
+        Ok(SnatState {
             slots,
             own,
             filter,
             keys,
-        };
-        Ok(())
+        })
     }
 
     /// Write the config's slots, this node's slot and the filter bits of
-    /// its addresses (added to the old ones: `prune_snat` takes those out
+    /// its addresses (added to the old ones: `prune` takes those out
     /// once no service needs them).
-    pub(crate) fn write_snat(&mut self, cfg: &SnatConfig, keys: &[SvcKey]) -> Result<()> {
-        let mut addrs: Array<&mut MapData, SnatAddr> = array(&mut self.bpf, M_SNAT_ADDRS)?;
+    pub(crate) fn write(
+        &mut self,
+        bpf: &mut aya::Ebpf,
+        cfg: &SnatConfig,
+        keys: &[SvcKey],
+    ) -> Result<()> {
+        let mut addrs: Array<&mut MapData, SnatAddr> = array(bpf, M_SNAT_ADDRS)?;
         let mut written = Vec::new();
         for s in &cfg.slots {
             let v = slot_value(s);
             let slot = u32::from(s.slot);
-            if self.snat.slots.get(&slot) != Some(&v) {
+            if self.slots.get(&slot) != Some(&v) {
                 addrs.set(slot, v, 0).map_err(Error::map(M_SNAT_ADDRS))?;
                 written.push((slot, v));
             }
         }
-        self.snat.slots.extend(written);
+        self.slots.extend(written);
         let own = cfg.own.map_or(0, |o| u32::from(o) + 1);
-        if own != self.snat.own {
-            let mut arr: Array<&mut MapData, u32> = array(&mut self.bpf, M_SNAT_OWN)?;
+        if own != self.own {
+            let mut arr: Array<&mut MapData, u32> = array(bpf, M_SNAT_OWN)?;
             arr.set(0, own, 0).map_err(Error::map(M_SNAT_OWN))?;
-            self.snat.own = own;
+            self.own = own;
         }
         let want = filter_words(keys);
         let union: Vec<u64> = want
             .iter()
-            .zip(self.snat.filter.iter().chain(std::iter::repeat(&0)))
+            .zip(self.filter.iter().chain(std::iter::repeat(&0)))
             .map(|(a, b)| a | b)
             .collect();
-        self.write_snat_filter(union)?;
-        self.snat.keys = keys.to_vec();
+        self.write_filter(bpf, union)?;
+        self.keys = keys.to_vec();
         Ok(())
     }
 
     /// Clear the slots the config no longer has and the filter bits of
     /// addresses that are gone.
-    pub(crate) fn prune_snat(&mut self, cfg: &SnatConfig, keys: &[SvcKey]) -> Result<()> {
+    pub(crate) fn prune(
+        &mut self,
+        bpf: &mut aya::Ebpf,
+        cfg: &SnatConfig,
+        keys: &[SvcKey],
+    ) -> Result<()> {
         let keep: Vec<u32> = cfg.slots.iter().map(|s| u32::from(s.slot)).collect();
         let gone: Vec<u32> = self
-            .snat
             .slots
             .keys()
             .copied()
             .filter(|s| !keep.contains(s))
             .collect();
         if !gone.is_empty() {
-            let mut addrs: Array<&mut MapData, SnatAddr> = array(&mut self.bpf, M_SNAT_ADDRS)?;
+            let mut addrs: Array<&mut MapData, SnatAddr> = array(bpf, M_SNAT_ADDRS)?;
             for s in &gone {
                 addrs
                     .set(*s, SnatAddr::default(), 0)
                     .map_err(Error::map(M_SNAT_ADDRS))?;
             }
             for s in gone {
-                self.snat.slots.remove(&s);
+                self.slots.remove(&s);
             }
         }
-        self.write_snat_filter(filter_words(keys))
+        self.write_filter(bpf, filter_words(keys))
     }
 
-    fn write_snat_filter(&mut self, words: Vec<u64>) -> Result<()> {
-        let old = std::mem::take(&mut self.snat.filter);
-        let mut arr: Array<&mut MapData, u64> = array(&mut self.bpf, M_SNAT_FILTER)?;
+    fn write_filter(&mut self, bpf: &mut aya::Ebpf, words: Vec<u64>) -> Result<()> {
+        let old = std::mem::take(&mut self.filter);
+        let mut arr: Array<&mut MapData, u64> = array(bpf, M_SNAT_FILTER)?;
         for (i, w) in words.iter().enumerate() {
             if old.get(i) != Some(w) {
                 arr.set(i as u32, *w, 0)
                     .map_err(Error::map(M_SNAT_FILTER))?;
             }
         }
-        self.snat.filter = words;
+        self.filter = words;
         Ok(())
-    }
-
-    /// This node's slot as the datapath has it (None: no SNAT address).
-    pub fn snat_own_slot(&self) -> Option<u16> {
-        self.snat.own.checked_sub(1).map(|s| s as u16)
-    }
-
-    /// The SNAT address of `slot` for an address of `addr`'s family.
-    pub fn snat_addr(&self, slot: u16, v4: bool) -> Option<std::net::IpAddr> {
-        let v = self.snat.slots.get(&u32::from(slot))?;
-        if v4 {
-            (v.flags & SNAT_F_V4 != 0).then(|| v4_of(&v.v4).into())
-        } else {
-            (v.flags & SNAT_F_V6 != 0).then(|| std::net::Ipv6Addr::from(v.v6).into())
-        }
     }
 }
 

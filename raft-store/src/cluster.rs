@@ -547,6 +547,18 @@ impl ClusterState {
                         member_addrs(m).map(|a| (a, format!("an address of node {}", m.node_id))),
                     );
                 }
+                for (pool, v6) in [(v4, false), (v6, true)] {
+                    if let Some(svc) = self.services.values().find(|s| {
+                        pool.is_none() && s.mode == ForwardingMode::Snat && s.vip.is_ipv6() == v6
+                    }) {
+                        return Err(format!(
+                            "snat: service {} forwards with SNAT over {}: its pool stays \
+                             (change the service first)",
+                            svc.name,
+                            if v6 { "IPv6" } else { "IPv4" }
+                        ));
+                    }
+                }
                 self.snat
                     .set_pools(v4.clone(), v6.clone(), &vip_pools, &taken)?;
                 let ids: Vec<u64> = self.members.keys().copied().collect();
@@ -641,6 +653,19 @@ impl ClusterState {
         }
         match s.mode {
             ForwardingMode::Snat => {
+                let (pool, flag) = if s.vip.is_ipv4() {
+                    (&self.snat.v4, "--v4")
+                } else {
+                    (&self.snat.v6, "--v6")
+                };
+                if pool.is_none() {
+                    return Err(format!(
+                        "service {}: forwarding snat needs an {} SNAT pool, and there is none \
+                         (clusterctl snat set {flag} CIDR)",
+                        s.name,
+                        if s.vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ));
+                }
                 if let Some(b) = mine.iter().find(|b| b.addr.is_ipv4() != s.vip.is_ipv4()) {
                     return Err(format!(
                         "service {}: forwarding snat stays within the VIP's address family \
@@ -823,6 +848,88 @@ mod tests {
             port,
             weight: 1,
         }
+    }
+
+    fn snat_svc(name: &str, vip: &str, port: u16) -> Command {
+        let Command::PutService { mut service } = svc(name, vip, port) else {
+            unreachable!()
+        };
+        service.mode = ForwardingMode::Snat;
+        Command::PutService { service }
+    }
+
+    fn member(id: u64, addr: &str) -> Command {
+        Command::PutMember {
+            member: Member {
+                node_id: id,
+                raft_addr: format!("{addr}:7100"),
+                admin_addr: format!("{addr}:7101"),
+                bgp_next_hop: None,
+            },
+        }
+    }
+
+    fn pools(v4: Option<&str>, v6: Option<&str>) -> Command {
+        Command::PutSnatPools {
+            v4: v4.map(Into::into),
+            v6: v6.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn snat_services_need_their_familys_pool_and_nodes_get_slots() {
+        let mut s = ClusterState::default();
+        s.apply(&member(1, "10.0.0.11"));
+        // No pool yet: refused, naming the way out.
+        let r = s.apply(&snat_svc("db", "10.200.0.5", 5432));
+        let why = r.rejected.expect("refused");
+        assert!(
+            why.contains("needs an IPv4 SNAT pool") && why.contains("--v4"),
+            "{why}"
+        );
+        // Pools that overlap a node's address or are malformed: refused.
+        for (cmd, want) in [
+            (pools(Some("10.0.0.0/24"), None), "node 1"),
+            (pools(Some("10.200.1.1/28"), None), "host bits"),
+            (pools(Some("bogus"), None), "snat"),
+        ] {
+            let before = s.clone();
+            let r = s.apply(&cmd);
+            let why = r.rejected.expect("refused");
+            assert!(why.contains(want), "{cmd:?}: {why}");
+            assert_eq!(s, before, "a refused pool changes nothing");
+        }
+        assert_eq!(s.apply(&pools(Some("10.200.1.0/28"), None)).rejected, None);
+        assert_eq!(s.snat.slots.get(&1), Some(&0), "the member got slot 0");
+        assert_eq!(
+            s.snat.addrs_of(1).0,
+            Some("10.200.1.1".parse().unwrap()),
+            "the first usable address"
+        );
+        // A joining node gets the next slot.
+        s.apply(&member(2, "10.0.0.12"));
+        assert_eq!(s.snat.slots.get(&2), Some(&1));
+        // Now the SNAT service, with a backend on another port.
+        assert_eq!(s.apply(&snat_svc("db", "10.200.0.5", 5432)).rejected, None);
+        assert_eq!(s.apply(&add("db", "10.1.0.7", 15432)).rejected, None);
+        // Its VIP family's pool cannot go while it forwards with SNAT.
+        let why = s
+            .apply(&pools(None, Some("fd00:201::/120")))
+            .rejected
+            .expect("refused");
+        assert!(why.contains("service db"), "{why}");
+        // No IPv6 pool: an IPv6 SNAT service is refused.
+        let why = s
+            .apply(&snat_svc("db6", "fd00:200::5", 5432))
+            .rejected
+            .expect("refused");
+        assert!(why.contains("IPv6 SNAT pool"), "{why}");
+        // A VIP inside the pools is refused.
+        let why = s
+            .apply(&svc("in", "10.200.1.3", 80))
+            .rejected
+            .expect("refused");
+        assert!(why.contains("inside the SNAT pools"), "{why}");
     }
 
     #[test]

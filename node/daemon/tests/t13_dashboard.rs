@@ -36,6 +36,28 @@ async fn t13_dashboard_metrics_exist() {
         }
     }
     assert!(used.len() >= 10, "{used:?}");
+    // And every metric of the alerting rules (deploy/prometheus).
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/prometheus/holdfast-alerts.yaml"),
+    )
+    .expect("alert rules");
+    let before = used.len();
+    for line in rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+    {
+        let mut rest = line;
+        while let Some(i) = rest.find("holdfast_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            used.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    assert!(used.len() > before, "the alert rules query metrics");
 
     let c = Cluster::start(1).await;
     c.write(service("web", "10.200.0.9", 80)).await;

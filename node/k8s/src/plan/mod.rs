@@ -448,6 +448,22 @@ pub fn plan(
                         .get(&hf_name)
                         .map_or(ForwardingMode::Dsr, |s| s.mode)
                 });
+                let pool = if v6 { &state.snat.v6 } else { &state.snat.v4 };
+                if mode == ForwardingMode::Snat && pool.is_none() {
+                    // The config would refuse it: say why on the Service.
+                    out.notes.push(note(
+                        "Service",
+                        &ns,
+                        &name,
+                        &uid,
+                        "NoSnatPool",
+                        format!(
+                            "{FORWARDING_ANNOTATION}: snat needs an {} SNAT pool (clusterctl snat set); {vip} port {port} not created",
+                            if v6 { "IPv6" } else { "IPv4" }
+                        ),
+                    ));
+                    continue;
+                }
                 let mut backends: BTreeMap<(IpAddr, u16), BackendState> = BTreeMap::new();
                 for sl in by_svc
                     .get(&(ns.clone(), name.clone()))

@@ -288,6 +288,27 @@ fn forwarding_annotation_snat_forwards_to_the_target_port() {
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
     }))];
     let mut s = state();
+    // No SNAT pool yet: an Event saying so, nothing created.
+    let p = plan(&[web(Some("snat"))], &slices, &s, &cfg());
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.reason == "NoSnatPool" && n.message.contains("IPv4 SNAT pool")),
+        "{:?}",
+        p.notes
+    );
+    assert!(
+        !p.commands
+            .iter()
+            .any(|c| matches!(c, raft_store::Command::PutService { .. })),
+        "{:?}",
+        p.commands
+    );
+    let r = s.apply(&raft_store::Command::PutSnatPools {
+        v4: Some("10.200.1.0/28".into()),
+        v6: None,
+    });
+    assert_eq!(r.rejected, None);
     // SNAT: the backend is the endpoint's port, no Event.
     let p = plan(&[web(Some("snat"))], &slices, &s, &cfg());
     assert!(p.notes.is_empty(), "{:?}", p.notes);
