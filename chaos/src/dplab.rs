@@ -91,6 +91,7 @@ pub fn lab_config(epoch: u64, n_backends: usize, draining: &[usize]) -> Datapath
                 })
                 .collect();
             services.push(ServiceSpec {
+                source_ranges: Vec::new(),
                 vip: vip.parse().expect("static"),
                 port,
                 proto,

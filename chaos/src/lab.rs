@@ -1442,6 +1442,7 @@ fn put_service(
             table_size: 1021,
             mode,
             health_check: checked.then(|| lab_check(proto)),
+            source_ranges: Vec::new(),
         },
     }
 }

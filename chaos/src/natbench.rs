@@ -165,6 +165,7 @@ fn holdfast_config(n_backends: usize) -> DatapathConfig {
     DatapathConfig {
         epoch: 1,
         services: vec![ServiceSpec {
+            source_ranges: Vec::new(),
             vip: VIP.parse().expect("static"),
             port: VIP_PORT,
             proto: Proto::Tcp,

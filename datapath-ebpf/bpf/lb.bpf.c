@@ -511,6 +511,43 @@ static __noinline int snat_reply_icmp(struct xdp_md *ctx, const struct pkt *p)
 	return send_to(ctx, &nh, rc, st, ss);
 }
 
+/*
+ * May the packet's source reach service `sid` (its source ranges, if it has
+ * any)? An entry remembers the ranges generation its source was found in:
+ * until the ranges change, its packets skip the trie. The trie's key is
+ * built in the per-CPU scratch space, not on the stack that the program
+ * and its calls share (512 bytes).
+ */
+static __always_inline int src_allowed(const struct pkt *p, __u32 sid, struct lb_ct_val *ct)
+{
+	const struct lb_svc_policy *pol = bpf_map_lookup_elem(&lb_svc_policy, &sid);
+
+	if (!pol || !pol->ranges_gen || (ct && ct->ranges_gen == pol->ranges_gen))
+		return 1;
+	__u32 zero = 0;
+	struct lb_src_range_key *k = bpf_map_lookup_elem(&lb_scratch, &zero);
+
+	_Static_assert(sizeof(*k) <= sizeof(struct lb_scratch), "scratch");
+	if (!k)
+		return 0;
+	k->prefixlen = LB_SRC_RANGE_BASE_BITS + (p->flow.family == LB_FAMILY_V4 ? 32 : 128);
+	k->svc = bpf_htonl(sid);
+	k->family = p->flow.family;
+	__builtin_memcpy(k->addr, p->flow.saddr, 16);
+	__builtin_memset(k->pad, 0, sizeof(k->pad));
+	if (!bpf_map_lookup_elem(&lb_src_ranges, k))
+		return 0;
+	if (ct)
+		ct->ranges_gen = pol->ranges_gen;
+	return 1;
+}
+
+static __always_inline int src_refused(struct lb_stats *st, struct lb_svc_stats *ss)
+{
+	svc_stat_add(ss, LB_SVC_SRC_REFUSED, 1);
+	return drop(st, ss, LB_STAT_SRC_REFUSED);
+}
+
 /* Fragments, bad L4 headers and unbalanced protocols: drop or pass by whether a VIP is hit. */
 static __always_inline int lb_unbalanced(const struct pkt *p, int res)
 {
@@ -612,6 +649,8 @@ int holdfast_lb(struct xdp_md *ctx)
 			__u32 hsid = be->svc_ref - 1;
 
 			ss = bpf_map_lookup_elem(&lb_svc_stats, &hsid);
+			if (!src_allowed(&p, hsid, ct))
+				return src_refused(st, ss);
 			goto hit;
 		}
 	}
@@ -633,6 +672,8 @@ int holdfast_lb(struct xdp_md *ctx)
 	ss = bpf_map_lookup_elem(&lb_svc_stats, &sid);
 	if (!est)
 		ct = ct_find(&p, st, &be, &now, &why);
+	if (!src_allowed(&p, sid, ct))
+		return src_refused(st, ss);
 	if (ct && be)
 		goto hit; /* a followed entry whose backend has no svc_ref */
 	if (why)

@@ -16,6 +16,10 @@
 #ifndef LB_MAX_TABLE
 #define LB_MAX_TABLE 65537
 #endif
+#ifndef LB_MAX_SRC_RANGES
+#define LB_MAX_SRC_RANGES 65536
+#endif
+
 #ifndef LB_CT_SIZE
 #define LB_CT_SIZE 1048576
 #endif

@@ -227,6 +227,23 @@ struct {
 	__type(value, struct lb_scratch);
 } lb_scratch SEC(".maps");
 
+/* Source ranges of restricted services (see struct lb_src_range_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, LB_MAX_SRC_RANGES);
+	__type(key, struct lb_src_range_key);
+	__type(value, __u32);
+} lb_src_ranges SEC(".maps");
+
+/* Per-service policy by stats slot (see struct lb_svc_policy). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct lb_svc_policy);
+} lb_svc_policy SEC(".maps");
+
 LB_ABI_ANCHOR_MAP;
 
 #endif /* LB_MAPS_H */

@@ -166,7 +166,9 @@ pub struct CtVal {
     pub snat_port: u16,
     /// SNAT entries: the slot of the SNAT address (the origin node's).
     pub snat_slot: u16,
-    pub pad: u32,
+    /// The service's source-ranges generation this flow's source was
+    /// found in (0: not checked yet; the datapath's cache, not replicated).
+    pub ranges_gen: u32,
 }
 
 /// A new flow as the datapath created it (`last_seen_ns == created_ns`).
@@ -200,7 +202,7 @@ impl FlowEvent {
             last_seen_ns: self.created_ns,
             snat_port: if snat { self.key.pad } else { 0 },
             snat_slot: if snat { self.flags >> 8 } else { 0 },
-            pad: 0,
+            ranges_gen: 0,
         }
     }
 }
@@ -226,6 +228,59 @@ pub struct SnatAddr {
     pub v4: [u8; 16],
     pub v6: [u8; 16],
     pub flags: u32,
+    pub pad: u32,
+}
+
+/// The prefix bits of a [`SrcRangeKey`] before the address: the service
+/// slot (32) and the family (8).
+pub const SRC_RANGE_BASE_BITS: u32 = 40;
+
+/// A key of `lb_src_ranges` (an LPM trie): one CIDR of a service's source
+/// ranges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// `SRC_RANGE_BASE_BITS` + the CIDR's prefix length.
+    pub prefixlen: u32,
+    /// The service's stats slot, network order.
+    pub svc: u32,
+    pub family: u8,
+    pub addr: [u8; 16],
+    pub pad: [u8; 3],
+}
+
+impl SrcRangeKey {
+    /// The key of `net/len` for service slot `slot` (`net`'s host bits are
+    /// cleared).
+    pub fn new(slot: u32, net: IpAddr, len: u8) -> Self {
+        let (mut addr, family) = addr_bytes(net);
+        let bits = if family == FAMILY_V4 { 32 } else { 128 };
+        let len = u32::from(len).min(bits);
+        for (i, b) in addr.iter_mut().enumerate() {
+            let keep = len.saturating_sub(8 * i as u32).min(8);
+            *b &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+        }
+        Self {
+            prefixlen: SRC_RANGE_BASE_BITS + len,
+            svc: slot.to_be(),
+            family,
+            addr,
+            pad: [0; 3],
+        }
+    }
+
+    /// The service slot.
+    pub fn slot(&self) -> u32 {
+        u32::from_be(self.svc)
+    }
+}
+
+/// A service's policy (`lb_svc_policy`, by stats slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcPolicy {
+    /// 0: no source ranges; else their generation.
+    pub ranges_gen: u32,
     pub pad: u32,
 }
 
@@ -272,7 +327,7 @@ pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> (u32, u32) {
     (h >> 6, h & 63)
 }
 
-pub const STAT_MAX: usize = 32;
+pub const STAT_MAX: usize = 48;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,7 +341,7 @@ impl Default for Stats {
     }
 }
 
-pub const SVC_STAT_MAX: usize = 8;
+pub const SVC_STAT_MAX: usize = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -338,6 +393,8 @@ unsafe impl aya::Pod for DecapKey {}
 unsafe impl aya::Pod for DecapStats {}
 unsafe impl aya::Pod for SnatRev {}
 unsafe impl aya::Pod for SnatAddr {}
+unsafe impl aya::Pod for SrcRangeKey {}
+unsafe impl aya::Pod for SvcPolicy {}
 
 /// Declares counter indices as constants plus a table of (C name, index)
 /// that the layout test checks against the C enum in BTF.
@@ -383,6 +440,7 @@ counters!(stat, STAT_NAMES,
     SNAT_HALF_OPEN = "LB_STAT_SNAT_HALF_OPEN" => 29,
     SNAT_STRAY = "LB_STAT_SNAT_STRAY" => 30,
     SNAT_MIDFLOW = "LB_STAT_SNAT_MIDFLOW" => 31,
+    SRC_REFUSED = "LB_STAT_SRC_REFUSED" => 32,
 );
 
 counters!(svc_stat, SVC_STAT_NAMES,
@@ -394,6 +452,7 @@ counters!(svc_stat, SVC_STAT_NAMES,
     DROPS = "LB_SVC_DROPS" => 5,
     SNAT_EXHAUSTED = "LB_SVC_SNAT_EXHAUSTED" => 6,
     REPLIES = "LB_SVC_REPLIES" => 7,
+    SRC_REFUSED = "LB_SVC_SRC_REFUSED" => 8,
 );
 
 counters!(decap_stat, DECAP_STAT_NAMES,

@@ -55,6 +55,8 @@ pub struct DatapathOptions {
     /// the top quarter is for SYN flood mode).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Source-range CIDRs of all services together (an LPM trie).
+    pub max_source_ranges: u32,
 }
 
 impl Default for DatapathOptions {
@@ -78,6 +80,7 @@ impl Default for DatapathOptions {
             snat_half_open_size: 65_536,
             snat_port_min: 1024,
             snat_port_max: 65535,
+            max_source_ranges: 65_536,
         }
     }
 }
@@ -115,6 +118,9 @@ impl DatapathOptions {
                 "max_table_size",
                 format!("2 x max_services x max_table_size = {slots} slots is too large"),
             ));
+        }
+        if self.max_source_ranges == 0 || self.max_source_ranges > 1 << 24 {
+            return Err(Error::invalid("max_source_ranges", "must be 1..=16777216"));
         }
         if self.conntrack_size < 1024 {
             return Err(Error::invalid("conntrack_size", "must be at least 1024"));
@@ -269,6 +275,48 @@ impl SnatConfig {
     }
 }
 
+/// A CIDR of clients that may reach a service (its host bits are ignored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub net: IpAddr,
+    pub len: u8,
+}
+
+impl SourceRange {
+    /// `len` must fit `net`'s family.
+    pub fn new(net: IpAddr, len: u8) -> Result<Self> {
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(Error::invalid(
+                "source_ranges",
+                format!("{net}/{len}: the prefix length must be at most {max}"),
+            ));
+        }
+        Ok(Self { net, len })
+    }
+}
+
+impl std::str::FromStr for SourceRange {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::invalid("source_ranges", format!("{s:?}: {why}"));
+        let (a, l) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("not a CIDR (address/length)"))?;
+        let net: IpAddr = a.parse().map_err(|_| bad("not an IP address"))?;
+        let len: u8 = l.parse().map_err(|_| bad("not a prefix length"))?;
+        Self::new(net, len)
+    }
+}
+
+impl std::fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.len)
+    }
+}
+
 /// A service: (VIP, port, protocol); port 0 matches every port of the VIP.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
@@ -280,6 +328,9 @@ pub struct ServiceSpec {
     /// How new flows are forwarded (an entry keeps the mode it was made with).
     pub forwarding: Forwarding,
     pub backends: Vec<BackendSpec>,
+    /// Clients allowed (CIDRs of either family; empty: every client). A
+    /// packet from elsewhere is dropped, on new and established flows.
+    pub source_ranges: Vec<SourceRange>,
 }
 
 impl ServiceSpec {
@@ -295,6 +346,7 @@ impl ServiceSpec {
             table_size: DEFAULT_TABLE_SIZE,
             forwarding: Forwarding::Dsr,
             backends: Vec::new(),
+            source_ranges: Vec::new(),
         })
     }
 
@@ -333,6 +385,16 @@ impl DatapathConfig {
                 ),
             ));
         }
+        let ranges: usize = self.services.iter().map(|s| s.source_ranges.len()).sum();
+        if ranges > opts.max_source_ranges as usize {
+            return Err(Error::invalid(
+                "source_ranges",
+                format!(
+                    "{ranges} source ranges in all exceed max_source_ranges {}",
+                    opts.max_source_ranges
+                ),
+            ));
+        }
         let mut keys = HashMap::new();
         let mut owner: HashMap<u32, usize> = HashMap::new();
         for (i, svc) in self.services.iter().enumerate() {
@@ -357,6 +419,15 @@ impl DatapathConfig {
                         svc.table_size, opts.max_table_size
                     ),
                 ));
+            }
+            for r in &svc.source_ranges {
+                let max = if r.net.is_ipv4() { 32 } else { 128 };
+                if r.len > max {
+                    return Err(Error::invalid(
+                        format!("{field}.source_ranges"),
+                        format!("{r}: the prefix length must be at most {max}"),
+                    ));
+                }
             }
             if svc.backends.len() as u64 > u64::from(opts.max_backends) {
                 return Err(Error::invalid(

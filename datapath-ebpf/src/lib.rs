@@ -21,6 +21,7 @@ pub mod maglev;
 pub mod maps;
 pub mod packet;
 pub mod prog;
+pub(crate) mod ranges;
 pub mod snat;
 pub mod sys;
 pub mod testbed;
@@ -28,7 +29,7 @@ pub mod testrun;
 
 pub use config::{
     BackendSpec, BackendState, DatapathConfig, DatapathOptions, Forwarding, Proto, ServiceSpec,
-    SnatConfig, SnatSlot,
+    SnatConfig, SnatSlot, SourceRange,
 };
 pub use error::{Error, Result};
 pub use loader::Datapath;

@@ -20,9 +20,10 @@ use tracing::{debug, info};
 
 use crate::{
     abi::{
-        addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, Stats, Svc, SvcKey,
-        SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY, IFACE_PROBES,
-        IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_SNAT, VIPS_F_SNAT, VIP_FILTER_WORDS,
+        addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, SrcRangeKey, Stats,
+        Svc, SvcKey, SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
+        IFACE_PROBES, IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_SNAT, VIPS_F_SNAT,
+        VIP_FILTER_WORDS,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, Forwarding, ServiceSpec},
     conntrack::{Conntrack, CtMaps},
@@ -32,10 +33,11 @@ use crate::{
     maps::{
         ensure_bpffs_dir, map_data, monotonic_now, ALL_MAPS, CLOCK_PERIOD, M_BACKENDS, M_CLOCK,
         M_CONNTRACK, M_EVENTS, M_IFACE_SLOTS, M_MAGLEV, M_META, M_NH_CACHE, M_SERVICES,
-        M_SNAT_ADDRS, M_SNAT_FILTER, M_SNAT_HALF_OPEN, M_SNAT_REV, M_STATS, M_SVC_STATS, M_VIPS,
-        M_VIP_FILTER,
+        M_SNAT_ADDRS, M_SNAT_FILTER, M_SNAT_HALF_OPEN, M_SNAT_REV, M_SRC_RANGES, M_STATS,
+        M_SVC_POLICY, M_SVC_STATS, M_VIPS, M_VIP_FILTER,
     },
     prog::{ifindex, percpu_sum, xdp, xdp_mut, AttachMode},
+    ranges::RangesState,
     snat::SnatState,
     sys,
 };
@@ -114,6 +116,8 @@ pub struct ApplyReport {
     /// Maglev slots written (only the slots that differ from what the
     /// region already holds).
     pub slots_written: usize,
+    /// Services whose source ranges were (re)written.
+    pub ranges_written: usize,
 }
 
 /// The load balancer datapath of one node.
@@ -137,6 +141,7 @@ pub struct Datapath {
     vip_filter: Vec<u64>,
     /// What the SNAT maps hold (see `snat.rs`).
     pub(crate) snat: SnatState,
+    ranges: RangesState,
     _clock: ClockPublisher,
 }
 
@@ -189,6 +194,8 @@ impl Datapath {
             .map_max_entries(M_CONNTRACK, opts.conntrack_size)
             .map_max_entries(M_EVENTS, opts.ring_bytes)
             .map_max_entries(M_SVC_STATS, opts.max_services)
+            .map_max_entries(M_SVC_POLICY, opts.max_services)
+            .map_max_entries(M_SRC_RANGES, opts.max_source_ranges)
             .map_max_entries(M_SNAT_REV, opts.snat_size)
             .map_max_entries(M_SNAT_HALF_OPEN, opts.snat_half_open_size)
             .override_global("lb_snat_port_min", &snat_min, true)
@@ -282,6 +289,7 @@ impl Datapath {
             adopted,
             vip_filter: Vec::new(),
             snat: SnatState::default(),
+            ranges: RangesState::default(),
             _clock: clock,
         };
         if adopted {
@@ -439,6 +447,7 @@ impl Datapath {
             .map(|i| arr.get(&i, 0).map_err(Error::map(M_VIP_FILTER)))
             .collect::<Result<_>>()?;
         self.snat = SnatState::recover(&mut self.bpf)?;
+        self.ranges = RangesState::recover(&mut self.bpf, self.opts.max_services)?;
         let words = vip_filter_words(self.slots.keys().chain(self.snat.keys().iter()));
         self.write_vip_filter(words)?;
         self.recover_backends()
@@ -820,6 +829,16 @@ impl Datapath {
                     Slot { id, half: 0 }
                 }
             };
+            // Source ranges before the service entry (a new service is
+            // restricted from its first packet).
+            let ranges = svc
+                .source_ranges
+                .iter()
+                .map(|r| SrcRangeKey::new(slot.id, r.net, r.len))
+                .collect();
+            if self.ranges.set(&mut self.bpf, slot.id, ranges)? {
+                report.ranges_written += 1;
+            }
             let base = (2 * slot.id + slot.half) * self.opts.max_table_size;
             // Write only what differs from the region's current content
             // (Maglev moves ~1/N of the slots when a backend changes); the
@@ -873,6 +892,8 @@ impl Datapath {
                 .remove(&key)
                 .map_err(Error::map(M_SERVICES))?;
             self.slots.remove(&key);
+            self.ranges
+                .set(&mut self.bpf, slot.id, Default::default())?;
             self.free_ids.insert(slot.id);
             report.services_removed += 1;
         }

@@ -30,13 +30,15 @@ pub(crate) const M_SNAT_HALF_OPEN: &str = "lb_snat_half_open";
 pub(crate) const M_SNAT_ADDRS: &str = "lb_snat_addrs";
 pub(crate) const M_SNAT_OWN: &str = "lb_snat_own";
 pub(crate) const M_SNAT_FILTER: &str = "lb_snat_filter";
+pub(crate) const M_SRC_RANGES: &str = "lb_src_ranges";
+pub(crate) const M_SVC_POLICY: &str = "lb_svc_policy";
 /// Not pinned: each process publishes its own clock to its own program.
 pub(crate) const M_CLOCK: &str = "lb_clock";
 /// How often the agent publishes CLOCK_MONOTONIC into `lb_clock`.
 pub const CLOCK_PERIOD: Duration = Duration::from_millis(2);
 
 /// The maps pinned with `pin_dir` (a restart adopts them).
-pub(crate) const ALL_MAPS: [&str; 16] = [
+pub(crate) const ALL_MAPS: [&str; 18] = [
     M_SERVICES,
     M_VIPS,
     M_BACKENDS,
@@ -53,6 +55,8 @@ pub(crate) const ALL_MAPS: [&str; 16] = [
     M_SNAT_ADDRS,
     M_SNAT_OWN,
     M_SNAT_FILTER,
+    M_SRC_RANGES,
+    M_SVC_POLICY,
 ];
 
 /// bpffs magic (statfs f_type).

@@ -168,7 +168,7 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                     last_seen_ns,
                     snat_port,
                     snat_slot,
-                    pad
+                    ranges_gen
                 ]
             ),
             "lb_snat_rev" => check_struct!(btf, "lb_snat_rev", SnatRev, [flow, backend_id, pad]),
@@ -185,6 +185,13 @@ fn check_all(obj: &[u8], structs: &[&str]) {
             }
             "lb_stats" => check_struct!(btf, "lb_stats", Stats, [c]),
             "lb_svc_stats" => check_struct!(btf, "lb_svc_stats", SvcStats, [c]),
+            "lb_src_range_key" => check_struct!(
+                btf,
+                "lb_src_range_key",
+                SrcRangeKey,
+                [prefixlen, svc, family, addr, pad]
+            ),
+            "lb_svc_policy" => check_struct!(btf, "lb_svc_policy", SvcPolicy, [ranges_gen, pad]),
             "lb_decap_key" => check_struct!(btf, "lb_decap_key", DecapKey, [addr, family, pad]),
             "lb_decap_stats" => check_struct!(btf, "lb_decap_stats", DecapStats, [c]),
             other => panic!("no Rust mirror listed for {other}"),
@@ -217,6 +224,8 @@ fn lb_structs_match_btf() {
             "lb_svc_stats",
             "lb_snat_rev",
             "lb_snat_addr",
+            "lb_src_range_key",
+            "lb_svc_policy",
         ],
     );
 }

@@ -50,6 +50,7 @@ fn backend(id: u32, addr: &str, port: u16) -> BackendSpec {
 
 fn snat_service(vip: &str, port: u16, proto: Proto, backends: Vec<BackendSpec>) -> ServiceSpec {
     ServiceSpec {
+        source_ranges: Vec::new(),
         vip: vip.parse().expect("vip"),
         port,
         proto,
@@ -156,7 +157,12 @@ fn entry(fx: &Fixture, key: &CtKey) -> CtVal {
         .expect("the flow has an entry")
 }
 
-fn svc_stats(fx: &Fixture, vip: &str, port: u16, proto: u8) -> [u64; 8] {
+fn svc_stats(
+    fx: &Fixture,
+    vip: &str,
+    port: u16,
+    proto: u8,
+) -> [u64; datapath_ebpf::abi::SVC_STAT_MAX] {
     let key = SvcKey::new(vip.parse().expect("vip"), port, proto);
     fx.dp
         .service_stats()

@@ -45,3 +45,23 @@ pub(crate) fn mask(addr: IpAddr, len: u8) -> IpAddr {
 pub fn cidr_contains(net: (IpAddr, u8), ip: IpAddr) -> bool {
     net.0.is_ipv4() == ip.is_ipv4() && mask(ip, net.1) == mask(net.0, net.1)
 }
+
+/// "addr/len" with its host bits cleared (as Kubernetes reads
+/// loadBalancerSourceRanges), or why it is no CIDR.
+pub fn canonical_cidr(cidr: &str) -> Result<String, String> {
+    let (a, l) = cidr
+        .trim()
+        .split_once('/')
+        .ok_or_else(|| format!("{cidr:?} is not a CIDR (addr/len)"))?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
+    let len: u8 = l
+        .parse()
+        .map_err(|_| format!("{l:?} is not a prefix length"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("prefix length {len} > {max}"));
+    }
+    Ok(format!("{}/{len}", mask(addr, len)))
+}

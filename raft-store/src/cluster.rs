@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::cidr::{cidr_contains, parse_cidr};
+pub use crate::cidr::{canonical_cidr, cidr_contains, parse_cidr};
 pub use crate::health::{CheckKind, Health, HealthCheck, OnDown, Via};
 pub use crate::snat::SnatPools;
 
@@ -28,6 +28,16 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 pub enum Proto {
     Tcp,
     Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
 }
 
 impl std::fmt::Display for Proto {
@@ -94,7 +104,15 @@ pub struct Service {
     /// healthy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Clients that may reach it: CIDRs of either family, network
+    /// addresses (empty: every client). The datapath drops packets from
+    /// elsewhere, of new and established flows alike.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
 }
+
+/// The most source ranges one service may have.
+pub const MAX_SOURCE_RANGES: usize = 4096;
 
 fn default_table_size() -> u32 {
     DEFAULT_TABLE_SIZE
@@ -645,6 +663,16 @@ impl ClusterState {
                 s.name
             ));
         }
+        if s.source_ranges.len() > MAX_SOURCE_RANGES {
+            return Err(format!(
+                "service {}: source_ranges has {} CIDRs, at most {MAX_SOURCE_RANGES}",
+                s.name,
+                s.source_ranges.len()
+            ));
+        }
+        for r in &s.source_ranges {
+            parse_cidr(r).map_err(|e| format!("service {}: source_ranges: {e}", s.name))?;
+        }
         if self.snat.contains(s.vip) {
             return Err(format!(
                 "service {}: {} is inside the SNAT pools",
@@ -837,8 +865,56 @@ mod tests {
                 table_size: 251,
                 mode: ForwardingMode::Dsr,
                 health_check: None,
+                source_ranges: Vec::new(),
             },
         }
+    }
+
+    #[test]
+    fn source_ranges_must_be_cidrs_with_network_addresses() {
+        let mut s = ClusterState::default();
+        let Command::PutService { mut service } = svc("db", "10.0.0.1", 5432) else {
+            unreachable!()
+        };
+        for (bad, why) in [
+            ("10.0.0.0", "not a CIDR"),
+            ("10.0.0.1/8", "host bits"),
+            ("10.0.0.0/33", "prefix length"),
+            ("banana/8", "not an IP address"),
+        ] {
+            service.source_ranges = vec!["192.168.0.0/16".into(), bad.into()];
+            let r = s.apply(&Command::PutService {
+                service: service.clone(),
+            });
+            let e = r.rejected.unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains("source_ranges") && e.contains(why), "{bad}: {e}");
+            assert!(!s.services.contains_key("db"), "nothing stored for {bad}");
+        }
+        service.source_ranges = vec!["192.168.0.0/16".into(), "2001:db8::/32".into()];
+        assert!(s
+            .apply(&Command::PutService {
+                service: service.clone()
+            })
+            .rejected
+            .is_none());
+        assert_eq!(s.services["db"].source_ranges, service.source_ranges);
+        service.source_ranges = vec!["10.0.0.0/8".into(); MAX_SOURCE_RANGES + 1];
+        let e = s
+            .apply(&Command::PutService { service })
+            .rejected
+            .expect("too many ranges refused");
+        assert!(e.contains("at most"), "{e}");
+        assert_eq!(
+            s.services["db"].source_ranges.len(),
+            2,
+            "the old ranges stay"
+        );
+        assert_eq!(
+            canonical_cidr(" 10.1.2.3/8").as_deref(),
+            Ok("10.0.0.0/8"),
+            "Kubernetes-style host bits cleared"
+        );
+        assert!(canonical_cidr("10.0.0.0/40").is_err());
     }
 
     fn add(service: &str, addr: &str, port: u16) -> Command {

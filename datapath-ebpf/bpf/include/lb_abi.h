@@ -123,7 +123,7 @@ struct lb_ct_val {
 	__u64 last_seen_ns;
 	__be16 snat_port;
 	__u16 snat_slot;
-	__u32 pad;
+	__u32 ranges_gen; /* the service's source ranges generation this flow's source was found in (0: not checked) */
 };
 _Static_assert(sizeof(struct lb_ct_val) == 32, "lb_ct_val size");
 _Static_assert(sizeof(struct lb_ct_key) + sizeof(struct lb_ct_val) <= 72, "ct entry budget");
@@ -160,6 +160,36 @@ struct lb_snat_addr {
 	__u32 pad;
 };
 _Static_assert(sizeof(struct lb_snat_addr) == 40, "lb_snat_addr size");
+
+/*
+ * Source ranges (lb_src_ranges, an LPM trie): one key per (service, CIDR)
+ * of a service restricted to client ranges (Kubernetes
+ * loadBalancerSourceRanges). The prefix covers the service's stats slot
+ * (network order) and the family before the address, so prefixlen = 40 +
+ * the CIDR's length; a lookup uses 40 + 32 or 40 + 128.
+ */
+#define LB_SRC_RANGE_BASE_BITS 40
+struct lb_src_range_key {
+	__u32 prefixlen;
+	__be32 svc;
+	__u8 family;
+	__u8 addr[16];
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct lb_src_range_key) == 28, "lb_src_range_key size");
+
+/*
+ * A service's policy (lb_svc_policy, indexed by its stats slot).
+ * ranges_gen: 0 when any source may reach it; else the generation of its
+ * source ranges, new (never reused) each time they change. A conntrack
+ * entry remembers the generation its source was found in, so an
+ * established flow's packets skip the trie until the ranges change.
+ */
+struct lb_svc_policy {
+	__u32 ranges_gen;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_svc_policy) == 8, "lb_svc_policy size");
 
 /*
  * New-flow event written to the ring buffer for the replication layer: the
@@ -254,13 +284,14 @@ enum lb_stat {
 	LB_STAT_SNAT_HALF_OPEN,   /* SYN flood mode: a SNAT SYN bound in the half-open table */
 	LB_STAT_SNAT_STRAY,       /* SNAT reply that does not match its half-open binding: dropped */
 	LB_STAT_SNAT_MIDFLOW,     /* SNAT TCP packet past its SYN with no entry here: dropped */
-	LB_STAT_MAX = 32,
+	LB_STAT_SRC_REFUSED,      /* source outside its service's source ranges: dropped */
+	LB_STAT_MAX = 48,
 };
 
 struct lb_stats {
 	__u64 c[LB_STAT_MAX];
 };
-_Static_assert(sizeof(struct lb_stats) == 256, "lb_stats size");
+_Static_assert(sizeof(struct lb_stats) == 384, "lb_stats size");
 
 /* Per-service per-CPU counters: index into lb_svc_stats.c. */
 enum lb_svc_stat {
@@ -272,13 +303,14 @@ enum lb_svc_stat {
 	LB_SVC_DROPS,
 	LB_SVC_SNAT_EXHAUSTED, /* new flows dropped for want of a free SNAT port */
 	LB_SVC_REPLIES,        /* SNAT: backend -> client packets translated */
-	LB_SVC_STAT_MAX = 8,
+	LB_SVC_SRC_REFUSED,    /* packets from outside the service's source ranges: dropped */
+	LB_SVC_STAT_MAX = 16,
 };
 
 struct lb_svc_stats {
 	__u64 c[LB_SVC_STAT_MAX];
 };
-_Static_assert(sizeof(struct lb_svc_stats) == 64, "lb_svc_stats size");
+_Static_assert(sizeof(struct lb_svc_stats) == 128, "lb_svc_stats size");
 
 /* Decap program: VIPs it accepts (value is unused flags). */
 struct lb_decap_key {

@@ -95,6 +95,18 @@ const SNAT_VIP: &str = "10.200.0.2";
 const SNAT_ADDR: &str = "10.97.0.1";
 const SNAT_CLIENT: &str = "172.20.0.10";
 
+const RANGES_VIP: &str = "10.200.0.4";
+
+/// 1,000 source ranges: 998 host routes of 198.18.0.0/15 and the two
+/// client ranges of the bench (192.0.2.0/24, 100.64.0.0/10).
+fn bench_ranges() -> Vec<datapath_ebpf::SourceRange> {
+    (0..998u32)
+        .map(|i| format!("198.18.{}.{}/32", i / 200, 1 + i % 200))
+        .chain(["192.0.2.0/24".into(), "100.64.0.0/10".into()])
+        .map(|r| r.parse().expect("static range"))
+        .collect()
+}
+
 fn config() -> DatapathConfig {
     let be = |id: u32, addr: &str| BackendSpec {
         id,
@@ -107,6 +119,7 @@ fn config() -> DatapathConfig {
         epoch: 1,
         services: vec![
             ServiceSpec {
+                source_ranges: Vec::new(),
                 vip: "10.200.0.1".parse().expect("static"),
                 port: 80,
                 proto: Proto::Tcp,
@@ -119,6 +132,7 @@ fn config() -> DatapathConfig {
                 forwarding: Default::default(),
             },
             ServiceSpec {
+                source_ranges: Vec::new(),
                 vip: "10.200.0.1".parse().expect("static"),
                 port: 53,
                 proto: Proto::Udp,
@@ -131,6 +145,7 @@ fn config() -> DatapathConfig {
                 forwarding: Default::default(),
             },
             ServiceSpec {
+                source_ranges: Vec::new(),
                 vip: "fd00:200::1".parse().expect("static"),
                 port: 80,
                 proto: Proto::Tcp,
@@ -144,6 +159,7 @@ fn config() -> DatapathConfig {
             },
             // SNAT: the same backends on another port, this node in slot 1.
             ServiceSpec {
+                source_ranges: Vec::new(),
                 vip: SNAT_VIP.parse().expect("static"),
                 port: 80,
                 proto: Proto::Tcp,
@@ -156,6 +172,21 @@ fn config() -> DatapathConfig {
                     })
                     .collect(),
                 forwarding: Forwarding::Snat,
+            },
+            // Restricted to 1,000 source ranges (the clients of the hit
+            // and new-flow cases among them).
+            ServiceSpec {
+                source_ranges: bench_ranges(),
+                vip: RANGES_VIP.parse().expect("static"),
+                port: 80,
+                proto: Proto::Tcp,
+                table_size: 65_537,
+                backends: vec![
+                    be(13, "10.99.0.11"),
+                    be(14, "10.99.0.12"),
+                    be(15, "10.99.0.13"),
+                ],
+                forwarding: Default::default(),
             },
         ],
         snat: SnatConfig {
@@ -215,8 +246,11 @@ fn main() -> Result<()> {
     let ct_hit_v6 = Packet::tcp("2001:db8::10", 40000, "fd00:200::1", 80, TCP_ACK).frame();
     let pass = Packet::tcp("192.0.2.10", 40000, "198.51.100.1", 80, TCP_SYN).frame();
     let snat_hit = Packet::tcp(SNAT_CLIENT, 40000, SNAT_VIP, 80, TCP_ACK).frame();
+    let ranges_hit = Packet::tcp("192.0.2.10", 40000, RANGES_VIP, 80, TCP_ACK).frame();
+    let refused = Packet::tcp("203.0.113.7", 40000, RANGES_VIP, 80, TCP_SYN).frame();
     // Open the flows first so their packets are conntrack hits.
     for f in [
+        Packet::tcp("192.0.2.10", 40000, RANGES_VIP, 80, TCP_SYN).frame(),
         Packet::tcp("192.0.2.10", 40000, "10.200.0.1", 80, TCP_SYN).frame(),
         Packet::tcp("2001:db8::10", 40000, "fd00:200::1", 80, TCP_SYN).frame(),
         Packet::tcp(SNAT_CLIENT, 40000, SNAT_VIP, 80, TCP_SYN).frame(),
@@ -270,6 +304,14 @@ fn main() -> Result<()> {
             Packet::tcp(&src, 12345, SNAT_VIP, 80, TCP_SYN).frame()
         })
         .collect();
+    // New flows of the restricted service (clients of 100.64.0.0/10).
+    let new_ranges: Vec<Vec<u8>> = (0..args.iters as u32)
+        .map(|i| {
+            let c = 0x6440_0000u32 + i;
+            let src = std::net::Ipv4Addr::from(c).to_string();
+            Packet::tcp(&src, 12346, RANGES_VIP, 80, TCP_SYN).frame()
+        })
+        .collect();
     // And as UDP (a DNS query from a new client: no SYN, a miss).
     let new_udp: Vec<Vec<u8>> = (0..args.iters as u32)
         .map(|i| {
@@ -297,6 +339,18 @@ fn main() -> Result<()> {
         ),
         ("SNAT hit (client -> backend, rewrite)", "snat_hit_ns"),
         ("SNAT reply (backend -> client, rewrite)", "snat_reply_ns"),
+        (
+            "conntrack hit, service with 1,000 source ranges",
+            "ct_hit_ranges_ns",
+        ),
+        (
+            "new flow (SYN), source found among 1,000 ranges",
+            "new_flow_ranges_ns",
+        ),
+        (
+            "SYN from outside 1,000 source ranges (dropped)",
+            "refused_ns",
+        ),
     ]
     .map(|(name, key)| Case {
         name,
@@ -316,10 +370,17 @@ fn main() -> Result<()> {
                 4 => &new_udp[i],
                 5 => &new_snat[i],
                 6 => &snat_hit,
-                _ => &snat_reply,
+                7 => &snat_reply,
+                8 => &ranges_hit,
+                9 => &new_ranges[i],
+                _ => &refused,
             };
             let r = testrun::run(dp.program(), frame, ifindex)?;
-            let want = if ci == 2 { XDP_PASS } else { XDP_TX };
+            let want = match ci {
+                2 => XDP_PASS,
+                10 => testrun::XDP_DROP,
+                _ => XDP_TX,
+            };
             if r.verdict != want {
                 bail!("{}: verdict {} instead of {want}", case.name, r.verdict);
             }

@@ -67,6 +67,7 @@ pub fn be(id: u32, state: BackendState) -> BackendSpec {
 
 pub fn svc(vip: &str, port: u16, proto: Proto, backends: Vec<BackendSpec>) -> ServiceSpec {
     ServiceSpec {
+        source_ranges: Vec::new(),
         vip: vip.parse().expect("fixture VIP"),
         port,
         proto,

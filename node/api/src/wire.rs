@@ -97,6 +97,11 @@ pub struct LocalStatus {
     /// The certificate this node serves and calls with now.
     #[serde(default)]
     pub certificate: Option<holdfast_pki::CertInfo>,
+    /// Packets this node's datapath dropped per service because their
+    /// source was outside the service's source ranges (services with
+    /// ranges only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_refused: BTreeMap<String, u64>,
 }
 
 /// Body of `POST /drain` (this node only; not forwarded).
@@ -132,6 +137,9 @@ pub struct MemberRow {
     pub sync_lag_p99_ms: Option<f64>,
     /// VIPs announced over BGP (None: BGP off or node unreachable).
     pub bgp_announced: Option<bool>,
+    /// Per service: packets refused for their source (see LocalStatus).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_refused: BTreeMap<String, u64>,
 }
 
 /// Body of `POST /cluster/remove`.

@@ -169,6 +169,10 @@ pub enum SvcCmd {
         /// (both addresses rewritten; the backend needs nothing).
         #[arg(long, default_value = "dsr", value_parser = parse_forwarding)]
         forwarding: ForwardingMode,
+        /// Clients that may reach the service: CIDRs, comma-separated
+        /// (default: every client).
+        #[arg(long, value_delimiter = ',')]
+        source_ranges: Vec<String>,
         #[command(flatten)]
         check: CheckArgs,
     },
@@ -180,6 +184,13 @@ pub enum SvcCmd {
         forwarding: Option<ForwardingMode>,
         #[arg(long)]
         table_size: Option<u32>,
+        /// Replace the clients that may reach the service (CIDRs,
+        /// comma-separated; narrowing also stops open flows from outside).
+        #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "any_source")]
+        source_ranges: Option<Vec<String>>,
+        /// Let every client reach the service (remove its source ranges).
+        #[arg(long)]
+        any_source: bool,
     },
     Remove {
         name: String,

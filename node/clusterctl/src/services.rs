@@ -19,7 +19,34 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
     match cmd.unwrap_or(&SvcCmd::List) {
         SvcCmd::List => {
             let c: ClusterState = cx.get("/config")?;
-            let list: Vec<&Service> = c.services.values().collect();
+            // Refused packets summed over the nodes that answer (the
+            // column says how many did).
+            let restricted = c.services.values().any(|s| !s.source_ranges.is_empty());
+            let refused = if restricted {
+                match cx.get::<Vec<holdfast_api::wire::MemberRow>>("/cluster/members") {
+                    Ok(rows) => Some(rows),
+                    Err(e) => {
+                        eprintln!("clusterctl: refused packets are not shown: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let list: Vec<ServiceRow> = c
+                .services
+                .values()
+                .map(|s| ServiceRow {
+                    service: s.clone(),
+                    source_refused: refused.as_ref().and_then(|rows| {
+                        (!s.source_ranges.is_empty()).then(|| {
+                            rows.iter()
+                                .filter_map(|r| r.source_refused.get(&s.name))
+                                .sum()
+                        })
+                    }),
+                })
+                .collect();
             print(cx.cli.output, &list, |list| {
                 table(
                     &[
@@ -31,9 +58,12 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                         "TABLE",
                         "BACKENDS",
                         "CHECK",
+                        "SOURCES",
+                        "REFUSED",
                     ],
                     list.iter()
-                        .map(|s| {
+                        .map(|r| {
+                            let s = &r.service;
                             vec![
                                 s.name.clone(),
                                 s.vip.to_string(),
@@ -51,6 +81,9 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                                         )
                                     })
                                     .unwrap_or_else(|| "-".into()),
+                                sources_cell(&s.source_ranges),
+                                r.source_refused
+                                    .map_or_else(|| "-".into(), |n| n.to_string()),
                             ]
                         })
                         .collect(),
@@ -64,6 +97,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             proto,
             table_size,
             forwarding,
+            source_ranges,
             check,
         } => {
             let health_check = check.build(*port)?;
@@ -83,6 +117,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                         table_size: *table_size,
                         mode: *forwarding,
                         health_check,
+                        source_ranges: ranges(source_ranges)?,
                     },
                 },
             )?;
@@ -92,10 +127,18 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             name,
             forwarding,
             table_size,
+            source_ranges,
+            any_source,
         } => {
-            if forwarding.is_none() && table_size.is_none() {
+            if forwarding.is_none()
+                && table_size.is_none()
+                && source_ranges.is_none()
+                && !any_source
+            {
                 return Err(Failure::Usage(
-                    "give what to change: --forwarding dsr|snat, --table-size N".into(),
+                    "give what to change: --forwarding dsr|snat, --table-size N, \
+                     --source-ranges CIDR[,CIDR...] or --any-source"
+                        .into(),
                 ));
             }
             let c: ClusterState = cx.get("/config")?;
@@ -109,6 +152,12 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             }
             if let Some(t) = table_size {
                 svc.table_size = *t;
+            }
+            if let Some(r) = source_ranges {
+                svc.source_ranges = ranges(r)?;
+            }
+            if *any_source {
+                svc.source_ranges.clear();
             }
             applied(cx.cli, command(cx, Command::PutService { service: svc })?)
         }
@@ -135,6 +184,42 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             applied(cx.cli, command(cx, Command::PutService { service: svc })?)
         }
     }
+}
+
+/// A service as `clusterctl services` lists it.
+#[derive(Serialize)]
+struct ServiceRow {
+    #[serde(flatten)]
+    service: Service,
+    /// Packets refused for their source, summed over the nodes that
+    /// answered (only services with source ranges).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_refused: Option<u64>,
+}
+
+fn sources_cell(r: &[String]) -> String {
+    match r {
+        [] => "any".into(),
+        [one] => one.clone(),
+        [first, rest @ ..] => format!("{first} +{}", rest.len()),
+    }
+}
+
+/// `--source-ranges` checked here, so a typo is named before anything is
+/// sent: CIDRs with their network address.
+fn ranges(v: &[String]) -> Result<Vec<String>, Failure> {
+    let mut out = Vec::new();
+    for r in v.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        raft_store::cluster::parse_cidr(r)
+            .map_err(|e| Failure::Usage(format!("--source-ranges {r:?}: {e}")))?;
+        out.push(r.to_string());
+    }
+    if !v.is_empty() && out.is_empty() {
+        return Err(Failure::Usage(
+            "--source-ranges: no CIDR given (--any-source lifts the ranges)".into(),
+        ));
+    }
+    Ok(out)
 }
 
 /// `clusterctl backends …`.

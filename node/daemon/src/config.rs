@@ -122,6 +122,10 @@ pub struct SeedService {
     /// `[service.health_check]`: active health check of the backends.
     #[serde(default)]
     pub health_check: Option<raft_store::cluster::HealthCheck>,
+    /// Clients that may reach the service (CIDRs, network addresses;
+    /// empty: every client).
+    #[serde(default)]
+    pub source_ranges: Vec<String>,
 }
 
 /// `[snat]` of node.toml: the SNAT pools (CIDRs) each node's SNAT address
@@ -158,6 +162,7 @@ impl NodeConfig {
                     table_size: s.table_size,
                     mode: s.forwarding,
                     health_check: s.health_check.clone(),
+                    source_ranges: s.source_ranges.clone(),
                 },
             });
             for b in &s.backends {
@@ -334,6 +339,8 @@ pub struct DatapathSection {
     /// SYN flood mode).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    /// Source-range CIDRs of all services together.
+    pub max_source_ranges: u32,
 }
 
 impl Default for DatapathSection {
@@ -360,6 +367,7 @@ impl Default for DatapathSection {
             snat_half_open_size: d.snat_half_open_size,
             snat_port_min: d.snat_port_min,
             snat_port_max: d.snat_port_max,
+            max_source_ranges: d.max_source_ranges,
         }
     }
 }
@@ -384,6 +392,7 @@ impl DatapathSection {
             snat_half_open_size: self.snat_half_open_size,
             snat_port_min: self.snat_port_min,
             snat_port_max: self.snat_port_max,
+            max_source_ranges: self.max_source_ranges,
             ..Default::default()
         }
     }

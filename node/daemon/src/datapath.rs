@@ -9,7 +9,7 @@ use std::{
 
 use datapath_ebpf::{
     BackendSpec, BackendState as DpState, DatapathConfig, Forwarding, Proto as DpProto,
-    ServiceSpec, SnatConfig, SnatSlot,
+    ServiceSpec, SnatConfig, SnatSlot, SourceRange,
 };
 use raft_store::cluster::{BackendState, ClusterState, ForwardingMode, Health, OnDown, Proto};
 use tracing::{error, info, warn, Instrument};
@@ -61,7 +61,20 @@ pub fn to_datapath(state: &ClusterState, node: u64) -> DatapathConfig {
         services: state
             .services
             .values()
-            .map(|s| {
+            .filter_map(|s| {
+                // (Validated when committed, so each range parses; were one
+                // not to, the service is left out rather than opened to
+                // every client.)
+                let source_ranges: Vec<SourceRange> = s
+                    .source_ranges
+                    .iter()
+                    .filter_map(|r| raft_store::cluster::parse_cidr(r).ok())
+                    .filter_map(|(net, len)| SourceRange::new(net, len).ok())
+                    .collect();
+                if source_ranges.len() != s.source_ranges.len() {
+                    error!(service = %s.name, "a source range does not parse: service left out");
+                    return None;
+                }
                 let on_down = s
                     .health_check
                     .as_ref()
@@ -74,7 +87,7 @@ pub fn to_datapath(state: &ClusterState, node: u64) -> DatapathConfig {
                     .filter(|b| b.state == BackendState::Active)
                     .peekable();
                 let fail_open = active.peek().is_some() && active.all(|b| b.health == Health::Down);
-                ServiceSpec {
+                Some(ServiceSpec {
                     vip: s.vip,
                     port: s.port,
                     proto: match s.proto {
@@ -109,7 +122,8 @@ pub fn to_datapath(state: &ClusterState, node: u64) -> DatapathConfig {
                             })
                         })
                         .collect(),
-                }
+                    source_ranges,
+                })
             })
             .collect(),
     }

@@ -637,6 +637,7 @@ pub fn service(name: &str, vip: &str, port: u16) -> Command {
             table_size: 251,
             mode: ForwardingMode::Dsr,
             health_check: None,
+            source_ranges: Vec::new(),
         },
     }
 }

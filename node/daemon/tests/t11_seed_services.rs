@@ -20,6 +20,7 @@ async fn t11_seed_services_from_the_config_file() {
         backend_port: None,
         backends: vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()],
         health_check: None,
+        source_ranges: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
     }];
     let mut c =
         Cluster::start_seeded(3, Default::default(), false, Default::default(), 64, seed).await;
@@ -46,5 +47,11 @@ async fn t11_seed_services_from_the_config_file() {
         let s = n.sm.current().state.clone();
         assert_eq!(s.backends.len(), 2, "seed applied again on node {}", n.id());
         assert_eq!(s.services.len(), 1);
+        assert_eq!(
+            s.services["dns"].source_ranges,
+            ["10.0.0.0/8", "2001:db8::/32"],
+            "source ranges seeded on node {}",
+            n.id()
+        );
     }
 }

@@ -193,6 +193,7 @@ mod tests {
                     hold_down_ms: 1000,
                     ..HealthCheck::new(CheckKind::Tcp)
                 }),
+                source_ranges: Vec::new(),
             },
         });
         assert!(r.rejected.is_none());

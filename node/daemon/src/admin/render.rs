@@ -368,6 +368,9 @@ fn datapath_stat_help(stat: &str) -> &'static str {
         "LB_STAT_SNAT_MIDFLOW" => {
             "SNAT TCP packets past the SYN with no entry on this node, dropped (a new port would reset the connection; the retransmission finds the replicated entry)"
         }
+        "LB_STAT_SRC_REFUSED" => {
+            "Packets dropped because their source is outside their service's source ranges"
+        }
         _ => "Datapath counter (see docs/operations.md)",
     }
 }
@@ -385,6 +388,9 @@ fn service_stat_help(stat: &str) -> &'static str {
             "New flows of the service dropped for want of a free SNAT port (alert)"
         }
         "LB_SVC_REPLIES" => "Backend replies of the service translated back to clients (SNAT)",
+        "LB_SVC_SRC_REFUSED" => {
+            "Packets dropped because their source is outside the service's source ranges"
+        }
         _ => "Per-service datapath counter",
     }
 }

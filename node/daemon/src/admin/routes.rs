@@ -409,6 +409,7 @@ async fn members(State(node): State<Arc<Node>>) -> Result<Json<Vec<MemberRow>>, 
                 sync_peers_connected: None,
                 sync_lag_p99_ms: None,
                 bgp_announced: None,
+                source_refused: Default::default(),
             };
             match st {
                 Ok(s) => {
@@ -421,6 +422,7 @@ async fn members(State(node): State<Arc<Node>>) -> Result<Json<Vec<MemberRow>>, 
                     row.datapath_attached = Some(s.datapath_attached);
                     row.conntrack_entries = s.conntrack_entries;
                     row.bgp_announced = s.bgp_announced;
+                    row.source_refused = s.source_refused;
                     if let Some(sy) = &s.sync {
                         row.sync_ready = Some(sy.ready);
                         row.sync_peers_connected =

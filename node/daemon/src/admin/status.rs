@@ -51,7 +51,34 @@ pub fn local_status(node: &Node) -> LocalStatus {
         health_error: node.health_error.lock().expect("health").clone(),
         draining: node.draining.load(Ordering::Relaxed),
         certificate: Some(node.credentials.cert()),
+        source_refused: source_refused(node),
     }
+}
+
+/// Per service with source ranges: the packets this datapath refused.
+fn source_refused(node: &Node) -> std::collections::BTreeMap<String, u64> {
+    let Some(h) = &node.datapath else {
+        return Default::default();
+    };
+    let Ok(per) = h.dp.lock().expect("dp").service_stats() else {
+        return Default::default();
+    };
+    let state = node.sm.current();
+    state
+        .state
+        .services
+        .values()
+        .filter(|s| !s.source_ranges.is_empty())
+        .filter_map(|s| {
+            let key = datapath_ebpf::abi::SvcKey::new(s.vip, s.port, s.proto.number());
+            per.iter().find(|(k, _)| *k == key).map(|(_, v)| {
+                (
+                    s.name.clone(),
+                    v.c[datapath_ebpf::abi::svc_stat::SRC_REFUSED],
+                )
+            })
+        })
+        .collect()
 }
 
 /// The conntrack entries of this node's datapath, as `GET /conntrack` lists

@@ -427,6 +427,37 @@ pub fn plan(
             },
         };
         let spec = s.spec.as_ref().expect("filtered above");
+        // loadBalancerSourceRanges: host bits cleared as Kubernetes reads
+        // them; a malformed one keeps each port's current ranges (never
+        // opens a restricted service) and is reported.
+        let source_ranges: Option<Vec<String>> = {
+            let mut ok = Vec::new();
+            let mut bad = None;
+            for r in spec.load_balancer_source_ranges.iter().flatten() {
+                match raft_store::cluster::canonical_cidr(r) {
+                    Ok(c) => ok.push(c),
+                    Err(e) => bad = bad.or(Some(e)),
+                }
+            }
+            ok.sort();
+            ok.dedup();
+            match bad {
+                None => Some(ok),
+                Some(e) => {
+                    out.notes.push(note(
+                        "Service",
+                        &ns,
+                        &name,
+                        &uid,
+                        "InvalidSourceRange",
+                        format!(
+                            "spec.loadBalancerSourceRanges: {e}; the service keeps its current ranges (a new one is not created)"
+                        ),
+                    ));
+                    None
+                }
+            }
+        };
         let ports = spec.ports.clone().unwrap_or_default();
         let mut any = false;
         for p in &ports {
@@ -464,6 +495,13 @@ pub fn plan(
                     ));
                     continue;
                 }
+                let source_ranges = match &source_ranges {
+                    Some(r) => r.clone(),
+                    None => match state.services.get(&hf_name) {
+                        Some(cur) => cur.source_ranges.clone(),
+                        None => continue,
+                    },
+                };
                 let mut backends: BTreeMap<(IpAddr, u16), BackendState> = BTreeMap::new();
                 for sl in by_svc
                     .get(&(ns.clone(), name.clone()))
@@ -567,6 +605,7 @@ pub fn plan(
                     table_size: cfg.table_size,
                     mode,
                     health_check,
+                    source_ranges,
                 };
                 want.insert(
                     hf.name.clone(),

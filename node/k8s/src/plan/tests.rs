@@ -128,6 +128,7 @@ fn external_ips_and_foreign_services_are_respected() {
             table_size: 251,
             mode: ForwardingMode::Dsr,
             health_check: None,
+            source_ranges: Vec::new(),
         },
     });
     assert!(r.rejected.is_none());
@@ -327,4 +328,75 @@ fn forwarding_annotation_snat_forwards_to_the_target_port() {
         p.notes
     );
     assert!(p.commands.is_empty(), "nothing changes: {:?}", p.commands);
+}
+
+#[test]
+fn load_balancer_source_ranges_restrict_the_service_and_bad_ones_never_open_it() {
+    let db = |ranges: serde_json::Value| {
+        svc(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "ns", "uid": "u5"},
+            "spec": {"type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
+                     "loadBalancerSourceRanges": ranges,
+                     "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]}
+        }))
+    };
+    let slices = vec![slice(serde_json::json!({
+        "metadata": {"name": "db-a", "namespace": "ns",
+                     "labels": {"kubernetes.io/service-name": "db"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.9"], "conditions": {"ready": true}}],
+        "ports": [{"name": "pg", "port": 5432, "protocol": "TCP"}]
+    }))];
+    let mut s = state();
+    // Host bits are cleared as Kubernetes reads the field; duplicates go.
+    let p = plan(
+        &[db(serde_json::json!([
+            "10.0.0.1/8",
+            "192.168.7.0/24",
+            "10.0.0.0/8"
+        ]))],
+        &slices,
+        &s,
+        &cfg(),
+    );
+    assert!(p.notes.is_empty(), "{:?}", p.notes);
+    apply(&mut s, &p);
+    let name = "k8s:ns/db:5432/tcp";
+    assert_eq!(
+        s.services[name].source_ranges,
+        ["10.0.0.0/8", "192.168.7.0/24"]
+    );
+    // Narrowed: the new list replaces the old one.
+    let p = plan(
+        &[db(serde_json::json!(["192.168.7.0/24"]))],
+        &slices,
+        &s,
+        &cfg(),
+    );
+    apply(&mut s, &p);
+    assert_eq!(s.services[name].source_ranges, ["192.168.7.0/24"]);
+    // A malformed range: an Event naming the field, the ranges stay.
+    let p = plan(
+        &[db(serde_json::json!(["192.168.7.0/24", "everyone"]))],
+        &slices,
+        &s,
+        &cfg(),
+    );
+    assert!(
+        p.notes.iter().any(|n| n.reason == "InvalidSourceRange"
+            && n.message.contains("spec.loadBalancerSourceRanges")),
+        "{:?}",
+        p.notes
+    );
+    apply(&mut s, &p);
+    assert_eq!(s.services[name].source_ranges, ["192.168.7.0/24"]);
+    // ... and a new Service with one is not created at all.
+    let mut fresh = state();
+    let p = plan(&[db(serde_json::json!(["bad"]))], &slices, &fresh, &cfg());
+    apply(&mut fresh, &p);
+    assert!(fresh.services.is_empty(), "{:?}", fresh.services);
+    // The field removed: every client.
+    let p = plan(&[db(serde_json::json!([]))], &slices, &s, &cfg());
+    apply(&mut s, &p);
+    assert!(s.services[name].source_ranges.is_empty());
 }

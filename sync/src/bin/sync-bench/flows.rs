@@ -16,6 +16,7 @@ pub fn config() -> DatapathConfig {
     DatapathConfig {
         epoch: 1,
         services: vec![ServiceSpec {
+            source_ranges: Vec::new(),
             vip: "10.200.0.1".parse().expect("static"),
             port: 80,
             proto: Proto::Tcp,
