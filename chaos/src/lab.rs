@@ -68,6 +68,11 @@ pub const UDP_SERVICE: &str = "dns";
 /// the backends' echo server on 8007 (a target port other than the port).
 pub const SNAT_TCP_SERVICE: &str = "echo-snat";
 pub const SNAT_TCP_PORT: u16 = 8008;
+/// A service whose backends listen on another port (Kubernetes
+/// targetPort): VIP:8009 to the echo server's 8007, in the lab's
+/// forwarding mode (DSR: the decap agent turns the answers back).
+pub const TP_TCP_SERVICE: &str = "echo-tp";
+pub const TP_TCP_PORT: u16 = 8009;
 /// The SNAT pools: each LB node's SNAT addresses come from them.
 pub const SNAT_POOL: &str = "10.88.3.0/28";
 pub const SNAT_POOL6: &str = "fd88:3::/120";
@@ -543,6 +548,7 @@ impl Lab {
                 false,
                 ForwardingMode::Snat,
             ),
+            put_service(TP_TCP_SERVICE, VIP, Proto::Tcp, TP_TCP_PORT, false, mode),
         ];
         for j in 1..=spec.backends {
             cmds.extend(add_backend_cmds(j));
@@ -1457,6 +1463,8 @@ pub fn add_backend_cmds(j: usize) -> Vec<Command> {
         (UDP_SERVICE6, UDP_PORT, backend_addr6(j)),
         // SNAT: VIP:8008 to the echo server's 8007.
         (SNAT_TCP_SERVICE, TCP_PORT, backend_addr(j)),
+        // Target port: VIP:8009 to the echo server's 8007.
+        (TP_TCP_SERVICE, TCP_PORT, backend_addr(j)),
     ]
     .iter()
     .map(|(s, port, addr)| Command::AddBackend {

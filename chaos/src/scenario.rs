@@ -23,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 12] = [
+pub const SCENARIOS: [&str; 14] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -36,6 +36,8 @@ pub const SCENARIOS: [&str; 12] = [
     "lossy-sync",
     "kill-during-join",
     "health",
+    "source-ranges",
+    "target-port",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -411,6 +413,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "lossy-sync" => lossy_sync(&mut cx)?,
         "kill-during-join" => kill_during_join(&mut cx)?,
         "health" => health(&mut cx)?,
+        "source-ranges" => source_ranges(&mut cx)?,
+        "target-port" => target_port(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -527,6 +531,285 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
     if v == leader {
         cx.wait_new_leader(v, Duration::from_secs(10))?;
         cx.ms("election", t.elapsed());
+    }
+    Ok(())
+}
+
+/// A second client address in the client's subnet: inside the lab's
+/// first source ranges, outside the narrowed ones.
+pub const OUTSIDE_CLIENT: &str = "10.88.2.200";
+pub const OUTSIDE_CLIENT6: &str = "fd88:2::200";
+
+/// Give the lab's four services these source ranges; wait until every
+/// running node applied them.
+fn set_source_ranges(cx: &mut Ctx, ranges: &[&str]) -> Result<()> {
+    let cfg = cx.lab.config()?;
+    let mut epoch = 0;
+    for name in lab::SERVICES {
+        let mut svc = cfg
+            .services
+            .get(name)
+            .cloned()
+            .with_context(|| format!("service {name}"))?;
+        svc.source_ranges = ranges.iter().map(|r| r.to_string()).collect();
+        let r = cx
+            .lab
+            .write(raft_store::Command::PutService { service: svc })?;
+        if let Some(why) = r.rejected {
+            bail!("source ranges {ranges:?} refused: {why}");
+        }
+        epoch = r.epoch;
+    }
+    cx.lab.wait_epoch(epoch, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// New connections and queries from `src` to the lab's services: how many
+/// were tried and how many got an answer (each waits up to 2 s).
+fn fresh_attempts(cx: &Ctx, src: std::net::IpAddr, n: usize) -> Result<(usize, usize)> {
+    let vip: std::net::IpAddr = if src.is_ipv4() { lab::VIP } else { lab::VIP6 }.parse()?;
+    let h = cx.lab.client.spawn(move || -> Result<(usize, usize)> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            // All at once: each waits out its timeout.
+            let mut set = tokio::task::JoinSet::new();
+            for k in 0..n {
+                set.spawn(async move {
+                    let sock = if src.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    sock.bind(std::net::SocketAddr::new(src, 0))?;
+                    let to = std::net::SocketAddr::new(vip, lab::TCP_PORT);
+                    let tcp = async {
+                        let mut s = sock.connect(to).await?;
+                        s.write_all(format!("outside{k}:1\n").as_bytes()).await?;
+                        let mut line = String::new();
+                        tokio::io::BufReader::new(&mut s)
+                            .read_line(&mut line)
+                            .await?;
+                        anyhow::Ok(!line.is_empty())
+                    };
+                    let tcp_ok = matches!(
+                        tokio::time::timeout(Duration::from_secs(2), tcp).await,
+                        Ok(Ok(true))
+                    );
+                    let u = tokio::net::UdpSocket::bind(std::net::SocketAddr::new(src, 0)).await?;
+                    u.connect(std::net::SocketAddr::new(vip, lab::UDP_PORT))
+                        .await?;
+                    u.send(format!("outside{k}:1").as_bytes()).await?;
+                    let mut buf = [0u8; 512];
+                    let udp_ok = matches!(
+                        tokio::time::timeout(Duration::from_secs(2), u.recv(&mut buf)).await,
+                        Ok(Ok(_))
+                    );
+                    anyhow::Ok(usize::from(tcp_ok) + usize::from(udp_ok))
+                });
+            }
+            let (mut tried, mut answered) = (0, 0);
+            while let Some(r) = set.join_next().await {
+                tried += 2;
+                answered += r.map_err(|e| anyhow!("attempt: {e}"))??;
+            }
+            Ok((tried, answered))
+        })
+    });
+    h.join()
+        .map_err(|_| anyhow!("the outside client panicked"))?
+}
+
+/// source-ranges: the lab's services restricted to the client's subnet
+/// serve both client addresses; narrowed to the first client while a
+/// second one has connections open, the second one's open flows get no
+/// more answers and its new connections and queries none at all, while
+/// the first one's flows go on unbroken.
+fn source_ranges(cx: &mut Ctx) -> Result<()> {
+    cx.lab
+        .client
+        .ip(&format!("addr add {OUTSIDE_CLIENT}/24 dev c0"))?;
+    cx.lab
+        .client
+        .ip(&format!("addr add {OUTSIDE_CLIENT6}/64 dev c0 nodad"))?;
+    let wide = ["10.88.2.0/24", "fd88:2::/64"];
+    set_source_ranges(cx, &wide)?;
+    cx.say(format!("services restricted to {wide:?}"));
+    let (tcp_out, udp_out) = (cx.opts.tcp.clamp(1, 50), cx.opts.udp.clamp(1, 50));
+    let out = Traffic::start(
+        &cx.lab.client,
+        TrafficSpec::new(lab::VIP.parse()?, OUTSIDE_CLIENT.parse()?, tcp_out, udp_out),
+    )
+    .context("the second client's flows while it is inside")?;
+    out.mark();
+    out.wait_all_answered(Duration::from_secs(15))
+        .context("the second client served while inside the ranges")?;
+    cx.counts
+        .insert("outside_open_flows".into(), (tcp_out + udp_out) as u64);
+    cx.say(format!(
+        "second client {OUTSIDE_CLIENT}: {tcp_out} TCP + {udp_out} UDP flows answered"
+    ));
+
+    let narrow = ["10.88.2.96/28", "fd88:2::100/128"];
+    let t = Instant::now();
+    set_source_ranges(cx, &narrow)?;
+    cx.ms("narrowed_applied", t.elapsed());
+    cx.say(format!("narrowed to {narrow:?} with its flows open"));
+    // An answer already on its way back (DSR: straight from the backend)
+    // may still arrive: count from a moment after every node applied.
+    std::thread::sleep(Duration::from_millis(300));
+    let a0 = out.live().answers;
+    std::thread::sleep(Duration::from_secs(3));
+    let after = out.live().answers - a0;
+    cx.counts.insert("outside_open_answered".into(), after);
+    let (tried4, answered4) = fresh_attempts(cx, OUTSIDE_CLIENT.parse()?, 10)?;
+    let (tried6, answered6) = fresh_attempts(cx, OUTSIDE_CLIENT6.parse()?, 10)?;
+    cx.counts
+        .insert("outside_new_attempts".into(), (tried4 + tried6) as u64);
+    cx.counts.insert(
+        "outside_new_answered".into(),
+        (answered4 + answered6) as u64,
+    );
+    cx.counts.insert(
+        "outside_total".into(),
+        (tcp_out + udp_out + tried4 + tried6) as u64,
+    );
+    cx.counts.insert(
+        "outside_answered".into(),
+        after + (answered4 + answered6) as u64,
+    );
+    cx.say(format!(
+        "outside: {after} answers on open flows in 3 s, {} of {} new connections and queries answered",
+        answered4 + answered6,
+        tried4 + tried6
+    ));
+    drop(out);
+    // The packets the nodes refused, by the services' counters.
+    let mut refused = 0;
+    for i in cx.lab.running() {
+        for name in lab::SERVICES {
+            refused += cx
+                .lab
+                .metric(
+                    i,
+                    "holdfast_service_src_refused_total",
+                    &[("service", name)],
+                )?
+                .unwrap_or(0.0) as u64;
+        }
+    }
+    cx.counts.insert("refused_packets".into(), refused);
+    // The first client's flows: every one answered since the narrowing.
+    cx.all_answer(Duration::from_secs(10))
+        .context("the inside client's flows after narrowing")?;
+    let l = cx.traffic.live();
+    let mut inside_total = l.tcp_total + l.udp_total;
+    let mut inside_broken = l.tcp_broken + l.udp_broken;
+    if let Some(t6) = &cx.traffic6 {
+        let l6 = t6.live();
+        inside_total += l6.tcp_total + l6.udp_total;
+        inside_broken += l6.tcp_broken + l6.udp_broken;
+    }
+    cx.counts.insert("inside_total".into(), inside_total as u64);
+    cx.counts
+        .insert("inside_broken".into(), inside_broken as u64);
+    Ok(())
+}
+
+/// `n` connections from the lab's client to VIP:`port`, each asking the
+/// backend who it sees (`whoami`) and then exchanging `rounds` numbered
+/// echoes: (connections answered throughout, the addresses the backends
+/// saw).
+fn whoami_connections(
+    cx: &Ctx,
+    port: u16,
+    n: usize,
+    rounds: usize,
+) -> Result<(usize, Vec<std::net::SocketAddr>)> {
+    let vip: std::net::IpAddr = lab::VIP.parse()?;
+    let src: std::net::IpAddr = lab::CLIENT.parse()?;
+    let h = cx
+        .lab
+        .client
+        .spawn(move || -> Result<(usize, Vec<std::net::SocketAddr>)> {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for k in 0..n {
+                    set.spawn(async move {
+                        let one = async {
+                            let sock = tokio::net::TcpSocket::new_v4()?;
+                            sock.bind(std::net::SocketAddr::new(src, 0))?;
+                            let s = sock.connect(std::net::SocketAddr::new(vip, port)).await?;
+                            let (r, mut w) = s.into_split();
+                            let mut lines = tokio::io::BufReader::new(r).lines();
+                            w.write_all(b"whoami\n").await?;
+                            let l = lines.next_line().await?.context("closed")?;
+                            let seen: std::net::SocketAddr = l
+                                .rsplit(' ')
+                                .next()
+                                .and_then(|a| a.parse().ok())
+                                .with_context(|| format!("answer {l:?}"))?;
+                            for i in 0..rounds {
+                                let msg = format!("tp{k}:{i}");
+                                w.write_all(format!("{msg}\n").as_bytes()).await?;
+                                let l = lines.next_line().await?.context("closed")?;
+                                if !l.ends_with(&format!(" {msg}")) {
+                                    bail!("wrong answer {l:?} to {msg}");
+                                }
+                            }
+                            anyhow::Ok(seen)
+                        };
+                        tokio::time::timeout(Duration::from_secs(5), one)
+                            .await
+                            .map_err(|_| anyhow!("timed out"))?
+                    });
+                }
+                let (mut ok, mut seen) = (0, Vec::new());
+                while let Some(r) = set.join_next().await {
+                    if let Ok(Ok(a)) = r {
+                        ok += 1;
+                        seen.push(a);
+                    }
+                }
+                Ok((ok, seen))
+            })
+        });
+    h.join()
+        .map_err(|_| anyhow!("the client thread panicked"))?
+}
+
+/// target-port: a service whose backends listen on another port than its
+/// own (VIP:8009 to the echo servers' 8007) serves real connections in the
+/// lab's forwarding mode, and the SNAT service beside it (VIP:8008 to
+/// 8007) too; each connection asks the backend which client address it
+/// sees (DSR: the client's own; SNAT: an LB node's SNAT address).
+fn target_port(cx: &mut Ctx) -> Result<()> {
+    let n = 50;
+    let client: std::net::IpAddr = lab::CLIENT.parse()?;
+    let (pool, plen) = raft_store::cluster::parse_cidr(lab::SNAT_POOL).map_err(|e| anyhow!(e))?;
+    for (key, port) in [("tp", lab::TP_TCP_PORT), ("snat", lab::SNAT_TCP_PORT)] {
+        let (ok, seen) = whoami_connections(cx, port, n, 5)?;
+        let as_client = seen.iter().filter(|a| a.ip() == client).count();
+        let as_snat = seen
+            .iter()
+            .filter(|a| raft_store::cluster::cidr_contains((pool, plen), a.ip()))
+            .count();
+        cx.counts.insert(format!("{key}_connections"), n as u64);
+        cx.counts.insert(format!("{key}_answered"), ok as u64);
+        cx.counts
+            .insert(format!("{key}_seen_client_address"), as_client as u64);
+        cx.counts
+            .insert(format!("{key}_seen_snat_address"), as_snat as u64);
+        cx.say(format!(
+            "VIP:{port}: {ok} of {n} connections answered; the backends saw the client's own address in {as_client}, a SNAT address in {as_snat} (e.g. {:?})",
+            seen.first()
+        ));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The lab's backend servers: a TCP echo service and a UDP request/response
 //! service (DNS-like), both answering `be{N} <request>` so the client knows
-//! which backend answered. One tokio runtime on a thread inside the
+//! which backend answered (and `be{N} whoami <address:port>` to the request
+//! `whoami`: the client's address as the backend sees it). One tokio runtime on a thread inside the
 //! backend's namespace serves every connection; the servers bind the VIP
 //! (it is on the backend's `lo`), so answers leave with the VIP as source
 //! and go straight to the client (DSR).
@@ -116,7 +117,7 @@ impl Drop for Servers {
 
 async fn tcp_echo(listener: TcpListener, name: String, stop: watch::Receiver<bool>) {
     loop {
-        let Ok((s, _)) = listener.accept().await else {
+        let Ok((s, peer)) = listener.accept().await else {
             continue;
         };
         let _ = s.set_nodelay(true);
@@ -129,7 +130,12 @@ async fn tcp_echo(listener: TcpListener, name: String, stop: watch::Receiver<boo
                 tokio::select! {
                     line = lines.next_line() => match line {
                         Ok(Some(l)) => {
-                            if w.write_all(format!("{name} {l}\n").as_bytes()).await.is_err() {
+                            let answer = if l == "whoami" {
+                                format!("{name} whoami {peer}\n")
+                            } else {
+                                format!("{name} {l}\n")
+                            };
+                            if w.write_all(answer.as_bytes()).await.is_err() {
                                 return;
                             }
                         }
@@ -146,7 +152,12 @@ async fn udp_answer(sock: UdpSocket, name: String) {
     let mut buf = vec![0u8; 1500];
     loop {
         if let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let reply = format!("{name} {}", String::from_utf8_lossy(&buf[..n]));
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let reply = if req == "whoami" {
+                format!("{name} whoami {from}")
+            } else {
+                format!("{name} {req}")
+            };
             let _ = sock.send_to(reply.as_bytes(), from).await;
         }
     }

@@ -8,11 +8,21 @@
  * bound to the VIP on lo. The backend answers the client directly. Anything
  * else passes untouched. Use it where the kernel has no ipip/ip6tnl module,
  * or to avoid tunnel devices altogether.
+ *
+ * Target ports: when the LB sent a flow to another port than the
+ * service's (the backend listens on 8080 behind VIP:80), the outer header
+ * carries the service port (IPv4 ID / IPv6 flow label, see encap.h). The
+ * XDP program records the flow in lb_decap_ports; the egress program
+ * (holdfast_decap_egress, TC) turns its answers' source port back to the
+ * service port, so the client sees VIP:80 answer, with its own address
+ * preserved end to end.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/in.h>
+#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -36,6 +46,27 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_decap_stats);
 } lb_decap_stats SEC(".maps");
+
+#ifndef LB_DECAP_PORTS
+#define LB_DECAP_PORTS 262144
+#endif
+
+/* Flows to a target port (see struct lb_decap_port_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LB_DECAP_PORTS);
+	__type(key, struct lb_decap_port_key);
+	__type(value, __u32);
+} lb_decap_ports SEC(".maps");
+
+/* Element 0 turns 1 with the first flow to a target port: until then the
+ * egress program passes every packet after one array read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} lb_decap_xlate SEC(".maps");
 
 LB_ABI_ANCHOR_MAP;
 
@@ -67,6 +98,57 @@ static __always_inline int inner_is_vip(void *inner, void *data_end, __u8 family
 		__builtin_memcpy(k.addr, &ip6->daddr, 16);
 	}
 	return bpf_map_lookup_elem(&lb_decap_vips, &k) ? 1 : 0;
+}
+
+/*
+ * Record the flow of the inner packet at `inner` (family `fam`), which the
+ * LB sent to the backend's port instead of service port `svc_port`, so
+ * that its answers get `svc_port` back. -1: truncated.
+ */
+static __always_inline int record_port(void *inner, void *data_end, __u8 fam, __be16 svc_port)
+{
+	struct lb_decap_port_key k = {};
+	__be16 *ports;
+
+	k.family = fam;
+	if (fam == LB_FAMILY_V4) {
+		struct iphdr *ip = inner;
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		if (ip->frag_off & (IP_MF_BE | IP_OFFSET_BE))
+			return 0;
+		if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+			return 0;
+		k.proto = ip->protocol;
+		__builtin_memcpy(k.vip, &ip->daddr, 4);
+		__builtin_memcpy(k.client, &ip->saddr, 4);
+		ports = inner + (ip->ihl & 0xf) * 4;
+	} else {
+		struct ipv6hdr *ip6 = inner;
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return 0;
+		k.proto = ip6->nexthdr;
+		__builtin_memcpy(k.vip, &ip6->daddr, 16);
+		__builtin_memcpy(k.client, &ip6->saddr, 16);
+		ports = (void *)(ip6 + 1);
+	}
+	if ((void *)(ports + 2) > data_end)
+		return -1;
+	k.client_port = ports[0];
+	k.target_port = ports[1];
+	__u32 want = svc_port;
+	__u32 *have = bpf_map_lookup_elem(&lb_decap_ports, &k);
+	if (have && *have == want)
+		return 0;
+	bpf_map_update_elem(&lb_decap_ports, &k, &want, BPF_ANY);
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&lb_decap_xlate, &zero);
+	if (on && !*on)
+		*on = 1;
+	count(LB_DECAP_PORT_FLOWS, 0);
+	return 0;
 }
 
 static __always_inline int strip(struct xdp_md *ctx, const __u32 l2, const __u32 outer,
@@ -103,6 +185,8 @@ static __always_inline int decap_l3(struct xdp_md *ctx, __be16 proto, const __u3
 			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		if (!vip)
 			return count(LB_DECAP_NOT_VIP, XDP_PASS);
+		if (ip->id && record_port(ip + 1, data_end, LB_FAMILY_V4, ip->id) < 0)
+			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		return strip(ctx, l2, sizeof(struct iphdr), ETH_P_IP_BE);
 	}
 	if (proto == ETH_P_IPV6_BE) {
@@ -125,6 +209,10 @@ static __always_inline int decap_l3(struct xdp_md *ctx, __be16 proto, const __u3
 			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		if (!vip)
 			return count(LB_DECAP_NOT_VIP, XDP_PASS);
+		__be16 svc_port;
+		__builtin_memcpy(&svc_port, &ip6->flow_lbl[1], 2);
+		if (svc_port && record_port(ip6 + 1, data_end, fam, svc_port) < 0)
+			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		return strip(ctx, l2, sizeof(struct ipv6hdr), inner);
 	}
 	return XDP_PASS;
@@ -146,6 +234,72 @@ int holdfast_decap(struct xdp_md *ctx)
 		return decap_l3(ctx, *inner, ETH_HLEN + VLAN_HLEN);
 	}
 	return decap_l3(ctx, eth->h_proto, ETH_HLEN);
+}
+
+/*
+ * Answers of flows to a target port: source port back to the service's
+ * (checksum updated: bpf_l4_csum_replace also does right by a checksum
+ * the NIC is yet to finish). Everything else passes untouched.
+ */
+SEC("classifier")
+int holdfast_decap_egress(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u32 *on = bpf_map_lookup_elem(&lb_decap_xlate, &zero);
+
+	if (!on || !*on)
+		return TC_ACT_OK;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct lb_decap_port_key k = {};
+	__u32 l4;
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == ETH_P_IP_BE) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_OK;
+		if (ip->frag_off & (IP_MF_BE | IP_OFFSET_BE))
+			return TC_ACT_OK;
+		k.proto = ip->protocol;
+		k.family = LB_FAMILY_V4;
+		__builtin_memcpy(k.vip, &ip->saddr, 4);
+		__builtin_memcpy(k.client, &ip->daddr, 4);
+		l4 = ETH_HLEN + (ip->ihl & 0xf) * 4;
+	} else if (eth->h_proto == ETH_P_IPV6_BE) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		k.proto = ip6->nexthdr;
+		k.family = LB_FAMILY_V6;
+		__builtin_memcpy(k.vip, &ip6->saddr, 16);
+		__builtin_memcpy(k.client, &ip6->daddr, 16);
+		l4 = ETH_HLEN + sizeof(struct ipv6hdr);
+	} else {
+		return TC_ACT_OK;
+	}
+	if (k.proto != IPPROTO_TCP && k.proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	__be16 *ports = data + l4;
+	if ((void *)(ports + 2) > data_end)
+		return TC_ACT_OK;
+	k.target_port = ports[0];
+	k.client_port = ports[1];
+	__u32 *v = bpf_map_lookup_elem(&lb_decap_ports, &k);
+	if (!v)
+		return TC_ACT_OK;
+	__be16 old = k.target_port, new = (__be16)*v;
+	__u32 csum = l4 + (k.proto == IPPROTO_TCP ? 16 : 6);
+	__u64 flags = sizeof(__be16) | (k.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+
+	if (bpf_l4_csum_replace(skb, csum, old, new, flags))
+		return TC_ACT_OK;
+	if (bpf_skb_store_bytes(skb, l4, &new, sizeof(new), 0))
+		return TC_ACT_OK;
+	count(LB_DECAP_PORT_OUT, 0);
+	return TC_ACT_OK;
 }
 
 char _license[] SEC("license") = "GPL";

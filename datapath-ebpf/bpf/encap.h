@@ -41,7 +41,8 @@ static __always_inline int encap_overhead(const struct lb_backend *be)
 /*
  * Prepend the outer header. l2 is the constant L2 header length (14 or 18);
  * the L2 header is moved to the new front, its EtherType set for the outer
- * header. Returns 0, or -1 if the frame could not be grown.
+ * header. Returns 0, or -1 if the frame could not be grown. (A flow to a
+ * target port then gets the service port in it: dsr_target_port.)
  */
 static __always_inline int encap_ipip(struct xdp_md *ctx, const struct pkt *p,
 				      const struct lb_backend *be, const __u32 l2)

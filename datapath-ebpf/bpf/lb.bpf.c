@@ -32,6 +32,22 @@ static __always_inline int drop(struct lb_stats *st, struct lb_svc_stats *ss, en
 }
 
 /*
+ * The parameters of a bpf_fib_lookup, zeroed, in the per-CPU scratch space
+ * (64 bytes the stack that the program and its calls share has no room
+ * for).
+ */
+static __always_inline struct bpf_fib_lookup *scratch_fib(void)
+{
+	__u32 zero = 0;
+	struct lb_scratch *s = bpf_map_lookup_elem(&lb_scratch, &zero);
+
+	if (!s)
+		return NULL;
+	__builtin_memset(&s->fib, 0, sizeof(s->fib));
+	return &s->fib;
+}
+
+/*
  * Next hop towards a backend: the per-CPU cache if fresh, else
  * bpf_fib_lookup (only successful lookups are cached; an unresolved neighbour
  * is retried on every packet so the kernel's resolution is seen at once).
@@ -49,30 +65,94 @@ static __always_inline int next_hop(struct xdp_md *ctx, const struct pkt *p,
 		return BPF_FIB_LKUP_RET_SUCCESS;
 	}
 
-	struct bpf_fib_lookup fib = {};
-	fib.ifindex = ctx->ingress_ifindex;
+	struct bpf_fib_lookup *fib = scratch_fib();
+
+	if (!fib)
+		return BPF_FIB_LKUP_RET_NOT_FWDED;
+	fib->ifindex = ctx->ingress_ifindex;
 	if (be->family == LB_FAMILY_V4) {
-		fib.family = AF_INET_;
-		fib.ipv4_src = src ? *(const __u32 *)src : encap_src_v4(p);
-		fib.ipv4_dst = *(const __u32 *)be->addr;
+		fib->family = AF_INET_;
+		fib->ipv4_src = src ? *(const __u32 *)src : encap_src_v4(p);
+		fib->ipv4_dst = *(const __u32 *)be->addr;
 	} else {
-		fib.family = AF_INET6_;
+		fib->family = AF_INET6_;
 		if (src)
-			__builtin_memcpy(fib.ipv6_src, src, 16);
+			__builtin_memcpy(fib->ipv6_src, src, 16);
 		else
-			encap_src_v6(p, fib.ipv6_src);
-		__builtin_memcpy(fib.ipv6_dst, be->addr, 16);
+			encap_src_v6(p, fib->ipv6_src);
+		__builtin_memcpy(fib->ipv6_dst, be->addr, 16);
 	}
-	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return rc;
-	nh->ifindex = fib.ifindex;
-	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
-	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	nh->ifindex = fib->ifindex;
+	__builtin_memcpy(nh->smac, fib->smac, ETH_ALEN);
+	__builtin_memcpy(nh->dmac, fib->dmac, ETH_ALEN);
 	nh->expires_ns = now + lb_nh_cache_ns;
 	if (cached && lb_nh_cache_ns)
 		*cached = *nh;
 	return rc;
+}
+
+/*
+ * DSR to a backend that listens on another port than the service's
+ * (Kubernetes targetPort), after encapsulation: the inner destination port
+ * becomes the backend's (checksum updated; an IPv4 UDP checksum of 0 stays
+ * 0) and the service port rides in the outer header for the backend's
+ * decap agent, which turns the answers' source port back: in the outer
+ * IPv4 ID, with DF (such a packet is never fragmented, so its ID names no
+ * fragments), or in the low 16 bits of the outer IPv6 flow label. Out of
+ * line: the program's stack is full, and most services need none of it.
+ */
+static __noinline int dsr_target_port(struct xdp_md *ctx, const struct pkt *p,
+				      const struct lb_backend *be)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	void *outer = data + (p->l3_off & 0x1f);
+	__be16 svc_port = p->flow.dport, port = be->port;
+	__u32 l4_off = p->l4_off & 0x3ff;
+
+	if (be->family == LB_FAMILY_V4) {
+		struct iphdr *o = outer;
+
+		if ((void *)(o + 1) > end)
+			return -1;
+		__u64 acc = csum_word(0, o->id, svc_port);
+		acc = csum_word(acc, o->frag_off, IP_DF_BE);
+		o->id = svc_port;
+		o->frag_off = IP_DF_BE;
+		o->check = csum_apply(o->check, acc);
+		l4_off += sizeof(struct iphdr);
+	} else {
+		struct ipv6hdr *o = outer;
+
+		if ((void *)(o + 1) > end)
+			return -1;
+		__builtin_memcpy(&o->flow_lbl[1], &svc_port, 2);
+		l4_off += sizeof(struct ipv6hdr);
+	}
+	void *l4 = data + (l4_off & 0x7ff);
+	if (p->flow.proto == IPPROTO_TCP_) {
+		struct tcphdr *th = l4;
+
+		if ((void *)(th + 1) > end)
+			return -1;
+		th->check = csum_apply(th->check, csum_word(0, th->dest, port));
+		th->dest = port;
+		return 0;
+	}
+	struct udphdr *uh = l4;
+
+	if ((void *)(uh + 1) > end)
+		return -1;
+	if (uh->check || p->flow.family == LB_FAMILY_V6) {
+		__u16 c = csum_apply(uh->check, csum_word(0, uh->dest, port));
+
+		uh->check = c ? c : 0xffff;
+	}
+	uh->dest = port;
+	return 0;
 }
 
 static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
@@ -105,6 +185,10 @@ static __always_inline int lb_forward(struct xdp_md *ctx, const struct pkt *p,
 
 	if (encap_ipip(ctx, p, be, l2))
 		return drop(st, ss, LB_STAT_DROP_ADJUST);
+	/* (An ICMP error quotes the client's packet: it goes untranslated.) */
+	if (be->port && be->port != p->flow.dport && !p->icmp_err &&
+	    dsr_target_port(ctx, p, be))
+		return drop(st, ss, LB_STAT_DROP_MALFORMED);
 
 	stat_add(st, LB_STAT_FWD_PACKETS, 1);
 	stat_add(st, LB_STAT_FWD_BYTES, p->l3_len);
@@ -359,23 +443,26 @@ static __always_inline int client_hop(struct xdp_md *ctx, const struct lb_ct_key
 		*nh = c->nh;
 		return BPF_FIB_LKUP_RET_SUCCESS;
 	}
-	struct bpf_fib_lookup fib = {};
-	fib.ifindex = ctx->ingress_ifindex;
+	struct bpf_fib_lookup *fib = scratch_fib();
+
+	if (!fib)
+		return BPF_FIB_LKUP_RET_NOT_FWDED;
+	fib->ifindex = ctx->ingress_ifindex;
 	if (f->family == LB_FAMILY_V4) {
-		fib.family = AF_INET_;
-		fib.ipv4_src = *(const __u32 *)f->daddr;
-		fib.ipv4_dst = *(const __u32 *)f->saddr;
+		fib->family = AF_INET_;
+		fib->ipv4_src = *(const __u32 *)f->daddr;
+		fib->ipv4_dst = *(const __u32 *)f->saddr;
 	} else {
-		fib.family = AF_INET6_;
-		__builtin_memcpy(fib.ipv6_src, f->daddr, 16);
-		__builtin_memcpy(fib.ipv6_dst, f->saddr, 16);
+		fib->family = AF_INET6_;
+		__builtin_memcpy(fib->ipv6_src, f->daddr, 16);
+		__builtin_memcpy(fib->ipv6_dst, f->saddr, 16);
 	}
-	int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return rc;
-	nh->ifindex = fib.ifindex;
-	__builtin_memcpy(nh->smac, fib.smac, ETH_ALEN);
-	__builtin_memcpy(nh->dmac, fib.dmac, ETH_ALEN);
+	nh->ifindex = fib->ifindex;
+	__builtin_memcpy(nh->smac, fib->smac, ETH_ALEN);
+	__builtin_memcpy(nh->dmac, fib->dmac, ETH_ALEN);
 	nh->expires_ns = now + lb_nh_cache_ns;
 	if (c && lb_nh_cache_ns) {
 		__builtin_memcpy(c->addr, f->saddr, 16);

@@ -53,6 +53,7 @@
 #define IPV6_MAX_EXT 4
 
 #define IP_MF_BE bpf_htons(0x2000)
+#define IP_DF_BE bpf_htons(0x4000)
 #define IP_OFFSET_BE bpf_htons(0x1FFF)
 
 #define TCP_FIN 0x01

@@ -212,12 +212,14 @@ struct {
 } lb_nh_client SEC(".maps");
 
 /*
- * Per-CPU scratch space for the rare paths' large temporaries (an ICMP
- * error's translation), which would not fit the stack that a program and
- * its calls share (512 bytes). Not part of the ABI.
+ * Per-CPU scratch space for large temporaries that would not fit the
+ * stack that a program and its calls share (512 bytes): an ICMP error's
+ * translation or a source-range key (b, never both at once), a FIB
+ * lookup's parameters (fib). Not part of the ABI.
  */
 struct lb_scratch {
 	__u8 b[128];
+	struct bpf_fib_lookup fib;
 };
 
 struct {

@@ -368,7 +368,21 @@ impl DecapKey {
     }
 }
 
-pub const DECAP_STAT_MAX: usize = 4;
+/// A flow the decap agent sends answers of back from the service port
+/// (`lb_decap_ports`; see lb_abi.h).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapPortKey {
+    pub vip: [u8; 16],
+    pub client: [u8; 16],
+    pub target_port: u16,
+    pub client_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+pub const DECAP_STAT_MAX: usize = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -391,6 +405,7 @@ unsafe impl aya::Pod for Stats {}
 unsafe impl aya::Pod for SvcStats {}
 unsafe impl aya::Pod for DecapKey {}
 unsafe impl aya::Pod for DecapStats {}
+unsafe impl aya::Pod for DecapPortKey {}
 unsafe impl aya::Pod for SnatRev {}
 unsafe impl aya::Pod for SnatAddr {}
 unsafe impl aya::Pod for SrcRangeKey {}
@@ -459,6 +474,8 @@ counters!(decap_stat, DECAP_STAT_NAMES,
     OK = "LB_DECAP_OK" => 0,
     NOT_VIP = "LB_DECAP_NOT_VIP" => 1,
     MALFORMED = "LB_DECAP_MALFORMED" => 2,
+    PORT_FLOWS = "LB_DECAP_PORT_FLOWS" => 3,
+    PORT_OUT = "LB_DECAP_PORT_OUT" => 4,
 );
 
 #[repr(C)]

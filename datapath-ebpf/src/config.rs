@@ -226,8 +226,11 @@ pub enum BackendState {
 }
 
 /// A backend of a service. `id` is the cluster-wide backend id; a backend
-/// belongs to exactly one service. `port` is where SNAT flows go (0: the
-/// client's destination port; DSR always keeps it).
+/// belongs to exactly one service. `port` is the port it listens on (0:
+/// the client's destination port). A DSR flow to another port than the
+/// service's reaches it with that port; the service port rides in the
+/// outer header for the backend's decap agent, which turns the answers
+/// back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
     pub id: u32,
@@ -489,22 +492,6 @@ impl DatapathConfig {
                         ));
                     }
                     _ => {}
-                }
-            }
-            if svc.forwarding == Forwarding::Dsr && svc.backends.iter().any(|b| b.port != 0) {
-                // (A DSR backend answers from the VIP and the client's port.)
-                if let Some(b) = svc
-                    .backends
-                    .iter()
-                    .find(|b| b.port != 0 && b.port != svc.port)
-                {
-                    return Err(Error::invalid(
-                        format!("{field}.backend {}.port", b.id),
-                        format!(
-                            "a DSR backend keeps the service port {}, not {}",
-                            svc.port, b.port
-                        ),
-                    ));
                 }
             }
             let mut ids: Vec<u32> = svc.backends.iter().map(|b| b.id).collect();

@@ -4,7 +4,11 @@ use std::net::IpAddr;
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData},
-    programs::{xdp::XdpLink, Xdp},
+    programs::{
+        tc::{SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
+        SchedClassifier, Xdp,
+    },
     Ebpf,
 };
 
@@ -18,20 +22,38 @@ pub(crate) static DECAP_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/decap.bpf.o"));
 
 pub const DECAP_PROGRAM: &str = "holdfast_decap";
+/// The egress program that turns target-port answers back (TC).
+pub const EGRESS_PROGRAM: &str = "holdfast_decap_egress";
 const M_VIPS: &str = "lb_decap_vips";
 const M_STATS: &str = "lb_decap_stats";
 
-/// Strips IPIP from packets for configured VIPs on a backend.
+/// Strips IPIP from packets for configured VIPs on a backend, and turns
+/// the answers of flows sent to a target port back to the service port.
 pub struct Decap {
     bpf: Ebpf,
     links: Vec<XdpLink>,
+    egress: Vec<SchedClassifierLink>,
+}
+
+fn egress_mut(bpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    bpf.program_mut(EGRESS_PROGRAM)
+        .ok_or(Error::MissingMap {
+            map: EGRESS_PROGRAM,
+        })?
+        .try_into()
+        .map_err(Error::program(EGRESS_PROGRAM))
 }
 
 impl Decap {
     pub fn load() -> Result<Self> {
+        let mut bpf = load_xdp(DECAP_OBJ, "decap.bpf.o", DECAP_PROGRAM)?;
+        egress_mut(&mut bpf)?
+            .load()
+            .map_err(Error::program(EGRESS_PROGRAM))?;
         Ok(Self {
-            bpf: load_xdp(DECAP_OBJ, "decap.bpf.o", DECAP_PROGRAM)?,
+            bpf,
             links: Vec::new(),
+            egress: Vec::new(),
         })
     }
 
@@ -48,6 +70,12 @@ impl Decap {
             .map_err(Error::program(DECAP_PROGRAM))?;
         self.links
             .push(prog.take_link(id).map_err(Error::program(DECAP_PROGRAM))?);
+        let eg = egress_mut(&mut self.bpf)?;
+        let id = eg
+            .attach(ifname, TcAttachType::Egress)
+            .map_err(Error::program(EGRESS_PROGRAM))?;
+        self.egress
+            .push(eg.take_link(id).map_err(Error::program(EGRESS_PROGRAM))?);
         Ok(())
     }
 

@@ -194,6 +194,12 @@ fn check_all(obj: &[u8], structs: &[&str]) {
             "lb_svc_policy" => check_struct!(btf, "lb_svc_policy", SvcPolicy, [ranges_gen, pad]),
             "lb_decap_key" => check_struct!(btf, "lb_decap_key", DecapKey, [addr, family, pad]),
             "lb_decap_stats" => check_struct!(btf, "lb_decap_stats", DecapStats, [c]),
+            "lb_decap_port_key" => check_struct!(
+                btf,
+                "lb_decap_port_key",
+                DecapPortKey,
+                [vip, client, target_port, client_port, proto, family, pad]
+            ),
             other => panic!("no Rust mirror listed for {other}"),
         }
     }
@@ -232,7 +238,10 @@ fn lb_structs_match_btf() {
 
 #[test]
 fn decap_structs_match_btf() {
-    check_all(object("decap.bpf.o"), &["lb_decap_key", "lb_decap_stats"]);
+    check_all(
+        object("decap.bpf.o"),
+        &["lb_decap_key", "lb_decap_stats", "lb_decap_port_key"],
+    );
 }
 
 fn check_enum(obj: &[u8], name: &str, max_name: &str, max: usize, table: &[(&str, usize)]) {

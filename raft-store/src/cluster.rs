@@ -703,10 +703,10 @@ impl ClusterState {
                 }
             }
             ForwardingMode::Dsr => {
-                if let Some(b) = mine.iter().find(|b| s.port != 0 && b.port != s.port) {
+                if let Some(b) = mine.iter().find(|b| s.port == 0 && b.port != 0) {
                     return Err(format!(
-                        "service {}: forwarding dsr keeps the destination port, but backend {} \
-                         listens on {} (use forwarding snat, or change the backend)",
+                        "service {}: a service of every port (port 0) keeps each packet's, but \
+                         backend {} listens on {}",
                         s.name, b.id, b.port
                     ));
                 }
@@ -757,10 +757,10 @@ impl ClusterState {
             ));
         }
         match svc.mode {
-            ForwardingMode::Dsr if svc.port != 0 && port != svc.port => {
+            ForwardingMode::Dsr if svc.port == 0 && port != 0 => {
                 return Err(format!(
-                    "DSR keeps the destination port: backend port {port} must equal service port {}",
-                    svc.port
+                    "service {service} takes every port (port 0) and keeps each packet's: \
+                     backend port {port} must be 0"
                 ));
             }
             ForwardingMode::Snat if svc.vip.is_ipv4() != addr.is_ipv4() => {
@@ -1029,11 +1029,12 @@ mod tests {
     fn rejected_commands_change_nothing() {
         let mut s = ClusterState::default();
         s.apply(&svc("web", "10.200.0.1", 80));
+        s.apply(&svc("all", "10.200.0.2", 0));
         let before = s.clone();
         for (cmd, why) in [
             (svc("web2", "10.200.0.1", 80), "already service web"),
             (add("nope", "10.0.0.1", 80), "no service"),
-            (add("web", "10.0.0.1", 81), "must equal service port"),
+            (add("all", "10.0.0.1", 81), "must be 0"),
             (
                 Command::AddBackend {
                     service: "web".into(),

@@ -70,8 +70,9 @@ _Static_assert(sizeof(struct lb_svc) == 16, "lb_svc size");
  * to, so that a conntrack hit counts there without looking the service up;
  * 0 (the zero flags word of builds before it) means not known: a hit then
  * looks the service up as before. port is the backend's port (network
- * order) that SNAT flows are sent to; 0 keeps the client's destination port
- * (DSR always does).
+ * order) that flows are sent to; 0 keeps the client's destination port. A
+ * DSR flow to another port carries the service port to the backend's
+ * decap agent in the outer header (encap.h).
  */
 struct lb_backend {
 	__u8 addr[16];
@@ -320,17 +321,40 @@ struct lb_decap_key {
 };
 _Static_assert(sizeof(struct lb_decap_key) == 20, "lb_decap_key size");
 
+/*
+ * Decap: a DSR flow whose backend listens on another port than the
+ * service's (lb_decap_ports, an LRU): the key is the backend's answer as
+ * it leaves — vip = its source, client = its destination, target_port =
+ * its source port, client_port = its destination port (ports in network
+ * order) — and the value the service port (network order, in the low 16
+ * bits) that the answer's source port becomes. Written by the XDP
+ * program from the service port the LB put in the outer header; read by
+ * the egress program.
+ */
+struct lb_decap_port_key {
+	__u8 vip[16];
+	__u8 client[16];
+	__be16 target_port;
+	__be16 client_port;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct lb_decap_port_key) == 40, "lb_decap_port_key size");
+
 enum lb_decap_stat {
 	LB_DECAP_OK = 0,    /* IPIP packets decapsulated */
 	LB_DECAP_NOT_VIP,   /* IPIP whose inner destination is not a configured VIP: passed */
 	LB_DECAP_MALFORMED, /* truncated inner header: passed untouched */
-	LB_DECAP_STAT_MAX = 4,
+	LB_DECAP_PORT_FLOWS, /* flows to a target port recorded (new or changed) */
+	LB_DECAP_PORT_OUT,  /* answers whose source port was turned back to the service's */
+	LB_DECAP_STAT_MAX = 8,
 };
 
 struct lb_decap_stats {
 	__u64 c[LB_DECAP_STAT_MAX];
 };
-_Static_assert(sizeof(struct lb_decap_stats) == 32, "lb_decap_stats size");
+_Static_assert(sizeof(struct lb_decap_stats) == 64, "lb_decap_stats size");
 
 /*
  * Types that travel through maps without being a map's key or value (ring

@@ -109,11 +109,10 @@ pub fn to_datapath(state: &ClusterState, node: u64) -> DatapathConfig {
                             Some(BackendSpec {
                                 id: b.id,
                                 addr: b.addr,
-                                // DSR keeps the client's port; SNAT goes to the backend's.
-                                port: match s.mode {
-                                    ForwardingMode::Dsr => 0,
-                                    ForwardingMode::Snat => b.port,
-                                },
+                                // The port it listens on (DSR to another
+                                // port than the service's is translated
+                                // by the backend's decap agent).
+                                port: b.port,
                                 weight: b.weight,
                                 state: match b.state {
                                     BackendState::Active if !down => DpState::Active,

@@ -287,7 +287,14 @@ async fn t10_services_endpoints_status_events() {
     let mut sl = slice("remap", "remap-1", &ready(1, 7));
     sl["ports"][0]["port"] = json!(8080);
     api.apply(Kind::EndpointSlice, sl);
-    wait_event(&api, "TargetPortDiffers", "remap").await;
+    // targetPort 8080 behind port 80 (DSR): the backend is the pod's port,
+    // which the backend's decap agent translates.
+    wait_all(&c, "remap's backend on its target port", |s| {
+        s.backends
+            .values()
+            .any(|b| b.service == "k8s:default/remap:80/tcp" && b.port == 8080)
+    })
+    .await;
     // web2 still works, with its valid endpoint, and the next free VIP.
     let s = wait_all(&c, "web2", |s| {
         backends_of(s, "k8s:default/web2:80/tcp").len() == 1
@@ -439,5 +446,115 @@ async fn t10_leader_kill_in_a_burst_and_api_restarts() {
         backends_of(&s, "k8s:default/s2:80/tcp").len(),
         8,
         "nothing else dropped"
+    );
+}
+
+/// Services as users write them (tests/manifests/*.yaml: targetPort by
+/// number and by name, loadBalancerSourceRanges, sessionAffinity,
+/// externalTrafficPolicy, a malformed range): the config and every node's
+/// datapath get the target ports and the ranges; every field Holdfast does
+/// otherwise gets a Warning Event naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t10_services_as_users_write_them() {
+    let api = TestApi::start().await.expect("test API server");
+    let (c, _dir) = k8s_cluster(&api).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("manifests")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("manifest");
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for d in docs {
+            let kind = match d["kind"].as_str() {
+                Some("Service") => Kind::Service,
+                Some("EndpointSlice") => Kind::EndpointSlice,
+                other => panic!("{}: kind {other:?}", f.display()),
+            };
+            api.apply(kind, d);
+        }
+    }
+    let s = wait_all(&c, "web, db and sticky", |s| {
+        [
+            "k8s:shop/web:80/tcp",
+            "k8s:shop/web:53/udp",
+            "k8s:shop/db:5432/tcp",
+        ]
+        .iter()
+        .all(|n| s.services.contains_key(*n))
+            && s.backends.len() >= 5
+    })
+    .await;
+    // targetPort 8080 (a number) and "dns" (a name, resolved by the slice).
+    let ports = |svc: &str| -> BTreeSet<(IpAddr, u16)> {
+        s.backends
+            .values()
+            .filter(|b| b.service == svc)
+            .map(|b| (b.addr, b.port))
+            .collect()
+    };
+    let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        ports("k8s:shop/web:80/tcp"),
+        BTreeSet::from([(ip("10.1.7.1"), 8080), (ip("10.1.7.2"), 8080)])
+    );
+    assert_eq!(
+        ports("k8s:shop/web:53/udp"),
+        BTreeSet::from([(ip("10.1.7.1"), 5353), (ip("10.1.7.2"), 5353)])
+    );
+    // Every node's datapath sends them to those ports.
+    for n in c.nodes.values() {
+        let h = n.datapath.as_ref().expect("datapath");
+        let dp = h.dp.lock().expect("dp");
+        for b in s
+            .backends
+            .values()
+            .filter(|b| b.service.starts_with("k8s:shop/web"))
+        {
+            let v = dp.backend(b.id).expect("backend");
+            assert_eq!(
+                u16::from_be(v.port),
+                b.port,
+                "node {}: backend {}",
+                n.id(),
+                b.id
+            );
+        }
+    }
+    // Source ranges, host bits cleared.
+    assert_eq!(
+        s.services["k8s:shop/db:5432/tcp"].source_ranges,
+        ["10.0.0.0/8", "192.168.1.0/24"]
+    );
+    assert!(s.services["k8s:shop/web:80/tcp"].source_ranges.is_empty());
+    // Answered out loud.
+    let e = wait_event(&api, "SessionAffinity", "sticky").await;
+    assert!(e["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("spec.sessionAffinity"));
+    let e = wait_event(&api, "ExternalTrafficPolicy", "sticky").await;
+    assert!(e["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("client's address is preserved"));
+    let e = wait_event(&api, "InvalidSourceRange", "typo").await;
+    assert!(e["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("spec.loadBalancerSourceRanges"));
+    let s = wait_all(&c, "sticky created", |s| {
+        s.services.contains_key("k8s:shop/sticky:443/tcp")
+    })
+    .await;
+    assert!(
+        !s.services.keys().any(|k| k.contains("typo")),
+        "a Service with a malformed range is not created: {:?}",
+        s.services.keys().collect::<Vec<_>>()
     );
 }

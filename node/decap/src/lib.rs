@@ -4,6 +4,10 @@
 //! the kernel then delivers them locally (a VIP on lo, or kube-proxy's rules
 //! for the Service's load-balancer IP) and the answer goes straight back to
 //! the client. Other IPIP packets and all other traffic pass untouched.
+//! A flow the LB sent to another port than the service's (the pods listen
+//! on 8080 behind VIP:80) is recorded from the service port in its outer
+//! header, and an egress program (TC) on the same interfaces turns its
+//! answers' source port back, so the client sees VIP:80 answer.
 //!
 //! ```text
 //! holdfast-decap --iface IF [--iface IF ...] --vip ADDR|CIDR [--vip ...]

@@ -427,6 +427,12 @@ pub fn plan(
             },
         };
         let spec = s.spec.as_ref().expect("filtered above");
+        spec_notes(
+            spec,
+            forwarding.unwrap_or_default(),
+            (&ns, &name, &uid),
+            &mut out,
+        );
         // loadBalancerSourceRanges: host bits cleared as Kubernetes reads
         // them; a malformed one keeps each port's current ranges (never
         // opens a restricted service) and is reported.
@@ -526,21 +532,6 @@ pub fn plan(
                     else {
                         continue;
                     };
-                    if target != port && mode == ForwardingMode::Dsr {
-                        // DSR leaves the packet as the client sent it: the
-                        // pod receives VIP:port and must listen there.
-                        out.notes.push(note(
-                            "Service",
-                            &ns,
-                            &name,
-                            &uid,
-                            "TargetPortDiffers",
-                            format!(
-                                "port {port} targets {target}: in DSR mode the pods must listen on the service port; endpoints skipped"
-                            ),
-                        ));
-                        continue;
-                    }
                     for ep in &sl.endpoints {
                         let c = ep.conditions.as_ref();
                         let ready = c.and_then(|c| c.ready).unwrap_or(true);
@@ -629,6 +620,41 @@ pub fn plan(
     out.notes.sort();
     out.notes.dedup();
     out
+}
+
+/// Warning Events for the ServiceSpec fields that ask for something
+/// Holdfast does otherwise (docs/operations.md has the table of every
+/// field: honoured, answered here, or not applicable).
+fn spec_notes(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    mode: ForwardingMode,
+    (ns, name, uid): (&str, &str, &str),
+    out: &mut Plan,
+) {
+    let mut say = |reason: &'static str, msg: String| {
+        out.notes.push(note("Service", ns, name, uid, reason, msg))
+    };
+    if spec.external_traffic_policy.as_deref() == Some("Local") {
+        say(
+            "ExternalTrafficPolicy",
+            match mode {
+                ForwardingMode::Dsr => "spec.externalTrafficPolicy: Local: Holdfast sends each flow to any ready endpoint (not only those on one node) and the client's address is preserved already (DSR)".into(),
+                ForwardingMode::Snat => "spec.externalTrafficPolicy: Local: Holdfast sends each flow to any ready endpoint (not only those on one node); in SNAT mode the backends see an LB node's SNAT address, not the client's (DSR preserves it)".into(),
+            },
+        );
+    }
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        say(
+            "SessionAffinity",
+            "spec.sessionAffinity: ClientIP is not honoured: each connection is balanced on its own 5-tuple (Maglev), so one client's connections may reach different backends".into(),
+        );
+    }
+    if let Some(d) = &spec.traffic_distribution {
+        say(
+            "TrafficDistribution",
+            format!("spec.trafficDistribution: {d} is not honoured: Holdfast spreads flows over every ready endpoint by Maglev"),
+        );
+    }
 }
 
 /// Events for the owned services' backends the tier marked down, and for
