@@ -151,6 +151,25 @@ static __always_inline int record_port(void *inner, void *data_end, __u8 fam, __
 	return 0;
 }
 
+/*
+ * Does the outer header name a service port? Only a Holdfast LB's does:
+ * its outer source is in the encapsulation prefix (172.16.0.0/16,
+ * 100::/64), and an IPv4 one has DF and a nonzero ID. Any other sender's
+ * ID or flow label (a kernel's, a health check's raw socket) is no port.
+ */
+static __always_inline int lb_names_port_v4(const struct iphdr *ip)
+{
+	return ip->id && (ip->frag_off & IP_DF_BE) &&
+	       (ip->saddr & bpf_htonl(0xFFFF0000)) == IPIP_V4_PREFIX_BE;
+}
+
+static __always_inline int lb_encap_src_v6(const struct ipv6hdr *ip6)
+{
+	const __u32 *a = (const __u32 *)&ip6->saddr;
+
+	return a[0] == IPIP_V6_PREFIX0_BE && a[1] == 0;
+}
+
 static __always_inline int strip(struct xdp_md *ctx, const __u32 l2, const __u32 outer,
 				 __be16 inner_proto)
 {
@@ -185,7 +204,7 @@ static __always_inline int decap_l3(struct xdp_md *ctx, __be16 proto, const __u3
 			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		if (!vip)
 			return count(LB_DECAP_NOT_VIP, XDP_PASS);
-		if (ip->id && record_port(ip + 1, data_end, LB_FAMILY_V4, ip->id) < 0)
+		if (lb_names_port_v4(ip) && record_port(ip + 1, data_end, LB_FAMILY_V4, ip->id) < 0)
 			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		return strip(ctx, l2, sizeof(struct iphdr), ETH_P_IP_BE);
 	}
@@ -211,7 +230,8 @@ static __always_inline int decap_l3(struct xdp_md *ctx, __be16 proto, const __u3
 			return count(LB_DECAP_NOT_VIP, XDP_PASS);
 		__be16 svc_port;
 		__builtin_memcpy(&svc_port, &ip6->flow_lbl[1], 2);
-		if (svc_port && record_port(ip6 + 1, data_end, fam, svc_port) < 0)
+		if (svc_port && lb_encap_src_v6(ip6) &&
+		    record_port(ip6 + 1, data_end, fam, svc_port) < 0)
 			return count(LB_DECAP_MALFORMED, XDP_PASS);
 		return strip(ctx, l2, sizeof(struct ipv6hdr), inner);
 	}

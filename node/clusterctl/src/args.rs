@@ -323,7 +323,9 @@ pub enum BeCmd {
         service: String,
         #[arg(long)]
         addr: IpAddr,
-        /// Defaults to the service's port (DSR keeps the port).
+        /// The port the backend listens on (default: the service's). DSR to
+        /// another port needs holdfast-decap on the backend host, which
+        /// turns the answers back to the service port.
         #[arg(long)]
         port: Option<u16>,
         #[arg(long, default_value_t = 1)]

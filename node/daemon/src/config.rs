@@ -113,7 +113,8 @@ pub struct SeedService {
     /// "snat" (both addresses rewritten; the backend needs nothing).
     #[serde(default)]
     pub forwarding: raft_store::cluster::ForwardingMode,
-    /// The port the backends listen on (SNAT; default: `port`).
+    /// The port the backends listen on (default: `port`; DSR to another
+    /// port needs holdfast-decap on the backends).
     #[serde(default)]
     pub backend_port: Option<u16>,
     /// Backend addresses (DSR: they receive VIP:port unchanged).

@@ -178,10 +178,17 @@ fn run(a: Args) -> Result<()> {
     }
     let sig = wait_for_signal()?;
     let s = d.stats().context("reading counters")?;
-    println!(
-        "{}",
-        serde_json::json!({"signal": sig, "decapsulated": s.c[0], "not_vip": s.c[1], "malformed": s.c[2]})
-    );
+    println!("{}", {
+        use datapath_ebpf::abi::decap_stat as k;
+        serde_json::json!({
+            "signal": sig,
+            "decapsulated": s.c[k::OK],
+            "not_vip": s.c[k::NOT_VIP],
+            "malformed": s.c[k::MALFORMED],
+            "port_flows": s.c[k::PORT_FLOWS],
+            "port_out": s.c[k::PORT_OUT],
+        })
+    });
     if let Some(f) = &a.ready_file {
         let _ = std::fs::remove_file(f);
     }

@@ -638,7 +638,7 @@ fn spec_notes(
         say(
             "ExternalTrafficPolicy",
             match mode {
-                ForwardingMode::Dsr => "spec.externalTrafficPolicy: Local: Holdfast sends each flow to any ready endpoint (not only those on one node) and the client's address is preserved already (DSR)".into(),
+                ForwardingMode::Dsr => "spec.externalTrafficPolicy: Local: Holdfast sends each flow to any ready endpoint, at the pod's own address, and the client's address is preserved already (DSR); on the endpoint's host Local keeps the VIP's delivery on that node".into(),
                 ForwardingMode::Snat => "spec.externalTrafficPolicy: Local: Holdfast sends each flow to any ready endpoint (not only those on one node); in SNAT mode the backends see an LB node's SNAT address, not the client's (DSR preserves it)".into(),
             },
         );
