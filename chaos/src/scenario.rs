@@ -564,62 +564,82 @@ fn set_source_ranges(cx: &mut Ctx, ranges: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Run `work` to completion on a thread inside the lab's client namespace
+/// (one current-thread tokio runtime).
+fn on_client<T, F>(cx: &Ctx, work: impl FnOnce() -> F + Send + 'static) -> Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>>,
+{
+    cx.lab
+        .client
+        .spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(work())
+        })
+        .join()
+        .map_err(|_| anyhow!("the client thread panicked"))?
+}
+
+/// A TCP connection from `src` (any port) to `to`.
+async fn connect_from(
+    src: std::net::IpAddr,
+    to: std::net::SocketAddr,
+) -> Result<tokio::net::TcpStream> {
+    let sock = if src.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.bind(std::net::SocketAddr::new(src, 0))?;
+    Ok(sock.connect(to).await?)
+}
+
 /// New connections and queries from `src` to the lab's services: how many
 /// were tried and how many got an answer (each waits up to 2 s).
 fn fresh_attempts(cx: &Ctx, src: std::net::IpAddr, n: usize) -> Result<(usize, usize)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let vip: std::net::IpAddr = if src.is_ipv4() { lab::VIP } else { lab::VIP6 }.parse()?;
-    let h = cx.lab.client.spawn(move || -> Result<(usize, usize)> {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            // All at once: each waits out its timeout.
-            let mut set = tokio::task::JoinSet::new();
-            for k in 0..n {
-                set.spawn(async move {
-                    let sock = if src.is_ipv4() {
-                        tokio::net::TcpSocket::new_v4()?
-                    } else {
-                        tokio::net::TcpSocket::new_v6()?
-                    };
-                    sock.bind(std::net::SocketAddr::new(src, 0))?;
-                    let to = std::net::SocketAddr::new(vip, lab::TCP_PORT);
-                    let tcp = async {
-                        let mut s = sock.connect(to).await?;
-                        s.write_all(format!("outside{k}:1\n").as_bytes()).await?;
-                        let mut line = String::new();
-                        tokio::io::BufReader::new(&mut s)
-                            .read_line(&mut line)
-                            .await?;
-                        anyhow::Ok(!line.is_empty())
-                    };
-                    let tcp_ok = matches!(
-                        tokio::time::timeout(Duration::from_secs(2), tcp).await,
-                        Ok(Ok(true))
-                    );
-                    let u = tokio::net::UdpSocket::bind(std::net::SocketAddr::new(src, 0)).await?;
-                    u.connect(std::net::SocketAddr::new(vip, lab::UDP_PORT))
+    on_client(cx, move || async move {
+        // All at once: each waits out its timeout.
+        let mut set = tokio::task::JoinSet::new();
+        for k in 0..n {
+            set.spawn(async move {
+                let tcp = async {
+                    let mut s =
+                        connect_from(src, std::net::SocketAddr::new(vip, lab::TCP_PORT)).await?;
+                    s.write_all(format!("outside{k}:1\n").as_bytes()).await?;
+                    let mut line = String::new();
+                    tokio::io::BufReader::new(&mut s)
+                        .read_line(&mut line)
                         .await?;
-                    u.send(format!("outside{k}:1").as_bytes()).await?;
-                    let mut buf = [0u8; 512];
-                    let udp_ok = matches!(
-                        tokio::time::timeout(Duration::from_secs(2), u.recv(&mut buf)).await,
-                        Ok(Ok(_))
-                    );
-                    anyhow::Ok(usize::from(tcp_ok) + usize::from(udp_ok))
-                });
-            }
-            let (mut tried, mut answered) = (0, 0);
-            while let Some(r) = set.join_next().await {
-                tried += 2;
-                answered += r.map_err(|e| anyhow!("attempt: {e}"))??;
-            }
-            Ok((tried, answered))
-        })
-    });
-    h.join()
-        .map_err(|_| anyhow!("the outside client panicked"))?
+                    anyhow::Ok(!line.is_empty())
+                };
+                let tcp_ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), tcp).await,
+                    Ok(Ok(true))
+                );
+                let u = tokio::net::UdpSocket::bind(std::net::SocketAddr::new(src, 0)).await?;
+                u.connect(std::net::SocketAddr::new(vip, lab::UDP_PORT))
+                    .await?;
+                u.send(format!("outside{k}:1").as_bytes()).await?;
+                let mut buf = [0u8; 512];
+                let udp_ok = matches!(
+                    tokio::time::timeout(Duration::from_secs(2), u.recv(&mut buf)).await,
+                    Ok(Ok(_))
+                );
+                anyhow::Ok(usize::from(tcp_ok) + usize::from(udp_ok))
+            });
+        }
+        let (mut tried, mut answered) = (0, 0);
+        while let Some(r) = set.join_next().await {
+            tried += 2;
+            answered += r.map_err(|e| anyhow!("attempt: {e}"))??;
+        }
+        Ok((tried, answered))
+    })
 }
 
 /// source-ranges: the lab's services restricted to the client's subnet
@@ -728,60 +748,48 @@ fn whoami_connections(
     n: usize,
     rounds: usize,
 ) -> Result<(usize, Vec<std::net::SocketAddr>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let vip: std::net::IpAddr = lab::VIP.parse()?;
     let src: std::net::IpAddr = lab::CLIENT.parse()?;
-    let h = cx
-        .lab
-        .client
-        .spawn(move || -> Result<(usize, Vec<std::net::SocketAddr>)> {
-            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let mut set = tokio::task::JoinSet::new();
-                for k in 0..n {
-                    set.spawn(async move {
-                        let one = async {
-                            let sock = tokio::net::TcpSocket::new_v4()?;
-                            sock.bind(std::net::SocketAddr::new(src, 0))?;
-                            let s = sock.connect(std::net::SocketAddr::new(vip, port)).await?;
-                            let (r, mut w) = s.into_split();
-                            let mut lines = tokio::io::BufReader::new(r).lines();
-                            w.write_all(b"whoami\n").await?;
-                            let l = lines.next_line().await?.context("closed")?;
-                            let seen: std::net::SocketAddr = l
-                                .rsplit(' ')
-                                .next()
-                                .and_then(|a| a.parse().ok())
-                                .with_context(|| format!("answer {l:?}"))?;
-                            for i in 0..rounds {
-                                let msg = format!("tp{k}:{i}");
-                                w.write_all(format!("{msg}\n").as_bytes()).await?;
-                                let l = lines.next_line().await?.context("closed")?;
-                                if !l.ends_with(&format!(" {msg}")) {
-                                    bail!("wrong answer {l:?} to {msg}");
-                                }
-                            }
-                            anyhow::Ok(seen)
-                        };
-                        tokio::time::timeout(Duration::from_secs(5), one)
-                            .await
-                            .map_err(|_| anyhow!("timed out"))?
-                    });
-                }
-                let (mut ok, mut seen) = (0, Vec::new());
-                while let Some(r) = set.join_next().await {
-                    if let Ok(Ok(a)) = r {
-                        ok += 1;
-                        seen.push(a);
+    on_client(cx, move || async move {
+        let mut set = tokio::task::JoinSet::new();
+        for k in 0..n {
+            set.spawn(async move {
+                let one = async {
+                    let s = connect_from(src, std::net::SocketAddr::new(vip, port)).await?;
+                    let (r, mut w) = s.into_split();
+                    let mut lines = tokio::io::BufReader::new(r).lines();
+                    w.write_all(b"whoami\n").await?;
+                    let l = lines.next_line().await?.context("closed")?;
+                    let seen: std::net::SocketAddr = l
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|a| a.parse().ok())
+                        .with_context(|| format!("answer {l:?}"))?;
+                    for i in 0..rounds {
+                        let msg = format!("tp{k}:{i}");
+                        w.write_all(format!("{msg}\n").as_bytes()).await?;
+                        let l = lines.next_line().await?.context("closed")?;
+                        if !l.ends_with(&format!(" {msg}")) {
+                            bail!("wrong answer {l:?} to {msg}");
+                        }
                     }
-                }
-                Ok((ok, seen))
-            })
-        });
-    h.join()
-        .map_err(|_| anyhow!("the client thread panicked"))?
+                    anyhow::Ok(seen)
+                };
+                tokio::time::timeout(Duration::from_secs(5), one)
+                    .await
+                    .map_err(|_| anyhow!("timed out"))?
+            });
+        }
+        let (mut ok, mut seen) = (0, Vec::new());
+        while let Some(r) = set.join_next().await {
+            if let Ok(Ok(a)) = r {
+                ok += 1;
+                seen.push(a);
+            }
+        }
+        Ok((ok, seen))
+    })
 }
 
 /// target-port: a service whose backends listen on another port than its

@@ -424,13 +424,14 @@ impl DatapathConfig {
                 ));
             }
             for r in &svc.source_ranges {
-                let max = if r.net.is_ipv4() { 32 } else { 128 };
-                if r.len > max {
-                    return Err(Error::invalid(
-                        format!("{field}.source_ranges"),
-                        format!("{r}: the prefix length must be at most {max}"),
-                    ));
-                }
+                // (The fields are public: a range may not have come
+                // through SourceRange::new.)
+                SourceRange::new(r.net, r.len).map_err(|e| match e {
+                    Error::InvalidConfig { reason, .. } => {
+                        Error::invalid(format!("{field}.source_ranges"), reason)
+                    }
+                    e => e,
+                })?;
             }
             if svc.backends.len() as u64 > u64::from(opts.max_backends) {
                 return Err(Error::invalid(

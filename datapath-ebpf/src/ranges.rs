@@ -116,7 +116,7 @@ impl RangesState {
         // Deletions first (the trie's peak is the larger of the two sets);
         // on an error the state says what the trie holds.
         let mut now = old.clone();
-        let r = self.edit(bpf, &old, &want, &mut now);
+        let r = edit(bpf, &old, &want, &mut now);
         if let Err(e) = r {
             if !now.is_empty() {
                 self.by_slot.insert(slot, (old_gen, now));
@@ -142,27 +142,28 @@ impl RangesState {
         }
         Ok(true)
     }
+}
 
-    fn edit(
-        &mut self,
-        bpf: &mut aya::Ebpf,
-        old: &BTreeSet<SrcRangeKey>,
-        want: &BTreeSet<SrcRangeKey>,
-        now: &mut BTreeSet<SrcRangeKey>,
-    ) -> Result<()> {
-        let mut t = trie(bpf)?;
-        for k in old.difference(want) {
-            match t.remove(&to_key(k)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(Error::map(M_SRC_RANGES)(e)),
-            }
-            now.remove(k);
+/// Take `old` out of the trie and put `want` in; `now` follows what the
+/// trie holds, also when a step fails.
+fn edit(
+    bpf: &mut aya::Ebpf,
+    old: &BTreeSet<SrcRangeKey>,
+    want: &BTreeSet<SrcRangeKey>,
+    now: &mut BTreeSet<SrcRangeKey>,
+) -> Result<()> {
+    let mut t = trie(bpf)?;
+    for k in old.difference(want) {
+        match t.remove(&to_key(k)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(Error::map(M_SRC_RANGES)(e)),
         }
-        for k in want.difference(old) {
-            t.insert(&to_key(k), 1u32, 0)
-                .map_err(Error::map(M_SRC_RANGES))?;
-            now.insert(*k);
-        }
-        Ok(())
+        now.remove(k);
     }
+    for k in want.difference(old) {
+        t.insert(&to_key(k), 1u32, 0)
+            .map_err(Error::map(M_SRC_RANGES))?;
+        now.insert(*k);
+    }
+    Ok(())
 }

@@ -20,9 +20,7 @@ use std::{collections::HashSet, net::IpAddr};
 
 use common::{require_root, Fixture, NODE_ID};
 use datapath_ebpf::{
-    abi::{
-        stat, svc_stat, CtKey, CtVal, SvcKey, CT_F_CLOSING, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
-    },
+    abi::{stat, svc_stat, CtKey, CtVal, CT_F_CLOSING, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP},
     packet::{Mac, Packet, L4, TCP_ACK, TCP_FIN, TCP_SYN},
     testbed::{NEIGHBOURS, ROUTER_MAC},
     testrun::{verdict_name, XDP_DROP, XDP_PASS, XDP_TX},
@@ -157,22 +155,6 @@ fn entry(fx: &Fixture, key: &CtKey) -> CtVal {
         .expect("the flow has an entry")
 }
 
-fn svc_stats(
-    fx: &Fixture,
-    vip: &str,
-    port: u16,
-    proto: u8,
-) -> [u64; datapath_ebpf::abi::SVC_STAT_MAX] {
-    let key = SvcKey::new(vip.parse().expect("vip"), port, proto);
-    fx.dp
-        .service_stats()
-        .expect("service stats")
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, s)| s.c)
-        .expect("service exists")
-}
-
 #[track_caller]
 fn expect_frame(r: &datapath_ebpf::testrun::RunResult, verdict: u32, want: &[u8], what: &str) {
     assert_eq!(
@@ -270,7 +252,7 @@ fn snat_tcp_both_ways_ipv4() {
     );
     assert_eq!(fx.stat(stat::SNAT_FWD), 2);
     assert_eq!(fx.stat(stat::SNAT_REPLIES), 2);
-    let ss = svc_stats(&fx, VIP, 80, IPPROTO_TCP);
+    let ss = fx.svc_stats(VIP, 80, IPPROTO_TCP);
     assert_eq!(ss[svc_stat::NEW_FLOWS], 1);
     assert_eq!(ss[svc_stat::REPLIES], 2);
     assert_eq!(ss[svc_stat::PACKETS], 2);
@@ -686,7 +668,7 @@ fn snat_ports_are_never_shared_and_exhaustion_is_counted() {
     assert_eq!(fx.dp.conntrack().bindings().expect("bindings").len(), full);
     assert_eq!(fx.stat(stat::SNAT_EXHAUSTED), dropped as u64);
     assert_eq!(
-        svc_stats(&fx, VIP, 80, IPPROTO_TCP)[svc_stat::SNAT_EXHAUSTED],
+        fx.svc_stats(VIP, 80, IPPROTO_TCP)[svc_stat::SNAT_EXHAUSTED],
         dropped as u64
     );
     // The same port towards another backend port is another binding.

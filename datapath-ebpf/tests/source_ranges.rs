@@ -9,7 +9,7 @@ mod common;
 use common::*;
 
 use datapath_ebpf::{
-    abi::{stat, svc_stat, CtKey, SvcKey, IPPROTO_TCP, IPPROTO_UDP},
+    abi::{stat, svc_stat, CtKey, IPPROTO_TCP, IPPROTO_UDP},
     packet::{Packet, TCP_ACK, TCP_SYN},
     testrun::{verdict_name, XDP_DROP, XDP_TX},
     Proto, SourceRange,
@@ -33,14 +33,7 @@ fn set_ranges(fx: &mut Fixture, vip: &str, port: u16, proto: Proto, r: &[&str]) 
 }
 
 fn refused(fx: &Fixture, vip: &str, port: u16, proto: u8) -> u64 {
-    let key = SvcKey::new(vip.parse().expect("vip"), port, proto);
-    fx.dp
-        .service_stats()
-        .expect("service stats")
-        .into_iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, s)| s.c[svc_stat::SRC_REFUSED])
-        .expect("service exists")
+    fx.svc_stats(vip, port, proto)[svc_stat::SRC_REFUSED]
 }
 
 fn expect(fx: &Fixture, p: &Packet, want: u32, what: &str) {

@@ -3,8 +3,9 @@
 
 use std::net::IpAddr;
 
-/// Parse "addr/len"; the address must be the network address.
-pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
+/// "addr/len" split and checked: an address and a prefix length that fits
+/// its family (host bits not looked at).
+fn parse_parts(cidr: &str) -> Result<(IpAddr, u8), String> {
     let (a, l) = cidr
         .split_once('/')
         .ok_or_else(|| format!("{cidr:?} is not a CIDR (addr/len)"))?;
@@ -18,6 +19,12 @@ pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
     if len > max {
         return Err(format!("prefix length {len} > {max}"));
     }
+    Ok((addr, len))
+}
+
+/// Parse "addr/len"; the address must be the network address.
+pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, len) = parse_parts(cidr)?;
     if mask(addr, len) != addr {
         return Err(format!("{cidr} has host bits set"));
     }
@@ -49,19 +56,6 @@ pub fn cidr_contains(net: (IpAddr, u8), ip: IpAddr) -> bool {
 /// "addr/len" with its host bits cleared (as Kubernetes reads
 /// loadBalancerSourceRanges), or why it is no CIDR.
 pub fn canonical_cidr(cidr: &str) -> Result<String, String> {
-    let (a, l) = cidr
-        .trim()
-        .split_once('/')
-        .ok_or_else(|| format!("{cidr:?} is not a CIDR (addr/len)"))?;
-    let addr: IpAddr = a
-        .parse()
-        .map_err(|_| format!("{a:?} is not an IP address"))?;
-    let len: u8 = l
-        .parse()
-        .map_err(|_| format!("{l:?} is not a prefix length"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(format!("prefix length {len} > {max}"));
-    }
+    let (addr, len) = parse_parts(cidr.trim())?;
     Ok(format!("{}/{len}", mask(addr, len)))
 }

@@ -191,6 +191,23 @@ impl Fixture {
         self.cfg = cfg;
     }
 
+    /// The counters of service (vip, port, proto), summed over CPUs.
+    pub fn svc_stats(
+        &self,
+        vip: &str,
+        port: u16,
+        proto: u8,
+    ) -> [u64; datapath_ebpf::abi::SVC_STAT_MAX] {
+        let key = SvcKey::new(vip.parse().expect("vip"), port, proto);
+        self.dp
+            .service_stats()
+            .expect("service stats")
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, s)| s.c)
+            .expect("service exists")
+    }
+
     pub fn backend_addr(id: u32) -> IpAddr {
         backend_addrs()
             .into_iter()
