@@ -92,6 +92,7 @@ pub fn lab_config(epoch: u64, n_backends: usize, draining: &[usize]) -> Datapath
                 .collect();
             services.push(ServiceSpec {
                 source_ranges: Vec::new(),
+                affinity_timeout_s: None,
                 vip: vip.parse().expect("static"),
                 port,
                 proto,

@@ -1449,6 +1449,7 @@ fn put_service(
             mode,
             health_check: checked.then(|| lab_check(proto)),
             source_ranges: Vec::new(),
+            affinity_timeout_s: None,
         },
     }
 }

@@ -166,6 +166,7 @@ fn holdfast_config(n_backends: usize) -> DatapathConfig {
         epoch: 1,
         services: vec![ServiceSpec {
             source_ranges: Vec::new(),
+            affinity_timeout_s: None,
             vip: VIP.parse().expect("static"),
             port: VIP_PORT,
             proto: Proto::Tcp,

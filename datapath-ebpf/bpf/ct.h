@@ -59,25 +59,25 @@ static __always_inline struct lb_backend *maglev_pick(const struct pkt *p, const
 }
 
 /*
- * Write a new entry for p->flow and announce it. A SNAT entry (snat_port
+ * Write a new entry for p->flow (flags `ct_flags`) and announce it. A SNAT entry (snat_port
  * != 0) carries its binding: this node's slot and the port; its ring record
  * carries the port in the key's pad (peers know every node's slot). Returns
  * the map update's result.
  */
-static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, __u64 flags,
+static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, __u16 ct_flags,
 				     struct lb_stats *st, struct lb_svc_stats *ss, __be16 snat_port,
 				     __u16 snat_slot)
 {
 	struct lb_ct_val val = {
 		.backend_id = bid,
-		.flags = snat_port ? LB_CT_F_SNAT : 0,
+		.flags = ct_flags | (snat_port ? LB_CT_F_SNAT : 0),
 		.origin = (__u16)lb_node_id,
 		.created_ns = now,
 		.last_seen_ns = now,
 		.snat_port = snat_port,
 		.snat_slot = snat_slot,
 	};
-	int err = bpf_map_update_elem(&lb_conntrack, &p->flow, &val, flags);
+	int err = bpf_map_update_elem(&lb_conntrack, &p->flow, &val, BPF_ANY);
 	if (err)
 		return err;
 
@@ -265,15 +265,22 @@ static __always_inline struct lb_ct_val *ct_find(const struct pkt *p, const stru
 	return ct;
 }
 
-/* A followed entry: refresh last_seen, note a client's FIN/RST, count. */
-static __always_inline void ct_hit(const struct pkt *p, struct lb_ct_val *ct, __u64 now,
-				   struct lb_stats *st, struct lb_svc_stats *ss)
+/*
+ * A followed entry: refresh last_seen, note a client's FIN/RST, count.
+ * Returns whether last_seen was refreshed.
+ */
+static __always_inline int ct_hit(const struct pkt *p, struct lb_ct_val *ct, __u64 now,
+				  struct lb_stats *st, struct lb_svc_stats *ss)
 {
+	int refreshed = 0;
+
 	if (!p->icmp_err) {
 		__u64 last = ct->last_seen_ns;
 
-		if (now > last && now - last > lb_ct_refresh_ns)
+		if (now > last && now - last > lb_ct_refresh_ns) {
 			ct->last_seen_ns = now;
+			refreshed = 1;
+		}
 		if (p->flow.proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_FIN | TCP_RST)) &&
 		    !(ct->flags & LB_CT_F_CLOSING)) {
 			ct->flags |= LB_CT_F_CLOSING;
@@ -285,6 +292,7 @@ static __always_inline void ct_hit(const struct pkt *p, struct lb_ct_val *ct, __
 	}
 	stat_add(st, LB_STAT_CT_HITS, 1);
 	svc_stat_add(ss, LB_SVC_CT_HITS, 1);
+	return refreshed;
 }
 
 /*

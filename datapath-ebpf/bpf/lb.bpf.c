@@ -18,6 +18,7 @@
 #include "csum.h"
 #include "encap.h"
 #include "ct.h"
+#include "affinity.h"
 #include "snat.h"
 #include "stats.h"
 
@@ -770,6 +771,12 @@ int holdfast_lb(struct xdp_md *ctx)
 	be = ct_pick(&p, svc, ct != NULL, st, ss, &bid, &now, &state);
 	if (!be)
 		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
+	if (svc->flags & LB_SVC_F_AFFINITY) {
+		bid = affinity_pick(&p, svc, sid, now, state == PICK_ENTRY);
+		be = backend_get(bid);
+		if (!be)
+			return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
+	}
 	binding = 0;
 	if (svc->flags & LB_SVC_F_SNAT) {
 		__s64 r = snat_new(ctx, &p, bid,
@@ -781,13 +788,15 @@ int holdfast_lb(struct xdp_md *ctx)
 	}
 	/* A failed insert (map full of locked buckets) still forwards: best effort. */
 	if (state == PICK_ENTRY)
-		ct_create(&p, bid, now, BPF_ANY, st, ss, (__be16)binding, binding >> 16);
+		ct_create(&p, bid, now, (svc->flags & LB_SVC_F_AFFINITY) ? LB_CT_F_AFFINE : 0, st,
+			  ss, (__be16)binding, binding >> 16);
 	if (binding)
 		goto snat;
 	goto forward;
 
 hit:
-	ct_hit(&p, ct, now, st, ss);
+	if (ct_hit(&p, ct, now, st, ss) && (ct->flags & LB_CT_F_AFFINE))
+		affinity_touch(&p.flow, ct->backend_id, now);
 	bid = ct->backend_id;
 	/* An entry keeps the mode it was made with. */
 	if (ct->flags & LB_CT_F_SNAT) {

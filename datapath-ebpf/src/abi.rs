@@ -24,9 +24,19 @@ pub const CT_F_CLOSING: u16 = 0x0001;
 pub const CT_F_REMOTE: u16 = 0x0002;
 /// Forwarded with SNAT (`CtVal::snat_slot`, `CtVal::snat_port`), not DSR.
 pub const CT_F_SNAT: u16 = 0x0004;
+/// Not a flow: a client's affinity entry (key: source port 0, pad
+/// [`CT_PAD_AFFINITY`]).
+pub const CT_F_AFFINITY: u16 = 0x0008;
+/// A flow of a service with client affinity (its refreshes refresh its
+/// client's affinity entry).
+pub const CT_F_AFFINE: u16 = 0x0010;
+/// The key pad of an affinity entry (flows' keys have pad 0).
+pub const CT_PAD_AFFINITY: u16 = 0xaff1;
 
 /// `Svc::flags`: new flows are forwarded with SNAT.
 pub const SVC_F_SNAT: u32 = 0x0001;
+/// `Svc::flags`: client affinity (timeout in `SvcPolicy::affinity_s`).
+pub const SVC_F_AFFINITY: u32 = 0x0002;
 /// `lb_vips` values: or'd in when the address is a node's SNAT address.
 pub const VIPS_F_SNAT: u32 = 0x8000_0000;
 
@@ -152,6 +162,25 @@ impl CtKey {
     pub fn vip(&self) -> Option<IpAddr> {
         addr_from_bytes(&self.daddr, self.family)
     }
+
+    /// The key an entry with `flags` has in the map: an affinity entry's
+    /// pad is [`CT_PAD_AFFINITY`] (the ring and the wire carry only its
+    /// flag), a flow's 0.
+    pub fn in_map(self, flags: u16) -> Self {
+        Self {
+            pad: if flags & CT_F_AFFINITY != 0 {
+                CT_PAD_AFFINITY
+            } else {
+                0
+            },
+            ..self
+        }
+    }
+
+    /// The affinity entry's key of `client` for service `vip:port`.
+    pub fn affinity(client: IpAddr, vip: IpAddr, port: u16, proto: u8) -> Self {
+        Self::new(client, 0, vip, port, proto).in_map(CT_F_AFFINITY)
+    }
 }
 
 #[repr(C)]
@@ -184,9 +213,9 @@ pub struct FlowEvent {
 
 impl FlowEvent {
     /// The entry's key: the record's with its pad (which carries a SNAT
-    /// entry's port) cleared.
+    /// entry's port) as the map has it.
     pub fn key(&self) -> CtKey {
-        CtKey { pad: 0, ..self.key }
+        self.key.in_map(self.flags)
     }
 
     /// The conntrack value this event stands for. A SNAT entry's binding
@@ -281,7 +310,8 @@ impl SrcRangeKey {
 pub struct SvcPolicy {
     /// 0: no source ranges; else their generation.
     pub ranges_gen: u32,
-    pub pad: u32,
+    /// Client affinity: seconds an idle client keeps its backend (0: none).
+    pub affinity_s: u32,
 }
 
 #[repr(C)]
@@ -456,6 +486,10 @@ counters!(stat, STAT_NAMES,
     SNAT_STRAY = "LB_STAT_SNAT_STRAY" => 30,
     SNAT_MIDFLOW = "LB_STAT_SNAT_MIDFLOW" => 31,
     SRC_REFUSED = "LB_STAT_SRC_REFUSED" => 32,
+    AFFINITY_HITS = "LB_STAT_AFFINITY_HITS" => 33,
+    AFFINITY_NEW = "LB_STAT_AFFINITY_NEW" => 34,
+    AFFINITY_RELEASED = "LB_STAT_AFFINITY_RELEASED" => 35,
+    AFFINITY_EXPIRED = "LB_STAT_AFFINITY_EXPIRED" => 36,
 );
 
 counters!(svc_stat, SVC_STAT_NAMES,

@@ -334,6 +334,9 @@ pub struct ServiceSpec {
     /// Clients allowed (CIDRs of either family; empty: every client). A
     /// packet from elsewhere is dropped, on new and established flows.
     pub source_ranges: Vec<SourceRange>,
+    /// Client affinity (Kubernetes sessionAffinity: ClientIP): the
+    /// seconds an idle client keeps its backend; None: none.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 impl ServiceSpec {
@@ -350,6 +353,7 @@ impl ServiceSpec {
             forwarding: Forwarding::Dsr,
             backends: Vec::new(),
             source_ranges: Vec::new(),
+            affinity_timeout_s: None,
         })
     }
 
@@ -421,6 +425,12 @@ impl DatapathConfig {
                         "{} must be a prime <= max_table_size {}",
                         svc.table_size, opts.max_table_size
                     ),
+                ));
+            }
+            if svc.affinity_timeout_s == Some(0) {
+                return Err(Error::invalid(
+                    format!("{field}.affinity_timeout_s"),
+                    "must be at least 1 second",
                 ));
             }
             for r in &svc.source_ranges {

@@ -9,7 +9,7 @@
 //! [`Datapath`]: crate::loader::Datapath
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     os::fd::{AsFd, OwnedFd},
     sync::Mutex,
     time::Duration,
@@ -17,11 +17,12 @@ use std::{
 
 use crate::{
     abi::{
-        Backend, CtKey, CtVal, SnatAddr, SnatRev, BACKEND_EMPTY, CT_F_CLOSING, CT_F_SNAT,
-        FAMILY_V4, IPPROTO_TCP, SNAT_F_V4, SNAT_F_V6, SNAT_SLOTS,
+        Backend, CtKey, CtVal, SnatAddr, SnatRev, Svc, SvcKey, SvcPolicy, BACKEND_EMPTY,
+        CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT, FAMILY_V4, IPPROTO_TCP, SNAT_F_V4, SNAT_F_V6,
+        SNAT_SLOTS, SVC_F_AFFINITY,
     },
     error::{Error, Result},
-    maps::{M_BACKENDS, M_SNAT_ADDRS, M_SNAT_HALF_OPEN, M_SNAT_REV},
+    maps::{M_BACKENDS, M_SERVICES, M_SNAT_ADDRS, M_SNAT_HALF_OPEN, M_SNAT_REV, M_SVC_POLICY},
     sys,
 };
 
@@ -34,6 +35,8 @@ pub(crate) struct CtMaps {
     pub snat_half_open: OwnedFd,
     pub backends: OwnedFd,
     pub snat_addrs: OwnedFd,
+    pub services: OwnedFd,
+    pub svc_policy: OwnedFd,
 }
 
 pub struct Conntrack {
@@ -42,6 +45,8 @@ pub struct Conntrack {
     half_open: OwnedFd,
     backends: OwnedFd,
     snat_addrs: OwnedFd,
+    services: OwnedFd,
+    svc_policy: OwnedFd,
     tcp_idle: Duration,
     tcp_closing: Duration,
     udp_idle: Duration,
@@ -94,6 +99,8 @@ impl Conntrack {
             half_open: maps.snat_half_open,
             backends: maps.backends,
             snat_addrs: maps.snat_addrs,
+            services: maps.services,
+            svc_policy: maps.svc_policy,
             tcp_idle,
             tcp_closing,
             udp_idle,
@@ -156,11 +163,27 @@ impl Conntrack {
         let tcp = self.tcp_idle.as_nanos() as u64;
         let closing = self.tcp_closing.as_nanos() as u64;
         let udp = self.udp_idle.as_nanos() as u64;
-        let stale: Vec<CtKey> = self
-            .dump()?
+        let entries = self.dump()?;
+        let affinity = if entries.iter().any(|(_, v)| v.flags & CT_F_AFFINITY != 0) {
+            self.affinity_timeouts()?
+        } else {
+            HashMap::new()
+        };
+        let stale: Vec<CtKey> = entries
             .into_iter()
             .filter(|(k, v)| {
-                let limit = if k.proto != IPPROTO_TCP {
+                let limit = if v.flags & CT_F_AFFINITY != 0 {
+                    // Its service's timeout, as the datapath reads it (a
+                    // service gone or without affinity: the entry is
+                    // dead weight).
+                    let svc = SvcKey {
+                        addr: k.daddr,
+                        port: k.dport,
+                        proto: k.proto,
+                        family: k.family,
+                    };
+                    affinity.get(&svc).copied().unwrap_or(0)
+                } else if k.proto != IPPROTO_TCP {
                     udp
                 } else if v.flags & CT_F_CLOSING != 0 {
                     closing
@@ -172,6 +195,24 @@ impl Conntrack {
             .map(|(k, _)| k)
             .collect();
         self.delete_batch(&stale)
+    }
+
+    /// The client affinity timeout (ns) of every service that has one.
+    fn affinity_timeouts(&self) -> Result<HashMap<SvcKey, u64>> {
+        let services: Vec<(SvcKey, Svc)> = sys::lookup_all(self.services.as_fd(), 1024)
+            .map_err(syscall_on("BPF_MAP_LOOKUP_BATCH", M_SERVICES))?;
+        let mut out = HashMap::new();
+        for (k, svc) in services {
+            if svc.flags & SVC_F_AFFINITY == 0 {
+                continue;
+            }
+            let p: Option<SvcPolicy> = sys::lookup_elem(self.svc_policy.as_fd(), &svc.id)
+                .map_err(syscall_on("BPF_MAP_LOOKUP_ELEM", M_SVC_POLICY))?;
+            if let Some(p) = p.filter(|p| p.affinity_s != 0) {
+                out.insert(k, u64::from(p.affinity_s) * 1_000_000_000);
+            }
+        }
+        Ok(out)
     }
 }
 

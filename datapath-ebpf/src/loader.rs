@@ -22,8 +22,8 @@ use crate::{
     abi::{
         addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, SrcRangeKey, Stats,
         Svc, SvcKey, SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
-        IFACE_PROBES, IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_SNAT, VIPS_F_SNAT,
-        VIP_FILTER_WORDS,
+        IFACE_PROBES, IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_AFFINITY, SVC_F_SNAT,
+        VIPS_F_SNAT, VIP_FILTER_WORDS,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, Forwarding, ServiceSpec},
     conntrack::{Conntrack, CtMaps},
@@ -271,6 +271,8 @@ impl Datapath {
                 snat_half_open: dup(M_SNAT_HALF_OPEN)?,
                 backends: dup(M_BACKENDS)?,
                 snat_addrs: dup(M_SNAT_ADDRS)?,
+                services: dup(M_SERVICES)?,
+                svc_policy: dup(M_SVC_POLICY)?,
             },
             opts.tcp_idle_timeout,
             opts.tcp_closing_timeout,
@@ -839,6 +841,11 @@ impl Datapath {
             if self.ranges.set(&mut self.bpf, slot.id, ranges)? {
                 report.ranges_written += 1;
             }
+            // The affinity timeout before the flag that makes it read,
+            // cleared after the flag is.
+            if let Some(secs) = svc.affinity_timeout_s {
+                crate::ranges::set_affinity(&mut self.bpf, slot.id, secs)?;
+            }
             let base = (2 * slot.id + slot.half) * self.opts.max_table_size;
             // Write only what differs from the region's current content
             // (Maglev moves ~1/N of the slots when a backend changes); the
@@ -852,6 +859,10 @@ impl Datapath {
                         flags: match svc.forwarding {
                             Forwarding::Dsr => 0,
                             Forwarding::Snat => SVC_F_SNAT,
+                        } | if svc.affinity_timeout_s.is_some() {
+                            SVC_F_AFFINITY
+                        } else {
+                            0
                         },
                         ring_base: base,
                         ring_size: svc.table_size,
@@ -859,6 +870,9 @@ impl Datapath {
                     0,
                 )
                 .map_err(Error::map(M_SERVICES))?;
+            if svc.affinity_timeout_s.is_none() {
+                crate::ranges::set_affinity(&mut self.bpf, slot.id, 0)?;
+            }
             self.slots.insert(key, slot);
             report.tables_written += 1;
             debug!(service = %svc.name(), id = slot.id, half = slot.half, "maglev table switched");
@@ -894,6 +908,7 @@ impl Datapath {
             self.slots.remove(&key);
             self.ranges
                 .set(&mut self.bpf, slot.id, Default::default())?;
+            crate::ranges::set_affinity(&mut self.bpf, slot.id, 0)?;
             self.free_ids.insert(slot.id);
             report.services_removed += 1;
         }

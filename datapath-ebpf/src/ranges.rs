@@ -1,6 +1,6 @@
 //! Programming the source ranges of services (`lb_src_ranges`, an LPM trie
-//! keyed by service slot, family and CIDR) and their generations
-//! (`lb_svc_policy`). The datapath drops a packet whose source is in none of
+//! keyed by service slot, family and CIDR) and their policy
+//! (`lb_svc_policy`: the ranges' generation, the client affinity timeout). The datapath drops a packet whose source is in none of
 //! its service's ranges, on new and established flows alike; an entry caches
 //! the generation its source was found in, so a change of the ranges makes
 //! every flow of the service look again (see `src_allowed` in lb.bpf.c).
@@ -109,9 +109,7 @@ impl RangesState {
             return Ok(false);
         }
         if want.is_empty() {
-            policy(bpf)?
-                .set(slot, SvcPolicy::default(), 0)
-                .map_err(Error::map(M_SVC_POLICY))?;
+            set_policy(bpf, slot, |p| p.ranges_gen = 0)?;
         }
         // Deletions first (the trie's peak is the larger of the two sets);
         // on an error the state says what the trie holds.
@@ -126,22 +124,29 @@ impl RangesState {
         if !want.is_empty() {
             let gen = self.next_gen;
             self.next_gen = self.next_gen.wrapping_add(1).max(1);
-            let r = policy(bpf)?
-                .set(
-                    slot,
-                    SvcPolicy {
-                        ranges_gen: gen,
-                        pad: 0,
-                    },
-                    0,
-                )
-                .map_err(Error::map(M_SVC_POLICY));
+            let r = set_policy(bpf, slot, |p| p.ranges_gen = gen);
             self.by_slot
                 .insert(slot, (if r.is_ok() { gen } else { old_gen }, want));
             r?;
         }
         Ok(true)
     }
+}
+
+/// Change service slot `slot`'s policy (the other fields stay: the
+/// loader is its only writer).
+fn set_policy(bpf: &mut aya::Ebpf, slot: u32, edit: impl FnOnce(&mut SvcPolicy)) -> Result<()> {
+    let mut pol = policy(bpf)?;
+    let mut p = pol.get(&slot, 0).map_err(Error::map(M_SVC_POLICY))?;
+    edit(&mut p);
+    pol.set(slot, p, 0).map_err(Error::map(M_SVC_POLICY))
+}
+
+/// Client affinity of service slot `slot`: the seconds an idle client
+/// keeps its backend (0: none). Written before the service entry's flag,
+/// and cleared after it (see the loader).
+pub(crate) fn set_affinity(bpf: &mut aya::Ebpf, slot: u32, secs: u32) -> Result<()> {
+    set_policy(bpf, slot, |p| p.affinity_s = secs)
 }
 
 /// Take `old` out of the trie and put `want` in; `now` follows what the

@@ -191,7 +191,9 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 SrcRangeKey,
                 [prefixlen, svc, family, addr, pad]
             ),
-            "lb_svc_policy" => check_struct!(btf, "lb_svc_policy", SvcPolicy, [ranges_gen, pad]),
+            "lb_svc_policy" => {
+                check_struct!(btf, "lb_svc_policy", SvcPolicy, [ranges_gen, affinity_s])
+            }
             "lb_decap_key" => check_struct!(btf, "lb_decap_key", DecapKey, [addr, family, pad]),
             "lb_decap_stats" => check_struct!(btf, "lb_decap_stats", DecapStats, [c]),
             "lb_decap_port_key" => check_struct!(

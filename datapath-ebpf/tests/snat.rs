@@ -54,6 +54,7 @@ fn snat_service(vip: &str, port: u16, proto: Proto, backends: Vec<BackendSpec>) 
         proto,
         table_size: common::TABLE,
         forwarding: Forwarding::Snat,
+        affinity_timeout_s: None,
         backends,
     }
 }

@@ -109,10 +109,22 @@ pub struct Service {
     /// elsewhere, of new and established flows alike.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub source_ranges: Vec<String>,
+    /// Client affinity (Kubernetes sessionAffinity: ClientIP): every new
+    /// flow of a client goes to the client's backend until the client has
+    /// been idle this many seconds (1..=86400) or the backend goes away;
+    /// none: each flow is placed on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_s: Option<u32>,
 }
 
 /// The most source ranges one service may have.
 pub const MAX_SOURCE_RANGES: usize = 4096;
+
+/// The longest client affinity timeout (Kubernetes' limit: one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// Kubernetes' default client affinity timeout (three hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 fn default_table_size() -> u32 {
     DEFAULT_TABLE_SIZE
@@ -673,6 +685,14 @@ impl ClusterState {
         for r in &s.source_ranges {
             parse_cidr(r).map_err(|e| format!("service {}: source_ranges: {e}", s.name))?;
         }
+        if let Some(t) = s.affinity_timeout_s {
+            if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) {
+                return Err(format!(
+                    "service {}: affinity_timeout_s {t}: must be 1..={MAX_AFFINITY_TIMEOUT_S} seconds",
+                    s.name
+                ));
+            }
+        }
         if self.snat.contains(s.vip) {
             return Err(format!(
                 "service {}: {} is inside the SNAT pools",
@@ -866,7 +886,37 @@ mod tests {
                 mode: ForwardingMode::Dsr,
                 health_check: None,
                 source_ranges: Vec::new(),
+                affinity_timeout_s: None,
             },
+        }
+    }
+
+    #[test]
+    fn affinity_timeouts_are_one_second_to_one_day() {
+        let mut s = ClusterState::default();
+        let Command::PutService { mut service } = svc("web", "10.0.0.1", 80) else {
+            unreachable!()
+        };
+        for bad in [0, MAX_AFFINITY_TIMEOUT_S + 1, u32::MAX] {
+            service.affinity_timeout_s = Some(bad);
+            let e = s
+                .apply(&Command::PutService {
+                    service: service.clone(),
+                })
+                .rejected
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains("affinity_timeout_s"), "{bad}: {e}");
+            assert!(!s.services.contains_key("web"), "nothing stored for {bad}");
+        }
+        for good in [1, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S] {
+            service.affinity_timeout_s = Some(good);
+            assert!(s
+                .apply(&Command::PutService {
+                    service: service.clone()
+                })
+                .rejected
+                .is_none());
+            assert_eq!(s.services["web"].affinity_timeout_s, Some(good));
         }
     }
 

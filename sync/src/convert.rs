@@ -69,6 +69,7 @@ pub fn from_wire(e: &WireEntry, clock: &Clock) -> (CtKey, CtVal) {
     };
     key.saddr[..e.saddr.len()].copy_from_slice(&e.saddr);
     key.daddr[..e.daddr.len()].copy_from_slice(&e.daddr);
+    let key = key.in_map(e.flags);
     let val = CtVal {
         backend_id: e.backend_id,
         flags: e.flags,
@@ -80,4 +81,43 @@ pub fn from_wire(e: &WireEntry, clock: &Clock) -> (CtKey, CtVal) {
         ..Default::default()
     };
     (key, val)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datapath_ebpf::abi::{CT_F_AFFINITY, CT_PAD_AFFINITY, IPPROTO_TCP};
+
+    /// An affinity entry crosses the wire by its flag alone and lands under
+    /// its map key (pad marked); a flow's key keeps pad 0.
+    #[test]
+    fn affinity_entries_keep_their_map_key() {
+        let clock = Clock::with_offset(5_000_000_000);
+        let k = CtKey::affinity(
+            "192.0.2.1".parse().unwrap(),
+            "10.200.0.1".parse().unwrap(),
+            80,
+            IPPROTO_TCP,
+        );
+        assert_eq!((k.pad, k.sport), (CT_PAD_AFFINITY, 0));
+        let v = CtVal {
+            backend_id: 3,
+            flags: CT_F_AFFINITY,
+            origin: 2,
+            created_ns: 10,
+            last_seen_ns: 20,
+            ..Default::default()
+        };
+        let (k2, v2) = from_wire(&to_wire(&k, &v, &clock), &clock);
+        assert_eq!((k2, v2), (k, v));
+        let flow = CtKey::new(
+            "192.0.2.1".parse().unwrap(),
+            40_000,
+            "10.200.0.1".parse().unwrap(),
+            80,
+            IPPROTO_TCP,
+        );
+        let (f2, _) = from_wire(&to_wire(&flow, &CtVal::default(), &clock), &clock);
+        assert_eq!(f2.pad, 0);
+    }
 }

@@ -16,7 +16,7 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use datapath_ebpf::abi::{CtKey, CtVal, IPPROTO_TCP};
+use datapath_ebpf::abi::{CtKey, CtVal, CT_F_AFFINITY, IPPROTO_TCP};
 
 /// Round bookkeeping of one node's refresh task.
 pub struct Refresher {
@@ -128,7 +128,10 @@ impl Plan {
         if v.origin != me {
             return false;
         }
-        if self.full {
+        // A client's affinity entry (one per client, not per flow): every
+        // round that follows traffic (its timeout may be far shorter than
+        // the protocol's; the datapath announces it too, see affinity.h).
+        if self.full || v.flags & CT_F_AFFINITY != 0 {
             return v.last_seen_ns >= self.last_round_ns;
         }
         let (turn, since) = if k.proto == IPPROTO_TCP {
@@ -296,5 +299,35 @@ mod tests {
         let p = r.plan(4 * R, 7, false);
         assert!(!p.full, "no new loss");
         assert!(r.plan(5 * R, 7, true).full, "asked");
+    }
+
+    /// A client's affinity entry with traffic since the last round goes in
+    /// every round (its timeout may be shorter than a turn), an idle one
+    /// not, another node's never.
+    #[test]
+    fn affinity_entries_go_every_round_they_saw_traffic() {
+        let mut r = refresher();
+        let k = CtKey::affinity(
+            "10.0.0.9".parse().unwrap(),
+            "10.200.0.1".parse().unwrap(),
+            80,
+            IPPROTO_TCP,
+        );
+        r.plan(R, 0, false);
+        r.plan(2 * R, 0, false);
+        for round in 3..=30u64 {
+            let p = r.plan(round * R, 0, false);
+            assert!(
+                p.wants(&k, &val(round * R - S, CT_F_AFFINITY), 1),
+                "round {round}"
+            );
+            assert!(
+                !p.wants(&k, &val(round * R - 2 * R, CT_F_AFFINITY), 1),
+                "idle since the last round: round {round}"
+            );
+            let mut other = val(round * R - S, CT_F_AFFINITY);
+            other.origin = 2;
+            assert!(!p.wants(&k, &other, 1));
+        }
     }
 }

@@ -360,17 +360,20 @@ impl SyncService {
                 return;
             }
             let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
+            // Closing and affinity events announce an entry that saw
+            // traffic just now (a FIN/RST; a client's new flow or a
+            // refresh), not a new flow's creation.
+            let announce = datapath_ebpf::abi::CT_F_CLOSING | datapath_ebpf::abi::CT_F_AFFINITY;
             self.metrics.stages.ring.observe_many(
                 buf.iter()
-                    .filter(|ev| ev.flags & datapath_ebpf::abi::CT_F_CLOSING == 0)
+                    .filter(|ev| ev.flags & announce == 0)
                     .map(|ev| Duration::from_nanos(now.saturating_sub(ev.created_ns))),
             );
             let entries: Arc<Vec<WireEntry>> = Arc::new(
                 buf.iter()
                     .map(|ev| {
                         let mut v = ev.val();
-                        // A closing event: the flow saw its FIN/RST just now.
-                        if ev.flags & datapath_ebpf::abi::CT_F_CLOSING != 0 {
+                        if ev.flags & announce != 0 {
                             v.last_seen_ns = now.max(v.created_ns);
                         }
                         to_wire(&ev.key(), &v, &self.clock)

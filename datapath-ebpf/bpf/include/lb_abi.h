@@ -30,6 +30,20 @@
 #define LB_CT_F_CLOSING 0x0001 /* client sent FIN or RST: a SYN may start a new connection */
 #define LB_CT_F_REMOTE 0x0002  /* written by a peer's replication, not by this datapath */
 #define LB_CT_F_SNAT 0x0004    /* forwarded with SNAT (snat_slot, snat_port), not DSR */
+#define LB_CT_F_AFFINITY 0x0008 /* not a flow: a client's affinity entry (see below) */
+#define LB_CT_F_AFFINE 0x0010   /* a flow of a service with client affinity: its refreshes refresh the client's affinity entry */
+
+/*
+ * Client affinity (Kubernetes sessionAffinity: ClientIP). A client's
+ * affinity entry lives in the conntrack map beside the flows, so it is
+ * replicated, refreshed, merged, pulled by a warm join and expired like
+ * them: its key is the client -> service tuple with source port 0 and pad
+ * LB_CT_PAD_AFFINITY (no flow's key has a non-zero pad), its value a
+ * conntrack value with LB_CT_F_AFFINITY and the client's backend. On the
+ * ring and on the wire the flag alone marks it (the pad is set again from
+ * it).
+ */
+#define LB_CT_PAD_AFFINITY 0xaff1
 
 /* lb_vips values: the number of services on the address, or'd with this
  * flag when the address is a node's SNAT address. */
@@ -37,6 +51,7 @@
 
 /* Service flags (lb_svc.flags). */
 #define LB_SVC_F_SNAT 0x0001 /* new flows are forwarded with SNAT (else DSR over IPIP) */
+#define LB_SVC_F_AFFINITY 0x0002 /* client affinity: timeout in lb_svc_policy.affinity_s */
 
 /*
  * Service key: (VIP, port, protocol). An IPv4 address uses addr[0..4] and
@@ -188,7 +203,7 @@ _Static_assert(sizeof(struct lb_src_range_key) == 28, "lb_src_range_key size");
  */
 struct lb_svc_policy {
 	__u32 ranges_gen;
-	__u32 pad;
+	__u32 affinity_s; /* client affinity: seconds an idle client keeps its backend (0: none) */
 };
 _Static_assert(sizeof(struct lb_svc_policy) == 8, "lb_svc_policy size");
 
@@ -286,6 +301,10 @@ enum lb_stat {
 	LB_STAT_SNAT_STRAY,       /* SNAT reply that does not match its half-open binding: dropped */
 	LB_STAT_SNAT_MIDFLOW,     /* SNAT TCP packet past its SYN with no entry here: dropped */
 	LB_STAT_SRC_REFUSED,      /* source outside its service's source ranges: dropped */
+	LB_STAT_AFFINITY_HITS,    /* new flows sent to their client's affinity backend */
+	LB_STAT_AFFINITY_NEW,     /* affinity entries made (first flow of a client, or after one ended) */
+	LB_STAT_AFFINITY_RELEASED, /* affinity entries whose backend went away or is no longer active: re-picked */
+	LB_STAT_AFFINITY_EXPIRED, /* affinity entries idle past the service's timeout: re-picked */
 	LB_STAT_MAX = 48,
 };
 

@@ -96,6 +96,8 @@ const SNAT_ADDR: &str = "10.97.0.1";
 const SNAT_CLIENT: &str = "172.20.0.10";
 
 const RANGES_VIP: &str = "10.200.0.4";
+/// A service with client affinity.
+const AFFINITY_VIP: &str = "10.200.0.5";
 
 /// 1,000 source ranges: 998 host routes of 198.18.0.0/15 and the two
 /// client ranges of the bench (192.0.2.0/24, 100.64.0.0/10).
@@ -130,6 +132,7 @@ fn config() -> DatapathConfig {
                     be(3, "10.99.0.13"),
                 ],
                 forwarding: Default::default(),
+                affinity_timeout_s: None,
             },
             ServiceSpec {
                 source_ranges: Vec::new(),
@@ -143,6 +146,7 @@ fn config() -> DatapathConfig {
                     be(9, "10.99.0.13"),
                 ],
                 forwarding: Default::default(),
+                affinity_timeout_s: None,
             },
             ServiceSpec {
                 source_ranges: Vec::new(),
@@ -156,6 +160,7 @@ fn config() -> DatapathConfig {
                     be(6, "fd00:99::13"),
                 ],
                 forwarding: Default::default(),
+                affinity_timeout_s: None,
             },
             // SNAT: the same backends on another port, this node in slot 1.
             ServiceSpec {
@@ -172,6 +177,7 @@ fn config() -> DatapathConfig {
                     })
                     .collect(),
                 forwarding: Forwarding::Snat,
+                affinity_timeout_s: None,
             },
             // Restricted to 1,000 source ranges (the clients of the hit
             // and new-flow cases among them).
@@ -187,6 +193,22 @@ fn config() -> DatapathConfig {
                     be(15, "10.99.0.13"),
                 ],
                 forwarding: Default::default(),
+                affinity_timeout_s: None,
+            },
+            // Client affinity (three hours, the Kubernetes default).
+            ServiceSpec {
+                source_ranges: Vec::new(),
+                vip: AFFINITY_VIP.parse().expect("static"),
+                port: 80,
+                proto: Proto::Tcp,
+                table_size: 65_537,
+                backends: vec![
+                    be(16, "10.99.0.11"),
+                    be(17, "10.99.0.12"),
+                    be(18, "10.99.0.13"),
+                ],
+                forwarding: Default::default(),
+                affinity_timeout_s: Some(10_800),
             },
         ],
         snat: SnatConfig {
@@ -248,8 +270,10 @@ fn main() -> Result<()> {
     let snat_hit = Packet::tcp(SNAT_CLIENT, 40000, SNAT_VIP, 80, TCP_ACK).frame();
     let ranges_hit = Packet::tcp("192.0.2.10", 40000, RANGES_VIP, 80, TCP_ACK).frame();
     let refused = Packet::tcp("203.0.113.7", 40000, RANGES_VIP, 80, TCP_SYN).frame();
+    let affinity_hit = Packet::tcp("192.0.2.10", 40000, AFFINITY_VIP, 80, TCP_ACK).frame();
     // Open the flows first so their packets are conntrack hits.
     for f in [
+        Packet::tcp("192.0.2.10", 40000, AFFINITY_VIP, 80, TCP_SYN).frame(),
         Packet::tcp("192.0.2.10", 40000, RANGES_VIP, 80, TCP_SYN).frame(),
         Packet::tcp("192.0.2.10", 40000, "10.200.0.1", 80, TCP_SYN).frame(),
         Packet::tcp("2001:db8::10", 40000, "fd00:200::1", 80, TCP_SYN).frame(),
@@ -312,6 +336,28 @@ fn main() -> Result<()> {
             Packet::tcp(&src, 12346, RANGES_VIP, 80, TCP_SYN).frame()
         })
         .collect();
+    // New flows of the affinity service: a known client from a new port
+    // each time (its affinity entry decides), and new clients (an
+    // affinity entry made for each).
+    let new_affine: Vec<Vec<u8>> = (0..args.iters as u32)
+        .map(|i| {
+            Packet::tcp(
+                "192.0.2.10",
+                1024 + (i % 60_000) as u16,
+                AFFINITY_VIP,
+                80,
+                TCP_SYN,
+            )
+            .frame()
+        })
+        .collect();
+    let new_affinity_client: Vec<Vec<u8>> = (0..args.iters as u32)
+        .map(|i| {
+            let c = 0x6440_0000u32 + i;
+            let src = std::net::Ipv4Addr::from(c).to_string();
+            Packet::tcp(&src, 12347, AFFINITY_VIP, 80, TCP_SYN).frame()
+        })
+        .collect();
     // And as UDP (a DNS query from a new client: no SYN, a miss).
     let new_udp: Vec<Vec<u8>> = (0..args.iters as u32)
         .map(|i| {
@@ -351,6 +397,18 @@ fn main() -> Result<()> {
             "SYN from outside 1,000 source ranges (dropped)",
             "refused_ns",
         ),
+        (
+            "conntrack hit, service with client affinity",
+            "ct_hit_affinity_ns",
+        ),
+        (
+            "new flow (SYN) of a client with an affinity entry",
+            "new_flow_affine_ns",
+        ),
+        (
+            "new flow (SYN) of a new client: affinity entry made",
+            "new_flow_affinity_client_ns",
+        ),
     ]
     .map(|(name, key)| Case {
         name,
@@ -373,7 +431,10 @@ fn main() -> Result<()> {
                 7 => &snat_reply,
                 8 => &ranges_hit,
                 9 => &new_ranges[i],
-                _ => &refused,
+                10 => &refused,
+                11 => &affinity_hit,
+                12 => &new_affine[i],
+                _ => &new_affinity_client[i],
             };
             let r = testrun::run(dp.program(), frame, ifindex)?;
             let want = match ci {

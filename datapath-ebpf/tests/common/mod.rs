@@ -42,6 +42,10 @@ pub fn backend_addrs() -> Vec<(u32, &'static str)> {
         (14, "10.99.0.11"),
         (15, "10.99.0.12"),
         (16, "fd00:99::13"),
+        (17, "10.99.0.11"),
+        (18, "10.99.0.12"),
+        (19, "10.99.0.13"),
+        (20, "10.99.0.11"),
     ]
 }
 
@@ -74,6 +78,7 @@ pub fn svc(vip: &str, port: u16, proto: Proto, backends: Vec<BackendSpec>) -> Se
         table_size: TABLE,
         backends,
         forwarding: Default::default(),
+        affinity_timeout_s: None,
     }
 }
 

@@ -152,6 +152,14 @@ fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
     s.parse()
 }
 
+fn parse_affinity(s: &str) -> Result<u32, String> {
+    let max = raft_store::cluster::MAX_AFFINITY_TIMEOUT_S;
+    s.parse::<u32>()
+        .ok()
+        .filter(|t| (1..=max).contains(t))
+        .ok_or_else(|| format!("{s:?}: seconds, 1..={max}"))
+}
+
 #[derive(Subcommand)]
 pub enum SvcCmd {
     List,
@@ -173,6 +181,11 @@ pub enum SvcCmd {
         /// (default: every client).
         #[arg(long, value_delimiter = ',')]
         source_ranges: Vec<String>,
+        /// Client affinity: each client's new flows go to its backend
+        /// until it has been idle this many seconds (Kubernetes
+        /// sessionAffinity: ClientIP; its default is 10800).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_affinity)]
+        affinity: Option<u32>,
         #[command(flatten)]
         check: CheckArgs,
     },
@@ -191,6 +204,12 @@ pub enum SvcCmd {
         /// Let every client reach the service (remove its source ranges).
         #[arg(long)]
         any_source: bool,
+        /// Client affinity with this timeout in seconds (see `add`).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_affinity, conflicts_with = "no_affinity")]
+        affinity: Option<u32>,
+        /// Remove client affinity: each new flow is placed on its own.
+        #[arg(long)]
+        no_affinity: bool,
     },
     Remove {
         name: String,

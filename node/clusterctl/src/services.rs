@@ -60,6 +60,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                         "CHECK",
                         "SOURCES",
                         "REFUSED",
+                        "AFFINITY",
                     ],
                     list.iter()
                         .map(|r| {
@@ -84,6 +85,8 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                                 sources_cell(&s.source_ranges),
                                 r.source_refused
                                     .map_or_else(|| "-".into(), |n| n.to_string()),
+                                s.affinity_timeout_s
+                                    .map_or_else(|| "-".into(), |t| format!("client {t}s")),
                             ]
                         })
                         .collect(),
@@ -98,6 +101,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             table_size,
             forwarding,
             source_ranges,
+            affinity,
             check,
         } => {
             let health_check = check.build(*port)?;
@@ -118,6 +122,7 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
                         mode: *forwarding,
                         health_check,
                         source_ranges: ranges(source_ranges)?,
+                        affinity_timeout_s: *affinity,
                     },
                 },
             )?;
@@ -129,15 +134,20 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             table_size,
             source_ranges,
             any_source,
+            affinity,
+            no_affinity,
         } => {
             if forwarding.is_none()
                 && table_size.is_none()
                 && source_ranges.is_none()
                 && !any_source
+                && affinity.is_none()
+                && !no_affinity
             {
                 return Err(Failure::Usage(
                     "give what to change: --forwarding dsr|snat, --table-size N, \
-                     --source-ranges CIDR[,CIDR...] or --any-source"
+                     --source-ranges CIDR[,CIDR...], --any-source, --affinity SECONDS \
+                     or --no-affinity"
                         .into(),
                 ));
             }
@@ -158,6 +168,12 @@ pub fn services(cx: &Ctx, cmd: Option<&SvcCmd>) -> Result<(), Failure> {
             }
             if *any_source {
                 svc.source_ranges.clear();
+            }
+            if affinity.is_some() {
+                svc.affinity_timeout_s = *affinity;
+            }
+            if *no_affinity {
+                svc.affinity_timeout_s = None;
             }
             applied(cx.cli, command(cx, Command::PutService { service: svc })?)
         }

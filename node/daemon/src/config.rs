@@ -127,6 +127,10 @@ pub struct SeedService {
     /// empty: every client).
     #[serde(default)]
     pub source_ranges: Vec<String>,
+    /// Client affinity: seconds an idle client keeps its backend
+    /// (1..=86400; absent: none).
+    #[serde(default)]
+    pub affinity_timeout_s: Option<u32>,
 }
 
 /// `[snat]` of node.toml: the SNAT pools (CIDRs) each node's SNAT address
@@ -164,6 +168,7 @@ impl NodeConfig {
                     mode: s.forwarding,
                     health_check: s.health_check.clone(),
                     source_ranges: s.source_ranges.clone(),
+                    affinity_timeout_s: s.affinity_timeout_s,
                 },
             });
             for b in &s.backends {

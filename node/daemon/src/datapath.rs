@@ -122,6 +122,7 @@ pub fn to_datapath(state: &ClusterState, node: u64) -> DatapathConfig {
                         })
                         .collect(),
                     source_ranges,
+                    affinity_timeout_s: s.affinity_timeout_s,
                 })
             })
             .collect(),

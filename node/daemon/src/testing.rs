@@ -638,6 +638,7 @@ pub fn service(name: &str, vip: &str, port: u16) -> Command {
             mode: ForwardingMode::Dsr,
             health_check: None,
             source_ranges: Vec::new(),
+            affinity_timeout_s: None,
         },
     }
 }

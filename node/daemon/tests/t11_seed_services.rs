@@ -21,6 +21,7 @@ async fn t11_seed_services_from_the_config_file() {
         backends: vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()],
         health_check: None,
         source_ranges: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+        affinity_timeout_s: Some(600),
     }];
     let mut c =
         Cluster::start_seeded(3, Default::default(), false, Default::default(), 64, seed).await;
@@ -51,6 +52,12 @@ async fn t11_seed_services_from_the_config_file() {
             s.services["dns"].source_ranges,
             ["10.0.0.0/8", "2001:db8::/32"],
             "source ranges seeded on node {}",
+            n.id()
+        );
+        assert_eq!(
+            s.services["dns"].affinity_timeout_s,
+            Some(600),
+            "client affinity seeded on node {}",
             n.id()
         );
     }

@@ -194,6 +194,7 @@ mod tests {
                     ..HealthCheck::new(CheckKind::Tcp)
                 }),
                 source_ranges: Vec::new(),
+                affinity_timeout_s: None,
             },
         });
         assert!(r.rejected.is_none());

@@ -464,6 +464,7 @@ pub fn plan(
                 }
             }
         };
+        let affinity = session_affinity(spec, (&ns, &name, &uid), &mut out);
         let ports = spec.ports.clone().unwrap_or_default();
         let mut any = false;
         for p in &ports {
@@ -588,7 +589,15 @@ pub fn plan(
                             .and_then(|s| s.health_check.clone())
                     }
                 };
+                let affinity_timeout_s = match affinity {
+                    Some(a) => a,
+                    None => state
+                        .services
+                        .get(&hf_name)
+                        .and_then(|s| s.affinity_timeout_s),
+                };
                 let hf = HfService {
+                    affinity_timeout_s,
                     name: hf_name,
                     vip: *vip,
                     port,
@@ -643,17 +652,60 @@ fn spec_notes(
             },
         );
     }
-    if spec.session_affinity.as_deref() == Some("ClientIP") {
-        say(
-            "SessionAffinity",
-            "spec.sessionAffinity: ClientIP is not honoured: each connection is balanced on its own 5-tuple (Maglev), so one client's connections may reach different backends".into(),
-        );
-    }
     if let Some(d) = &spec.traffic_distribution {
         say(
             "TrafficDistribution",
             format!("spec.trafficDistribution: {d} is not honoured: Holdfast spreads flows over every ready endpoint by Maglev"),
         );
+    }
+}
+
+/// spec.sessionAffinity as the services' client affinity timeout:
+/// `Some(None)` none, `Some(Some(s))` ClientIP with its timeout (Kubernetes'
+/// default when sessionAffinityConfig does not say), `None` when the field
+/// is malformed (reported; each port keeps its current affinity).
+fn session_affinity(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    (ns, name, uid): (&str, &str, &str),
+    out: &mut Plan,
+) -> Option<Option<u32>> {
+    use raft_store::cluster::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S};
+    let bad = |out: &mut Plan, why: String| {
+        out.notes.push(note(
+            "Service",
+            ns,
+            name,
+            uid,
+            "InvalidSessionAffinity",
+            format!("{why}; the service keeps its current affinity"),
+        ));
+        None
+    };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Some(None),
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(Some(t)),
+                    _ => bad(
+                        out,
+                        format!(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds {t}: must be 1..={MAX_AFFINITY_TIMEOUT_S}"
+                        ),
+                    ),
+                },
+            }
+        }
+        Some(other) => bad(
+            out,
+            format!("spec.sessionAffinity {other:?}: use None or ClientIP"),
+        ),
     }
 }
 

@@ -129,6 +129,7 @@ fn external_ips_and_foreign_services_are_respected() {
             mode: ForwardingMode::Dsr,
             health_check: None,
             source_ranges: Vec::new(),
+            affinity_timeout_s: None,
         },
     });
     assert!(r.rejected.is_none());
@@ -399,4 +400,82 @@ fn load_balancer_source_ranges_restrict_the_service_and_bad_ones_never_open_it()
     let p = plan(&[db(serde_json::json!([]))], &slices, &s, &cfg());
     apply(&mut s, &p);
     assert!(s.services[name].source_ranges.is_empty());
+}
+
+#[test]
+fn session_affinity_client_ip_sets_the_timeout_and_bad_ones_keep_it() {
+    let web = |spec: serde_json::Value| {
+        let mut s = serde_json::json!({
+            "type": "LoadBalancer", "loadBalancerClass": "holdfast.io/l4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]
+        });
+        s.as_object_mut()
+            .expect("object")
+            .extend(spec.as_object().expect("object").clone());
+        svc(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u6"},
+            "spec": s
+        }))
+    };
+    let slices = vec![slice(serde_json::json!({
+        "metadata": {"name": "web-a", "namespace": "ns",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.9"], "conditions": {"ready": true}}],
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]
+    }))];
+    let name = "k8s:ns/web:80/tcp";
+    let mut s = state();
+    // ClientIP without a config: Kubernetes' default of three hours.
+    let p = plan(
+        &[web(serde_json::json!({"sessionAffinity": "ClientIP"}))],
+        &slices,
+        &s,
+        &cfg(),
+    );
+    assert!(
+        p.notes.is_empty(),
+        "honoured without an Event: {:?}",
+        p.notes
+    );
+    apply(&mut s, &p);
+    assert_eq!(s.services[name].affinity_timeout_s, Some(10_800));
+    // With its timeout.
+    let p = plan(
+        &[web(serde_json::json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}))],
+        &slices,
+        &s,
+        &cfg(),
+    );
+    apply(&mut s, &p);
+    assert_eq!(s.services[name].affinity_timeout_s, Some(600));
+    // A timeout out of range, or an unknown value: an Event naming the
+    // field, and the affinity stays.
+    for bad in [
+        serde_json::json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}}),
+        serde_json::json!({"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 86_401}}}),
+        serde_json::json!({"sessionAffinity": "Cookie"}),
+    ] {
+        let p = plan(&[web(bad.clone())], &slices, &s, &cfg());
+        assert!(
+            p.notes.iter().any(|n| n.reason == "InvalidSessionAffinity"
+                && n.message.contains("spec.sessionAffinity")),
+            "{bad}: {:?}",
+            p.notes
+        );
+        apply(&mut s, &p);
+        assert_eq!(s.services[name].affinity_timeout_s, Some(600), "{bad}");
+    }
+    // None (or the field removed): no affinity.
+    let p = plan(
+        &[web(serde_json::json!({"sessionAffinity": "None"}))],
+        &slices,
+        &s,
+        &cfg(),
+    );
+    apply(&mut s, &p);
+    assert_eq!(s.services[name].affinity_timeout_s, None);
 }

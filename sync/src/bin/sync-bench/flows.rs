@@ -17,6 +17,7 @@ pub fn config() -> DatapathConfig {
         epoch: 1,
         services: vec![ServiceSpec {
             source_ranges: Vec::new(),
+            affinity_timeout_s: None,
             vip: "10.200.0.1".parse().expect("static"),
             port: 80,
             proto: Proto::Tcp,
