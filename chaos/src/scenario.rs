@@ -23,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 14] = [
+pub const SCENARIOS: [&str; 15] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -38,6 +38,7 @@ pub const SCENARIOS: [&str; 14] = [
     "health",
     "source-ranges",
     "target-port",
+    "affinity",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -165,7 +166,15 @@ impl ScenarioResult {
                         .unwrap_or(0),
                 )
         } else {
-            (self.tcp_broken + self.udp_broken + self.v6.tcp_broken + self.v6.udp_broken) as u64
+            let flows =
+                (self.tcp_broken + self.udp_broken + self.v6.tcp_broken + self.v6.udp_broken)
+                    as u64;
+            // affinity: a client's connection on another backend, or none.
+            let affinity = ["affinity_broken", "affinity_failed"]
+                .iter()
+                .filter_map(|k| self.counts.get(*k))
+                .sum::<u64>();
+            flows + affinity
         }
     }
 }
@@ -415,6 +424,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "health" => health(&mut cx)?,
         "source-ranges" => source_ranges(&mut cx)?,
         "target-port" => target_port(&mut cx)?,
+        "affinity" => affinity(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -818,6 +828,172 @@ fn target_port(cx: &mut Ctx) -> Result<()> {
             "VIP:{port}: {ok} of {n} connections answered; the backends saw the client's own address in {as_client}, a SNAT address in {as_snat} (e.g. {:?})",
             seen.first()
         ));
+    }
+    Ok(())
+}
+
+/// Client addresses of the affinity scenario in the lab client's subnets:
+/// `n` IPv4 ones from 10.88.2.`first` and `n6` IPv6 ones from
+/// fd88:2::`first` (hex digits as decimal).
+fn extra_clients(first: usize, n: usize, n6: usize) -> Vec<std::net::IpAddr> {
+    (0..n)
+        .map(|i| format!("10.88.2.{}", first + i))
+        .chain((0..n6).map(|i| format!("fd88:2::{}", first + i)))
+        .map(|a| a.parse().expect("static address"))
+        .collect()
+}
+
+/// One connection per (client, k < `per_client`) at once to the lab's
+/// echo service of the client's family, each asking which backend serves
+/// it: (client, the backend's name or None when it got no answer in 5 s).
+fn which_backend(
+    cx: &Ctx,
+    clients: &[std::net::IpAddr],
+    per_client: usize,
+) -> Result<Vec<(std::net::IpAddr, Option<String>)>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let vip4: std::net::IpAddr = lab::VIP.parse()?;
+    let vip6: std::net::IpAddr = lab::VIP6.parse()?;
+    let clients = clients.to_vec();
+    on_client(cx, move || async move {
+        let mut set = tokio::task::JoinSet::new();
+        for c in clients {
+            for _ in 0..per_client {
+                let vip = if c.is_ipv4() { vip4 } else { vip6 };
+                set.spawn(async move {
+                    let one = async {
+                        let s =
+                            connect_from(c, std::net::SocketAddr::new(vip, lab::TCP_PORT)).await?;
+                        let (r, mut w) = s.into_split();
+                        let mut lines = tokio::io::BufReader::new(r).lines();
+                        w.write_all(b"whoami\n").await?;
+                        let l = lines.next_line().await?.context("closed")?;
+                        let name = l.split(' ').next().unwrap_or_default().to_string();
+                        anyhow::Ok(name)
+                    };
+                    let got = tokio::time::timeout(Duration::from_secs(5), one).await;
+                    (c, got.ok().and_then(|r| r.ok()))
+                });
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.map_err(|e| anyhow!("connection task: {e}"))?);
+        }
+        Ok(out)
+    })
+}
+
+/// affinity: the lab's echo services (IPv4 and IPv6) with client affinity;
+/// clients of both families open one connection each (so most LB nodes
+/// have not seen a client themselves: they know it by replication), then a
+/// backend is added and each opens rounds of new connections, then an LB
+/// node dies and each opens more; every connection asks which backend
+/// serves it. Every connection of a client must reach the backend of its
+/// first (`affinity_broken` counts those that did not, `affinity_failed`
+/// those with no answer). Fresh clients after the addition show that the
+/// tables did change (some reach the new backend).
+fn affinity(cx: &mut Ctx) -> Result<()> {
+    let clients = extra_clients(150, 40, 10);
+    let fresh = extra_clients(210, 20, 0);
+    for a in clients.iter().chain(&fresh) {
+        let cmd = if a.is_ipv4() {
+            format!("addr add {a}/24 dev c0")
+        } else {
+            format!("addr add {a}/64 dev c0 nodad")
+        };
+        cx.lab.client.ip(&cmd)?;
+    }
+    let cfg = cx.lab.config()?;
+    let mut epoch = 0;
+    for name in [lab::TCP_SERVICE, lab::TCP_SERVICE6] {
+        let mut svc = cfg
+            .services
+            .get(name)
+            .cloned()
+            .with_context(|| format!("service {name}"))?;
+        svc.affinity_timeout_s = Some(600);
+        let r = cx
+            .lab
+            .write(raft_store::Command::PutService { service: svc })?;
+        if let Some(why) = r.rejected {
+            bail!("client affinity refused: {why}");
+        }
+        epoch = r.epoch;
+    }
+    cx.lab.wait_epoch(epoch, Duration::from_secs(10))?;
+    cx.say(format!(
+        "client affinity (600 s) on {} and {}; {} clients",
+        lab::TCP_SERVICE,
+        lab::TCP_SERVICE6,
+        clients.len()
+    ));
+
+    let (rounds, per_client) = (2, 3);
+    let mut first = BTreeMap::new();
+    type Got = Vec<(std::net::IpAddr, Option<String>)>;
+    type First = BTreeMap<std::net::IpAddr, String>;
+    fn tally(cx: &mut Ctx, first: &mut First, phase: &str, got: Got) {
+        let (mut broken, mut failed) = (0u64, 0u64);
+        for (c, b) in &got {
+            match b {
+                None => failed += 1,
+                Some(b) => {
+                    if first.entry(*c).or_insert_with(|| b.clone()) != b {
+                        broken += 1;
+                    }
+                }
+            }
+        }
+        for (k, v) in [
+            ("affinity_connections", got.len() as u64),
+            ("affinity_broken", broken),
+            ("affinity_failed", failed),
+            (&format!("affinity_broken_{phase}") as &str, broken),
+        ] {
+            *cx.counts.entry(k.to_string()).or_default() += v;
+        }
+        cx.say(format!(
+            "{phase}: {} connections, {broken} on another backend than their client's first, {failed} unanswered",
+            got.len()
+        ));
+    }
+    let got = which_backend(cx, &clients, 1)?;
+    tally(cx, &mut first, "before", got);
+    let used: std::collections::BTreeSet<&String> = first.values().collect();
+    cx.counts
+        .insert("affinity_clients".into(), clients.len() as u64);
+    cx.counts
+        .insert("affinity_backends_used".into(), used.len() as u64);
+
+    let spare = cx.opts.backends + 1;
+    let r = cx.lab.add_backend(spare)?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    cx.say(format!("added backend be{spare} (epoch {})", r.epoch));
+    for _ in 0..rounds {
+        let got = which_backend(cx, &clients, per_client)?;
+        tally(cx, &mut first, "after_addition", got);
+    }
+    let newcomers = which_backend(cx, &fresh, 1)?;
+    let on_new = newcomers
+        .iter()
+        .filter(|(_, b)| b.as_deref() == Some(format!("be{spare}").as_str()))
+        .count();
+    cx.counts.insert("fresh_clients".into(), fresh.len() as u64);
+    cx.counts
+        .insert("fresh_clients_on_new_backend".into(), on_new as u64);
+    cx.say(format!(
+        "{on_new} of {} fresh clients on the new backend be{spare}",
+        fresh.len()
+    ));
+
+    let v = cx.busiest(true)?;
+    cx.victim = Some(v);
+    cx.say(format!("killing LB node {v} (switch port down, SIGKILL)"));
+    cx.kill_and_reroute(v, "route")?;
+    for _ in 0..rounds {
+        let got = which_backend(cx, &clients, per_client)?;
+        tally(cx, &mut first, "after_kill", got);
     }
     Ok(())
 }

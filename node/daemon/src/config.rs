@@ -738,6 +738,20 @@ enabled = false
         let mut c = NodeConfig::parse(GOOD).expect("parse");
         c.join = vec!["127.0.0.1:1".parse().expect("a")];
         assert!(c.validate().unwrap_err().to_string().contains("bootstrap"));
+        // A seeded service's client affinity: 1..=86400 s.
+        let svc = |t: u32| {
+            format!(
+                "{GOOD}\n[[service]]\nname = \"web\"\nvip = \"10.200.0.6\"\nport = 443\nproto = \"tcp\"\naffinity_timeout_s = {t}\n"
+            )
+        };
+        for bad in [0, 86_401] {
+            let c = NodeConfig::parse(&svc(bad)).expect("parse");
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("affinity_timeout_s"), "{bad}: {e}");
+        }
+        let c = NodeConfig::parse(&svc(600)).expect("parse");
+        c.validate().expect("600 s");
+        assert_eq!(c.services[0].affinity_timeout_s, Some(600));
     }
 
     #[test]

@@ -444,6 +444,30 @@ impl Cluster {
         ]
     }
 
+    /// Run clusterctl as the admin client against a live node.
+    pub fn clusterctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(workspace_bin("clusterctl", "clusterctl"))
+            .arg("--node")
+            .arg(
+                self.nodes
+                    .values()
+                    .next()
+                    .expect("a live node")
+                    .cfg
+                    .admin_addr
+                    .to_string(),
+            )
+            .arg("--ca")
+            .arg(self.pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(self.pki.join("client-admin.pem"))
+            .arg("--key")
+            .arg(self.pki.join("client-admin.key"))
+            .args(args)
+            .output()
+            .expect("run clusterctl")
+    }
+
     /// Admin addresses of the live nodes.
     pub fn admin_addrs(&self) -> Vec<String> {
         self.nodes

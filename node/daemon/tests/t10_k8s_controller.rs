@@ -452,8 +452,8 @@ async fn t10_leader_kill_in_a_burst_and_api_restarts() {
 /// Services as users write them (tests/manifests/*.yaml: targetPort by
 /// number and by name, loadBalancerSourceRanges, sessionAffinity,
 /// externalTrafficPolicy, a malformed range): the config and every node's
-/// datapath get the target ports and the ranges; every field Holdfast does
-/// otherwise gets a Warning Event naming it.
+/// datapath get the target ports, the ranges and the client affinity; every
+/// field Holdfast does otherwise gets a Warning Event naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t10_services_as_users_write_them() {
     let api = TestApi::start().await.expect("test API server");
@@ -533,11 +533,6 @@ async fn t10_services_as_users_write_them() {
     );
     assert!(s.services["k8s:shop/web:80/tcp"].source_ranges.is_empty());
     // Answered out loud.
-    let e = wait_event(&api, "SessionAffinity", "sticky").await;
-    assert!(e["message"]
-        .as_str()
-        .unwrap_or("")
-        .contains("spec.sessionAffinity"));
     let e = wait_event(&api, "ExternalTrafficPolicy", "sticky").await;
     assert!(e["message"]
         .as_str()
@@ -556,5 +551,31 @@ async fn t10_services_as_users_write_them() {
         !s.services.keys().any(|k| k.contains("typo")),
         "a Service with a malformed range is not created: {:?}",
         s.services.keys().collect::<Vec<_>>()
+    );
+    // sessionAffinity: ClientIP with its timeout, honoured: in the config
+    // and in every node's datapath; no Event about it.
+    let sticky = &s.services["k8s:shop/sticky:443/tcp"];
+    assert_eq!(sticky.affinity_timeout_s, Some(600));
+    assert_eq!(s.services["k8s:shop/web:80/tcp"].affinity_timeout_s, None);
+    let key = datapath_ebpf::abi::SvcKey::new(sticky.vip, 443, 6);
+    for n in c.nodes.values() {
+        let h = n.datapath.as_ref().expect("datapath");
+        let dp = h.dp.lock().expect("dp");
+        let v = dp
+            .service(&key)
+            .expect("lookup")
+            .expect("sticky programmed");
+        assert_ne!(
+            v.flags & datapath_ebpf::abi::SVC_F_AFFINITY,
+            0,
+            "node {}: client affinity",
+            n.id()
+        );
+    }
+    assert!(
+        !api.list(Kind::Event)
+            .iter()
+            .any(|e| e["reason"] == "SessionAffinity"),
+        "sessionAffinity is honoured, not answered with an Event"
     );
 }

@@ -17,30 +17,7 @@ use holdfast_node::testing::Cluster;
 use raft_store::cluster::Health;
 
 fn clusterctl(c: &Cluster, args: &[&str]) -> Output {
-    let pki = c.pki.clone();
-    std::process::Command::new(holdfast_node::testing::workspace_bin(
-        "clusterctl",
-        "clusterctl",
-    ))
-    .arg("--node")
-    .arg(
-        c.nodes
-            .values()
-            .next()
-            .expect("a live node")
-            .cfg
-            .admin_addr
-            .to_string(),
-    )
-    .arg("--ca")
-    .arg(pki.join("ca.pem"))
-    .arg("--cert")
-    .arg(pki.join("client-admin.pem"))
-    .arg("--key")
-    .arg(pki.join("client-admin.key"))
-    .args(args)
-    .output()
-    .expect("run clusterctl")
+    c.clusterctl(args)
 }
 
 fn ok(o: &Output) -> String {

@@ -371,6 +371,18 @@ fn datapath_stat_help(stat: &str) -> &'static str {
         "LB_STAT_SRC_REFUSED" => {
             "Packets dropped because their source is outside their service's source ranges"
         }
+        "LB_STAT_AFFINITY_HITS" => {
+            "New flows of services with client affinity sent to their client's backend"
+        }
+        "LB_STAT_AFFINITY_NEW" => {
+            "Client affinity entries made (a client's first flow, or its first after the entry ended)"
+        }
+        "LB_STAT_AFFINITY_RELEASED" => {
+            "Client affinity entries whose backend was removed, drained or marked down: the client picked anew"
+        }
+        "LB_STAT_AFFINITY_EXPIRED" => {
+            "Client affinity entries idle past their service's timeout: the client picked anew"
+        }
         _ => "Datapath counter (see docs/operations.md)",
     }
 }

@@ -1,0 +1,116 @@
+//! t24: a service's source ranges and client affinity through clusterctl
+//! on a 3-node cluster (loopback, no datapath): `services add` with
+//! `--source-ranges` and `--affinity`, `services set` changing and lifting
+//! them, every node's config and `clusterctl services -o json` showing
+//! them; bad values refused by clusterctl naming the flag (exit 2) and by
+//! nothing changing.
+
+use std::{process::Output, time::Duration};
+
+use holdfast_node::config::RaftTuning;
+use holdfast_node::testing::Cluster;
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "clusterctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The service `web` as `clusterctl services -o json` lists it.
+fn listed(c: &Cluster) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&c.clusterctl(&["services", "-o", "json"]))).expect("json");
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["name"] == "web")
+        .cloned()
+        .expect("web listed")
+}
+
+/// Wait until every node's config has `web` as `check` says.
+async fn wait_all(c: &Cluster, what: &str, check: impl Fn(&raft_store::cluster::Service) -> bool) {
+    let t0 = std::time::Instant::now();
+    loop {
+        if c.nodes
+            .values()
+            .all(|n| n.sm.current().state.services.get("web").is_some_and(&check))
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{what} on every node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t24_source_ranges_and_client_affinity_from_clusterctl() {
+    let c = Cluster::start_with(3, RaftTuning::default(), false).await;
+    c.wait_converged(Duration::from_secs(10)).await;
+    let epoch = c.node(1).sm.current().state.epoch;
+    for (args, flag) in [
+        (vec!["--affinity", "0"], "--affinity"),
+        (vec!["--affinity", "86401"], "--affinity"),
+        (vec!["--affinity", "soon"], "--affinity"),
+        (vec!["--source-ranges", "10.0.0.1/8"], "--source-ranges"),
+    ] {
+        let mut a = vec![
+            "services",
+            "add",
+            "web",
+            "--vip",
+            "10.200.0.90",
+            "--port",
+            "443",
+        ];
+        a.extend(args.iter().copied());
+        let o = c.clusterctl(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{a:?}: {err}");
+        assert!(err.contains(flag), "{a:?}: {err}");
+    }
+    assert_eq!(c.node(1).sm.current().state.epoch, epoch, "nothing changed");
+
+    ok(&c.clusterctl(&[
+        "services",
+        "add",
+        "web",
+        "--vip",
+        "10.200.0.90",
+        "--port",
+        "443",
+        "--source-ranges",
+        "10.0.0.0/8,2001:db8::/32",
+        "--affinity",
+        "600",
+    ]));
+    wait_all(&c, "ranges and affinity", |s| {
+        s.affinity_timeout_s == Some(600) && s.source_ranges == ["10.0.0.0/8", "2001:db8::/32"]
+    })
+    .await;
+    let row = listed(&c);
+    assert_eq!(row["affinity_timeout_s"], 600, "{row}");
+    assert_eq!(row["source_ranges"][1], "2001:db8::/32", "{row}");
+    let table = ok(&c.clusterctl(&["services"]));
+    assert!(table.contains("client 600s"), "{table}");
+    assert!(table.contains("10.0.0.0/8 +1"), "{table}");
+
+    ok(&c.clusterctl(&["services", "set", "web", "--affinity", "30"]));
+    wait_all(&c, "affinity 30 s", |s| s.affinity_timeout_s == Some(30)).await;
+    let o = c.clusterctl(&["services", "set", "web", "--affinity", "5", "--no-affinity"]);
+    assert_eq!(o.status.code(), Some(2), "conflicting flags refused");
+    ok(&c.clusterctl(&["services", "set", "web", "--no-affinity", "--any-source"]));
+    wait_all(&c, "lifted", |s| {
+        s.affinity_timeout_s.is_none() && s.source_ranges.is_empty()
+    })
+    .await;
+    let row = listed(&c);
+    assert!(row.get("affinity_timeout_s").is_none(), "{row}");
+    assert!(row.get("source_ranges").is_none(), "{row}");
+}
