@@ -3,7 +3,7 @@
 # only missing packages are installed, and apt-get update runs only then.
 set -euo pipefail
 
-PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool linux-libc-dev procps nftables conntrackd conntrack bird2 systemd iputils-ping)
+PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool iproute2 ethtool linux-libc-dev procps nftables conntrackd conntrack bird2 frr frr-pythontools systemd iputils-ping)
 
 # Sourced by the README's two scripts: from a user's shell they run again
 # as root through sudo (BPF programs, network namespaces and apt-get need

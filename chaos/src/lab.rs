@@ -27,6 +27,7 @@
 //! detects it, as in a datacenter.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -38,6 +39,7 @@ use datapath_ebpf::testrun::Nop;
 use holdfast_api::client::Client;
 use holdfast_api::wire::CtRow;
 use holdfast_api::wire::{LocalStatus, MemberRow};
+use holdfast_bgp::Speaker;
 use holdfast_node::config::{DatapathSection, NodeConfig, RaftTuning, SyncSection, TlsConfig};
 use holdfast_pki as tls;
 use netns::{veth, NetNs};
@@ -49,6 +51,8 @@ use raft_store::{
 };
 
 use crate::servers::Servers;
+pub use crate::wait::wait_until;
+use netns::frr::{is_zombie, Frr};
 
 pub const VIP: &str = "10.88.100.1";
 pub const VIP_CIDR: &str = "10.88.100.0/24";
@@ -133,6 +137,10 @@ pub struct LabSpec {
     /// How the main services forward: DSR (backends run the decap agent
     /// and hold the VIP) or SNAT (backends run plain servers only).
     pub forwarding: ForwardingMode,
+    /// The BGP speaker on the LB nodes (driven by holdfast-node).
+    pub bgp: Speaker,
+    /// The router's BGP speaker.
+    pub router: Speaker,
 }
 
 impl LabSpec {
@@ -148,6 +156,8 @@ impl LabSpec {
             exe,
             health_checks: false,
             forwarding: ForwardingMode::Dsr,
+            bgp: Speaker::Bird,
+            router: Speaker::Bird,
         }
     }
 }
@@ -226,19 +236,29 @@ impl Bird {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             for _ in 0..100 {
                 // Gone, or a zombie nobody reaps (the daemon is not our child).
-                let state =
-                    std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let zombie = state
-                    .rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
                 // SAFETY: signal 0 only probes.
-                if zombie || unsafe { libc::kill(pid, 0) } != 0 {
+                if is_zombie(pid) || unsafe { libc::kill(pid, 0) } != 0 {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
         let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+/// A running BGP speaker (killed on drop).
+enum SpeakerProc {
+    Bird(Bird),
+    Frr(Frr),
+}
+
+impl SpeakerProc {
+    fn kill(&self) {
+        match self {
+            SpeakerProc::Bird(b) => b.kill(),
+            SpeakerProc::Frr(f) => f.kill(),
+        }
     }
 }
 
@@ -255,7 +275,7 @@ pub struct LbNode {
     dir: PathBuf,
     config: PathBuf,
     pin_dir: PathBuf,
-    bird: Option<Bird>,
+    speaker: Option<SpeakerProc>,
     process: Option<Child>,
     _nop: Nop,
 }
@@ -274,14 +294,16 @@ impl LbNode {
         self.process.as_ref().map(|p| p.id())
     }
 
-    /// Pid of this node's BIRD, if running.
+    /// Pid of this node's BIRD, if it runs BIRD.
     pub fn bird_pid(&self) -> Option<u32> {
-        let b = self.bird.as_ref()?;
-        std::fs::read_to_string(&b.pid_file)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        match self.speaker.as_ref()? {
+            SpeakerProc::Bird(b) => std::fs::read_to_string(&b.pid_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok(),
+            SpeakerProc::Frr(_) => None,
+        }
     }
 }
 
@@ -318,7 +340,7 @@ pub struct Lab {
     pub spec: LabSpec,
     pub lbs: Vec<LbNode>,
     backends: Vec<Backend>,
-    router_bird: Option<Bird>,
+    router_speaker: Option<SpeakerProc>,
     pub router: NetNs,
     pub client: NetNs,
     pub sw: NetNs,
@@ -327,30 +349,6 @@ pub struct Lab {
     api: Option<Client>,
     /// Loss and delay on the links between LB nodes, while set.
     impair: Option<crate::impair::LinkImpairment>,
-}
-
-/// Poll `f` every 20 ms until it is true or `timeout` passes.
-pub fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Result<bool>,
-) -> Result<Duration> {
-    let t0 = Instant::now();
-    let mut last_err = None;
-    loop {
-        match f() {
-            Ok(true) => return Ok(t0.elapsed()),
-            Ok(false) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if t0.elapsed() > timeout {
-            return Err(match last_err {
-                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
-                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn router_conf(nodes: usize) -> String {
@@ -395,6 +393,47 @@ fn lb_bird_conf(i: usize, snat_routes: &Path) -> String {
             "/etc/bird/holdfast-snat.conf",
             &snat_routes.display().to_string(),
         )
+}
+
+/// The LB nodes' AS (RFC 7938 style: one for all of them).
+const LB_ASN: u32 = 65100;
+
+/// The router's FRR config: deploy/frr/tor.frr.conf with the lab's
+/// addresses, prefixes and one neighbor per LB node.
+fn router_frr_conf(nodes: usize) -> String {
+    let mut out = String::new();
+    for line in include_str!("../../deploy/frr/tor.frr.conf").lines() {
+        if line.starts_with(" neighbor 10.0.0.1") && line.ends_with("peer-group LB") {
+            continue;
+        }
+        let line = line
+            .replace("bgp router-id 10.0.0.1", &format!("bgp router-id {ROUTER_FABRIC}"))
+            .replace(
+                "seq 5 permit 10.200.0.0/16 le 32",
+                "seq 5 permit 10.88.100.0/24 le 32\nip prefix-list HOLDFAST-VIPS4 seq 10 permit 10.88.3.0/24 le 32",
+            )
+            .replace(
+                "seq 5 permit fd00:200::/47 le 128",
+                "seq 5 permit fd88:100::/48 le 128\nipv6 prefix-list HOLDFAST-VIPS6 seq 10 permit fd88:3::/48 le 128",
+            );
+        out.push_str(&line);
+        out.push('\n');
+        if line.starts_with(" neighbor LB timers") {
+            for i in 1..=nodes {
+                out.push_str(&format!(" neighbor {} peer-group LB\n", lb_addr(i)));
+            }
+        }
+    }
+    out
+}
+
+/// LB node `i`'s FRR config: deploy/frr/lb-node.frr.conf with its
+/// addresses and the router's.
+fn lb_frr_conf(i: usize) -> String {
+    include_str!("../../deploy/frr/lb-node.frr.conf")
+        .replace("10.0.0.11", &lb_addr(i).to_string())
+        .replace("fd00::11", &lb_addr6(i).to_string())
+        .replace("10.0.0.1 ", &format!("{ROUTER_FABRIC} "))
 }
 
 /// The BGP protocols a lab node drives: the VIPs, its own SNAT addresses
@@ -470,7 +509,7 @@ impl Lab {
             spec: spec.clone(),
             lbs: Vec::new(),
             backends: Vec::new(),
-            router_bird: None,
+            router_speaker: None,
             router,
             client,
             sw,
@@ -483,12 +522,20 @@ impl Lab {
             lab.add_backend_host(j)?;
         }
 
-        lab.router_bird = Some(Bird::start(
-            &lab.router,
-            &spec.dir,
-            "router",
-            &router_conf(spec.nodes),
-        )?);
+        lab.router_speaker = Some(match spec.router {
+            Speaker::Bird => SpeakerProc::Bird(Bird::start(
+                &lab.router,
+                &spec.dir,
+                "router",
+                &router_conf(spec.nodes),
+            )?),
+            Speaker::Frr => SpeakerProc::Frr(Frr::start(
+                &lab.router,
+                &spec.dir,
+                lab.router.name(),
+                &router_frr_conf(spec.nodes),
+            )?),
+        });
 
         // PKI: one CA, a certificate per node.
         let pki = spec.dir.join("pki");
@@ -740,9 +787,16 @@ impl Lab {
             },
             bgp: holdfast_bgp::BgpSection {
                 enabled: true,
+                speaker: self.spec.bgp,
                 bird_ctl: dir.join("bird.ctl"),
                 protocols: LAB_PROTOCOLS.iter().map(|p| p.to_string()).collect(),
                 snat_routes_file: Some(dir.join("bird-snat.conf")),
+                frr_pathspace: Some(ns.name().to_string()),
+                asn: LB_ASN,
+                prefixes: [VIP_CIDR, VIP6_CIDR, SNAT_POOL, SNAT_POOL6]
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
                 ..Default::default()
             },
             kubernetes: Default::default(),
@@ -757,7 +811,7 @@ impl Lab {
             dir,
             config,
             pin_dir,
-            bird: None,
+            speaker: None,
             process: None,
             _nop: nop,
         });
@@ -772,19 +826,26 @@ impl Lab {
     pub fn start_node(&mut self, i: usize) -> Result<()> {
         let exe = self.spec.exe.clone();
         let n = &mut self.lbs[i - 1];
-        if n.bird.is_none() {
-            // The node's own SNAT routes: none until it writes them.
-            let routes = n.dir.join("bird-snat.conf");
-            if !routes.exists() {
-                std::fs::write(&routes, holdfast_bgp::render_own_routes(&[]))?;
-            }
-            let bird = Bird::start(&n.ns, &n.dir, "bird", &lb_bird_conf(i, &routes))?;
-            // The pid/ctl names follow Bird::start's scheme.
-            let ctl = n.dir.join("bird.ctl");
-            wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
-                Ok(ctl.exists())
-            })?;
-            n.bird = Some(bird);
+        if n.speaker.is_none() {
+            n.speaker = Some(match self.spec.bgp {
+                Speaker::Bird => {
+                    // The node's own SNAT routes: none until it writes them.
+                    let routes = n.dir.join("bird-snat.conf");
+                    if !routes.exists() {
+                        std::fs::write(&routes, holdfast_bgp::render_own_routes(&[]))?;
+                    }
+                    let bird = Bird::start(&n.ns, &n.dir, "bird", &lb_bird_conf(i, &routes))?;
+                    // The pid/ctl names follow Bird::start's scheme.
+                    let ctl = n.dir.join("bird.ctl");
+                    wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
+                        Ok(ctl.exists())
+                    })?;
+                    SpeakerProc::Bird(bird)
+                }
+                Speaker::Frr => {
+                    SpeakerProc::Frr(Frr::start(&n.ns, &n.dir, n.ns.name(), &lb_frr_conf(i))?)
+                }
+            });
         }
         if n.process.is_some() {
             bail!("node {i} is already running");
@@ -854,7 +915,7 @@ impl Lab {
         if self.lbs[i - 1].process.is_some() {
             self.kill_agent(i)?;
         }
-        if let Some(b) = self.lbs[i - 1].bird.take() {
+        if let Some(b) = self.lbs[i - 1].speaker.take() {
             b.kill();
         }
         Ok(())
@@ -1176,6 +1237,57 @@ impl Lab {
         Ok(())
     }
 
+    /// The router's BGP sessions to the LB nodes that are established:
+    /// peer → a mark that changes whenever the session is established
+    /// anew (BIRD: the `since` of `show protocols`; FRR: how many times
+    /// it was established).
+    pub fn router_sessions(&self) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        match self.router_speaker.as_ref() {
+            Some(SpeakerProc::Bird(_)) => {
+                let ctl = self.spec.dir.join("router.ctl");
+                let text = self.router.exec(&[
+                    "birdc",
+                    "-s",
+                    ctl.to_str().unwrap_or_default(),
+                    "show protocols",
+                ])?;
+                // Name Proto Table State Since Info
+                for l in text.lines() {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    if w.len() >= 6
+                        && w[0].starts_with("lb")
+                        && w[1] == "BGP"
+                        && w[3] == "up"
+                        && w[5] == "Established"
+                    {
+                        out.insert(w[0].to_string(), w[4].to_string());
+                    }
+                }
+            }
+            Some(SpeakerProc::Frr(f)) => {
+                // How many times each was established (exact; FRR's
+                // established epoch is derived from its uptime and wobbles
+                // by a second).
+                let text = f.vtysh(&self.router, "show bgp neighbors json")?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("FRR's bgp neighbors: {text}"))?;
+                if let Some(peers) = v.as_object() {
+                    for (peer, p) in peers {
+                        if p["bgpState"] == "Established" {
+                            out.insert(
+                                peer.clone(),
+                                format!("established {} times", p["connectionsEstablished"]),
+                            );
+                        }
+                    }
+                }
+            }
+            None => bail!("the router has no BGP speaker"),
+        }
+        Ok(out)
+    }
+
     /// Next hops of the router's route to the IPv4 VIP prefix.
     pub fn router_nexthops(&self) -> Result<Vec<IpAddr>> {
         self.nexthops(VIP_CIDR)
@@ -1484,11 +1596,11 @@ impl Drop for Lab {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            n.bird.take();
+            n.speaker.take();
             let _ = datapath_ebpf::loader::remove_pins(&n.pin_dir);
         }
         self.impair.take();
-        self.router_bird.take();
+        self.router_speaker.take();
         self.backends.clear();
     }
 }

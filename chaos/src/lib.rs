@@ -15,3 +15,4 @@ pub mod natbench;
 pub mod scenario;
 pub mod servers;
 pub mod traffic;
+pub mod wait;

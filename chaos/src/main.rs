@@ -23,6 +23,7 @@ use chaos::{
     traffic::{Traffic, TrafficSpec},
 };
 use clap::{Parser, Subcommand, ValueEnum};
+use holdfast_bgp::Speaker;
 use raft_store::cluster::ForwardingMode;
 
 #[derive(Parser)]
@@ -73,6 +74,16 @@ struct Size {
     /// or snat (backends run plain servers; the LB rewrites both addresses).
     #[arg(long, default_value = "dsr", value_parser = parse_forwarding)]
     forwarding: ForwardingMode,
+    /// The BGP speaker on the LB nodes: bird or frr.
+    #[arg(long, default_value = "bird", value_parser = parse_speaker)]
+    bgp: Speaker,
+    /// The router's BGP speaker: bird or frr.
+    #[arg(long, default_value = "bird", value_parser = parse_speaker)]
+    router: Speaker,
+}
+
+fn parse_speaker(s: &str) -> Result<Speaker, String> {
+    s.parse()
 }
 
 fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
@@ -252,6 +263,8 @@ fn run(
                 opts.udp = size.udp;
                 opts.short_per_s = size.short_rate;
                 opts.forwarding = size.forwarding;
+                opts.bgp = size.bgp;
+                opts.router = size.router;
                 opts.tcp6 = size.tcp6;
                 opts.udp6 = size.udp6;
                 opts.soak = Duration::from_secs_f64(size.soak_minutes * 60.0);
@@ -373,6 +386,8 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
     spec.nodes = size.nodes.max(2);
     spec.backends = size.backends;
     spec.forwarding = size.forwarding;
+    spec.bgp = size.bgp;
+    spec.router = size.router;
     spec.sync = sync;
     println!(
         "Bringing up the lab: router (BIRD, ECMP, BFD), {} LB nodes (holdfast-node + BIRD), {} backends, a client ...",
@@ -557,6 +572,8 @@ fn keeper(name: &str, size: &Size) -> Result<ExitCode> {
     spec.nodes = size.nodes;
     spec.backends = size.backends;
     spec.forwarding = size.forwarding;
+    spec.bgp = size.bgp;
+    spec.router = size.router;
     let lab = Lab::up(spec)?;
     let traffic = Traffic::start(&lab.client, traffic_spec(size)?)?;
     traffic.mark();

@@ -23,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 15] = [
+pub const SCENARIOS: [&str; 16] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -39,6 +39,7 @@ pub const SCENARIOS: [&str; 15] = [
     "source-ranges",
     "target-port",
     "affinity",
+    "config-churn",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -90,6 +91,9 @@ pub struct RunOpts {
     pub soak: Duration,
     /// How the lab's services forward (DSR or SNAT).
     pub forwarding: raft_store::cluster::ForwardingMode,
+    /// The BGP speaker on the LB nodes and on the router.
+    pub bgp: holdfast_bgp::Speaker,
+    pub router: holdfast_bgp::Speaker,
 }
 
 impl RunOpts {
@@ -108,6 +112,8 @@ impl RunOpts {
             verbose: false,
             soak: Duration::from_secs(30 * 60),
             forwarding: Default::default(),
+            bgp: Default::default(),
+            router: Default::default(),
         }
     }
 }
@@ -122,6 +128,9 @@ pub struct ScenarioResult {
     pub sync: bool,
     /// "dsr" or "snat": how the lab's services forwarded.
     pub forwarding: String,
+    /// The BGP speakers: on the LB nodes ("bird" or "frr") and the router.
+    pub bgp: String,
+    pub router: String,
     pub tcp_total: usize,
     pub tcp_broken: usize,
     pub udp_total: usize,
@@ -169,8 +178,9 @@ impl ScenarioResult {
             let flows =
                 (self.tcp_broken + self.udp_broken + self.v6.tcp_broken + self.v6.udp_broken)
                     as u64;
-            // affinity: a client's connection on another backend, or none.
-            let affinity = ["affinity_broken", "affinity_failed"]
+            // affinity: a client's connection on another backend, or none;
+            // config-churn: a BGP session reset.
+            let affinity = ["affinity_broken", "affinity_failed", "sessions_reset"]
                 .iter()
                 .filter_map(|k| self.counts.get(*k))
                 .sum::<u64>();
@@ -346,6 +356,8 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     spec.sync = opts.sync;
     spec.health_checks = name == "health";
     spec.forwarding = opts.forwarding;
+    spec.bgp = opts.bgp;
+    spec.router = opts.router;
     let res = run_in(name, opts, spec, t0);
     match &res {
         Ok(_) => {
@@ -425,6 +437,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "source-ranges" => source_ranges(&mut cx)?,
         "target-port" => target_port(&mut cx)?,
         "affinity" => affinity(&mut cx)?,
+        "config-churn" => config_churn(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -489,6 +502,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         nodes,
         sync: opts.sync,
         forwarding: opts.forwarding.to_string(),
+        bgp: opts.bgp.to_string(),
+        router: opts.router.to_string(),
         tcp_total: report.tcp_total,
         tcp_broken: report.tcp_broken,
         udp_total: report.udp_total,
@@ -995,6 +1010,95 @@ fn affinity(cx: &mut Ctx) -> Result<()> {
         let got = which_backend(cx, &clients, per_client)?;
         tally(cx, &mut first, "after_kill", got);
     }
+    Ok(())
+}
+
+/// config-churn: 200 services added and removed (eight at a time, each
+/// batch applied by every node) and a VIP pool added and removed, while
+/// the lab's flows run: every BGP session of the router to the LB nodes
+/// stays established, never established anew
+/// (`sessions_reset` counts those that changed or went down), whichever
+/// speakers run.
+fn config_churn(cx: &mut Ctx) -> Result<()> {
+    use raft_store::{cluster::Service, Command};
+    let before = cx.lab.router_sessions()?;
+    if before.len() != cx.lab.spec.nodes {
+        bail!(
+            "the router has {} sessions up, not {}: {before:?}",
+            before.len(),
+            cx.lab.spec.nodes
+        );
+    }
+    let t = Instant::now();
+    let (mut added, mut removed) = (0u64, 0u64);
+    // Eight at a time: the lab's nodes hold 16 services, 6 of them its own.
+    for wave in 0..25u16 {
+        let names: Vec<String> = (0..8).map(|k| format!("churn-{wave}-{k}")).collect();
+        let adds = names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| Command::PutService {
+                service: Service {
+                    name: name.clone(),
+                    vip: lab::VIP.parse().expect("static"),
+                    port: 20_000 + wave * 10 + k as u16,
+                    proto: raft_store::cluster::Proto::Tcp,
+                    table_size: 251,
+                    mode: Default::default(),
+                    health_check: None,
+                    source_ranges: Vec::new(),
+                    affinity_timeout_s: None,
+                },
+            })
+            .collect();
+        let r = cx.lab.write(Command::Batch { commands: adds })?;
+        if let Some(why) = r.rejected {
+            bail!("adding services refused: {why}");
+        }
+        cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+        added += names.len() as u64;
+        let rms = names
+            .iter()
+            .map(|name| Command::RemoveService { name: name.clone() })
+            .collect();
+        let r = cx.lab.write(Command::Batch { commands: rms })?;
+        if let Some(why) = r.rejected {
+            bail!("removing services refused: {why}");
+        }
+        cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+        removed += names.len() as u64;
+    }
+    for cmd in [
+        Command::PutVipPool {
+            pool: raft_store::cluster::VipPool {
+                name: "churn".into(),
+                cidr: "10.88.100.128/25".into(),
+            },
+        },
+        Command::RemoveVipPool {
+            name: "churn".into(),
+        },
+    ] {
+        let r = cx.lab.write(cmd)?;
+        if let Some(why) = r.rejected {
+            bail!("VIP pool change refused: {why}");
+        }
+        cx.lab.wait_epoch(r.epoch, Duration::from_secs(10))?;
+    }
+    cx.ms("churn", t.elapsed());
+    let after = cx.lab.router_sessions()?;
+    let reset = before
+        .iter()
+        .filter(|(peer, since)| after.get(*peer) != Some(since))
+        .count();
+    cx.counts.insert("services_added".into(), added);
+    cx.counts.insert("services_removed".into(), removed);
+    cx.counts.insert("sessions".into(), before.len() as u64);
+    cx.counts.insert("sessions_reset".into(), reset as u64);
+    cx.say(format!(
+        "{added} services added and {removed} removed, a VIP pool added and removed: {reset} of {} BGP sessions reset ({before:?} -> {after:?})",
+        before.len()
+    ));
     Ok(())
 }
 

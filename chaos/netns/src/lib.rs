@@ -7,6 +7,8 @@
 //! thread that has `setns`-ed into it ([`NetNs::run`], [`NetNs::spawn`]):
 //! sockets created there stay in that namespace.
 
+pub mod frr;
+
 use std::{
     fs::File,
     os::fd::AsRawFd,

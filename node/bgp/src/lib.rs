@@ -1,9 +1,11 @@
 //! BGP announcement of the node's VIPs. The node decides *when* (ready: the
 //! datapath programmed with the committed config, a Raft leader known,
-//! conntrack warm join done); an [`Announcer`] does it. [`Bird`] drives a
-//! BIRD 2 daemon through its control socket by enabling or disabling the
-//! static protocols that carry the VIP routes (one per address family:
-//! `vip`, `vip6`); another BGP agent can replace it behind the same trait.
+//! conntrack warm join done); an [`Announcer`] does it, for the speaker
+//! node.toml names (`[bgp] speaker`). [`Bird`] drives a BIRD 2 daemon
+//! through its control socket by enabling or disabling the static protocols
+//! that carry the VIP routes (one per address family: `vip`, `vip6`);
+//! [`Frr`] drives FRR through `vtysh`, adding and removing the `network`
+//! statements of its prefixes in `router bgp`.
 //!
 //! SNAT addresses: every node announces the SNAT pools (static protocols
 //! `snat_pool`, `snat_pool6` in its BIRD config, a backup path to every
@@ -14,6 +16,7 @@
 
 mod announce;
 mod bird;
+mod frr;
 mod link;
 
 use std::path::PathBuf;
@@ -22,19 +25,64 @@ use serde::{Deserialize, Serialize};
 
 pub use announce::{announce_loop, withdraw_now, Announcer, Readiness, ANNOUNCE_EVERY};
 pub use bird::{check_protocol_name, render_own_routes, Bird};
+pub use frr::{check_pathspace, network_commands, parse_networks, parse_prefix, Frr};
 pub use link::link_state;
+
+/// The BGP speaker a node drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    #[default]
+    Bird,
+    Frr,
+}
+
+impl std::str::FromStr for Speaker {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bird" => Ok(Speaker::Bird),
+            "frr" => Ok(Speaker::Frr),
+            other => Err(format!("speaker {other:?}: use bird or frr")),
+        }
+    }
+}
+
+impl std::fmt::Display for Speaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Speaker::Bird => "bird",
+            Speaker::Frr => "frr",
+        })
+    }
+}
 
 /// `[bgp]` of node.toml.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BgpSection {
-    /// Announce through BIRD (off: the node never touches BGP).
+    /// Announce (off: the node never touches BGP).
     pub enabled: bool,
+    /// Which speaker: `bird` (BIRD 2, its control socket) or `frr` (FRR,
+    /// through vtysh).
+    pub speaker: Speaker,
+    /// BIRD: its control socket.
     pub bird_ctl: PathBuf,
     /// BIRD's static protocols that carry the VIP routes, one per address
     /// family (`vip` for IPv4, `vip6` for IPv6); enabled and disabled
     /// together.
     pub protocols: Vec<String>,
+    /// FRR: the vtysh program.
+    pub vtysh: PathBuf,
+    /// FRR: the instance's pathspace (`vtysh -N`; none: the default
+    /// instance).
+    pub frr_pathspace: Option<String>,
+    /// FRR: the AS number of its `router bgp`.
+    pub asn: u32,
+    /// FRR: the prefixes announced while the node is ready (`network`
+    /// statements): the VIP prefixes and, for SNAT, the SNAT pools (the
+    /// node's own SNAT addresses go with them as host routes).
+    pub prefixes: Vec<String>,
     /// After an agent restart that adopted a pinned, forwarding datapath
     /// while BIRD still announces: keep announcing for up to this long while
     /// the node catches up (Raft, warm join), instead of withdrawing and
@@ -50,10 +98,42 @@ impl Default for BgpSection {
     fn default() -> Self {
         Self {
             enabled: false,
+            speaker: Speaker::Bird,
             bird_ctl: "/run/bird/bird.ctl".into(),
             protocols: vec!["vip".into()],
+            vtysh: "vtysh".into(),
+            frr_pathspace: None,
+            asn: 0,
+            prefixes: Vec::new(),
             restart_grace_ms: 10_000,
             snat_routes_file: None,
         }
+    }
+}
+
+impl BgpSection {
+    /// The announcer of the configured speaker (Err names the bad field).
+    pub fn announcer(&self) -> anyhow::Result<std::sync::Arc<dyn Announcer>> {
+        Ok(match self.speaker {
+            Speaker::Bird => {
+                if self.protocols.is_empty() {
+                    anyhow::bail!("bgp.protocols: name at least one BIRD protocol");
+                }
+                for p in &self.protocols {
+                    check_protocol_name(p)?;
+                }
+                std::sync::Arc::new(Bird {
+                    ctl: self.bird_ctl.clone(),
+                    protocols: self.protocols.clone(),
+                    own_routes_file: self.snat_routes_file.clone(),
+                })
+            }
+            Speaker::Frr => std::sync::Arc::new(Frr::new(
+                self.vtysh.clone(),
+                self.frr_pathspace.clone(),
+                self.asn,
+                &self.prefixes,
+            )?),
+        })
     }
 }

@@ -547,12 +547,19 @@ impl NodeConfig {
             if !self.datapath.enabled {
                 return Err(invalid("bgp.enabled", "announcing needs the datapath"));
             }
-            if self.bgp.protocols.is_empty() {
-                return Err(invalid("bgp.protocols", "name at least one BIRD protocol"));
-            }
-            for p in &self.bgp.protocols {
-                holdfast_bgp::check_protocol_name(p)
-                    .map_err(|e| invalid("bgp.protocols", e.to_string()))?;
+            // The speaker's settings, as its driver reads them.
+            if let Err(e) = self.bgp.announcer() {
+                let msg = format!("{e:#}");
+                let field = msg
+                    .split(':')
+                    .next()
+                    .filter(|f| f.starts_with("bgp."))
+                    .unwrap_or(match self.bgp.speaker {
+                        holdfast_bgp::Speaker::Bird => "bgp.protocols",
+                        holdfast_bgp::Speaker::Frr => "bgp.prefixes",
+                    })
+                    .to_string();
+                return Err(invalid(&field, msg));
             }
         }
         if self.sync.enabled && self.datapath.enabled {

@@ -332,13 +332,13 @@ impl Node {
         }
     }
 
-    /// The BGP speaker this node drives.
+    /// The BGP speaker this node drives (its settings were validated with
+    /// the config).
     fn announcer(&self) -> Arc<dyn Announcer> {
-        Arc::new(holdfast_bgp::Bird {
-            ctl: self.cfg.bgp.bird_ctl.clone(),
-            protocols: self.cfg.bgp.protocols.clone(),
-            own_routes_file: self.cfg.bgp.snat_routes_file.clone(),
-        })
+        self.cfg
+            .bgp
+            .announcer()
+            .expect("[bgp] validated when the config was loaded")
     }
 
     /// Stop: optionally leave the cluster first, then Raft, the endpoint and

@@ -86,10 +86,21 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// A port free for TCP and UDP on 127.0.0.1, below the kernel's ephemeral
+/// range (32768 and up by default): a port the kernel handed out as
+/// ephemeral could be handed again to another test's outgoing connection
+/// before the node binds it. Each call takes the next port of this
+/// process's share of 20000..32000.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 60) * 200;
     loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
-        let port = t.local_addr().expect("addr").port();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (20_000 + (base - 20_000 + n) % 12_000) as u16;
+        let Ok(_t) = std::net::TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

@@ -558,19 +558,22 @@ async fn t10_services_as_users_write_them() {
     assert_eq!(sticky.affinity_timeout_s, Some(600));
     assert_eq!(s.services["k8s:shop/web:80/tcp"].affinity_timeout_s, None);
     let key = datapath_ebpf::abi::SvcKey::new(sticky.vip, 443, 6);
+    let deadline = Instant::now() + Duration::from_secs(20);
     for n in c.nodes.values() {
         let h = n.datapath.as_ref().expect("datapath");
-        let dp = h.dp.lock().expect("dp");
-        let v = dp
-            .service(&key)
-            .expect("lookup")
-            .expect("sticky programmed");
-        assert_ne!(
-            v.flags & datapath_ebpf::abi::SVC_F_AFFINITY,
-            0,
-            "node {}: client affinity",
-            n.id()
-        );
+        // (Each node applies the epoch on its own time.)
+        loop {
+            let v = h.dp.lock().expect("dp").service(&key).expect("lookup");
+            if v.is_some_and(|v| v.flags & datapath_ebpf::abi::SVC_F_AFFINITY != 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: sticky with client affinity in the datapath: {v:?}",
+                n.id()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     assert!(
         !api.list(Kind::Event)

@@ -1,5 +1,5 @@
-//! t16: the bare-metal systemd units (deploy/systemd) pass
-//! `systemd-analyze verify` with no warning, with the ExecStart binaries
+//! t16: the bare-metal systemd units (deploy/systemd, with their drop-ins)
+//! pass `systemd-analyze verify` with no warning, with the ExecStart binaries
 //! pointed at the ones this build made; their sandbox lets the node write
 //! what the example node.toml says it writes; and the command lines they
 //! run are accepted by the binaries' own argument parsers.
@@ -40,6 +40,29 @@ fn t16_units_verify_and_match_the_example_config() {
             units.push((p, text, dst));
         }
     }
+    // Drop-ins (holdfast-node.service.d/frr.conf: FRR as the speaker)
+    // beside their units, so the verification reads them too.
+    let mut dropins = BTreeSet::new();
+    for e in std::fs::read_dir(deploy().join("systemd")).expect("deploy/systemd") {
+        let p = e.expect("entry").path();
+        if p.is_dir() && p.extension().is_some_and(|x| x == "d") {
+            let dst = dir.path().join(p.file_name().expect("name"));
+            std::fs::create_dir_all(&dst).expect("mkdir");
+            for f in std::fs::read_dir(&p).expect("drop-in dir") {
+                let f = f.expect("entry").path();
+                std::fs::copy(&f, dst.join(f.file_name().expect("name"))).expect("copy");
+                dropins.insert(format!(
+                    "{}/{}",
+                    p.file_name().expect("n").to_string_lossy(),
+                    f.file_name().expect("n").to_string_lossy()
+                ));
+            }
+        }
+    }
+    assert_eq!(
+        dropins,
+        BTreeSet::from(["holdfast-node.service.d/frr.conf".to_string()])
+    );
     let names: BTreeSet<String> = units
         .iter()
         .map(|(p, _, _)| p.file_name().expect("n").to_string_lossy().into_owned())
