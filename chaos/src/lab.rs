@@ -1029,6 +1029,25 @@ impl Lab {
         ]
     }
 
+    /// Drain node `i` (`POST /drain`, as `clusterctl drain --wait` does)
+    /// and wait until its datapath saw no VIP packet for `quiet`: how long
+    /// after the drain its traffic stopped.
+    pub fn drain_and_wait(&self, i: usize, quiet: Duration, max: Duration) -> Result<Duration> {
+        let addr = admin_addr(i);
+        let api = self.api()?.for_node(i as u64);
+        let moved = self.router.run(move || {
+            let t = Duration::from_secs(3);
+            let _: LocalStatus = api.post(
+                &addr,
+                "/drain",
+                &holdfast_api::wire::DrainRequest { drain: true },
+                t,
+            )?;
+            api.wait_traffic_gone(&addr, quiet, max, t)
+        })??;
+        moved.ok_or_else(|| anyhow!("node {i} still received VIP traffic {max:?} after its drain"))
+    }
+
     /// GET `path` of node `i`'s admin API (from the router's namespace).
     pub fn api_get<T: serde::de::DeserializeOwned + Send + 'static>(
         &self,

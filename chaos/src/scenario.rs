@@ -23,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 16] = [
+pub const SCENARIOS: [&str; 17] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -40,6 +40,7 @@ pub const SCENARIOS: [&str; 16] = [
     "target-port",
     "affinity",
     "config-churn",
+    "drain-then-stop",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -438,6 +439,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "target-port" => target_port(&mut cx)?,
         "affinity" => affinity(&mut cx)?,
         "config-churn" => config_churn(&mut cx)?,
+        "drain-then-stop" => drain_then_stop(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -1010,6 +1012,32 @@ fn affinity(cx: &mut Ctx) -> Result<()> {
         let got = which_backend(cx, &clients, per_client)?;
         tally(cx, &mut first, "after_kill", got);
     }
+    Ok(())
+}
+
+/// drain-then-stop: the busiest LB node is drained the way an operator
+/// does before maintenance (`clusterctl drain --wait`: its VIPs withdrawn
+/// over BGP, then wait until its datapath sees no VIP packet for 1 s),
+/// then it dies. The router moves its flows on the withdrawal, not on a
+/// BFD timeout: no flow breaks and the longest stall stays far below the
+/// ~500 ms of a silent death (kill-node).
+fn drain_then_stop(cx: &mut Ctx) -> Result<()> {
+    let v = cx.busiest(true)?;
+    cx.victim = Some(v);
+    cx.say(format!("draining LB node {v}"));
+    let moved = cx
+        .lab
+        .drain_and_wait(v, Duration::from_secs(1), Duration::from_secs(30))?;
+    cx.ms("traffic_moved", moved);
+    let mut others = cx.others(v);
+    others.sort();
+    // (The router's route no longer has the node.)
+    cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    cx.say(format!(
+        "node {v}'s traffic moved away {} ms after the drain; stopping it (switch port down, SIGKILL)",
+        moved.as_millis()
+    ));
+    cx.lab.kill_node(v)?;
     Ok(())
 }
 

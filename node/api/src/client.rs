@@ -172,6 +172,41 @@ impl Client {
         self.request(addr, "GET", path, None, timeout)
     }
 
+    /// After a drain of node `addr`: poll its status until its VIP packet
+    /// counter stood still for `quiet` (routers send it nothing any more).
+    /// `Ok(Some(d))`: the traffic stopped `d` after the call (the start of
+    /// the quiet time); `Ok(None)`: still moving after `max`, or the node
+    /// has no datapath.
+    pub fn wait_traffic_gone(
+        &self,
+        addr: &str,
+        quiet: Duration,
+        max: Duration,
+        timeout: Duration,
+    ) -> Result<Option<Duration>, ClientError> {
+        let t0 = Instant::now();
+        let status = |c: &Self| -> Result<crate::wire::LocalStatus, ClientError> {
+            c.get(addr, "/status", timeout)
+        };
+        let Some(mut last) = status(self)?.vip_packets else {
+            return Ok(None);
+        };
+        let mut still_since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = status(self)?.vip_packets.unwrap_or(last);
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            } else if still_since.elapsed() >= quiet {
+                return Ok(Some(still_since.duration_since(t0)));
+            }
+            if t0.elapsed() > max {
+                return Ok(None);
+            }
+        }
+    }
+
     /// POST raw bytes (tests of malformed bodies): status and body.
     pub fn post_raw(
         &self,

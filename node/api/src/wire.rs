@@ -102,6 +102,11 @@ pub struct LocalStatus {
     /// ranges only).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub source_refused: BTreeMap<String, u64>,
+    /// VIP packets this node's datapath has handled so far (conntrack hits,
+    /// new flows, SNAT replies, refused and dropped ones); its rate shows whether
+    /// routers still send the node traffic (a drain waits for it to stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip_packets: Option<u64>,
 }
 
 /// Body of `POST /drain` (this node only; not forwarded).

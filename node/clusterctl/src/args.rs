@@ -56,7 +56,17 @@ pub enum Cmd {
     Status,
     /// Withdraw this node's VIPs over BGP (it stays a member; its flows
     /// move to the other nodes, which hold their conntrack entries).
-    Drain,
+    Drain {
+        /// Wait until the routers have moved the node's traffic away (its
+        /// datapath saw no VIP packet for --quiet-ms), then say it can be
+        /// stopped; exit 6 if that does not happen within --max-wait-s.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 1000, requires = "wait")]
+        quiet_ms: u64,
+        #[arg(long, default_value_t = 60, requires = "wait")]
+        max_wait_s: u64,
+    },
     /// Announce this node's VIPs again (when it is ready).
     Undrain,
     /// Live view: per-service rates over all nodes and per-node health.

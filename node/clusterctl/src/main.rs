@@ -19,6 +19,7 @@ mod snat;
 mod top;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use holdfast_api::client::ClientError;
@@ -44,7 +45,22 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     };
     match &cli.cmd {
         Cmd::Top { interval_s, once } => nodes::top(&cx, *interval_s, *once),
-        Cmd::Drain => nodes::drain(&cx, true),
+        Cmd::Drain {
+            wait,
+            quiet_ms,
+            max_wait_s,
+        } => {
+            if *wait {
+                nodes::post_drain(&cx, true)?;
+                nodes::wait_moved(
+                    &cx,
+                    Duration::from_millis(*quiet_ms),
+                    Duration::from_secs(*max_wait_s),
+                )
+            } else {
+                nodes::drain(&cx, true)
+            }
+        }
         Cmd::Undrain => nodes::drain(&cx, false),
         Cmd::Status => nodes::status(&cx),
         Cmd::Members => nodes::members(&cx),

@@ -83,10 +83,7 @@ pub fn top(cx: &Ctx, interval_s: f64, once: bool) -> Result<(), Failure> {
 
 /// `clusterctl drain` / `undrain`: withdraw or announce this node's VIPs.
 pub fn drain(cx: &Ctx, drain: bool) -> Result<(), Failure> {
-    let t = Duration::from_secs(cx.cli.timeout_s);
-    let s: LocalStatus = cx
-        .client
-        .post(&cx.node, "/drain", &DrainRequest { drain }, t)?;
+    let s = post_drain(cx, drain)?;
     print(cx.cli.output, &s, |s| {
         format!(
             "node {}: {} (BGP {})\n",
@@ -99,6 +96,45 @@ pub fn drain(cx: &Ctx, drain: bool) -> Result<(), Failure> {
             }
         )
     })
+}
+
+/// POST /drain: the node's status after.
+pub fn post_drain(cx: &Ctx, drain: bool) -> Result<LocalStatus, Failure> {
+    let t = Duration::from_secs(cx.cli.timeout_s);
+    Ok(cx
+        .client
+        .post(&cx.node, "/drain", &DrainRequest { drain }, t)?)
+}
+
+/// After a drain: wait until the node's datapath sees no VIP packet for
+/// `quiet` (the routers moved its traffic), then report.
+pub fn wait_moved(cx: &Ctx, quiet: Duration, max: Duration) -> Result<(), Failure> {
+    let s: LocalStatus = cx.get("/status")?;
+    if s.vip_packets.is_none() {
+        return Err(Failure::Other(anyhow!(
+            "node {} has no datapath: nothing to wait for",
+            s.node_id
+        )));
+    }
+    let t = Duration::from_secs(cx.cli.timeout_s);
+    match cx.client.wait_traffic_gone(&cx.node, quiet, max, t)? {
+        Some(moved) => {
+            let s: LocalStatus = cx.get("/status")?;
+            print(cx.cli.output, &s, |s| {
+                format!(
+                    "node {}: traffic moved away {} ms after the drain (no VIP packet for {} ms): it can be stopped\n",
+                    s.node_id,
+                    moved.as_millis(),
+                    quiet.as_millis()
+                )
+            })
+        }
+        None => Err(Failure::Other(anyhow!(
+            "node {}: still receiving VIP traffic {} s after the drain (is its prefix announced by another speaker, or do clients reach it directly?)",
+            s.node_id,
+            max.as_secs()
+        ))),
+    }
 }
 
 /// `clusterctl status`: this node's Raft and datapath status.

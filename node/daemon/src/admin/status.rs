@@ -52,7 +52,32 @@ pub fn local_status(node: &Node) -> LocalStatus {
         draining: node.draining.load(Ordering::Relaxed),
         certificate: Some(node.credentials.cert()),
         source_refused: source_refused(node),
+        vip_packets: vip_packets(node),
     }
+}
+
+/// VIP packets the datapath handled (see `LocalStatus::vip_packets`).
+fn vip_packets(node: &Node) -> Option<u64> {
+    use datapath_ebpf::abi::stat;
+    let h = node.datapath.as_ref()?;
+    let st = h.dp.lock().expect("dp").stats().ok()?;
+    Some(
+        // (Overlaps do not matter: it is read for whether it moves.)
+        [
+            stat::CT_HITS,
+            stat::NEW_FLOWS,
+            stat::SYN_FLOOD,
+            stat::SNAT_REPLIES,
+            stat::SRC_REFUSED,
+            stat::DROP_NO_BACKEND,
+            stat::DROP_FRAGMENT,
+            stat::DROP_MALFORMED,
+            stat::PASS_VIP_OTHER,
+        ]
+        .iter()
+        .map(|i| st.c[*i])
+        .sum(),
+    )
 }
 
 /// Per service with source ranges: the packets this datapath refused.

@@ -1,0 +1,18 @@
+//! t25: `chaos run drain-then-stop` — the busiest LB node is drained as
+//! before maintenance (its VIPs withdrawn, then a wait until its datapath
+//! sees no VIP packet for 1 s) and then dies: the router moved its flows on
+//! the withdrawal, so none breaks, and the drain reports when the traffic
+//! had moved.
+
+mod common;
+
+#[test]
+fn t25_a_drained_node_stops_without_a_broken_flow() {
+    let r = common::run_clean("drain-then-stop");
+    assert!(r.victim.is_some(), "a node was drained and stopped");
+    assert!(
+        r.converge_ms.contains_key("traffic_moved"),
+        "the drain saw the traffic move: {:?}",
+        r.converge_ms
+    );
+}
