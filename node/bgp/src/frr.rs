@@ -63,50 +63,16 @@ pub fn check_pathspace(p: &str) -> Result<()> {
 
 /// Parse `a.b.c.d/len` or `x::/len` with its network address.
 pub fn parse_prefix(s: &str) -> Result<Prefix> {
-    let (a, l) = s
-        .trim()
-        .split_once('/')
-        .ok_or_else(|| anyhow!("{s:?}: not a prefix (address/length)"))?;
-    let addr: IpAddr = a.parse().map_err(|_| anyhow!("{s:?}: not an IP address"))?;
-    let len: u8 = l
-        .parse()
-        .map_err(|_| anyhow!("{s:?}: not a prefix length"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        bail!("{s:?}: the prefix length must be at most {max}");
-    }
-    if mask(addr, len) != addr {
-        bail!(
-            "{s:?}: host bits set (the network address is {}/{len})",
-            mask(addr, len)
-        );
-    }
-    Ok((addr, len))
-}
-
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            IpAddr::V4((u32::from(a) & m).into())
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            IpAddr::V6((u128::from(a) & m).into())
-        }
-    }
+    raft_store::cluster::parse_cidr(s.trim()).map_err(|e| anyhow!("{e}"))
 }
 
 fn host(addr: IpAddr) -> Prefix {
     (addr, if addr.is_ipv4() { 32 } else { 128 })
 }
 
+/// Is prefix `p` inside `outer` (or equal to it)?
 fn within(p: &Prefix, outer: &Prefix) -> bool {
-    p.0.is_ipv4() == outer.0.is_ipv4() && p.1 >= outer.1 && mask(p.0, outer.1) == outer.0
+    p.1 >= outer.1 && raft_store::cluster::cidr_contains(*outer, p.0)
 }
 
 /// The `network` statements of `router bgp {asn}` in FRR's running config
@@ -396,8 +362,8 @@ end
         );
         for (bad, why) in [
             ("10.200.0.1/24", "host bits"),
-            ("10.200.0.0", "not a prefix"),
-            ("10.200.0.0/33", "at most 32"),
+            ("10.200.0.0", "not a CIDR"),
+            ("10.200.0.0/33", "prefix length 33"),
         ] {
             let e = parse_prefix(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
