@@ -51,8 +51,7 @@ use raft_store::{
 };
 
 use crate::servers::Servers;
-pub use crate::wait::wait_until;
-use netns::frr::{is_zombie, Frr};
+use netns::frr::Frr;
 
 pub const VIP: &str = "10.88.100.1";
 pub const VIP_CIDR: &str = "10.88.100.0/24";
@@ -232,16 +231,7 @@ impl Bird {
 
     fn kill(&self) {
         if let Some(pid) = self.pid() {
-            // SAFETY: signalling the daemon we started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            for _ in 0..100 {
-                // Gone, or a zombie nobody reaps (the daemon is not our child).
-                // SAFETY: signal 0 only probes.
-                if is_zombie(pid) || unsafe { libc::kill(pid, 0) } != 0 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            netns::kill_daemon(pid);
         }
         let _ = std::fs::remove_file(&self.pid_file);
     }
@@ -349,6 +339,30 @@ pub struct Lab {
     api: Option<Client>,
     /// Loss and delay on the links between LB nodes, while set.
     impair: Option<crate::impair::LinkImpairment>,
+}
+
+/// Poll `f` every 20 ms until it is true or `timeout` passes.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(true) => return Ok(t0.elapsed()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if t0.elapsed() > timeout {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn router_conf(nodes: usize) -> String {

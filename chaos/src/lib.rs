@@ -15,4 +15,3 @@ pub mod natbench;
 pub mod scenario;
 pub mod servers;
 pub mod traffic;
-pub mod wait;

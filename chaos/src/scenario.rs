@@ -765,6 +765,34 @@ fn source_ranges(cx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The answer lines and the writing half of a lab connection.
+type Conn = (
+    tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    tokio::net::tcp::OwnedWriteHalf,
+);
+
+/// A connection from `src` to `to` that asks the backend `whoami`: the
+/// backend's name, the client address it sees, and the connection to go
+/// on with.
+async fn whoami(
+    src: std::net::IpAddr,
+    to: std::net::SocketAddr,
+) -> Result<(String, std::net::SocketAddr, Conn)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (r, mut w) = connect_from(src, to).await?.into_split();
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    w.write_all(b"whoami\n").await?;
+    let l = lines.next_line().await?.context("closed")?;
+    // "beN whoami ADDRESS"
+    let mut words = l.split(' ');
+    let name = words.next().unwrap_or_default().to_string();
+    let seen = words
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("answer {l:?}"))?;
+    Ok((name, seen, (lines, w)))
+}
+
 /// `n` connections from the lab's client to VIP:`port`, each asking the
 /// backend who it sees (`whoami`) and then exchanging `rounds` numbered
 /// echoes: (connections answered throughout, the addresses the backends
@@ -775,7 +803,7 @@ fn whoami_connections(
     n: usize,
     rounds: usize,
 ) -> Result<(usize, Vec<std::net::SocketAddr>)> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let vip: std::net::IpAddr = lab::VIP.parse()?;
     let src: std::net::IpAddr = lab::CLIENT.parse()?;
     on_client(cx, move || async move {
@@ -783,16 +811,8 @@ fn whoami_connections(
         for k in 0..n {
             set.spawn(async move {
                 let one = async {
-                    let s = connect_from(src, std::net::SocketAddr::new(vip, port)).await?;
-                    let (r, mut w) = s.into_split();
-                    let mut lines = tokio::io::BufReader::new(r).lines();
-                    w.write_all(b"whoami\n").await?;
-                    let l = lines.next_line().await?.context("closed")?;
-                    let seen: std::net::SocketAddr = l
-                        .rsplit(' ')
-                        .next()
-                        .and_then(|a| a.parse().ok())
-                        .with_context(|| format!("answer {l:?}"))?;
+                    let (_, seen, (mut lines, mut w)) =
+                        whoami(src, std::net::SocketAddr::new(vip, port)).await?;
                     for i in 0..rounds {
                         let msg = format!("tp{k}:{i}");
                         w.write_all(format!("{msg}\n").as_bytes()).await?;
@@ -868,7 +888,6 @@ fn which_backend(
     clients: &[std::net::IpAddr],
     per_client: usize,
 ) -> Result<Vec<(std::net::IpAddr, Option<String>)>> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let vip4: std::net::IpAddr = lab::VIP.parse()?;
     let vip6: std::net::IpAddr = lab::VIP6.parse()?;
     let clients = clients.to_vec();
@@ -879,13 +898,8 @@ fn which_backend(
                 let vip = if c.is_ipv4() { vip4 } else { vip6 };
                 set.spawn(async move {
                     let one = async {
-                        let s =
-                            connect_from(c, std::net::SocketAddr::new(vip, lab::TCP_PORT)).await?;
-                        let (r, mut w) = s.into_split();
-                        let mut lines = tokio::io::BufReader::new(r).lines();
-                        w.write_all(b"whoami\n").await?;
-                        let l = lines.next_line().await?.context("closed")?;
-                        let name = l.split(' ').next().unwrap_or_default().to_string();
+                        let (name, ..) =
+                            whoami(c, std::net::SocketAddr::new(vip, lab::TCP_PORT)).await?;
                         anyhow::Ok(name)
                     };
                     let got = tokio::time::timeout(Duration::from_secs(5), one).await;

@@ -29,15 +29,6 @@ fn wait(what: &str, timeout: Duration, f: impl Fn() -> bool) -> Result<()> {
     Ok(())
 }
 
-/// Whether process `pid` is a zombie (dead, not reaped: a daemon that is
-/// not our child).
-pub fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_default()
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-}
-
 /// The daemons of one instance, in start order.
 const DAEMONS: [&str; 3] = ["zebra", "bgpd", "bfdd"];
 
@@ -171,15 +162,7 @@ impl Frr {
     pub fn kill(&self) {
         for d in DAEMONS.iter().rev() {
             if let Some(pid) = self.pid(d) {
-                // SAFETY: signalling a daemon this instance started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                for _ in 0..100 {
-                    // SAFETY: signal 0 only probes.
-                    if unsafe { libc::kill(pid, 0) } != 0 || is_zombie(pid) {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                crate::kill_daemon(pid);
             }
             let _ = std::fs::remove_file(self.run.join(format!("{d}.pid")));
         }

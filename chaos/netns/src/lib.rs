@@ -59,6 +59,27 @@ pub fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// SIGKILL a daemon we started (not our child: it forked away) and wait
+/// up to a second until it is gone or a zombie nobody reaps.
+pub fn kill_daemon(pid: i32) {
+    // SAFETY: signalling a daemon the caller started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for _ in 0..100 {
+        // SAFETY: signal 0 only probes.
+        if is_zombie(pid) || unsafe { libc::kill(pid, 0) } != 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_default()
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
 /// A network namespace owned by this process.
 #[derive(Debug)]
 pub struct NetNs {

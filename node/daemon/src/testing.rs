@@ -479,6 +479,17 @@ impl Cluster {
             .expect("run clusterctl")
     }
 
+    /// clusterctl's output of a command that must succeed.
+    pub fn clusterctl_ok(&self, args: &[&str]) -> String {
+        let o = self.clusterctl(args);
+        assert!(
+            o.status.success(),
+            "clusterctl {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     /// Admin addresses of the live nodes.
     pub fn admin_addrs(&self) -> Vec<String> {
         self.nodes

@@ -7,27 +7,11 @@
 //! type, a timeout longer than the interval) are refused by clusterctl
 //! with a message naming the field (exit 2) and change nothing.
 
-use std::{
-    process::Output,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use holdfast_node::config::RaftTuning;
 use holdfast_node::testing::Cluster;
 use raft_store::cluster::Health;
-
-fn clusterctl(c: &Cluster, args: &[&str]) -> Output {
-    c.clusterctl(args)
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "clusterctl failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// Wait until every node's config shows backend `id` as `want`.
 async fn wait_health(c: &Cluster, id: u32, want: Health, timeout: Duration) -> Duration {
@@ -109,42 +93,36 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
             &p,
         ];
         args.extend(extra.iter().copied());
-        let o = clusterctl(&c, &args);
+        let o = c.clusterctl(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(field), "{args:?}: {err}");
     }
     assert_eq!(c.node(1).sm.current().state.epoch, epoch, "nothing changed");
 
-    ok(&clusterctl(
-        &c,
-        &[
-            "services",
-            "add",
-            "web",
-            "--vip",
-            "10.200.0.80",
-            "--port",
-            &p,
-            "--check",
-            "tcp",
-            "--check-interval-ms",
-            "200",
-            "--check-timeout-ms",
-            "100",
-            "--check-rise",
-            "2",
-            "--check-fall",
-            "2",
-            "--check-hold-down-ms",
-            "0",
-        ],
-    ));
+    c.clusterctl_ok(&[
+        "services",
+        "add",
+        "web",
+        "--vip",
+        "10.200.0.80",
+        "--port",
+        &p,
+        "--check",
+        "tcp",
+        "--check-interval-ms",
+        "200",
+        "--check-timeout-ms",
+        "100",
+        "--check-rise",
+        "2",
+        "--check-fall",
+        "2",
+        "--check-hold-down-ms",
+        "0",
+    ]);
     for addr in ["127.0.0.2", "127.0.0.3"] {
-        ok(&clusterctl(
-            &c,
-            &["backends", "add", "--service", "web", "--addr", addr],
-        ));
+        c.clusterctl_ok(&["backends", "add", "--service", "web", "--addr", addr]);
     }
     let st = c.node(1).sm.current().state.clone();
     let id_a = st
@@ -153,7 +131,7 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
         .find(|b| b.addr.to_string() == "127.0.0.2")
         .expect("a")
         .id;
-    let listed = ok(&clusterctl(&c, &["services", "list"]));
+    let listed = c.clusterctl_ok(&["services", "list"]);
     assert!(
         listed.contains("tcp every 200 ms, rise 2 fall 2"),
         "{listed}"
@@ -173,7 +151,7 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
     let t0 = std::time::Instant::now();
     let row = loop {
         let rows: serde_json::Value =
-            serde_json::from_str(&ok(&clusterctl(&c, &["backends", "-o", "json"]))).expect("json");
+            serde_json::from_str(&c.clusterctl_ok(&["backends", "-o", "json"])).expect("json");
         let row = rows
             .as_array()
             .expect("rows")
@@ -200,7 +178,7 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
         "{row}"
     );
     assert_eq!(row["disagree"], serde_json::json!([]), "{row}");
-    let table = ok(&clusterctl(&c, &["backends"]));
+    let table = c.clusterctl_ok(&["backends"]);
     assert!(
         table.contains("HEALTH") && table.contains("down"),
         "{table}"
@@ -234,7 +212,7 @@ async fn t22_checks_from_clusterctl_mark_a_dead_backend_down_everywhere() {
     eprintln!("t22: up again on every node after {} ms", d.as_millis());
 
     // Removing the check: every backend counts as healthy, nothing is checked.
-    ok(&clusterctl(&c, &["services", "check", "web", "--none"]));
+    c.clusterctl_ok(&["services", "check", "web", "--none"]);
     let st = c.node(new).sm.current().state.clone();
     assert!(st.services["web"].health_check.is_none());
 }

@@ -5,24 +5,15 @@
 //! them; bad values refused by clusterctl naming the flag (exit 2) and by
 //! nothing changing.
 
-use std::{process::Output, time::Duration};
+use std::time::Duration;
 
 use holdfast_node::config::RaftTuning;
 use holdfast_node::testing::Cluster;
 
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "clusterctl failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// The service `web` as `clusterctl services -o json` lists it.
 fn listed(c: &Cluster) -> serde_json::Value {
     let v: serde_json::Value =
-        serde_json::from_str(&ok(&c.clusterctl(&["services", "-o", "json"]))).expect("json");
+        serde_json::from_str(&c.clusterctl_ok(&["services", "-o", "json"])).expect("json");
     v.as_array()
         .expect("rows")
         .iter()
@@ -77,7 +68,7 @@ async fn t24_source_ranges_and_client_affinity_from_clusterctl() {
     }
     assert_eq!(c.node(1).sm.current().state.epoch, epoch, "nothing changed");
 
-    ok(&c.clusterctl(&[
+    c.clusterctl_ok(&[
         "services",
         "add",
         "web",
@@ -89,7 +80,7 @@ async fn t24_source_ranges_and_client_affinity_from_clusterctl() {
         "10.0.0.0/8,2001:db8::/32",
         "--affinity",
         "600",
-    ]));
+    ]);
     wait_all(&c, "ranges and affinity", |s| {
         s.affinity_timeout_s == Some(600) && s.source_ranges == ["10.0.0.0/8", "2001:db8::/32"]
     })
@@ -97,15 +88,15 @@ async fn t24_source_ranges_and_client_affinity_from_clusterctl() {
     let row = listed(&c);
     assert_eq!(row["affinity_timeout_s"], 600, "{row}");
     assert_eq!(row["source_ranges"][1], "2001:db8::/32", "{row}");
-    let table = ok(&c.clusterctl(&["services"]));
+    let table = c.clusterctl_ok(&["services"]);
     assert!(table.contains("client 600s"), "{table}");
     assert!(table.contains("10.0.0.0/8 +1"), "{table}");
 
-    ok(&c.clusterctl(&["services", "set", "web", "--affinity", "30"]));
+    c.clusterctl_ok(&["services", "set", "web", "--affinity", "30"]);
     wait_all(&c, "affinity 30 s", |s| s.affinity_timeout_s == Some(30)).await;
     let o = c.clusterctl(&["services", "set", "web", "--affinity", "5", "--no-affinity"]);
     assert_eq!(o.status.code(), Some(2), "conflicting flags refused");
-    ok(&c.clusterctl(&["services", "set", "web", "--no-affinity", "--any-source"]));
+    c.clusterctl_ok(&["services", "set", "web", "--no-affinity", "--any-source"]);
     wait_all(&c, "lifted", |s| {
         s.affinity_timeout_s.is_none() && s.source_ranges.is_empty()
     })
