@@ -15,7 +15,7 @@ use aya::{
 use crate::{
     abi::{DecapKey, DecapStats},
     error::{Error, Result},
-    prog::{ifindex, load_xdp, percpu_sum, xdp, xdp_mut, AttachMode},
+    prog::{ifindex, load_xdp, percpu_sum, verify, xdp, xdp_mut, AttachMode},
 };
 
 pub(crate) static DECAP_OBJ: &[u8] =
@@ -47,9 +47,8 @@ fn egress_mut(bpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
 impl Decap {
     pub fn load() -> Result<Self> {
         let mut bpf = load_xdp(DECAP_OBJ, "decap.bpf.o", DECAP_PROGRAM)?;
-        egress_mut(&mut bpf)?
-            .load()
-            .map_err(Error::program(EGRESS_PROGRAM))?;
+        let egress = egress_mut(&mut bpf)?;
+        verify(EGRESS_PROGRAM, || egress.load())?;
         Ok(Self {
             bpf,
             links: Vec::new(),

@@ -12,7 +12,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    prog::verify,
+};
 
 static IMPAIR_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/impair.bpf.o"));
 const PROGRAM: &str = "holdfast_impair";
@@ -81,7 +84,7 @@ impl Impair {
             .ok_or(Error::MissingMap { map: PROGRAM })?
             .try_into()
             .map_err(Error::program(PROGRAM))?;
-        prog.load().map_err(Error::program(PROGRAM))?;
+        verify(PROGRAM, || prog.load())?;
         prog.attach(iface, TcAttachType::Ingress)
             .map_err(Error::program(PROGRAM))?;
         Ok(Self { bpf })

@@ -36,7 +36,7 @@ use crate::{
         M_SNAT_ADDRS, M_SNAT_FILTER, M_SNAT_HALF_OPEN, M_SNAT_REV, M_SRC_RANGES, M_STATS,
         M_SVC_POLICY, M_SVC_STATS, M_VIPS, M_VIP_FILTER,
     },
-    prog::{ifindex, percpu_sum, xdp, xdp_mut, AttachMode},
+    prog::{self, ifindex, percpu_sum, xdp, xdp_mut, AttachMode},
     ranges::RangesState,
     snat::SnatState,
     sys,
@@ -224,9 +224,8 @@ impl Datapath {
             object: "lb.bpf.o",
             source: Box::new(e),
         })?;
-        xdp_mut(&mut bpf, PROGRAM)?
-            .load()
-            .map_err(Error::program(PROGRAM))?;
+        let lb = xdp_mut(&mut bpf, PROGRAM)?;
+        prog::verify(PROGRAM, || lb.load())?;
         let maglev = sys::MmapU32Array::map(map_data(&bpf, M_MAGLEV)?.fd().as_fd(), maglev_slots)
             .map_err(|source| match (&opts.pin_dir, adopted) {
             (Some(dir), true) => Error::Pinned {

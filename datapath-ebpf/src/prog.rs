@@ -3,7 +3,7 @@
 
 use aya::{
     maps::{MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{ProgramError, Xdp, XdpMode},
     Ebpf, Pod,
 };
 
@@ -18,10 +18,34 @@ pub(crate) fn load_xdp(obj: &[u8], object: &'static str, program: &'static str) 
         object,
         source: Box::new(e),
     })?;
-    xdp_mut(&mut bpf, program)?
-        .load()
-        .map_err(Error::program(program))?;
+    let prog = xdp_mut(&mut bpf, program)?;
+    verify(program, || prog.load())?;
     Ok(bpf)
+}
+
+/// How often a load interrupted by a signal is tried.
+const VERIFY_ATTEMPTS: u32 = 5;
+
+/// Verify a program in the kernel (`load` is its aya `load`), trying again
+/// when the verifier was interrupted: it gives up with EAGAIN when a signal
+/// is pending for the loading thread (a child process exiting, a SIGTERM
+/// being handled), as libbpf's loader knows and retries too. Any other
+/// error, or EAGAIN `VERIFY_ATTEMPTS` times, is the error.
+pub(crate) fn verify(
+    program: &'static str,
+    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
+) -> Result<()> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < VERIFY_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            r => return r.map_err(Error::program(program)),
+        }
+    }
 }
 
 pub(crate) fn xdp_mut<'a>(bpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut Xdp> {
