@@ -140,6 +140,10 @@ pub struct LabSpec {
     pub bgp: Speaker,
     /// The router's BGP speaker.
     pub router: Speaker,
+    /// Graceful restart on the LB nodes' speakers (off: the baseline).
+    pub graceful_restart: bool,
+    /// What a drain does: withdraw, or announce with GRACEFUL_SHUTDOWN.
+    pub drain: holdfast_bgp::DrainMode,
 }
 
 impl LabSpec {
@@ -157,6 +161,8 @@ impl LabSpec {
             forwarding: ForwardingMode::Dsr,
             bgp: Speaker::Bird,
             router: Speaker::Bird,
+            graceful_restart: true,
+            drain: holdfast_bgp::DrainMode::Withdraw,
         }
     }
 }
@@ -191,6 +197,12 @@ struct Bird {
 
 impl Bird {
     fn start(ns: &NetNs, dir: &Path, name: &str, conf: &str) -> Result<Self> {
+        Self::start_with(ns, dir, name, conf, &[])
+    }
+
+    /// Start BIRD with extra command-line arguments (`-R`: graceful
+    /// restart recovery).
+    fn start_with(ns: &NetNs, dir: &Path, name: &str, conf: &str, args: &[&str]) -> Result<Self> {
         let c = dir.join(format!("{name}.bird.conf"));
         let pid_file = dir.join(format!("{name}.bird.pid"));
         let log = dir.join(format!("{name}.bird.log"));
@@ -204,6 +216,7 @@ impl Bird {
             .arg(dir.join(format!("{name}.ctl")))
             .arg("-P")
             .arg(&pid_file)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)
@@ -258,7 +271,7 @@ impl Drop for Bird {
     }
 }
 
-/// One LB node: its namespace, holdfast-node process and BIRD.
+/// One LB node: its namespace, holdfast-node process and BGP speaker.
 pub struct LbNode {
     pub index: usize,
     pub ns: NetNs,
@@ -266,6 +279,9 @@ pub struct LbNode {
     config: PathBuf,
     pin_dir: PathBuf,
     speaker: Option<SpeakerProc>,
+    /// With BIRD: the BIRD that answers the router's BFD, apart from the
+    /// one that speaks BGP (FRR has bfdd of its own).
+    bfd: Option<Bird>,
     process: Option<Child>,
     _nop: Nop,
 }
@@ -395,18 +411,34 @@ fn router_conf(nodes: usize) -> String {
     out
 }
 
-fn lb_bird_conf(i: usize, snat_routes: &Path) -> String {
-    include_str!("../../deploy/bird/lb-node.bird.conf")
-        .replace("10.0.0.11", &lb_addr(i).to_string())
+fn lb_bird_conf(i: usize, snat_routes: &Path, state: &Path, graceful_restart: bool) -> String {
+    let conf = include_str!("../../deploy/bird/lb-node.bird.conf");
+    let conf = if graceful_restart {
+        conf.to_string()
+    } else {
+        conf.replace("graceful restart on;", "graceful restart off;")
+    };
+    conf.replace("10.0.0.11", &lb_addr(i).to_string())
         .replace("neighbor 10.0.0.1 ", &format!("neighbor {ROUTER_FABRIC} "))
         .replace("10.200.0.0/24", VIP_CIDR)
         .replace("fd00:200::/120", VIP6_CIDR)
         .replace("10.200.1.0/28", SNAT_POOL)
         .replace("fd00:201::/120", SNAT_POOL6)
         .replace(
-            "/etc/bird/holdfast-snat.conf",
+            "/etc/bird/holdfast/holdfast-snat.conf",
             &snat_routes.display().to_string(),
         )
+        .replace(
+            "/etc/bird/holdfast/holdfast-state.conf",
+            &state.display().to_string(),
+        )
+}
+
+/// LB node `i`'s BFD-only BIRD: deploy/bird/lb-node-bfd.bird.conf.
+fn lb_bfd_conf(i: usize) -> String {
+    include_str!("../../deploy/bird/lb-node-bfd.bird.conf")
+        .replace("10.0.0.11", &lb_addr(i).to_string())
+        .replace("neighbor 10.0.0.1;", &format!("neighbor {ROUTER_FABRIC};"))
 }
 
 /// The LB nodes' AS (RFC 7938 style: one for all of them).
@@ -443,8 +475,12 @@ fn router_frr_conf(nodes: usize) -> String {
 
 /// LB node `i`'s FRR config: deploy/frr/lb-node.frr.conf with its
 /// addresses and the router's.
-fn lb_frr_conf(i: usize) -> String {
+fn lb_frr_conf(i: usize, graceful_restart: bool) -> String {
     include_str!("../../deploy/frr/lb-node.frr.conf")
+        .lines()
+        .filter(|l| graceful_restart || !l.trim_start().starts_with("bgp graceful-restart"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
         .replace("10.0.0.11", &lb_addr(i).to_string())
         .replace("fd00::11", &lb_addr6(i).to_string())
         .replace("10.0.0.1 ", &format!("{ROUTER_FABRIC} "))
@@ -805,6 +841,8 @@ impl Lab {
                 bird_ctl: dir.join("bird.ctl"),
                 protocols: LAB_PROTOCOLS.iter().map(|p| p.to_string()).collect(),
                 snat_routes_file: Some(dir.join("bird-snat.conf")),
+                bird_state_file: Some(dir.join("bird-state.conf")),
+                drain: self.spec.drain,
                 frr_pathspace: Some(ns.name().to_string()),
                 asn: LB_ASN,
                 prefixes: [VIP_CIDR, VIP6_CIDR, SNAT_POOL, SNAT_POOL6]
@@ -816,6 +854,7 @@ impl Lab {
             kubernetes: Default::default(),
             services: vec![],
             snat: None,
+            pools: vec![],
         };
         let config = dir.join("node.toml");
         std::fs::write(&config, toml::to_string(&cfg)?)?;
@@ -826,6 +865,7 @@ impl Lab {
             config,
             pin_dir,
             speaker: None,
+            bfd: None,
             process: None,
             _nop: nop,
         });
@@ -843,12 +883,28 @@ impl Lab {
         if n.speaker.is_none() {
             n.speaker = Some(match self.spec.bgp {
                 Speaker::Bird => {
-                    // The node's own SNAT routes: none until it writes them.
+                    // The node's own SNAT routes: none until it writes
+                    // them; withdrawn until it says otherwise.
                     let routes = n.dir.join("bird-snat.conf");
                     if !routes.exists() {
-                        std::fs::write(&routes, holdfast_bgp::render_own_routes(&[]))?;
+                        std::fs::write(&routes, holdfast_bgp::render_own_routes(&[], true))?;
                     }
-                    let bird = Bird::start(&n.ns, &n.dir, "bird", &lb_bird_conf(i, &routes))?;
+                    let state = n.dir.join("bird-state.conf");
+                    if !state.exists() {
+                        std::fs::write(
+                            &state,
+                            holdfast_bgp::render_state(false, &Default::default()),
+                        )?;
+                    }
+                    if n.bfd.is_none() {
+                        n.bfd = Some(Bird::start(&n.ns, &n.dir, "bfd", &lb_bfd_conf(i))?);
+                    }
+                    let bird = Bird::start(
+                        &n.ns,
+                        &n.dir,
+                        "bird",
+                        &lb_bird_conf(i, &routes, &state, self.spec.graceful_restart),
+                    )?;
                     // The pid/ctl names follow Bird::start's scheme.
                     let ctl = n.dir.join("bird.ctl");
                     wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
@@ -856,9 +912,12 @@ impl Lab {
                     })?;
                     SpeakerProc::Bird(bird)
                 }
-                Speaker::Frr => {
-                    SpeakerProc::Frr(Frr::start(&n.ns, &n.dir, n.ns.name(), &lb_frr_conf(i))?)
-                }
+                Speaker::Frr => SpeakerProc::Frr(Frr::start(
+                    &n.ns,
+                    &n.dir,
+                    n.ns.name(),
+                    &lb_frr_conf(i, self.spec.graceful_restart),
+                )?),
             });
         }
         if n.process.is_some() {
@@ -932,7 +991,67 @@ impl Lab {
         if let Some(b) = self.lbs[i - 1].speaker.take() {
             b.kill();
         }
+        if let Some(b) = self.lbs[i - 1].bfd.take() {
+            b.kill();
+        }
         Ok(())
+    }
+
+    /// Restart LB node `i`'s BGP speaker the way an upgrade does, the rest
+    /// of the node (holdfast-node, the datapath, BFD) left running. BIRD:
+    /// `birdc graceful restart` (sessions closed without a notification,
+    /// so a router that does graceful restart keeps the routes), then
+    /// `bird -R` (recovery: End-of-RIB only once its routes are in). FRR:
+    /// bgpd stopped (SIGTERM: with graceful restart it leaves without a
+    /// hard notification) and started again with its part of the saved
+    /// frr.conf; bfdd and zebra stay. Returns how long the speaker was
+    /// away (stop to started).
+    pub fn restart_speaker(&mut self, i: usize) -> Result<Duration> {
+        let gr = self.spec.graceful_restart;
+        let n = &mut self.lbs[i - 1];
+        let t0 = Instant::now();
+        match n.speaker.as_ref() {
+            Some(SpeakerProc::Bird(b)) => {
+                let ctl = n.dir.join("bird.ctl");
+                let pid = b
+                    .pid()
+                    .ok_or_else(|| anyhow!("node {i}'s BIRD has no pid"))?;
+                let out = n.ns.exec(&[
+                    "birdc",
+                    "-s",
+                    ctl.to_str().unwrap_or_default(),
+                    "graceful restart",
+                ])?;
+                if !out.contains("Graceful restart") {
+                    bail!("BIRD refused the graceful restart: {out}");
+                }
+                wait_until("BIRD to exit", Duration::from_secs(10), || {
+                    Ok(netns::daemon_gone(pid))
+                })?;
+                let _ = std::fs::remove_file(&ctl);
+                let routes = n.dir.join("bird-snat.conf");
+                let state = n.dir.join("bird-state.conf");
+                let bird = Bird::start_with(
+                    &n.ns,
+                    &n.dir,
+                    "bird",
+                    &lb_bird_conf(i, &routes, &state, gr),
+                    &["-R"],
+                )?;
+                // The old Bird must not kill the new one's pid on drop.
+                if let Some(SpeakerProc::Bird(old)) = n.speaker.replace(SpeakerProc::Bird(bird)) {
+                    std::mem::forget(old);
+                }
+                wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
+                    Ok(ctl.exists())
+                })?;
+            }
+            Some(SpeakerProc::Frr(f)) => {
+                f.restart_daemon(&n.ns, &n.dir, "bgpd", libc::SIGTERM)?;
+            }
+            None => bail!("node {i} runs no speaker"),
+        }
+        Ok(t0.elapsed())
     }
 
     /// Take a killed node's pinned datapath away (its conntrack with it),
@@ -1313,6 +1432,51 @@ impl Lab {
                                 format!("established {} times", p["connectionsEstablished"]),
                             );
                         }
+                    }
+                }
+            }
+            None => bail!("the router has no BGP speaker"),
+        }
+        Ok(out)
+    }
+
+    /// The router's BGP paths to the IPv4 VIP prefix: each path's next
+    /// hop and local preference (also the paths not installed, e.g. of a
+    /// node drained with GRACEFUL_SHUTDOWN).
+    pub fn router_bgp_paths(&self) -> Result<Vec<(IpAddr, u32)>> {
+        let mut out = Vec::new();
+        match self.router_speaker.as_ref() {
+            Some(SpeakerProc::Bird(_)) => {
+                let ctl = self.spec.dir.join("router.ctl");
+                let text = self.router.exec(&[
+                    "birdc",
+                    "-s",
+                    ctl.to_str().unwrap_or_default(),
+                    &format!("show route all {VIP_CIDR}"),
+                ])?;
+                let mut via: Option<IpAddr> = None;
+                for l in text.lines().map(str::trim) {
+                    if let Some(rest) = l.strip_prefix("via ") {
+                        via = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+                    } else if let Some(lp) = l.strip_prefix("BGP.local_pref: ") {
+                        if let (Some(v), Ok(lp)) = (via.take(), lp.trim().parse()) {
+                            out.push((v, lp));
+                        }
+                    }
+                }
+            }
+            Some(SpeakerProc::Frr(f)) => {
+                let text = f.vtysh(
+                    &self.router,
+                    &format!("show bgp ipv4 unicast {VIP_CIDR} json"),
+                )?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).with_context(|| format!("FRR's paths: {text}"))?;
+                for p in v["paths"].as_array().into_iter().flatten() {
+                    let hop = p["nexthops"][0]["ip"].as_str().and_then(|a| a.parse().ok());
+                    let lp = p["locPrf"].as_u64().unwrap_or(100) as u32;
+                    if let Some(h) = hop {
+                        out.push((h, lp));
                     }
                 }
             }

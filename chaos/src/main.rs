@@ -80,6 +80,26 @@ struct Size {
     /// The router's BGP speaker: bird or frr.
     #[arg(long, default_value = "bird", value_parser = parse_speaker)]
     router: Speaker,
+    /// Graceful restart on the LB nodes' speakers: on, or off (the
+    /// baseline of speaker-restart).
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    graceful_restart: bool,
+    /// What a drain does on the LB nodes: withdraw, or graceful-shutdown
+    /// (keep announcing with the community 65535:0).
+    #[arg(long, default_value = "withdraw", value_parser = parse_drain)]
+    drain: holdfast_bgp::DrainMode,
+}
+
+fn parse_drain(s: &str) -> Result<holdfast_bgp::DrainMode, String> {
+    s.parse()
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: use on or off")),
+    }
 }
 
 fn parse_speaker(s: &str) -> Result<Speaker, String> {
@@ -265,6 +285,8 @@ fn run(
                 opts.forwarding = size.forwarding;
                 opts.bgp = size.bgp;
                 opts.router = size.router;
+                opts.graceful_restart = size.graceful_restart;
+                opts.drain = size.drain;
                 opts.tcp6 = size.tcp6;
                 opts.udp6 = size.udp6;
                 opts.soak = Duration::from_secs_f64(size.soak_minutes * 60.0);
@@ -388,6 +410,8 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
     spec.forwarding = size.forwarding;
     spec.bgp = size.bgp;
     spec.router = size.router;
+    spec.graceful_restart = size.graceful_restart;
+    spec.drain = size.drain;
     spec.sync = sync;
     println!(
         "Bringing up the lab: router (BIRD, ECMP, BFD), {} LB nodes (holdfast-node + BIRD), {} backends, a client ...",
@@ -521,6 +545,16 @@ fn lab_up(name: &str, size: &Size) -> Result<ExitCode> {
             &size.tcp.to_string(),
             "--udp",
             &size.udp.to_string(),
+            "--forwarding",
+            &size.forwarding.to_string(),
+            "--bgp",
+            &size.bgp.to_string(),
+            "--router",
+            &size.router.to_string(),
+            "--graceful-restart",
+            if size.graceful_restart { "on" } else { "off" },
+            "--drain",
+            &size.drain.to_string(),
         ])
         .process_group(0)
         .stdin(Stdio::null())
@@ -574,6 +608,8 @@ fn keeper(name: &str, size: &Size) -> Result<ExitCode> {
     spec.forwarding = size.forwarding;
     spec.bgp = size.bgp;
     spec.router = size.router;
+    spec.graceful_restart = size.graceful_restart;
+    spec.drain = size.drain;
     let lab = Lab::up(spec)?;
     let traffic = Traffic::start(&lab.client, traffic_spec(size)?)?;
     traffic.mark();

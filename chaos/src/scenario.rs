@@ -23,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 17] = [
+pub const SCENARIOS: [&str; 18] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -41,6 +41,7 @@ pub const SCENARIOS: [&str; 17] = [
     "affinity",
     "config-churn",
     "drain-then-stop",
+    "speaker-restart",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -95,6 +96,10 @@ pub struct RunOpts {
     /// The BGP speaker on the LB nodes and on the router.
     pub bgp: holdfast_bgp::Speaker,
     pub router: holdfast_bgp::Speaker,
+    /// Graceful restart on the LB nodes' speakers (off: the baseline).
+    pub graceful_restart: bool,
+    /// What a drain does: withdraw, or announce with GRACEFUL_SHUTDOWN.
+    pub drain: holdfast_bgp::DrainMode,
 }
 
 impl RunOpts {
@@ -115,6 +120,8 @@ impl RunOpts {
             forwarding: Default::default(),
             bgp: Default::default(),
             router: Default::default(),
+            graceful_restart: true,
+            drain: holdfast_bgp::DrainMode::Withdraw,
         }
     }
 }
@@ -132,6 +139,9 @@ pub struct ScenarioResult {
     /// The BGP speakers: on the LB nodes ("bird" or "frr") and the router.
     pub bgp: String,
     pub router: String,
+    /// Graceful restart on the LB nodes' speakers; what a drain did.
+    pub graceful_restart: bool,
+    pub drain: String,
     pub tcp_total: usize,
     pub tcp_broken: usize,
     pub udp_total: usize,
@@ -359,6 +369,8 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     spec.forwarding = opts.forwarding;
     spec.bgp = opts.bgp;
     spec.router = opts.router;
+    spec.graceful_restart = opts.graceful_restart;
+    spec.drain = opts.drain;
     let res = run_in(name, opts, spec, t0);
     match &res {
         Ok(_) => {
@@ -440,6 +452,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "affinity" => affinity(&mut cx)?,
         "config-churn" => config_churn(&mut cx)?,
         "drain-then-stop" => drain_then_stop(&mut cx)?,
+        "speaker-restart" => speaker_restart(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -506,6 +519,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         forwarding: opts.forwarding.to_string(),
         bgp: opts.bgp.to_string(),
         router: opts.router.to_string(),
+        graceful_restart: opts.graceful_restart,
+        drain: opts.drain.to_string(),
         tcp_total: report.tcp_total,
         tcp_broken: report.tcp_broken,
         udp_total: report.udp_total,
@@ -1047,11 +1062,124 @@ fn drain_then_stop(cx: &mut Ctx) -> Result<()> {
     others.sort();
     // (The router's route no longer has the node.)
     cx.lab.wait_route(&others, Duration::from_secs(10))?;
+    if cx.lab.spec.drain == holdfast_bgp::DrainMode::GracefulShutdown {
+        // Still announced, with GRACEFUL_SHUTDOWN: the router keeps the
+        // path at local preference 0, out of its ECMP route.
+        let paths = cx.lab.router_bgp_paths()?;
+        let kept = paths
+            .iter()
+            .any(|(hop, lp)| *hop == lab::lb_addr(v) && *lp == 0);
+        cx.counts
+            .insert("graceful_shutdown_path_kept".into(), u64::from(kept));
+        if !kept {
+            bail!("the drained node's path is not at local preference 0 at the router: {paths:?}");
+        }
+    }
     cx.say(format!(
         "node {v}'s traffic moved away {} ms after the drain; stopping it (switch port down, SIGKILL)",
         moved.as_millis()
     ));
     cx.lab.kill_node(v)?;
+    Ok(())
+}
+
+/// Watches the router's route to the IPv4 VIPs in a thread of its own
+/// (every 10 ms): how long node `addr` was missing from its next hops,
+/// in all and at the longest.
+struct RouteWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(Duration, Duration)>,
+}
+
+impl RouteWatch {
+    fn start(router: &str, addr: std::net::IpAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let router = router.to_string();
+        let handle = std::thread::spawn(move || {
+            let (mut total, mut longest) = (Duration::ZERO, Duration::ZERO);
+            let mut missing_since: Option<Instant> = None;
+            let needle = format!("via {addr} ");
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["-n", &router, "route", "show", lab::VIP_CIDR])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let now = Instant::now();
+                match (out.contains(&needle), missing_since) {
+                    (false, None) => missing_since = Some(now),
+                    (true, Some(t)) => {
+                        total += now - t;
+                        longest = longest.max(now - t);
+                        missing_since = None;
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(t) = missing_since {
+                total += t.elapsed();
+                longest = longest.max(t.elapsed());
+            }
+            (total, longest)
+        });
+        Self { stop, handle }
+    }
+
+    fn finish(self) -> (Duration, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+/// speaker-restart: the BGP speaker of the busiest LB node restarts (an
+/// upgrade: BIRD `graceful restart` and `bird -R`; FRR's bgpd killed and
+/// started again), the rest of the node running on. With graceful restart
+/// the router keeps the node's routes (`route_missing_ms` 0) and no flow
+/// moves; without it (the baseline) the router drops the node until its
+/// session is back and its flows move away and back.
+fn speaker_restart(cx: &mut Ctx) -> Result<()> {
+    let v = cx.busiest(false)?;
+    cx.victim = Some(v);
+    let before = cx.lab.router_sessions()?;
+    let watch = RouteWatch::start(cx.lab.router.name(), lab::lb_addr(v));
+    cx.say(format!(
+        "restarting node {v}'s BGP speaker (graceful restart {})",
+        if cx.lab.spec.graceful_restart {
+            "on"
+        } else {
+            "off"
+        }
+    ));
+    let t = Instant::now();
+    let away = cx.lab.restart_speaker(v)?;
+    cx.ms("speaker_away", away);
+    let nodes = cx.lab.spec.nodes;
+    let back = lab::wait_until(
+        "the router's session to the restarted speaker",
+        Duration::from_secs(30),
+        || {
+            let now = cx.lab.router_sessions()?;
+            Ok(now.len() == nodes && now != before)
+        },
+    )
+    .map(|_| t.elapsed())?;
+    cx.ms("session_back", back);
+    // The End-of-RIB and the stale routes' end, with BIRD's 3 s slack.
+    let mut all = cx.lab.running();
+    all.sort();
+    cx.lab.wait_route(&all, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(4));
+    let (missing, longest) = watch.finish();
+    cx.ms("route_missing", missing);
+    cx.ms("route_missing_longest", longest);
+    cx.say(format!(
+        "speaker away {} ms, session back after {} ms; the router missed node {v} for {} ms",
+        away.as_millis(),
+        back.as_millis(),
+        missing.as_millis()
+    ));
     Ok(())
 }
 
@@ -1115,6 +1243,7 @@ fn config_churn(cx: &mut Ctx) -> Result<()> {
             pool: raft_store::cluster::VipPool {
                 name: "churn".into(),
                 cidr: "10.88.100.128/25".into(),
+                ..Default::default()
             },
         },
         Command::RemoveVipPool {

@@ -158,13 +158,83 @@ pub struct Member {
     pub bgp_next_hop: Option<IpAddr>,
 }
 
-/// A pool VIPs are allocated from (Kubernetes LoadBalancer services).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A pool VIPs are allocated from (Kubernetes LoadBalancer services), and
+/// the BGP attributes the LB nodes give the prefixes they announce inside
+/// it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipPool {
     pub name: String,
     /// CIDR, e.g. "10.200.0.0/24" or "fd00:200::/112".
     pub cidr: String,
+    /// BGP communities of the announced prefixes inside the pool:
+    /// standard `ASN:VALUE` (RFC 1997, 0..=65535 each) or large
+    /// `ASN:DATA1:DATA2` (RFC 8092, 32 bits each); at most
+    /// [`MAX_POOL_COMMUNITIES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// LOCAL_PREF of those prefixes (sent to iBGP peers; an eBGP peer
+    /// sets its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pref: Option<u32>,
+}
+
+/// Most communities a VIP pool carries.
+pub const MAX_POOL_COMMUNITIES: usize = 32;
+
+/// A BGP community: standard (RFC 1997) or large (RFC 8092).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Community {
+    Standard(u16, u16),
+    Large(u32, u32, u32),
+}
+
+/// The GRACEFUL_SHUTDOWN community (RFC 8326): receivers lower the
+/// route's preference to 0, so traffic moves to other paths first.
+pub const GRACEFUL_SHUTDOWN: Community = Community::Standard(65535, 0);
+
+impl std::str::FromStr for Community {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let bad = |why: &str| format!("community {s:?}: {why}");
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit());
+        if !parts.iter().all(|p| digits(p)) {
+            return Err(bad("use ASN:VALUE or ASN:DATA1:DATA2, decimal numbers"));
+        }
+        match parts.as_slice() {
+            [a, v] => match (a.parse::<u16>(), v.parse::<u16>()) {
+                (Ok(a), Ok(v)) => Ok(Community::Standard(a, v)),
+                _ => Err(bad("a standard community has two parts of 0..=65535")),
+            },
+            [a, b, c] => match (a.parse::<u32>(), b.parse::<u32>(), c.parse::<u32>()) {
+                (Ok(a), Ok(b), Ok(c)) => Ok(Community::Large(a, b, c)),
+                _ => Err(bad("a large community has three parts of 0..=4294967295")),
+            },
+            _ => Err(bad("use ASN:VALUE or ASN:DATA1:DATA2")),
+        }
+    }
+}
+
+impl std::fmt::Display for Community {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Community::Standard(a, v) => write!(f, "{a}:{v}"),
+            Community::Large(a, b, c) => write!(f, "{a}:{b}:{c}"),
+        }
+    }
+}
+
+/// A pool's communities, parsed; Err names the first bad one.
+pub fn parse_communities(list: &[String]) -> Result<Vec<Community>, String> {
+    if list.len() > MAX_POOL_COMMUNITIES {
+        return Err(format!(
+            "{} communities: at most {MAX_POOL_COMMUNITIES}",
+            list.len()
+        ));
+    }
+    list.iter().map(|c| c.trim().parse()).collect()
 }
 
 /// Most certificates the revocation list holds (each entry is checked
@@ -531,6 +601,8 @@ impl ClusterState {
             Command::PutVipPool { pool } => {
                 valid_name("pool", &pool.name)?;
                 let net = parse_cidr(&pool.cidr)?;
+                parse_communities(&pool.communities)
+                    .map_err(|e| format!("pool {}: communities: {e}", pool.name))?;
                 if let Some(snat) = [&self.snat.v4, &self.snat.v6]
                     .into_iter()
                     .flatten()
@@ -1101,6 +1173,7 @@ mod tests {
                     pool: VipPool {
                         name: "p".into(),
                         cidr: "10.1.1.1/24".into(),
+                        ..Default::default()
                     },
                 },
                 "host bits",
@@ -1163,6 +1236,7 @@ mod tests {
             pool: VipPool {
                 name: n.into(),
                 cidr: c.into(),
+                ..Default::default()
             },
         };
         assert!(s.apply(&pool("a", "10.200.0.0/24")).rejected.is_none());

@@ -27,6 +27,7 @@ fn entry(i: u64) -> Entry<TypeConfig> {
                 pool: VipPool {
                     name: format!("p{i}"),
                     cidr: format!("10.{}.{}.0/24", i / 256, i % 256),
+                    ..Default::default()
                 },
             },
             trace: None,

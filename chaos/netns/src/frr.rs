@@ -85,27 +85,7 @@ impl Frr {
             run.to_str().unwrap_or_default(),
         ])?;
         for d in DAEMONS {
-            let log = dir.join(format!("{name}.{d}.log"));
-            let out = ns
-                .command(format!("/usr/lib/frr/{d}"))?
-                .args(["-d", "-N", name, "-u", "frr", "-g", "frr", "-i"])
-                .arg(run.join(format!("{d}.pid")))
-                .arg("--log")
-                .arg(format!("file:{}", log.display()))
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| io(d, e))?;
-            if !out.status.success() {
-                return Err(fail(
-                    format!("/usr/lib/frr/{d}"),
-                    format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
-                ));
-            }
-            wait(
-                &format!("FRR's {d} pid file"),
-                Duration::from_secs(5),
-                || me.pid(d).is_some(),
-            )?;
+            me.start_daemon(ns, dir, d)?;
         }
         // The daemons' sockets, then the configuration.
         wait("FRR's vty sockets", Duration::from_secs(5), || {
@@ -115,6 +95,77 @@ impl Frr {
         })?;
         me.apply(ns, &conf_path)?;
         Ok(me)
+    }
+
+    /// Start one daemon of the instance and wait for its pid file.
+    fn start_daemon(&self, ns: &NetNs, dir: &Path, d: &str) -> Result<()> {
+        let io = |what: &str, e: std::io::Error| fail(what, e.to_string());
+        let name = &self.name;
+        let log = dir.join(format!("{name}.{d}.log"));
+        let out = ns
+            .command(format!("/usr/lib/frr/{d}"))?
+            .args(["-d", "-N", name, "-u", "frr", "-g", "frr", "-i"])
+            .arg(self.run.join(format!("{d}.pid")))
+            .arg("--log")
+            .arg(format!("file:{}", log.display()))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| io(d, e))?;
+        if !out.status.success() {
+            return Err(fail(
+                format!("/usr/lib/frr/{d}"),
+                format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
+            ));
+        }
+        wait(
+            &format!("FRR's {d} pid file"),
+            Duration::from_secs(5),
+            || self.pid(d).is_some(),
+        )
+    }
+
+    /// Restart one daemon the way watchfrr does: stop it with `signal`,
+    /// start it again, and give it its part of the saved frr.conf (`vtysh
+    /// -b -d DAEMON`). The other daemons (bfdd, zebra) keep running.
+    pub fn restart_daemon(&self, ns: &NetNs, dir: &Path, d: &str, signal: i32) -> Result<()> {
+        if !DAEMONS.contains(&d) {
+            return Err(fail(
+                "frr restart",
+                format!("{d:?} is not one of {DAEMONS:?}"),
+            ));
+        }
+        let vty = self.run.join(format!("{d}.vty"));
+        if let Some(pid) = self.pid(d) {
+            // SAFETY: signalling a daemon this instance started.
+            unsafe { libc::kill(pid, signal) };
+            wait(
+                &format!("FRR's {d} to exit"),
+                Duration::from_secs(10),
+                || crate::daemon_gone(pid),
+            )?;
+        }
+        let _ = std::fs::remove_file(self.run.join(format!("{d}.pid")));
+        let _ = std::fs::remove_file(&vty);
+        self.start_daemon(ns, dir, d)?;
+        wait(
+            &format!("FRR's {d} vty socket"),
+            Duration::from_secs(5),
+            || vty.exists(),
+        )?;
+        let out = ns
+            .command("vtysh")?
+            .args(["-N", &self.name, "-b", "-d", d])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| fail("vtysh -b", e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(
+                format!("vtysh -b -d {d}"),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            ));
+        }
+        Ok(())
     }
 
     /// Apply a configuration file to the running instance (`vtysh -f`):

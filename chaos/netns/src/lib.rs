@@ -65,12 +65,17 @@ pub fn kill_daemon(pid: i32) {
     // SAFETY: signalling a daemon the caller started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     for _ in 0..100 {
-        // SAFETY: signal 0 only probes.
-        if is_zombie(pid) || unsafe { libc::kill(pid, 0) } != 0 {
+        if daemon_gone(pid) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Has daemon `pid` exited (gone, or a zombie nobody reaps)?
+pub fn daemon_gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only probes.
+    is_zombie(pid) || unsafe { libc::kill(pid, 0) } != 0
 }
 
 fn is_zombie(pid: i32) -> bool {

@@ -13,6 +13,8 @@ use std::{
 use anyhow::Result;
 use tracing::{info, warn};
 
+use crate::policy::ExportPolicy;
+
 /// Announces or withdraws this node's VIP routes.
 pub trait Announcer: Send + Sync {
     fn announce(&self) -> Result<()>;
@@ -30,6 +32,13 @@ pub trait Announcer: Send + Sync {
     fn has_own_routes(&self, _addrs: &[std::net::IpAddr]) -> bool {
         true
     }
+    /// Attach these attributes to what the node announces (VIP pools'
+    /// communities and local preference, graceful shutdown), announced or
+    /// not, without touching a session. Returns whether the speaker's
+    /// config changed.
+    fn set_policy(&self, _policy: &ExportPolicy) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// What the node's readiness depends on.
@@ -38,6 +47,9 @@ pub struct Readiness {
     pub shutting_down: bool,
     /// The operator drained the node (`clusterctl drain`).
     pub draining: bool,
+    /// A drain keeps announcing, with the GRACEFUL_SHUTDOWN community
+    /// (`[bgp] drain = "graceful-shutdown"`), instead of withdrawing.
+    pub drain_graceful_shutdown: bool,
     pub leader_known: bool,
     pub config_epoch: u64,
     pub applied_epoch: u64,
@@ -59,7 +71,7 @@ impl Readiness {
         if self.shutting_down {
             return Err("shutting down");
         }
-        if self.draining {
+        if self.draining && !self.drain_graceful_shutdown {
             return Err("drained by the operator");
         }
         if !self.datapath_attached {
@@ -99,10 +111,13 @@ const VERIFY_EVERY: u64 = 10;
 /// the node catches up, for up to `restart_grace` (unless it shuts down).
 /// `own_routes` are the node's own host routes (its SNAT addresses; None
 /// while it does not know them): a change is applied while withdrawn.
+/// `policy` is what the node attaches to what it announces (None while it
+/// does not know): a change is applied at once, announced or not.
 pub async fn announce_loop(
     announcer: Arc<dyn Announcer>,
     readiness: impl Fn() -> Readiness + Send,
     own_routes: impl Fn() -> Option<Vec<std::net::IpAddr>> + Send,
+    policy: impl Fn() -> Option<ExportPolicy> + Send,
     adopted: bool,
     restart_grace: Duration,
     announced: Arc<AtomicBool>,
@@ -125,6 +140,8 @@ pub async fn announce_loop(
     let mut was_ready = false;
     // The own routes the speaker has, once known to be current.
     let mut routes: Option<Vec<std::net::IpAddr>> = None;
+    // The policy the speaker has, once set.
+    let mut applied: Option<ExportPolicy> = None;
     let mut tick: u64 = 0;
     loop {
         tick += 1;
@@ -170,6 +187,24 @@ pub async fn announce_loop(
                     }
                     Err(e) => warn!(error = %e, "BGP task failed"),
                 }
+            }
+        }
+        if let Some(p) = policy().filter(|p| applied.as_ref() != Some(p)) {
+            let (a, q) = (announcer.clone(), p.clone());
+            match tokio::task::spawn_blocking(move || a.set_policy(&q)).await {
+                Ok(Ok(changed)) => {
+                    info!(
+                        pools = p.pools.len(),
+                        graceful_shutdown = p.graceful_shutdown,
+                        changed,
+                        "BGP export policy set"
+                    );
+                    applied = Some(p);
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %format!("{e:#}"), "BGP: setting the export policy failed")
+                }
+                Err(e) => warn!(error = %e, "BGP task failed"),
             }
         }
         let mut want = readiness().decide();
@@ -225,6 +260,7 @@ mod tests {
         let ok = Readiness {
             shutting_down: false,
             draining: false,
+            drain_graceful_shutdown: false,
             leader_known: true,
             config_epoch: 7,
             applied_epoch: 7,
@@ -294,6 +330,15 @@ mod tests {
             ),
             (
                 Readiness {
+                    draining: true,
+                    drain_graceful_shutdown: true,
+                    shutting_down: true,
+                    ..ok
+                },
+                "shutting down",
+            ),
+            (
+                Readiness {
                     registered: false,
                     ..ok
                 },
@@ -302,5 +347,15 @@ mod tests {
         ] {
             assert_eq!(r.decide(), Err(why));
         }
+        // A graceful-shutdown drain keeps announcing (with the community).
+        assert_eq!(
+            Readiness {
+                draining: true,
+                drain_graceful_shutdown: true,
+                ..ok
+            }
+            .decide(),
+            Ok(())
+        );
     }
 }

@@ -10,10 +10,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::announce::Announcer;
+use crate::{announce::Announcer, policy::ExportPolicy};
 
 /// BIRD 2 through its control socket (`bird -s PATH`).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Bird {
     pub ctl: PathBuf,
     /// The protocols carrying the VIP routes (e.g. `protocol static vip`
@@ -22,17 +22,59 @@ pub struct Bird {
     /// Where the node's own host routes go (`snat_own`, `snat_own6`; an
     /// `include` of BIRD's config).
     pub own_routes_file: Option<PathBuf>,
+    /// Where the node writes whether it announces ([`render_state`]), an
+    /// `include` of BIRD's config whose static protocols say `disabled
+    /// HOLDFAST_WITHDRAWN;`: a BIRD that restarts (graceful restart) comes
+    /// back announcing exactly when the node does, before its End-of-RIB.
+    /// It holds the export policy too (`holdfast_export()`).
+    pub state_file: Option<PathBuf>,
+    /// What the state file says: announced or not (None: not written by
+    /// this process yet), and the export policy.
+    rendered: std::sync::Mutex<(Option<bool>, ExportPolicy)>,
+}
+
+/// The state file: the BIRD config constant that says whether the node
+/// announces (`HOLDFAST_WITHDRAWN` is 0 while it does, 1 while it does
+/// not) and the function its export filters call to set the attributes of
+/// the export policy (`holdfast_export()`).
+pub fn render_state(announced: bool, policy: &ExportPolicy) -> String {
+    format!(
+        "# Written by holdfast-node: 0 while this node announces its VIPs, 1 while not.\n\
+         define HOLDFAST_WITHDRAWN = {};\n\
+         # The attributes of what it announces (VIP pools, graceful shutdown).\n{}",
+        u8::from(!announced),
+        policy.bird_function()
+    )
+}
+
+/// Write `text` to `path` through a temporary file and a rename (BIRD,
+/// reading it at any moment, sees the old or the new text), unless it is
+/// there already. Whether it wrote.
+fn write_file(path: &std::path::Path, text: &str) -> Result<bool> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(false);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(true)
 }
 
 /// The BIRD config of the node's own host routes: protocols `snat_own`
 /// (IPv4) and `snat_own6` (IPv6), defined even without routes, `disabled`
-/// (the node enables them with the VIPs: they are in `bgp.protocols`).
-pub fn render_own_routes(addrs: &[std::net::IpAddr]) -> String {
+/// (the node enables them with the VIPs: they are in `bgp.protocols`) —
+/// or, with a state file (`with_state`), `disabled HOLDFAST_WITHDRAWN`.
+pub fn render_own_routes(addrs: &[std::net::IpAddr], with_state: bool) -> String {
     let mut out =
         String::from("# Written by holdfast-node: this node's SNAT addresses (host routes).\n");
+    let disabled = if with_state {
+        "disabled HOLDFAST_WITHDRAWN;"
+    } else {
+        "disabled;"
+    };
     for (name, v4) in [("snat_own", true), ("snat_own6", false)] {
         out += &format!(
-            "protocol static {name} {{\n\tdisabled;\n\t{};\n",
+            "protocol static {name} {{\n\t{disabled}\n\t{};\n",
             if v4 { "ipv4" } else { "ipv6" }
         );
         for a in addrs.iter().filter(|a| a.is_ipv4() == v4) {
@@ -44,6 +86,38 @@ pub fn render_own_routes(addrs: &[std::net::IpAddr]) -> String {
 }
 
 impl Bird {
+    pub fn new(
+        ctl: PathBuf,
+        protocols: Vec<String>,
+        own_routes_file: Option<PathBuf>,
+        state_file: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            ctl,
+            protocols,
+            own_routes_file,
+            state_file,
+            rendered: Default::default(),
+        }
+    }
+
+    /// Write the state file with `announced` (None: as it says now) and
+    /// the current policy. Whether it changed.
+    fn write_state(&self, announced: Option<bool>) -> Result<bool> {
+        let Some(path) = &self.state_file else {
+            return Ok(false);
+        };
+        let mut r = self.rendered.lock().expect("rendered");
+        let flag = announced.or(r.0).unwrap_or_else(|| {
+            // As the file says (a restarted agent): 0 means announced.
+            std::fs::read_to_string(path)
+                .is_ok_and(|t| t.contains("define HOLDFAST_WITHDRAWN = 0;"))
+        });
+        let changed = write_file(path, &render_state(flag, &r.1))?;
+        r.0 = Some(flag);
+        Ok(changed)
+    }
+
     /// Run one CLI command; the reply lines, or the error BIRD gave.
     pub fn command(&self, cmd: &str) -> Result<Vec<String>> {
         let mut s = UnixStream::connect(&self.ctl).with_context(|| {
@@ -103,6 +177,7 @@ pub fn check_protocol_name(p: &str) -> Result<()> {
 impl Announcer for Bird {
     fn announce(&self) -> Result<()> {
         self.check_names()?;
+        self.write_state(Some(true))?;
         for p in &self.protocols {
             self.command(&format!("enable {p}"))?;
         }
@@ -113,6 +188,9 @@ impl Announcer for Bird {
     fn withdraw(&self) -> Result<()> {
         self.check_names()?;
         let mut first_err = None;
+        if let Err(e) = self.write_state(Some(false)) {
+            first_err = Some(e);
+        }
         for p in &self.protocols {
             if let Err(e) = self.command(&format!("disable {p}")) {
                 first_err.get_or_insert(e);
@@ -128,24 +206,38 @@ impl Announcer for Bird {
         let Some(path) = &self.own_routes_file else {
             return Ok(false);
         };
-        let text = render_own_routes(addrs);
-        if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+        if !write_file(path, &render_own_routes(addrs, self.state_file.is_some()))? {
             return Ok(false);
         }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        // (A config BIRD refuses is an 8xxx reply: an error here.)
-        let lines = self.command("configure")?;
-        if lines.iter().any(|l| l.starts_with("0006")) {
-            bail!("BIRD ignored the new config: {}", lines.join(" / "));
+        self.reconfigure()?;
+        Ok(true)
+    }
+
+    /// Render the policy into the state file and have BIRD reload it (the
+    /// protocols keep their state: the file says it). Needs a state file.
+    fn set_policy(&self, policy: &ExportPolicy) -> Result<bool> {
+        if self.state_file.is_none() {
+            if *policy == ExportPolicy::default() {
+                return Ok(false);
+            }
+            bail!(
+                "bgp.bird_state_file: BIRD gets VIP pool attributes and the graceful-shutdown community through the state file; set it (deploy/bird/lb-node.bird.conf includes it)"
+            );
         }
+        self.rendered.lock().expect("rendered").1 = policy.clone();
+        if !self.write_state(None)? {
+            return Ok(false);
+        }
+        self.reconfigure()?;
         Ok(true)
     }
 
     fn has_own_routes(&self, addrs: &[std::net::IpAddr]) -> bool {
         match &self.own_routes_file {
-            Some(path) => std::fs::read_to_string(path).ok() == Some(render_own_routes(addrs)),
+            Some(path) => {
+                std::fs::read_to_string(path).ok()
+                    == Some(render_own_routes(addrs, self.state_file.is_some()))
+            }
             None => true,
         }
     }
@@ -169,27 +261,41 @@ impl Announcer for Bird {
     }
 }
 
+impl Bird {
+    /// `configure`: BIRD reads its config files again (a refused config
+    /// is an 8xxx reply: an error here).
+    fn reconfigure(&self) -> Result<()> {
+        let lines = self.command("configure")?;
+        if lines.iter().any(|l| l.starts_with("0006")) {
+            bail!("BIRD ignored the new config: {}", lines.join(" / "));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn protocol_names_are_checked_before_talking_to_bird() {
-        let b = Bird {
-            own_routes_file: None,
-            ctl: "/nonexistent".into(),
-            protocols: vec!["vip".into(), "vip6; shutdown".into()],
-        };
+        let b = Bird::new(
+            "/nonexistent".into(),
+            vec!["vip".into(), "vip6; shutdown".into()],
+            None,
+            None,
+        );
         assert!(b
             .announce()
             .unwrap_err()
             .to_string()
             .contains("not a BIRD protocol name"));
-        let b = Bird {
-            own_routes_file: None,
-            ctl: "/nonexistent/bird.ctl".into(),
-            protocols: vec!["vip".into()],
-        };
+        let b = Bird::new(
+            "/nonexistent/bird.ctl".into(),
+            vec!["vip".into()],
+            None,
+            None,
+        );
         assert!(b
             .announce()
             .unwrap_err()

@@ -23,7 +23,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::announce::Announcer;
+use crate::{
+    announce::Announcer,
+    policy::{ExportPolicy, FRR_ROUTE_MAP},
+};
 
 /// A prefix: network address and length.
 pub type Prefix = (IpAddr, u8);
@@ -43,6 +46,11 @@ pub struct Frr {
     /// The node's own host routes (its SNAT addresses), announced with the
     /// prefixes.
     own: Mutex<Vec<IpAddr>>,
+    /// `write memory` after each change of the node's statements.
+    pub save: bool,
+    /// The export policy FRR has (route-map `HOLDFAST-EXPORT`, which the
+    /// node's statements name); None until this process set it.
+    policy: Mutex<Option<ExportPolicy>>,
 }
 
 /// How long one vtysh run may take.
@@ -78,6 +86,15 @@ fn within(p: &Prefix, outer: &Prefix) -> bool {
 /// The `network` statements of `router bgp {asn}` in FRR's running config
 /// (both address families). Err when FRR has no such `router bgp`.
 pub fn parse_networks(running: &str, asn: u32) -> Result<BTreeSet<Prefix>> {
+    Ok(parse_statements(running, asn)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// The `network` statements of `router bgp {asn}` with whether each names
+/// the node's route-map.
+fn parse_statements(running: &str, asn: u32) -> Result<BTreeSet<(Prefix, bool)>> {
     let head = format!("router bgp {asn}");
     let mut inside = false;
     let mut found = false;
@@ -96,11 +113,10 @@ pub fn parse_networks(running: &str, asn: u32) -> Result<BTreeSet<Prefix>> {
             inside = false;
             continue;
         }
-        let mut w = line.split_whitespace();
-        if w.next() == Some("network") {
-            if let Some(p) = w.next() {
-                out.insert(parse_prefix(p)?);
-            }
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if let ["network", p, rest @ ..] = w.as_slice() {
+            let ours = rest == ["route-map", FRR_ROUTE_MAP];
+            out.insert((parse_prefix(p)?, ours));
         }
     }
     if !found {
@@ -124,7 +140,11 @@ pub fn network_commands(asn: u32, networks: &[Prefix], no: bool) -> Vec<String> 
         }
         cmds.push(format!("address-family {af} unicast"));
         for (a, l) in nets {
-            cmds.push(format!("{}network {a}/{l}", if no { "no " } else { "" }));
+            cmds.push(if no {
+                format!("no network {a}/{l}")
+            } else {
+                format!("network {a}/{l} route-map {FRR_ROUTE_MAP}")
+            });
         }
         cmds.push("exit-address-family".into());
     }
@@ -157,7 +177,26 @@ impl Frr {
             asn,
             prefixes,
             own: Mutex::new(Vec::new()),
+            save: false,
+            policy: Mutex::new(None),
         })
+    }
+
+    /// Save the running config after each change (`[bgp] frr_save`).
+    pub fn saving(mut self, save: bool) -> Self {
+        self.save = save;
+        self
+    }
+
+    /// Apply `cmds` (a change of the node's statements), then save the
+    /// running config if asked: a bgpd that restarts loads frr.conf, and
+    /// with it what the node announces now.
+    fn change(&self, cmds: Vec<String>) -> Result<()> {
+        self.vtysh(&cmds)?;
+        if self.save {
+            self.vtysh(&["write memory".into()])?;
+        }
+        Ok(())
     }
 
     /// Run vtysh with these commands; its output, or an error with it.
@@ -212,11 +251,24 @@ impl Frr {
 
     /// The node's statements in FRR's running config.
     fn ours(&self) -> Result<BTreeSet<Prefix>> {
+        Ok(self.statements()?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// The node's statements, with whether each names its route-map.
+    fn statements(&self) -> Result<BTreeSet<(Prefix, bool)>> {
         let running = self.vtysh(&["show running-config".into()])?;
-        Ok(parse_networks(&running, self.asn)?
+        Ok(parse_statements(&running, self.asn)?
             .into_iter()
-            .filter(|p| self.prefixes.iter().any(|o| within(p, o)))
+            .filter(|(p, _)| self.prefixes.iter().any(|o| within(p, o)))
             .collect())
+    }
+
+    /// Make the route-map the policy, then save.
+    fn apply_policy(&self, policy: &ExportPolicy) -> Result<()> {
+        let running = self.vtysh(&["show running-config".into()])?;
+        self.change(policy.frr_commands(&running))?;
+        *self.policy.lock().expect("policy") = Some(policy.clone());
+        Ok(())
     }
 
     fn wanted(&self) -> BTreeSet<Prefix> {
@@ -231,16 +283,27 @@ impl Frr {
 
 impl Announcer for Frr {
     fn announce(&self) -> Result<()> {
+        // The route-map the statements name must exist first (a statement
+        // naming a missing one is not announced).
+        if self.policy.lock().expect("policy").is_none() {
+            self.apply_policy(&ExportPolicy::default())?;
+        }
         let want = self.wanted();
-        let have = self.ours()?;
-        let add: Vec<Prefix> = want.difference(&have).copied().collect();
+        let statements = self.statements()?;
+        let have: BTreeSet<Prefix> = statements.iter().map(|(p, _)| *p).collect();
+        // Missing, or there without the route-map (an older node's).
+        let add: Vec<Prefix> = want
+            .iter()
+            .filter(|p| !statements.contains(&(**p, true)))
+            .copied()
+            .collect();
         // Host routes that are no longer the node's own.
         let stale: Vec<Prefix> = have.difference(&want).copied().collect();
         if !add.is_empty() {
-            self.vtysh(&network_commands(self.asn, &add, false))?;
+            self.change(network_commands(self.asn, &add, false))?;
         }
         if !stale.is_empty() {
-            self.vtysh(&network_commands(self.asn, &stale, true))?;
+            self.change(network_commands(self.asn, &stale, true))?;
         }
         Ok(())
     }
@@ -248,7 +311,7 @@ impl Announcer for Frr {
     fn withdraw(&self) -> Result<()> {
         let have: Vec<Prefix> = self.ours()?.into_iter().collect();
         if !have.is_empty() {
-            self.vtysh(&network_commands(self.asn, &have, true))?;
+            self.change(network_commands(self.asn, &have, true))?;
         }
         Ok(())
     }
@@ -256,6 +319,14 @@ impl Announcer for Frr {
     fn is_announced(&self) -> Result<bool> {
         let have = self.ours()?;
         Ok(self.wanted().is_subset(&have))
+    }
+
+    fn set_policy(&self, policy: &ExportPolicy) -> Result<bool> {
+        if self.policy.lock().expect("policy").as_ref() == Some(policy) {
+            return Ok(false);
+        }
+        self.apply_policy(policy)?;
+        Ok(true)
     }
 
     /// Own routes must lie inside a configured prefix (a SNAT pool):

@@ -18,15 +18,17 @@ mod announce;
 mod bird;
 mod frr;
 mod link;
+mod policy;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 pub use announce::{announce_loop, withdraw_now, Announcer, Readiness, ANNOUNCE_EVERY};
-pub use bird::{check_protocol_name, render_own_routes, Bird};
+pub use bird::{check_protocol_name, render_own_routes, render_state, Bird};
 pub use frr::{check_pathspace, network_commands, parse_networks, parse_prefix, Frr};
 pub use link::link_state;
+pub use policy::{ExportPolicy, PoolPolicy, FRR_ROUTE_MAP};
 
 /// The BGP speaker a node drives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +94,53 @@ pub struct BgpSection {
     /// with its own SNAT addresses (protocols `snat_own`, `snat_own6`);
     /// none: the node announces no SNAT address of its own.
     pub snat_routes_file: Option<PathBuf>,
+    /// BIRD config file (included first by the main one) where the node
+    /// writes `define HOLDFAST_WITHDRAWN = 0|1;` whenever it announces or
+    /// withdraws; the static protocols say `disabled HOLDFAST_WITHDRAWN;`,
+    /// so a restarted BIRD (graceful restart) announces exactly what the
+    /// node did. None: the protocols are plain `disabled;` and a restarted
+    /// BIRD announces only once the node enables them again.
+    pub bird_state_file: Option<PathBuf>,
+    /// FRR: save the running config (`write memory`) after each change of
+    /// the node's `network` statements, so a restarted bgpd (graceful
+    /// restart) loads them with the rest of frr.conf before its End-of-RIB.
+    pub frr_save: bool,
+    /// What `clusterctl drain` does: withdraw the prefixes (`withdraw`),
+    /// or keep announcing them with the GRACEFUL_SHUTDOWN community
+    /// (`graceful-shutdown`, RFC 8326: routers that honour it prefer the
+    /// other nodes, and still reach this one if no other is left).
+    pub drain: DrainMode,
+}
+
+/// How a drained node leaves the routers' paths.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainMode {
+    #[default]
+    Withdraw,
+    GracefulShutdown,
+}
+
+impl std::str::FromStr for DrainMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "withdraw" => Ok(DrainMode::Withdraw),
+            "graceful-shutdown" => Ok(DrainMode::GracefulShutdown),
+            other => Err(format!(
+                "drain {other:?}: use withdraw or graceful-shutdown"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DrainMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DrainMode::Withdraw => "withdraw",
+            DrainMode::GracefulShutdown => "graceful-shutdown",
+        })
+    }
 }
 
 impl Default for BgpSection {
@@ -107,6 +156,9 @@ impl Default for BgpSection {
             prefixes: Vec::new(),
             restart_grace_ms: 10_000,
             snat_routes_file: None,
+            bird_state_file: None,
+            frr_save: true,
+            drain: DrainMode::Withdraw,
         }
     }
 }
@@ -122,18 +174,22 @@ impl BgpSection {
                 for p in &self.protocols {
                     check_protocol_name(p)?;
                 }
-                std::sync::Arc::new(Bird {
-                    ctl: self.bird_ctl.clone(),
-                    protocols: self.protocols.clone(),
-                    own_routes_file: self.snat_routes_file.clone(),
-                })
+                std::sync::Arc::new(Bird::new(
+                    self.bird_ctl.clone(),
+                    self.protocols.clone(),
+                    self.snat_routes_file.clone(),
+                    self.bird_state_file.clone(),
+                ))
             }
-            Speaker::Frr => std::sync::Arc::new(Frr::new(
-                self.vtysh.clone(),
-                self.frr_pathspace.clone(),
-                self.asn,
-                &self.prefixes,
-            )?),
+            Speaker::Frr => std::sync::Arc::new(
+                Frr::new(
+                    self.vtysh.clone(),
+                    self.frr_pathspace.clone(),
+                    self.asn,
+                    &self.prefixes,
+                )?
+                .saving(self.frr_save),
+            ),
         })
     }
 }

@@ -8,8 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use holdfast_bgp::{Announcer, Frr};
+use holdfast_bgp::{Announcer, ExportPolicy, Frr};
 use netns::{frr::Frr as FrrInstance, NetNs};
+use raft_store::cluster::VipPool;
 
 fn deploy(f: &str) -> String {
     std::fs::read_to_string(
@@ -65,7 +66,7 @@ fn t10_frr_announce_and_withdraw_without_touching_the_session() {
     lb.ip("addr add fd00::11/64 dev f0 nodad").expect("addr");
     let r = FrrInstance::start(&router, dir.path(), router.name(), &deploy("tor.frr.conf"))
         .expect("router FRR with deploy/frr/tor.frr.conf");
-    let _l = FrrInstance::start(&lb, dir.path(), lb.name(), &deploy("lb-node.frr.conf"))
+    let l = FrrInstance::start(&lb, dir.path(), lb.name(), &deploy("lb-node.frr.conf"))
         .expect("LB FRR with deploy/frr/lb-node.frr.conf");
     wait("the BGP session", || {
         session(&r, &router).0 == "Established"
@@ -127,6 +128,88 @@ fn t10_frr_announce_and_withdraw_without_touching_the_session() {
         session(&r, &router),
         ("Established".to_string(), since),
         "no session reset"
+    );
+
+    // VIP pool attributes and graceful shutdown: UPDATEs on the same
+    // session; the router sees the communities, FRR's own table the local
+    // preference (an eBGP router sets its own).
+    let pools = [VipPool {
+        name: "web".into(),
+        cidr: "10.200.0.0/24".into(),
+        communities: vec!["65000:100".into(), "65000:7:8".into()],
+        local_pref: Some(200),
+    }];
+    let bgp_json = |ns: &NetNs, inst: &FrrInstance| -> serde_json::Value {
+        let out = inst
+            .vtysh(ns, "show bgp ipv4 unicast 10.200.0.0/24 json")
+            .unwrap_or_default();
+        serde_json::from_str(&out).unwrap_or_default()
+    };
+    let set = |p: ExportPolicy| {
+        let g = f.clone();
+        lb.run(move || g.set_policy(&p))
+            .expect("in the namespace")
+            .expect("set_policy")
+    };
+    assert!(set(ExportPolicy::from_pools(&pools, true)));
+    wait("the communities at the router", || {
+        let v = bgp_json(&router, &r);
+        let path = &v["paths"][0];
+        let c = path["community"]["string"].as_str().unwrap_or("");
+        let l = path["largeCommunity"]["string"].as_str().unwrap_or("");
+        c.contains("65000:100") && c.contains("graceful-shutdown") && l == "65000:7:8"
+    });
+    let own = bgp_json(&lb, &l);
+    assert_eq!(own["paths"][0]["locPrf"], serde_json::json!(200), "{own}");
+    // Unchanged: nothing to do.
+    assert!(!set(ExportPolicy::from_pools(&pools, true)));
+    // Back to none: the communities go, the session stays.
+    assert!(set(ExportPolicy::default()));
+    wait("no communities at the router", || {
+        let v = bgp_json(&router, &r);
+        v["paths"][0].is_object() && v["paths"][0]["community"].is_null()
+    });
+    assert_eq!(
+        session(&r, &router),
+        ("Established".to_string(), since),
+        "attributes changed without a session reset"
+    );
+
+    // Saving (`frr_save`): frr.conf holds the node's statements, so a bgpd
+    // that restarts (graceful restart: SIGTERM, started again, `vtysh -b`)
+    // comes back announcing, with nobody announcing again, and the router
+    // kept the routes meanwhile.
+    let saved = std::sync::Arc::new(
+        Frr::new(
+            "vtysh".into(),
+            Some(lb.name().into()),
+            65100,
+            &["10.200.0.0/24".into(), "fd00:200::/120".into()],
+        )
+        .expect("settings")
+        .saving(true),
+    );
+    in_lb(saved.clone(), |f| {
+        f.withdraw().and_then(|_| f.announce()).map(|_| true)
+    })
+    .expect("announce, saved");
+    let conf = std::path::Path::new("/etc/frr")
+        .join(lb.name())
+        .join("frr.conf");
+    let text = std::fs::read_to_string(&conf).expect("frr.conf");
+    assert!(text.contains("network 10.200.0.0/24"), "{text}");
+    wait("the route, saved", || {
+        route(&router, "10.200.0.0/24").contains("via 10.0.0.11")
+    });
+    l.restart_daemon(&lb, dir.path(), "bgpd", libc::SIGTERM)
+        .expect("restart bgpd");
+    assert!(
+        in_lb(saved.clone(), |f| f.is_announced()).expect("show"),
+        "the restarted bgpd loaded the node's statements"
+    );
+    assert!(
+        route(&router, "10.200.0.0/24").contains("via 10.0.0.11"),
+        "the router kept the route while bgpd restarted"
     );
 
     // An AS number FRR does not run: FRR's config is not touched.

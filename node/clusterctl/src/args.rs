@@ -54,9 +54,12 @@ pub struct Cli {
 pub enum Cmd {
     /// This node's Raft and datapath status.
     Status,
-    /// Withdraw this node's VIPs over BGP (it stays a member; its flows
+    /// Withdraw a node's VIPs over BGP (it stays a member; its flows
     /// move to the other nodes, which hold their conntrack entries).
     Drain {
+        /// The node, by its id (found through `members`); none: the node
+        /// clusterctl talks to (--node).
+        node_id: Option<u64>,
         /// Wait until the routers have moved the node's traffic away (its
         /// datapath saw no VIP packet for --quiet-ms), then say it can be
         /// stopped; exit 6 if that does not happen within --max-wait-s.
@@ -67,8 +70,11 @@ pub enum Cmd {
         #[arg(long, default_value_t = 60, requires = "wait")]
         max_wait_s: u64,
     },
-    /// Announce this node's VIPs again (when it is ready).
-    Undrain,
+    /// Announce a node's VIPs again (when it is ready).
+    Undrain {
+        /// The node, by its id; none: the node clusterctl talks to.
+        node_id: Option<u64>,
+    },
     /// Live view: per-service rates over all nodes and per-node health.
     Top {
         /// Seconds between the two samples of each refresh.
@@ -133,6 +139,34 @@ pub enum Cmd {
     Snat {
         #[command(subcommand)]
         cmd: Option<SnatCmd>,
+    },
+    /// VIP pools (Kubernetes LoadBalancer addresses come from them) and
+    /// the BGP attributes of what the nodes announce inside them.
+    Pools {
+        #[command(subcommand)]
+        cmd: Option<PoolCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Every pool with its attributes.
+    List,
+    /// Add a pool or replace one (its attributes included).
+    Set {
+        name: String,
+        /// The pool, e.g. 10.200.0.0/24.
+        cidr: String,
+        /// A BGP community of the announced prefixes inside it: ASN:VALUE
+        /// or ASN:DATA1:DATA2 (large); repeat for more.
+        #[arg(long = "community")]
+        communities: Vec<String>,
+        /// LOCAL_PREF of those prefixes (iBGP peers).
+        #[arg(long)]
+        local_pref: Option<u32>,
+    },
+    Remove {
+        name: String,
     },
 }
 

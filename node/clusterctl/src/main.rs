@@ -13,6 +13,7 @@ mod certs;
 mod ctx;
 mod error;
 mod nodes;
+mod pools;
 mod services;
 mod settings;
 mod snat;
@@ -38,17 +39,25 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
     }
     let settings = Settings::resolve(cli)?;
-    let cx = Ctx {
+    let mut cx = Ctx {
         cli,
         client: settings.client()?,
         node: settings.node.clone(),
     };
+    if let Cmd::Drain {
+        node_id: Some(id), ..
+    }
+    | Cmd::Undrain { node_id: Some(id) } = &cli.cmd
+    {
+        cx.node = nodes::admin_addr_of(&cx, *id)?;
+    }
     match &cli.cmd {
         Cmd::Top { interval_s, once } => nodes::top(&cx, *interval_s, *once),
         Cmd::Drain {
             wait,
             quiet_ms,
             max_wait_s,
+            ..
         } => {
             if *wait {
                 nodes::post_drain(&cx, true)?;
@@ -61,7 +70,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 nodes::drain(&cx, true)
             }
         }
-        Cmd::Undrain => nodes::drain(&cx, false),
+        Cmd::Undrain { .. } => nodes::drain(&cx, false),
         Cmd::Status => nodes::status(&cx),
         Cmd::Members => nodes::members(&cx),
         Cmd::Config => nodes::config(&cx),
@@ -81,6 +90,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         } => nodes::conntrack(&cx, node_id, vip, limit),
         Cmd::Certs { cmd } => certs::remote(&cx, cmd),
         Cmd::Snat { cmd } => snat::snat(&cx, cmd.as_ref()),
+        Cmd::Pools { cmd } => pools::pools(&cx, cmd.as_ref()),
     }
 }
 

@@ -98,6 +98,27 @@ pub fn drain(cx: &Ctx, drain: bool) -> Result<(), Failure> {
     })
 }
 
+/// The admin address of member `id`, from the members list of the node
+/// clusterctl talks to.
+pub fn admin_addr_of(cx: &Ctx, id: u64) -> Result<String, Failure> {
+    let rows: Vec<MemberRow> = cx.get("/cluster/members")?;
+    let Some(row) = rows.iter().find(|r| r.node_id == id) else {
+        return Err(Failure::Other(anyhow!(
+            "no member with node id {id} (members: {})",
+            rows.iter()
+                .map(|r| r.node_id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    row.admin_addr.clone().ok_or_else(|| {
+        Failure::Other(anyhow!(
+            "member {id} ({}) has no admin address in the cluster config: use --node with its address",
+            row.raft_addr
+        ))
+    })
+}
+
 /// POST /drain: the node's status after.
 pub fn post_drain(cx: &Ctx, drain: bool) -> Result<LocalStatus, Failure> {
     let t = Duration::from_secs(cx.cli.timeout_s);

@@ -96,6 +96,11 @@ pub struct NodeConfig {
     /// changes: `clusterctl snat set`).
     #[serde(default)]
     pub snat: Option<SnatSeed>,
+    /// `[[pool]]`: VIP pools that seed a new cluster's config, with the
+    /// BGP attributes of what the nodes announce inside them
+    /// (`communities`, `local_pref`; later changes: `clusterctl pools`).
+    #[serde(default, rename = "pool", skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<raft_store::cluster::VipPool>,
 }
 
 /// `[[service]]` of node.toml (bare metal without Kubernetes).
@@ -151,6 +156,9 @@ impl NodeConfig {
     pub fn seed_commands(&self) -> Vec<raft_store::Command> {
         use raft_store::{cluster::Service, Command};
         let mut v = Vec::new();
+        for pool in &self.pools {
+            v.push(Command::PutVipPool { pool: pool.clone() });
+        }
         if let Some(p) = &self.snat {
             v.push(Command::PutSnatPools {
                 v4: p.v4.clone(),
@@ -476,13 +484,15 @@ impl NodeConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.services.is_empty() || self.snat.is_some() {
+        if !self.services.is_empty() || self.snat.is_some() || !self.pools.is_empty() {
             // The state machine's own rules, on an empty config.
             let r = raft_store::ClusterState::default().apply(&raft_store::Command::Batch {
                 commands: self.seed_commands(),
             });
             if let Some(why) = r.rejected {
-                let field = if why.contains("snat") && !why.contains("service") {
+                let field = if why.starts_with("pool ") {
+                    "pool"
+                } else if why.contains("snat") && !why.contains("service") {
                     "snat"
                 } else {
                     "service"
@@ -698,6 +708,30 @@ enabled = false
         );
         let e = NodeConfig::parse(&text.replace("interval_ms", "intervall_ms")).expect_err("typo");
         assert!(e.to_string().contains("intervall_ms"), "{e}");
+    }
+
+    #[test]
+    fn seed_pools_carry_bgp_attributes_and_are_validated() {
+        let text = format!(
+            "{GOOD}\n[bgp]\ndrain = \"graceful-shutdown\"\n[[pool]]\nname = \"web\"\ncidr = \"10.200.0.0/24\"\ncommunities = [\"65000:100\", \"65000:1:2\"]\nlocal_pref = 200\n"
+        );
+        let c = NodeConfig::parse(&text).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.bgp.drain, holdfast_bgp::DrainMode::GracefulShutdown);
+        assert!(matches!(
+            &c.seed_commands()[0],
+            raft_store::Command::PutVipPool { pool } if pool.local_pref == Some(200) && pool.communities.len() == 2
+        ));
+        for bad in ["65536:1", "1:2:3:4", "no-export"] {
+            let e = NodeConfig::parse(&text.replace("65000:100", bad))
+                .expect("parses")
+                .validate()
+                .expect_err(bad);
+            let e = e.to_string();
+            assert!(e.contains("pool") && e.contains(bad), "{e}");
+        }
+        let e = NodeConfig::parse(&text.replace("graceful-shutdown", "gshut")).expect_err("drain");
+        assert!(e.contains("gshut"), "{e}");
     }
 
     #[test]

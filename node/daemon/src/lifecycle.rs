@@ -179,10 +179,12 @@ impl Node {
                 .is_some_and(|h| h.dp.lock().expect("dp").adopted());
             let n = node.clone();
             let m = node.clone();
+            let q = node.clone();
             let b = tokio::spawn(holdfast_bgp::announce_loop(
                 node.announcer(),
                 move || n.readiness(),
                 move || m.own_snat_addrs(),
+                move || q.export_policy(),
                 adopted,
                 Duration::from_millis(node.cfg.bgp.restart_grace_ms),
                 node.bgp_announced.clone(),

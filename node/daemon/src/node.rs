@@ -114,6 +114,8 @@ impl Node {
         holdfast_bgp::Readiness {
             shutting_down: self.is_shutting_down(),
             draining: self.draining.load(Ordering::Relaxed),
+            drain_graceful_shutdown: self.cfg.bgp.drain
+                == holdfast_bgp::DrainMode::GracefulShutdown,
             leader_known: self.raft.metrics().borrow().current_leader.is_some(),
             config_epoch: cur.state.epoch,
             registered: cur.state.members.contains_key(&self.id()),
@@ -122,6 +124,21 @@ impl Node {
             sync_ready: self.sync.get().is_none_or(|s| s.is_ready()),
             healthy: self.health_error.lock().expect("health").is_none(),
         }
+    }
+
+    /// What this node attaches to its announcements: the committed VIP
+    /// pools' attributes, and GRACEFUL_SHUTDOWN while it is drained with
+    /// `[bgp] drain = "graceful-shutdown"`. None until a config is applied.
+    pub fn export_policy(&self) -> Option<holdfast_bgp::ExportPolicy> {
+        let cur = self.sm.current();
+        if cur.state.epoch == 0 {
+            return None;
+        }
+        Some(holdfast_bgp::ExportPolicy::from_pools(
+            cur.state.pools.values(),
+            self.draining.load(Ordering::Relaxed)
+                && self.cfg.bgp.drain == holdfast_bgp::DrainMode::GracefulShutdown,
+        ))
     }
 
     /// This node's SNAT addresses (announced as its own host routes); None

@@ -406,6 +406,7 @@ impl Cluster {
                 vec![]
             },
             snat: None,
+            pools: vec![],
         }
     }
 

@@ -78,6 +78,7 @@ async fn k8s_cluster(api: &TestApi) -> (Cluster, tempfile::TempDir) {
                 pool: VipPool {
                     name: name.into(),
                     cidr: cidr.into(),
+                    ..Default::default()
                 },
             })
             .await;

@@ -104,6 +104,7 @@ async fn t14_k8s_change_to_every_datapath_is_one_trace() {
             pool: VipPool {
                 name: "v4".into(),
                 cidr: "10.214.0.0/28".into(),
+                ..Default::default()
             },
         })
         .await;

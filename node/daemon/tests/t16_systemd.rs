@@ -71,6 +71,7 @@ fn t16_units_verify_and_match_the_example_config() {
         names,
         BTreeSet::from([
             "bird-holdfast.service".to_string(),
+            "bird-holdfast-bfd.service".to_string(),
             "holdfast-decap.service".to_string(),
             "holdfast-node.service".to_string()
         ])
@@ -128,6 +129,19 @@ fn t16_units_verify_and_match_the_example_config() {
         under(&cfg.bgp.bird_ctl),
         "bird_ctl {:?} not writable",
         cfg.bgp.bird_ctl
+    );
+    // The files it renders for BIRD: rewritten through a rename, so their
+    // directory must be writable.
+    for f in [&cfg.bgp.bird_state_file, &cfg.bgp.snat_routes_file]
+        .into_iter()
+        .flatten()
+    {
+        let d = f.parent().expect("a directory");
+        assert!(under(d), "{d:?} (for {f:?}) not writable");
+    }
+    assert!(
+        cfg.bgp.bird_state_file.is_some(),
+        "the example keeps BIRD's state across a graceful restart"
     );
     // ExecStartPre's --check accepts the example config and refuses a bad one.
     let pre = key(node, "ExecStartPre")[0];

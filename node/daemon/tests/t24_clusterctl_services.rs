@@ -105,3 +105,92 @@ async fn t24_source_ranges_and_client_affinity_from_clusterctl() {
     assert!(row.get("affinity_timeout_s").is_none(), "{row}");
     assert!(row.get("source_ranges").is_none(), "{row}");
 }
+
+/// VIP pools with BGP attributes through clusterctl: `pools set` with
+/// communities and a local preference reaches every node's config and
+/// every node's export policy (what it attaches to its announcements; a
+/// drained node with `drain = "graceful-shutdown"` adds 65535:0); a
+/// malformed community is refused by clusterctl (exit 2) and by the
+/// config, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t24_vip_pools_with_bgp_attributes_from_clusterctl() {
+    let c = Cluster::start_with(3, RaftTuning::default(), false).await;
+    c.wait_converged(Duration::from_secs(10)).await;
+    c.clusterctl_ok(&[
+        "pools",
+        "set",
+        "web",
+        "10.200.0.0/24",
+        "--community",
+        "65000:100",
+        "--community",
+        "65000:1:2",
+        "--local-pref",
+        "200",
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&c.clusterctl_ok(&["pools", "-o", "json"])).expect("json");
+    assert_eq!(
+        v,
+        serde_json::json!([{"name": "web", "cidr": "10.200.0.0/24",
+            "communities": ["65000:100", "65000:1:2"], "local_pref": 200}])
+    );
+    let t0 = std::time::Instant::now();
+    while !c.nodes.values().all(|n| {
+        n.export_policy().is_some_and(|p| {
+            p.pools.len() == 1
+                && p.pools[0].local_pref == Some(200)
+                && p.pools[0].communities.len() == 2
+                && !p.graceful_shutdown
+        })
+    }) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "every node's policy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let table = c.clusterctl_ok(&["pools"]);
+    assert!(
+        table.contains("65000:100 65000:1:2") && table.contains("200"),
+        "{table}"
+    );
+
+    // Malformed: refused naming the flag, nothing written.
+    for bad in ["70000:1", "65000", "a:b", "1:2:3:4", "65000:-1"] {
+        let o = c.clusterctl(&["pools", "set", "web", "10.200.0.0/24", "--community", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--community") && err.contains(bad),
+            "{bad}: {err}"
+        );
+    }
+    // The config itself refuses one that got past a client.
+    let r = c
+        .write(raft_store::Command::PutVipPool {
+            pool: raft_store::cluster::VipPool {
+                name: "web".into(),
+                cidr: "10.200.0.0/24".into(),
+                communities: vec!["65536:1".into()],
+                local_pref: None,
+            },
+        })
+        .await;
+    let why = r.rejected.expect("refused");
+    assert!(
+        why.contains("pool web: communities") && why.contains("65536:1"),
+        "{why}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&c.clusterctl_ok(&["pools", "-o", "json"])).expect("json");
+    assert_eq!(
+        v[0]["communities"],
+        serde_json::json!(["65000:100", "65000:1:2"])
+    );
+
+    c.clusterctl_ok(&["pools", "remove", "web"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&c.clusterctl_ok(&["pools", "-o", "json"])).expect("json");
+    assert_eq!(v, serde_json::json!([]));
+}

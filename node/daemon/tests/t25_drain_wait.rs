@@ -57,6 +57,27 @@ async fn t25_drain_waits_until_the_traffic_stopped() {
         .draining
         .load(std::sync::atomic::Ordering::Relaxed));
 
+    // Another node by its id, through the node clusterctl talks to.
+    let other = *c.nodes.keys().nth(1).expect("a second node");
+    let draining = |n: u64| {
+        c.node(n)
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let out = c.clusterctl_ok(&["drain", &other.to_string()]);
+    assert!(out.contains(&format!("node {other}: drained")), "{out}");
+    assert!(draining(other));
+    let out = c.clusterctl_ok(&["--output", "json", "undrain", &other.to_string()]);
+    let s: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(s["node_id"], serde_json::json!(other));
+    assert_eq!(s["draining"], serde_json::json!(false));
+    assert!(!draining(other));
+    assert!(draining(id), "the first node stays drained");
+    let o = c.clusterctl(&["drain", "99"]);
+    assert_eq!(o.status.code(), Some(6));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no member with node id 99"), "{err}");
+
     // Without a datapath there is nothing to wait for.
     let plain = Cluster::start_with(1, RaftTuning::default(), false).await;
     let o = plain.clusterctl(&["drain", "--wait"]);

@@ -87,6 +87,7 @@ async fn main() -> Result<()> {
             pool: VipPool {
                 name: "bench".into(),
                 cidr: "10.230.0.0/24".into(),
+                ..Default::default()
             },
         })
         .await;

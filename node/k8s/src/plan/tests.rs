@@ -17,6 +17,7 @@ fn state() -> ClusterState {
             pool: VipPool {
                 name: n.into(),
                 cidr: c.into(),
+                ..Default::default()
             },
         });
         assert!(r.rejected.is_none());
