@@ -300,6 +300,11 @@ impl LbNode {
         self.process.as_ref().map(|p| p.id())
     }
 
+    /// Pid of this node's BFD-only BIRD, if it runs BIRD.
+    pub fn bfd_pid(&self) -> Option<u32> {
+        self.bfd.as_ref()?.pid().map(|p| p as u32)
+    }
+
     /// Pid of this node's BIRD, if it runs BIRD.
     pub fn bird_pid(&self) -> Option<u32> {
         match self.speaker.as_ref()? {
@@ -429,7 +434,7 @@ fn lb_bird_conf(i: usize, snat_routes: &Path, state: &Path, graceful_restart: bo
             &snat_routes.display().to_string(),
         )
         .replace(
-            "/etc/bird/holdfast/holdfast-state.conf",
+            "/run/bird/holdfast-state.conf",
             &state.display().to_string(),
         )
 }

@@ -1,8 +1,8 @@
 //! t12: no port opens unnoticed. `ss -ltnup` inside a lab LB node lists
-//! every listening socket (holdfast-node and its BIRD); the set of
-//! (protocol, port, process) must equal the table in docs/operations.md
-//! ("Listening sockets"; rows marked transient may be missing), and every
-//! socket belongs to one of those two processes.
+//! every listening socket (holdfast-node, its BIRD and its BFD-only BIRD);
+//! the set of (protocol, port, process) must equal the table in
+//! docs/operations.md ("Listening sockets"; rows marked transient may be
+//! missing), and every socket belongs to one of those three processes.
 
 use std::collections::BTreeSet;
 
@@ -71,9 +71,10 @@ fn t12_listening_sockets_match_the_documented_list() {
     let mut per_node = Vec::new();
     for i in 1..=2 {
         let n = lab.lb(i);
-        let (node_pid, bird_pid) = (
+        let (node_pid, bird_pid, bfd_pid) = (
             n.node_pid().expect("node runs"),
             n.bird_pid().expect("BIRD runs"),
+            n.bfd_pid().expect("the BFD BIRD runs"),
         );
         let eph = ephemeral(&n.ns);
         let out = n.ns.exec(&["ss", "-ltnupH"]).expect("ss");
@@ -95,6 +96,8 @@ fn t12_listening_sockets_match_the_documented_list() {
                 "holdfast-node"
             } else if pid == bird_pid {
                 "bird"
+            } else if pid == bfd_pid {
+                "bird-bfd"
             } else {
                 panic!("node {i}: a socket of another process: {line}")
             };

@@ -140,8 +140,10 @@ pub async fn announce_loop(
     let mut was_ready = false;
     // The own routes the speaker has, once known to be current.
     let mut routes: Option<Vec<std::net::IpAddr>> = None;
-    // The policy the speaker has, once set.
+    // The policy the speaker has, once set; when setting it last failed
+    // (tried again every VERIFY_EVERY ticks, not every tick).
     let mut applied: Option<ExportPolicy> = None;
+    let mut policy_failed: Option<u64> = None;
     let mut tick: u64 = 0;
     loop {
         tick += 1;
@@ -189,7 +191,8 @@ pub async fn announce_loop(
                 }
             }
         }
-        if let Some(p) = policy().filter(|p| applied.as_ref() != Some(p)) {
+        let retry = policy_failed.is_none_or(|t| tick >= t + VERIFY_EVERY);
+        if let Some(p) = policy().filter(|p| retry && applied.as_ref() != Some(p)) {
             let (a, q) = (announcer.clone(), p.clone());
             match tokio::task::spawn_blocking(move || a.set_policy(&q)).await {
                 Ok(Ok(changed)) => {
@@ -200,11 +203,16 @@ pub async fn announce_loop(
                         "BGP export policy set"
                     );
                     applied = Some(p);
+                    policy_failed = None;
                 }
                 Ok(Err(e)) => {
-                    warn!(error = %format!("{e:#}"), "BGP: setting the export policy failed")
+                    warn!(error = %format!("{e:#}"), "BGP: setting the export policy failed");
+                    policy_failed = Some(tick);
                 }
-                Err(e) => warn!(error = %e, "BGP task failed"),
+                Err(e) => {
+                    warn!(error = %e, "BGP task failed");
+                    policy_failed = Some(tick);
+                }
             }
         }
         let mut want = readiness().decide();

@@ -25,11 +25,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::{
     announce::Announcer,
-    policy::{ExportPolicy, FRR_ROUTE_MAP},
+    policy::{ExportPolicy, Prefix, FRR_ROUTE_MAP},
 };
-
-/// A prefix: network address and length.
-pub type Prefix = (IpAddr, u8);
 
 /// FRR through `vtysh`.
 #[derive(Debug)]

@@ -11,7 +11,8 @@ use std::net::IpAddr;
 
 use raft_store::cluster::{parse_cidr, parse_communities, Community, VipPool, GRACEFUL_SHUTDOWN};
 
-use crate::frr::Prefix;
+/// A prefix: network address and length.
+pub type Prefix = (IpAddr, u8);
 
 /// The attributes of the announced prefixes inside one VIP pool.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -208,7 +208,7 @@ fn t09_shipped_bird_configs_parse() {
                 snat.to_str().expect("utf-8"),
             )
             .replace(
-                "/etc/bird/holdfast/holdfast-state.conf",
+                "/run/bird/holdfast-state.conf",
                 state.to_str().expect("utf-8"),
             );
         let path = dir.path().join(f);
@@ -227,7 +227,7 @@ fn t09_shipped_bird_configs_parse() {
     }
     let lb = std::fs::read_to_string(deploy.join("lb-node.bird.conf")).expect("read");
     assert!(lb.contains("protocol static vip {") && lb.contains("disabled HOLDFAST_WITHDRAWN;"));
-    assert!(lb.contains("include \"/etc/bird/holdfast/holdfast-state.conf\";"));
+    assert!(lb.contains("include \"/run/bird/holdfast-state.conf\";"));
     assert!(lb.contains("graceful restart on;"));
     // BFD is the other BIRD's (it stays up while this one restarts).
     assert!(
@@ -256,7 +256,7 @@ fn t09_shipped_bird_configs_parse() {
             dir.path().join("own.conf").to_str().expect("utf-8"),
         )
         .replace(
-            "/etc/bird/holdfast/holdfast-state.conf",
+            "/run/bird/holdfast-state.conf",
             dir.path().join("state.conf").to_str().expect("utf-8"),
         );
     std::fs::write(dir.path().join("own.conf"), own).expect("write");

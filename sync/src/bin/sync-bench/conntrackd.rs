@@ -93,35 +93,35 @@ pub fn run(rate: u32, secs: u64) -> Result<Report> {
     let _db = spawn(&b, &cb)?;
     std::thread::sleep(Duration::from_millis(800));
 
-    // Create n flows at `rate` in A: distinct UDP tuples towards 10.89/16.
+    // Create n flows at `rate` in A: distinct UDP tuples towards 10.89/16;
+    // the generator records when it sent each (since t0).
     let t0 = Instant::now();
-    let gen = a.spawn(move || -> std::io::Result<()> {
+    let gen = a.spawn(move || -> std::io::Result<Vec<Duration>> {
         let s = std::net::UdpSocket::bind("10.88.1.1:7000")?;
         let start = Instant::now();
+        let mut sent = Vec::with_capacity(n);
         for i in 0..n {
             let dst = std::net::Ipv4Addr::new(10, 89, (i / 60_000) as u8, 1);
             s.send_to(b"x", (dst, (i % 60_000) as u16 + 1))?;
+            sent.push(t0.elapsed());
             let due = start + Duration::from_secs_f64(i as f64 / f64::from(rate));
             if let Some(w) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(w);
             }
         }
-        Ok(())
+        Ok(sent)
     });
-    let created_at = |k: usize| Duration::from_secs_f64(k as f64 / f64::from(rate));
-    let (mut t50, mut t99, mut tall) = (None, None, None);
+    // B's external cache count over time: (when, how many it holds).
+    let mut seen: Vec<(Duration, usize)> = Vec::new();
     let deadline = t0 + Duration::from_secs(secs + 60);
-    while tall.is_none() {
+    loop {
         let have = stat(&b, &cb, "cache", "cache:external")? as usize;
         let now = t0.elapsed();
-        if t50.is_none() && have * 2 >= n {
-            t50 = Some(now);
-        }
-        if t99.is_none() && have * 100 >= n * 99 {
-            t99 = Some(now);
+        if seen.last().is_none_or(|l| l.1 != have) {
+            seen.push((now, have));
         }
         if have >= n {
-            tall = Some(now);
+            break;
         }
         if Instant::now() > deadline {
             bail!(
@@ -131,20 +131,55 @@ pub fn run(rate: u32, secs: u64) -> Result<Report> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    gen.join()
+    let sent = gen
+        .join()
         .map_err(|_| anyhow::anyhow!("generator panicked"))??;
     let bytes = stat(&a, &ca, "network", "Bytes sent")?;
-    let ms = |t: Option<Duration>, k: usize| {
-        t.map_or(f64::NAN, |t| {
-            t.saturating_sub(created_at(k)).as_secs_f64() * 1e3
-        })
-    };
+    let lags = lags(&sent, &seen);
+    let q = |p: usize| lags.get((lags.len() * p / 100).min(lags.len().saturating_sub(1)));
+    let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     let report = Report {
-        applied_per_s: n as f64 / tall.expect("set").as_secs_f64(),
-        lag_p50_ms: ms(t50, n / 2),
-        lag_p99_ms: ms(t99, n * 99 / 100),
+        applied_per_s: n as f64 / seen.last().map_or(f64::NAN, |l| l.0.as_secs_f64()),
+        lag_p50_ms: ms(q(50)),
+        lag_p99_ms: ms(q(99)),
         bytes_per_entry: bytes as f64 / n as f64,
     };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+/// Each flow's lag, sorted: from when it was sent (`sent[k]`) to the first
+/// sample in which the receiver held more than `k` flows (the flows arrive
+/// in order); every quantile then comes from this one sample set.
+fn lags(sent: &[Duration], seen: &[(Duration, usize)]) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(sent.len());
+    let mut j = 0;
+    for (k, at) in sent.iter().enumerate() {
+        while j < seen.len() && seen[j].1 <= k {
+            j += 1;
+        }
+        if let Some((when, _)) = seen.get(j) {
+            out.push(when.saturating_sub(*at));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_one_sample_set() {
+        let ms = Duration::from_millis;
+        // 4 flows sent at 0, 10, 20, 30 ms; the receiver held 1 at 15 ms,
+        // 3 at 25 ms and 4 at 100 ms.
+        let sent = [ms(0), ms(10), ms(20), ms(30)];
+        let seen = [(ms(15), 1), (ms(25), 3), (ms(100), 4)];
+        assert_eq!(lags(&sent, &seen), vec![ms(5), ms(15), ms(15), ms(70)]);
+        // Never decreasing, so p50 ≤ p99 whatever the samples.
+        let l = lags(&sent, &seen);
+        assert!(l.windows(2).all(|w| w[0] <= w[1]));
+    }
 }
