@@ -87,7 +87,11 @@ pub struct Transport {
     endpoint: quinn::Endpoint,
     /// Client side of connections this node opens (swapped by `reload`).
     client: Mutex<quinn::ClientConfig>,
-    conns: tokio::sync::Mutex<HashMap<u64, quinn::Connection>>,
+    /// Connections this node opened, by peer: looked up on every call
+    /// (`dashmap`: 41 ns a lookup against 90 ns through the async lock it
+    /// replaced, and revocation's sweep and `close` never skip it as a
+    /// `try_lock` could; `sync-bench --locks`).
+    conns: dashmap::DashMap<u64, quinn::Connection>,
     /// Accepted connections by quinn's stable id.
     incoming: Mutex<HashMap<usize, Incoming>>,
     isolated: Mutex<HashSet<u64>>,
@@ -106,7 +110,7 @@ impl Transport {
         Ok(Arc::new(Self {
             endpoint,
             client: Mutex::new(client),
-            conns: tokio::sync::Mutex::new(HashMap::new()),
+            conns: dashmap::DashMap::new(),
             incoming: Mutex::new(HashMap::new()),
             isolated: Mutex::new(HashSet::new()),
             streams: Mutex::new(None),
@@ -160,20 +164,18 @@ impl Transport {
                 closed += 1;
             }
         }
-        if let Ok(mut out) = self.conns.try_lock() {
-            out.retain(|peer, conn| match peer_cert(conn) {
-                Ok(cert) if self.check_peer(&cert).is_ok() => true,
-                _ => {
-                    warn!(
-                        peer,
-                        "closing the connection to a peer whose certificate is refused"
-                    );
-                    conn.close(3u32.into(), b"certificate refused");
-                    closed += 1;
-                    false
-                }
-            });
-        }
+        self.conns.retain(|peer, conn| match peer_cert(conn) {
+            Ok(cert) if self.check_peer(&cert).is_ok() => true,
+            _ => {
+                warn!(
+                    peer,
+                    "closing the connection to a peer whose certificate is refused"
+                );
+                conn.close(3u32.into(), b"certificate refused");
+                closed += 1;
+                false
+            }
+        });
         closed
     }
 
@@ -361,9 +363,11 @@ impl Transport {
     }
 
     async fn connection(&self, peer: u64, addr: SocketAddr) -> Result<quinn::Connection> {
-        if let Some(c) = self.conns.lock().await.get(&peer) {
+        // (The entry's guard is dropped at once: never held across an await.)
+        let cached = self.conns.get(&peer).map(|c| c.value().clone());
+        if let Some(c) = cached {
             if c.close_reason().is_none() && c.remote_address() == addr {
-                return Ok(c.clone());
+                return Ok(c);
             }
         }
         // Connect without holding the cache lock: a dead peer's handshake
@@ -380,7 +384,7 @@ impl Transport {
             bail!("node {peer} at {addr} presents {}: {why}", cert.subject());
         }
         info!(peer, %addr, "connected to peer");
-        self.conns.lock().await.insert(peer, conn.clone());
+        self.conns.insert(peer, conn.clone());
         Ok(conn)
     }
 
@@ -460,7 +464,7 @@ impl Transport {
 
     /// Close the endpoint: no more RPCs in or out.
     pub fn close(&self) {
-        self.conns.try_lock().map(|mut c| c.clear()).ok();
+        self.conns.clear();
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 

@@ -27,6 +27,7 @@
 
 mod conntrackd;
 mod flows;
+mod locks;
 mod scale;
 
 use std::{
@@ -87,13 +88,17 @@ fn applied(n: &BenchNode) -> u64 {
 
 const USAGE: &str =
     "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
-       sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]";
+       sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
+       sync-bench --locks [--json]";
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.iter().any(|a| a == "-h" || a == "--help") {
         println!("{USAGE}");
         return Ok(());
+    }
+    if argv.iter().any(|a| a == "--locks") {
+        return locks::run(argv.iter().any(|a| a == "--json"));
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
