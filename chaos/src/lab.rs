@@ -1394,6 +1394,14 @@ impl Lab {
         Ok(())
     }
 
+    /// A command of the router's BIRD (birdc on its control socket).
+    fn router_birdc(&self, cmd: &str) -> Result<String> {
+        let ctl = self.spec.dir.join("router.ctl");
+        Ok(self
+            .router
+            .exec(&["birdc", "-s", ctl.to_str().unwrap_or_default(), cmd])?)
+    }
+
     /// The router's BGP sessions to the LB nodes that are established:
     /// peer → a mark that changes whenever the session is established
     /// anew (BIRD: the `since` of `show protocols`; FRR: how many times
@@ -1402,13 +1410,7 @@ impl Lab {
         let mut out = BTreeMap::new();
         match self.router_speaker.as_ref() {
             Some(SpeakerProc::Bird(_)) => {
-                let ctl = self.spec.dir.join("router.ctl");
-                let text = self.router.exec(&[
-                    "birdc",
-                    "-s",
-                    ctl.to_str().unwrap_or_default(),
-                    "show protocols",
-                ])?;
+                let text = self.router_birdc("show protocols")?;
                 // Name Proto Table State Since Info
                 for l in text.lines() {
                     let w: Vec<&str> = l.split_whitespace().collect();
@@ -1452,13 +1454,7 @@ impl Lab {
         let mut out = Vec::new();
         match self.router_speaker.as_ref() {
             Some(SpeakerProc::Bird(_)) => {
-                let ctl = self.spec.dir.join("router.ctl");
-                let text = self.router.exec(&[
-                    "birdc",
-                    "-s",
-                    ctl.to_str().unwrap_or_default(),
-                    &format!("show route all {VIP_CIDR}"),
-                ])?;
+                let text = self.router_birdc(&format!("show route all {VIP_CIDR}"))?;
                 let mut via: Option<IpAddr> = None;
                 for l in text.lines().map(str::trim) {
                     if let Some(rest) = l.strip_prefix("via ") {

@@ -45,6 +45,26 @@ fn bird(ns: &NetNs, dir: &std::path::Path, name: &str, conf: &str) -> Daemon {
     Daemon(pid)
 }
 
+/// The announcer of the static protocol `vip` of the BIRD `lb` in `dir`,
+/// with the state file `state`.
+fn vip_bird(dir: &std::path::Path, state: &std::path::Path) -> Bird {
+    Bird::new(
+        dir.join("lb.ctl"),
+        vec!["vip".into()],
+        None,
+        Some(state.to_path_buf()),
+    )
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "t09 runs BIRD in network namespaces: run as root"
+    );
+}
+
 fn route(router: &NetNs) -> Option<String> {
     router
         .ip("route show 10.200.0.0/24")
@@ -62,12 +82,7 @@ fn wait(what: &str, f: impl Fn() -> bool) {
 
 #[test]
 fn t09_bird_announce_and_withdraw() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "t09 runs BIRD in network namespaces: run as root"
-    );
+    require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let router = NetNs::new("hfbgpr").expect("ns");
     let lb = NetNs::new("hfbgpl").expect("ns");
@@ -101,12 +116,7 @@ fn t09_bird_announce_and_withdraw() {
             state.display()
         ),
     );
-    let b = Bird::new(
-        dir.path().join("lb.ctl"),
-        vec!["vip".into()],
-        None,
-        Some(state.clone()),
-    );
+    let b = vip_bird(dir.path(), &state);
     wait("BIRD's control socket", || b.is_announced().is_ok());
     assert!(!b.is_announced().expect("show"), "starts withdrawn");
     assert!(route(&router).is_none());
@@ -284,12 +294,7 @@ fn t09_shipped_bird_configs_parse() {
 /// telling it (what graceful restart needs before BIRD's End-of-RIB).
 #[test]
 fn t09_restarted_bird_comes_back_in_the_nodes_state() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "t09 runs BIRD in network namespaces: run as root"
-    );
+    require_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let lb = NetNs::new("hfbgps").expect("ns");
     let state = dir.path().join("state.conf");
@@ -303,12 +308,7 @@ fn t09_restarted_bird_comes_back_in_the_nodes_state() {
          protocol static vip {{ disabled HOLDFAST_WITHDRAWN; ipv4; route 10.200.0.0/24 blackhole; }}\n",
         state.display()
     );
-    let b = Bird::new(
-        dir.path().join("lb.ctl"),
-        vec!["vip".into()],
-        None,
-        Some(state.clone()),
-    );
+    let b = vip_bird(dir.path(), &state);
     let restart = |d: Daemon| -> Daemon {
         drop(d);
         wait("the old BIRD to go", || {
