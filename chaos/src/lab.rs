@@ -197,28 +197,39 @@ struct Bird {
 
 impl Bird {
     fn start(ns: &NetNs, dir: &Path, name: &str, conf: &str) -> Result<Self> {
-        Self::start_with(ns, dir, name, conf, &[])
+        let me = Self {
+            pid_file: dir.join(format!("{name}.bird.pid")),
+        };
+        me.spawn(ns, dir, name, conf, &[])?;
+        Ok(me)
     }
 
-    /// Start BIRD with extra command-line arguments (`-R`: graceful
-    /// restart recovery).
-    fn start_with(ns: &NetNs, dir: &Path, name: &str, conf: &str, args: &[&str]) -> Result<Self> {
+    /// Write the config, start BIRD `name` with it (and extra arguments:
+    /// `-R`, graceful restart recovery) and wait for its pid file and
+    /// control socket.
+    fn spawn(&self, ns: &NetNs, dir: &Path, name: &str, conf: &str, args: &[&str]) -> Result<()> {
         let c = dir.join(format!("{name}.bird.conf"));
-        let pid_file = dir.join(format!("{name}.bird.pid"));
+        let ctl = dir.join(format!("{name}.ctl"));
+        let _ = std::fs::remove_file(&ctl);
         let log = dir.join(format!("{name}.bird.log"));
         std::fs::write(&c, conf)?;
-        let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(&self.pid_file);
         let st = ns
             .command("bird")?
             .arg("-c")
             .arg(&c)
             .arg("-s")
-            .arg(dir.join(format!("{name}.ctl")))
+            .arg(&ctl)
             .arg("-P")
-            .arg(&pid_file)
+            .arg(&self.pid_file)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
+            .stdout(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
             .stderr(std::fs::File::options().append(true).open(&log)?)
             .status()
             .context("running bird (bird2 must be installed: scripts/install-deps.sh)")?;
@@ -229,11 +240,36 @@ impl Bird {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        let me = Self { pid_file };
-        wait_until("BIRD's pid file", Duration::from_secs(5), || {
-            Ok(me.pid().is_some())
+        wait_until(
+            "BIRD's pid file and control socket",
+            Duration::from_secs(5),
+            || Ok(self.pid().is_some() && ctl.exists()),
+        )?;
+        Ok(())
+    }
+
+    /// Restart BIRD `name` the way an upgrade does: `birdc graceful
+    /// restart` (sessions closed without a notification, so a router that
+    /// does graceful restart keeps the routes), then `bird -R` (recovery:
+    /// End-of-RIB only once its routes are in), with `conf`.
+    fn restart_gracefully(&self, ns: &NetNs, dir: &Path, name: &str, conf: &str) -> Result<()> {
+        let ctl = dir.join(format!("{name}.ctl"));
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("BIRD {name} has no pid"))?;
+        let out = ns.exec(&[
+            "birdc",
+            "-s",
+            ctl.to_str().unwrap_or_default(),
+            "graceful restart",
+        ])?;
+        if !out.contains("Graceful restart") {
+            bail!("BIRD refused the graceful restart: {out}");
+        }
+        wait_until("BIRD to exit", Duration::from_secs(10), || {
+            Ok(netns::daemon_gone(pid))
         })?;
-        Ok(me)
+        self.spawn(ns, dir, name, conf, &["-R"])
     }
 
     fn pid(&self) -> Option<i32> {
@@ -386,6 +422,17 @@ pub fn wait_until(
     }
 }
 
+/// The next hops in the output of `ip route show PREFIX`.
+pub fn nexthops_of(ip_route: &str) -> Vec<IpAddr> {
+    ip_route
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .filter_map(|w| w[1].parse().ok())
+        .collect()
+}
+
 fn router_conf(nodes: usize) -> String {
     let tpl = include_str!("../../deploy/bird/tor.bird.conf");
     let mut out = String::new();
@@ -437,6 +484,24 @@ fn lb_bird_conf(i: usize, snat_routes: &Path, state: &Path, graceful_restart: bo
             "/run/bird/holdfast-state.conf",
             &state.display().to_string(),
         )
+}
+
+/// LB node `i`'s BIRD config, with the files it includes that the node
+/// writes (its own SNAT routes: none until it writes them; its state:
+/// withdrawn until it says otherwise) made first if missing.
+fn lb_bird_setup(dir: &Path, i: usize, graceful_restart: bool) -> Result<String> {
+    let routes = dir.join("bird-snat.conf");
+    if !routes.exists() {
+        std::fs::write(&routes, holdfast_bgp::render_own_routes(&[], true))?;
+    }
+    let state = dir.join("bird-state.conf");
+    if !state.exists() {
+        std::fs::write(
+            &state,
+            holdfast_bgp::render_state(false, &Default::default()),
+        )?;
+    }
+    Ok(lb_bird_conf(i, &routes, &state, graceful_restart))
 }
 
 /// LB node `i`'s BFD-only BIRD: deploy/bird/lb-node-bfd.bird.conf.
@@ -888,19 +953,6 @@ impl Lab {
         if n.speaker.is_none() {
             n.speaker = Some(match self.spec.bgp {
                 Speaker::Bird => {
-                    // The node's own SNAT routes: none until it writes
-                    // them; withdrawn until it says otherwise.
-                    let routes = n.dir.join("bird-snat.conf");
-                    if !routes.exists() {
-                        std::fs::write(&routes, holdfast_bgp::render_own_routes(&[], true))?;
-                    }
-                    let state = n.dir.join("bird-state.conf");
-                    if !state.exists() {
-                        std::fs::write(
-                            &state,
-                            holdfast_bgp::render_state(false, &Default::default()),
-                        )?;
-                    }
                     if n.bfd.is_none() {
                         n.bfd = Some(Bird::start(&n.ns, &n.dir, "bfd", &lb_bfd_conf(i))?);
                     }
@@ -908,13 +960,8 @@ impl Lab {
                         &n.ns,
                         &n.dir,
                         "bird",
-                        &lb_bird_conf(i, &routes, &state, self.spec.graceful_restart),
+                        &lb_bird_setup(&n.dir, i, self.spec.graceful_restart)?,
                     )?;
-                    // The pid/ctl names follow Bird::start's scheme.
-                    let ctl = n.dir.join("bird.ctl");
-                    wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
-                        Ok(ctl.exists())
-                    })?;
                     SpeakerProc::Bird(bird)
                 }
                 Speaker::Frr => SpeakerProc::Frr(Frr::start(
@@ -1004,10 +1051,7 @@ impl Lab {
 
     /// Restart LB node `i`'s BGP speaker the way an upgrade does, the rest
     /// of the node (holdfast-node, the datapath, BFD) left running. BIRD:
-    /// `birdc graceful restart` (sessions closed without a notification,
-    /// so a router that does graceful restart keeps the routes), then
-    /// `bird -R` (recovery: End-of-RIB only once its routes are in). FRR:
-    /// bgpd stopped (SIGTERM: with graceful restart it leaves without a
+    /// [`Bird::restart_gracefully`]. FRR: bgpd stopped (SIGTERM: with graceful restart it leaves without a
     /// hard notification) and started again with its part of the saved
     /// frr.conf; bfdd and zebra stay. Returns how long the speaker was
     /// away (stop to started).
@@ -1017,39 +1061,7 @@ impl Lab {
         let t0 = Instant::now();
         match n.speaker.as_ref() {
             Some(SpeakerProc::Bird(b)) => {
-                let ctl = n.dir.join("bird.ctl");
-                let pid = b
-                    .pid()
-                    .ok_or_else(|| anyhow!("node {i}'s BIRD has no pid"))?;
-                let out = n.ns.exec(&[
-                    "birdc",
-                    "-s",
-                    ctl.to_str().unwrap_or_default(),
-                    "graceful restart",
-                ])?;
-                if !out.contains("Graceful restart") {
-                    bail!("BIRD refused the graceful restart: {out}");
-                }
-                wait_until("BIRD to exit", Duration::from_secs(10), || {
-                    Ok(netns::daemon_gone(pid))
-                })?;
-                let _ = std::fs::remove_file(&ctl);
-                let routes = n.dir.join("bird-snat.conf");
-                let state = n.dir.join("bird-state.conf");
-                let bird = Bird::start_with(
-                    &n.ns,
-                    &n.dir,
-                    "bird",
-                    &lb_bird_conf(i, &routes, &state, gr),
-                    &["-R"],
-                )?;
-                // The old Bird must not kill the new one's pid on drop.
-                if let Some(SpeakerProc::Bird(old)) = n.speaker.replace(SpeakerProc::Bird(bird)) {
-                    std::mem::forget(old);
-                }
-                wait_until("the LB node's BIRD socket", Duration::from_secs(5), || {
-                    Ok(ctl.exists())
-                })?;
+                b.restart_gracefully(&n.ns, &n.dir, "bird", &lb_bird_setup(&n.dir, i, gr)?)?;
             }
             Some(SpeakerProc::Frr(f)) => {
                 f.restart_daemon(&n.ns, &n.dir, "bgpd", libc::SIGTERM)?;
@@ -1498,14 +1510,9 @@ impl Lab {
 
     fn nexthops(&self, prefix: &str) -> Result<Vec<IpAddr>> {
         let family = if prefix.contains(':') { "-6" } else { "-4" };
-        let out = self.router.ip(&format!("{family} route show {prefix}"))?;
-        Ok(out
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok())
-            .collect())
+        Ok(nexthops_of(
+            &self.router.ip(&format!("{family} route show {prefix}"))?,
+        ))
     }
 
     /// Wait until the router's ECMP routes (IPv4 and IPv6) are exactly

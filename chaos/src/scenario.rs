@@ -1099,7 +1099,6 @@ impl RouteWatch {
         let handle = std::thread::spawn(move || {
             let (mut total, mut longest) = (Duration::ZERO, Duration::ZERO);
             let mut missing_since: Option<Instant> = None;
-            let needle = format!("via {addr} ");
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let out = std::process::Command::new("ip")
                     .args(["-n", &router, "route", "show", lab::VIP_CIDR])
@@ -1107,7 +1106,7 @@ impl RouteWatch {
                     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                     .unwrap_or_default();
                 let now = Instant::now();
-                match (out.contains(&needle), missing_since) {
+                match (lab::nexthops_of(&out).contains(&addr), missing_since) {
                     (false, None) => missing_since = Some(now),
                     (true, Some(t)) => {
                         total += now - t;

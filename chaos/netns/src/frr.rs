@@ -152,36 +152,30 @@ impl Frr {
             Duration::from_secs(5),
             || vty.exists(),
         )?;
-        let out = ns
-            .command("vtysh")?
-            .args(["-N", &self.name, "-b", "-d", d])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| fail("vtysh -b", e.to_string()))?;
-        if !out.status.success() {
-            return Err(fail(
-                format!("vtysh -b -d {d}"),
-                String::from_utf8_lossy(&out.stdout).into_owned()
-                    + &String::from_utf8_lossy(&out.stderr),
-            ));
-        }
-        Ok(())
+        self.configure(ns, &["-b", "-d", d])
     }
 
     /// Apply a configuration file to the running instance (`vtysh -f`):
     /// Err with FRR's answer if it refuses a line.
     pub fn apply(&self, ns: &NetNs, conf: &Path) -> Result<()> {
+        self.configure(ns, &["-f", &conf.display().to_string()])
+    }
+
+    /// vtysh in this instance with `args` that configure it: Err with
+    /// FRR's answer if it fails or refuses a line (`% ...`).
+    fn configure(&self, ns: &NetNs, args: &[&str]) -> Result<()> {
+        let what = format!("vtysh {}", args.join(" "));
         let out = ns
             .command("vtysh")?
-            .args(["-N", &self.name, "-f"])
-            .arg(conf)
+            .args(["-N", &self.name])
+            .args(args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| fail("vtysh -f", e.to_string()))?;
+            .map_err(|e| fail(what.clone(), e.to_string()))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() || text.lines().any(|l| l.trim_start().starts_with('%')) {
-            return Err(fail(format!("vtysh -f {}", conf.display()), text));
+            return Err(fail(what, text));
         }
         Ok(())
     }

@@ -118,6 +118,16 @@ impl Bird {
         Ok(changed)
     }
 
+    /// `configure`: BIRD reads its config files again (a refused config
+    /// is an 8xxx reply: an error here).
+    fn reconfigure(&self) -> Result<()> {
+        let lines = self.command("configure")?;
+        if lines.iter().any(|l| l.starts_with("0006")) {
+            bail!("BIRD ignored the new config: {}", lines.join(" / "));
+        }
+        Ok(())
+    }
+
     /// Run one CLI command; the reply lines, or the error BIRD gave.
     pub fn command(&self, cmd: &str) -> Result<Vec<String>> {
         let mut s = UnixStream::connect(&self.ctl).with_context(|| {
@@ -258,18 +268,6 @@ impl Announcer for Bird {
             }
         }
         Ok(true)
-    }
-}
-
-impl Bird {
-    /// `configure`: BIRD reads its config files again (a refused config
-    /// is an 8xxx reply: an error here).
-    fn reconfigure(&self) -> Result<()> {
-        let lines = self.command("configure")?;
-        if lines.iter().any(|l| l.starts_with("0006")) {
-            bail!("BIRD ignored the new config: {}", lines.join(" / "));
-        }
-        Ok(())
     }
 }
 

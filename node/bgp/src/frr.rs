@@ -124,24 +124,27 @@ fn parse_statements(running: &str, asn: u32) -> Result<BTreeSet<(Prefix, bool)>>
     Ok(out)
 }
 
-/// The vtysh commands that add (or with `no`, remove) `networks`.
-pub fn network_commands(asn: u32, networks: &[Prefix], no: bool) -> Vec<String> {
+/// The vtysh commands that add the statements of `add` (naming the
+/// node's route-map) and remove those of `remove`, in one session.
+pub fn network_commands(asn: u32, add: &[Prefix], remove: &[Prefix]) -> Vec<String> {
     let mut cmds = vec![
         "configure terminal".to_string(),
         format!("router bgp {asn}"),
     ];
     for (af, v4) in [("ipv4", true), ("ipv6", false)] {
-        let nets: Vec<&Prefix> = networks.iter().filter(|p| p.0.is_ipv4() == v4).collect();
-        if nets.is_empty() {
+        let family = |ps: &[Prefix]| -> Vec<Prefix> {
+            ps.iter().filter(|p| p.0.is_ipv4() == v4).copied().collect()
+        };
+        let (plus, minus) = (family(add), family(remove));
+        if plus.is_empty() && minus.is_empty() {
             continue;
         }
         cmds.push(format!("address-family {af} unicast"));
-        for (a, l) in nets {
-            cmds.push(if no {
-                format!("no network {a}/{l}")
-            } else {
-                format!("network {a}/{l} route-map {FRR_ROUTE_MAP}")
-            });
+        for (a, l) in plus {
+            cmds.push(format!("network {a}/{l} route-map {FRR_ROUTE_MAP}"));
+        }
+        for (a, l) in minus {
+            cmds.push(format!("no network {a}/{l}"));
         }
         cmds.push("exit-address-family".into());
     }
@@ -185,14 +188,18 @@ impl Frr {
         self
     }
 
-    /// Apply `cmds` (a change of the node's statements), then save the
-    /// running config if asked: a bgpd that restarts loads frr.conf, and
-    /// with it what the node announces now.
-    fn change(&self, cmds: Vec<String>) -> Result<()> {
-        self.vtysh(&cmds)?;
+    /// Apply `cmds` (a change of the node's statements or route-map) and,
+    /// if asked, save the running config in the same vtysh run: a bgpd
+    /// that restarts loads frr.conf, and with it what the node announces
+    /// now.
+    fn change(&self, mut cmds: Vec<String>) -> Result<()> {
         if self.save {
-            self.vtysh(&["write memory".into()])?;
+            if cmds.last().map(String::as_str) != Some("end") {
+                cmds.push("end".into());
+            }
+            cmds.push("write memory".into());
         }
+        self.vtysh(&cmds)?;
         Ok(())
     }
 
@@ -296,11 +303,8 @@ impl Announcer for Frr {
             .collect();
         // Host routes that are no longer the node's own.
         let stale: Vec<Prefix> = have.difference(&want).copied().collect();
-        if !add.is_empty() {
-            self.change(network_commands(self.asn, &add, false))?;
-        }
-        if !stale.is_empty() {
-            self.change(network_commands(self.asn, &stale, true))?;
+        if !add.is_empty() || !stale.is_empty() {
+            self.change(network_commands(self.asn, &add, &stale))?;
         }
         Ok(())
     }
@@ -308,7 +312,7 @@ impl Announcer for Frr {
     fn withdraw(&self) -> Result<()> {
         let have: Vec<Prefix> = self.ours()?.into_iter().collect();
         if !have.is_empty() {
-            self.change(network_commands(self.asn, &have, true))?;
+            self.change(network_commands(self.asn, &[], &have))?;
         }
         Ok(())
     }
@@ -415,8 +419,20 @@ end
     fn commands_and_bad_settings() {
         let v4 = parse_prefix("10.200.0.0/24").unwrap();
         let v6 = parse_prefix("fd00:200::/120").unwrap();
+        let v4b = parse_prefix("10.200.1.3/32").unwrap();
         assert_eq!(
-            network_commands(65100, &[v4, v6], true),
+            network_commands(65100, &[v4b], &[v4]),
+            [
+                "configure terminal",
+                "router bgp 65100",
+                "address-family ipv4 unicast",
+                "network 10.200.1.3/32 route-map HOLDFAST-EXPORT",
+                "no network 10.200.0.0/24",
+                "exit-address-family",
+            ]
+        );
+        assert_eq!(
+            network_commands(65100, &[], &[v4, v6]),
             [
                 "configure terminal",
                 "router bgp 65100",

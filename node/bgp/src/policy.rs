@@ -71,12 +71,7 @@ impl ExportPolicy {
                 "\tif net.type = {ty} then {{ if net ~ [ {addr}/{len}{{{len},{max}}} ] then {{\n"
             );
             for c in &p.communities {
-                out += &match c {
-                    Community::Standard(a, v) => format!("\t\tbgp_community.add(({a},{v}));\n"),
-                    Community::Large(a, b, c) => {
-                        format!("\t\tbgp_large_community.add(({a},{b},{c}));\n")
-                    }
-                };
+                out += &format!("\t\t{}\n", bird_add(c));
             }
             if let Some(lp) = p.local_pref {
                 out += &format!("\t\tbgp_local_pref = {lp};\n");
@@ -84,10 +79,7 @@ impl ExportPolicy {
             out += "\t} }\n";
         }
         if self.graceful_shutdown {
-            let Community::Standard(a, v) = GRACEFUL_SHUTDOWN else {
-                unreachable!("a standard community")
-            };
-            out += &format!("\tbgp_community.add(({a},{v}));\n");
+            out += &format!("\t{}\n", bird_add(&GRACEFUL_SHUTDOWN));
         }
         out += "}\n";
         out
@@ -183,6 +175,14 @@ const CATCH_ALL: u32 = 65000;
 
 fn entry_seq(i: usize) -> u32 {
     10 * (i as u32 + 1)
+}
+
+/// The BIRD statement that adds community `c` to the route.
+fn bird_add(c: &Community) -> String {
+    match c {
+        Community::Standard(a, v) => format!("bgp_community.add(({a},{v}));"),
+        Community::Large(a, b, c) => format!("bgp_large_community.add(({a},{b},{c}));"),
+    }
 }
 
 fn set_or_clear(cmds: &mut Vec<String>, what: &str, values: &[String]) {
