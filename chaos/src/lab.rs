@@ -144,6 +144,8 @@ pub struct LabSpec {
     pub graceful_restart: bool,
     /// What a drain does: withdraw, or announce with GRACEFUL_SHUTDOWN.
     pub drain: holdfast_bgp::DrainMode,
+    /// Which entries the LB nodes replicate.
+    pub sync_mode: holdfast_node::config::SyncMode,
 }
 
 impl LabSpec {
@@ -163,6 +165,7 @@ impl LabSpec {
             router: Speaker::Bird,
             graceful_restart: true,
             drain: holdfast_bgp::DrainMode::Withdraw,
+            sync_mode: Default::default(),
         }
     }
 }
@@ -903,6 +906,7 @@ impl Lab {
             },
             sync: SyncSection {
                 enabled: self.spec.sync,
+                mode: self.spec.sync_mode,
                 ..Default::default()
             },
             bgp: holdfast_bgp::BgpSection {
@@ -1003,6 +1007,20 @@ impl Lab {
             .ok_or_else(|| anyhow!("node {i} not running"))?;
         c.kill()?;
         c.wait()?;
+        Ok(())
+    }
+
+    /// SIGSTOP node `i`'s holdfast-node: the datapath goes on forwarding,
+    /// the agent does nothing (until killed).
+    pub fn pause_agent(&mut self, i: usize) -> Result<()> {
+        let c = self.lbs[i - 1]
+            .process
+            .as_ref()
+            .ok_or_else(|| anyhow!("node {i} not running"))?;
+        // SAFETY: signalling our child.
+        if unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) } != 0 {
+            bail!("SIGSTOP node {i}: {}", std::io::Error::last_os_error());
+        }
         Ok(())
     }
 

@@ -88,6 +88,18 @@ struct Size {
     /// (keep announcing with the community 65535:0).
     #[arg(long, default_value = "withdraw", value_parser = parse_drain)]
     drain: holdfast_bgp::DrainMode,
+    /// Which conntrack entries the LB nodes replicate: all, or divergent
+    /// (only those their peers' Maglev tables would not rebuild).
+    #[arg(long, default_value = "all", value_parser = parse_sync_mode)]
+    sync_mode: holdfast_node::config::SyncMode,
+}
+
+fn parse_sync_mode(s: &str) -> Result<holdfast_node::config::SyncMode, String> {
+    match s {
+        "all" => Ok(holdfast_node::config::SyncMode::All),
+        "divergent" => Ok(holdfast_node::config::SyncMode::Divergent),
+        other => Err(format!("--sync-mode is all or divergent, not {other:?}")),
+    }
 }
 
 fn parse_drain(s: &str) -> Result<holdfast_bgp::DrainMode, String> {
@@ -287,6 +299,7 @@ fn run(
                 opts.router = size.router;
                 opts.graceful_restart = size.graceful_restart;
                 opts.drain = size.drain;
+                opts.sync_mode = size.sync_mode;
                 opts.tcp6 = size.tcp6;
                 opts.udp6 = size.udp6;
                 opts.soak = Duration::from_secs_f64(size.soak_minutes * 60.0);
@@ -412,6 +425,7 @@ fn demo(size: &Size, sync: bool) -> Result<ExitCode> {
     spec.router = size.router;
     spec.graceful_restart = size.graceful_restart;
     spec.drain = size.drain;
+    spec.sync_mode = size.sync_mode;
     spec.sync = sync;
     println!(
         "Bringing up the lab: router (BIRD, ECMP, BFD), {} LB nodes (holdfast-node + BIRD), {} backends, a client ...",
@@ -555,6 +569,11 @@ fn lab_up(name: &str, size: &Size) -> Result<ExitCode> {
             if size.graceful_restart { "on" } else { "off" },
             "--drain",
             &size.drain.to_string(),
+            "--sync-mode",
+            match size.sync_mode {
+                holdfast_node::config::SyncMode::All => "all",
+                holdfast_node::config::SyncMode::Divergent => "divergent",
+            },
         ])
         .process_group(0)
         .stdin(Stdio::null())
@@ -610,6 +629,7 @@ fn keeper(name: &str, size: &Size) -> Result<ExitCode> {
     spec.router = size.router;
     spec.graceful_restart = size.graceful_restart;
     spec.drain = size.drain;
+    spec.sync_mode = size.sync_mode;
     let lab = Lab::up(spec)?;
     let traffic = Traffic::start(&lab.client, traffic_spec(size)?)?;
     traffic.mark();

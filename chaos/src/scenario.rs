@@ -23,7 +23,7 @@ use crate::{
     traffic::{FlowRecord, Traffic, TrafficReport, TrafficSpec},
 };
 
-pub const SCENARIOS: [&str; 18] = [
+pub const SCENARIOS: [&str; 20] = [
     "kill-node",
     "churn-then-kill",
     "kill-leader",
@@ -42,6 +42,8 @@ pub const SCENARIOS: [&str; 18] = [
     "config-churn",
     "drain-then-stop",
     "speaker-restart",
+    "kill-during-prepare",
+    "rapid-churn",
 ];
 
 /// Scenarios too long for `all`: run by name.
@@ -100,6 +102,8 @@ pub struct RunOpts {
     pub graceful_restart: bool,
     /// What a drain does: withdraw, or announce with GRACEFUL_SHUTDOWN.
     pub drain: holdfast_bgp::DrainMode,
+    /// Which entries the LB nodes replicate.
+    pub sync_mode: holdfast_node::config::SyncMode,
 }
 
 impl RunOpts {
@@ -122,6 +126,7 @@ impl RunOpts {
             router: Default::default(),
             graceful_restart: true,
             drain: holdfast_bgp::DrainMode::Withdraw,
+            sync_mode: Default::default(),
         }
     }
 }
@@ -142,6 +147,8 @@ pub struct ScenarioResult {
     /// Graceful restart on the LB nodes' speakers; what a drain did.
     pub graceful_restart: bool,
     pub drain: String,
+    /// "all" or "divergent": which entries the LB nodes replicated.
+    pub sync_mode: holdfast_node::config::SyncMode,
     pub tcp_total: usize,
     pub tcp_broken: usize,
     pub udp_total: usize,
@@ -371,6 +378,7 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     spec.router = opts.router;
     spec.graceful_restart = opts.graceful_restart;
     spec.drain = opts.drain;
+    spec.sync_mode = opts.sync_mode;
     let res = run_in(name, opts, spec, t0);
     match &res {
         Ok(_) => {
@@ -453,6 +461,8 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         "config-churn" => config_churn(&mut cx)?,
         "drain-then-stop" => drain_then_stop(&mut cx)?,
         "speaker-restart" => speaker_restart(&mut cx)?,
+        "kill-during-prepare" => kill_during_prepare(&mut cx)?,
+        "rapid-churn" => rapid_churn(&mut cx)?,
         "soak" => soak(&mut cx)?,
         _ => unreachable!("checked above"),
     }
@@ -521,6 +531,7 @@ fn run_in(name: &str, opts: &RunOpts, spec: LabSpec, t0: Instant) -> Result<Scen
         router: opts.router.to_string(),
         graceful_restart: opts.graceful_restart,
         drain: opts.drain.to_string(),
+        sync_mode: opts.sync_mode,
         tcp_total: report.tcp_total,
         tcp_broken: report.tcp_broken,
         udp_total: report.udp_total,
@@ -574,6 +585,84 @@ fn churn_then_kill(cx: &mut Ctx) -> Result<()> {
         cx.wait_new_leader(v, Duration::from_secs(10))?;
         cx.ms("election", t.elapsed());
     }
+    Ok(())
+}
+
+/// A node dies while a table change is being prepared. Its holdfast-node
+/// is stopped first (SIGSTOP: its datapath forwards on, the agent neither
+/// prepares nor reports), a backend is added, and the node is killed
+/// 300 ms later. With divergent replication the survivors prepare, wait
+/// for it, and switch without it once its report is stale: its flows
+/// reach them before, while they still forward with the tables those
+/// flows began under.
+fn kill_during_prepare(cx: &mut Ctx) -> Result<()> {
+    let v = cx.busiest(true)?;
+    cx.victim = Some(v);
+    cx.lab.pause_agent(v)?;
+    let spare = cx.opts.backends + 1;
+    let t = Instant::now();
+    let r = cx.lab.add_backend(spare)?;
+    cx.say(format!(
+        "node {v} stopped; added backend be{spare} (epoch {})",
+        r.epoch
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    cx.say(format!("killing LB node {v} during the prepare"));
+    cx.kill_and_reroute(v, "route")?;
+    cx.lab.wait_epoch(r.epoch, Duration::from_secs(20))?;
+    cx.ms("change_applied", t.elapsed());
+    cx.say(format!(
+        "the change was applied on the survivors {} ms after its commit",
+        t.elapsed().as_millis()
+    ));
+    Ok(())
+}
+
+/// A backend change every 200 ms for a minute (a weight toggled, a backend
+/// drained and back), while the busiest node is killed at 20 s and revived
+/// at 40 s. Every change of the tables is a table change to prepare.
+fn rapid_churn(cx: &mut Ctx) -> Result<()> {
+    let t0 = Instant::now();
+    let mut changes = 0u32;
+    let mut last_epoch = 0;
+    let mut victim = None;
+    let mut revived = false;
+    while t0.elapsed() < Duration::from_secs(60) {
+        let k = changes % 4;
+        let r = match k {
+            0 => cx.lab.set_backend_weight(2, 3)?,
+            1 => cx
+                .lab
+                .set_backend_state(1, raft_store::cluster::BackendState::Draining)?,
+            2 => cx.lab.set_backend_weight(2, 1)?,
+            _ => cx
+                .lab
+                .set_backend_state(1, raft_store::cluster::BackendState::Active)?,
+        };
+        if let Some(why) = r.rejected {
+            bail!("change {changes} refused: {why}");
+        }
+        last_epoch = r.epoch;
+        changes += 1;
+        if victim.is_none() && t0.elapsed() >= Duration::from_secs(20) {
+            let v = cx.busiest(true)?;
+            cx.say(format!("killing LB node {v} ({changes} changes so far)"));
+            cx.kill_and_reroute(v, "route_down")?;
+            victim = Some(v);
+            cx.victim = Some(v);
+        }
+        if let (Some(v), false) = (victim, revived) {
+            if t0.elapsed() >= Duration::from_secs(40) {
+                cx.say(format!("reviving LB node {v} ({changes} changes so far)"));
+                cx.lab.revive_node(v)?;
+                revived = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cx.say(format!("{changes} changes in {} s", t0.elapsed().as_secs()));
+    cx.lab.wait_epoch(last_epoch, Duration::from_secs(20))?;
+    cx.ms("churn", t0.elapsed());
     Ok(())
 }
 

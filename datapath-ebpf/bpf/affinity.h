@@ -143,7 +143,7 @@ static __noinline __u32 affinity_pick(const struct pkt *p, const struct lb_svc *
 
 	struct lb_ct_val val = {
 		.backend_id = bid,
-		.flags = LB_CT_F_AFFINITY,
+		.flags = LB_CT_F_AFFINITY | LB_CT_F_SHARED, /* always announced */
 		.origin = (__u16)lb_node_id,
 		.created_ns = now,
 		.last_seen_ns = now,

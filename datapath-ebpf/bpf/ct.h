@@ -42,11 +42,12 @@ static __always_inline struct lb_backend *backend_get(__u32 id)
 }
 
 static __always_inline struct lb_backend *maglev_pick(const struct pkt *p, const struct lb_svc *svc,
-						      __u32 *bid)
+						      __u32 *bid, __u32 *hash)
 {
 	if (svc->ring_size == 0)
 		return NULL;
-	__u32 idx = svc->ring_base + lb_flow_hash(&p->flow, lb_hash_seed) % svc->ring_size;
+	*hash = lb_flow_hash(&p->flow, lb_hash_seed);
+	__u32 idx = svc->ring_base + *hash % svc->ring_size;
 	__u32 *slot = bpf_map_lookup_elem(&lb_maglev, &idx);
 
 	if (!slot || *slot == LB_NO_BACKEND)
@@ -59,18 +60,44 @@ static __always_inline struct lb_backend *maglev_pick(const struct pkt *p, const
 }
 
 /*
- * Write a new entry for p->flow (flags `ct_flags`) and announce it. A SNAT entry (snat_port
- * != 0) carries its binding: this node's slot and the port; its ring record
- * carries the port in the key's pad (peers know every node's slot). Returns
- * the map update's result.
+ * Whether a new entry of service `svc` must be announced to peers. Always,
+ * unless the service is divergent (LB_SVC_F_DIVERGENT): then only if a
+ * peer that finds no entry could pick another backend - a SNAT entry
+ * (its binding is this node's), a backend that is not the current table's
+ * pick `mbid` (client affinity), or one the service's other table (the
+ * prepared next one, or the previous one just after a switch) would not
+ * pick. `hash` is the flow's Maglev hash.
+ */
+static __always_inline int ct_share(const struct lb_svc *svc, __u32 bid, __u32 mbid, __u32 hash,
+				    __be16 snat_port)
+{
+	if (!(svc->flags & LB_SVC_F_DIVERGENT) || snat_port || bid != mbid)
+		return 1;
+	__u32 sid = svc->id;
+	const struct lb_svc_alt *alt = bpf_map_lookup_elem(&lb_svc_alt, &sid);
+
+	if (!alt || !alt->size)
+		return 0;
+	__u32 idx = alt->base + hash % alt->size;
+	const __u32 *slot = bpf_map_lookup_elem(&lb_maglev, &idx);
+
+	return !slot || *slot != bid;
+}
+
+/*
+ * Write a new entry for p->flow (flags `ct_flags`) and, if `share`, mark it
+ * SHARED and announce it. A SNAT entry (snat_port != 0) carries its
+ * binding: this node's slot and the port; its ring record carries the port
+ * in the key's pad (peers know every node's slot). Returns the map
+ * update's result.
  */
 static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, __u16 ct_flags,
 				     struct lb_stats *st, struct lb_svc_stats *ss, __be16 snat_port,
-				     __u16 snat_slot)
+				     __u16 snat_slot, int share)
 {
 	struct lb_ct_val val = {
 		.backend_id = bid,
-		.flags = ct_flags | (snat_port ? LB_CT_F_SNAT : 0),
+		.flags = ct_flags | (snat_port ? LB_CT_F_SNAT : 0) | (share ? LB_CT_F_SHARED : 0),
 		.origin = (__u16)lb_node_id,
 		.created_ns = now,
 		.last_seen_ns = now,
@@ -81,18 +108,22 @@ static __always_inline int ct_create(const struct pkt *p, __u32 bid, __u64 now, 
 	if (err)
 		return err;
 
+	stat_add(st, LB_STAT_NEW_FLOWS, 1);
+	svc_stat_add(ss, LB_SVC_NEW_FLOWS, 1);
+	if (!share)
+		return 0;
+	/* (SHARED stays off the record: on the ring it marks an entry made
+	 * earlier and shared now, see holdfast_ct_share.) */
 	struct lb_flow_event ev = {
 		.key = p->flow,
 		.backend_id = bid,
-		.flags = val.flags | (snat_slot << 8),
+		.flags = (val.flags & ~LB_CT_F_SHARED) | (snat_slot << 8),
 		.origin = val.origin,
 		.created_ns = now,
 	};
 	ev.key.pad = snat_port;
 	if (bpf_ringbuf_output(&lb_flow_events, &ev, sizeof(ev), 0))
 		stat_add(st, LB_STAT_RING_LOST, 1);
-	stat_add(st, LB_STAT_NEW_FLOWS, 1);
-	svc_stat_add(ss, LB_SVC_NEW_FLOWS, 1);
 	return 0;
 }
 
@@ -284,9 +315,10 @@ static __always_inline int ct_hit(const struct pkt *p, struct lb_ct_val *ct, __u
 		if (p->flow.proto == IPPROTO_TCP_ && (p->tcp_flags & (TCP_FIN | TCP_RST)) &&
 		    !(ct->flags & LB_CT_F_CLOSING)) {
 			ct->flags |= LB_CT_F_CLOSING;
-			/* Own entries only: peers accept a node's events for
-			 * the entries it created. */
-			if (ct->origin == (__u16)lb_node_id)
+			/* Own shared entries only: peers accept a node's
+			 * events for the entries it created, and hold only
+			 * the shared ones. */
+			if (ct->origin == (__u16)lb_node_id && (ct->flags & LB_CT_F_SHARED))
 				ct_closing_event(&p->flow, ct, st);
 		}
 	}
@@ -312,7 +344,8 @@ enum pick_state {
 static __always_inline struct lb_backend *ct_pick(const struct pkt *p, const struct lb_svc *svc,
 						  int had_ct, struct lb_stats *st,
 						  struct lb_svc_stats *ss, __u32 *bid_out,
-						  __u64 *now_out, enum pick_state *state)
+						  __u32 *hash_out, __u64 *now_out,
+						  enum pick_state *state)
 {
 	int tcp = p->flow.proto == IPPROTO_TCP_;
 	int syn = pkt_is_syn(p);
@@ -331,7 +364,7 @@ static __always_inline struct lb_backend *ct_pick(const struct pkt *p, const str
 		}
 	}
 
-	be = maglev_pick(p, svc, &bid);
+	be = maglev_pick(p, svc, &bid, hash_out);
 	if (!be)
 		return NULL;
 	now = bpf_ktime_get_ns();

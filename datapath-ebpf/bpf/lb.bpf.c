@@ -21,6 +21,8 @@
 #include "affinity.h"
 #include "snat.h"
 #include "stats.h"
+#include "ct_apply.h"
+#include "ct_share.h"
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -767,10 +769,12 @@ int holdfast_lb(struct xdp_md *ctx)
 	if (why)
 		stat_add(st, why, 1);
 	bid = 0;
+	__u32 hash = 0;
 	enum pick_state state = PICK_ENTRY;
-	be = ct_pick(&p, svc, ct != NULL, st, ss, &bid, &now, &state);
+	be = ct_pick(&p, svc, ct != NULL, st, ss, &bid, &hash, &now, &state);
 	if (!be)
 		return drop(st, ss, LB_STAT_DROP_NO_BACKEND);
+	__u32 mbid = bid;
 	if (svc->flags & LB_SVC_F_AFFINITY) {
 		bid = affinity_pick(&p, svc, sid, now, state == PICK_ENTRY);
 		be = backend_get(bid);
@@ -789,7 +793,8 @@ int holdfast_lb(struct xdp_md *ctx)
 	/* A failed insert (map full of locked buckets) still forwards: best effort. */
 	if (state == PICK_ENTRY)
 		ct_create(&p, bid, now, (svc->flags & LB_SVC_F_AFFINITY) ? LB_CT_F_AFFINE : 0, st,
-			  ss, (__be16)binding, binding >> 16);
+			  ss, (__be16)binding, binding >> 16,
+			  ct_share(svc, bid, mbid, hash, (__be16)binding));
 	if (binding)
 		goto snat;
 	goto forward;

@@ -238,6 +238,14 @@ struct {
 	__type(value, __u32);
 } lb_src_ranges SEC(".maps");
 
+/* Per-service other Maglev table by stats slot (see struct lb_svc_alt). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct lb_svc_alt);
+} lb_svc_alt SEC(".maps");
+
 /* Per-service policy by stats slot (see struct lb_svc_policy). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

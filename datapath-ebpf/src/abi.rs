@@ -30,6 +30,10 @@ pub const CT_F_AFFINITY: u16 = 0x0008;
 /// A flow of a service with client affinity (its refreshes refresh its
 /// client's affinity entry).
 pub const CT_F_AFFINE: u16 = 0x0010;
+/// Announced to peers. A divergent service leaves it off the entries any
+/// node's tables would rebuild; on the ring it marks an entry made earlier
+/// and shared now (by the share walk).
+pub const CT_F_SHARED: u16 = 0x0020;
 /// The key pad of an affinity entry (flows' keys have pad 0).
 pub const CT_PAD_AFFINITY: u16 = 0xaff1;
 
@@ -37,6 +41,8 @@ pub const CT_PAD_AFFINITY: u16 = 0xaff1;
 pub const SVC_F_SNAT: u32 = 0x0001;
 /// `Svc::flags`: client affinity (timeout in `SvcPolicy::affinity_s`).
 pub const SVC_F_AFFINITY: u32 = 0x0002;
+/// `Svc::flags`: replicate only the entries the tables cannot rebuild.
+pub const SVC_F_DIVERGENT: u32 = 0x0004;
 /// `lb_vips` values: or'd in when the address is a node's SNAT address.
 pub const VIPS_F_SNAT: u32 = 0x8000_0000;
 
@@ -199,6 +205,51 @@ pub struct CtVal {
     /// found in (0: not checked yet; the datapath's cache, not replicated).
     pub ranges_gen: u32,
 }
+
+/// The header of a batch of peers' entries for the in-kernel apply
+/// program (`struct lb_ct_batch`): `count` (key, value) pairs follow it;
+/// the program fills in the counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtBatch {
+    pub count: u32,
+    /// Written: new, or merged into an existing entry.
+    pub applied: u32,
+    /// Already equal.
+    pub unchanged: u32,
+    /// Refused: the local entry is newer.
+    pub rejected: u32,
+    /// The map refused the write (out of memory).
+    pub failed: u32,
+    pub pad: u32,
+}
+
+/// A service's other Maglev table during a table change (`lb_svc_alt`):
+/// the prepared next one, or the previous one for a grace period after
+/// the switch. `size` 0: none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcAlt {
+    pub base: u32,
+    pub size: u32,
+}
+
+/// What one run of the share walk did (`struct lb_share_report`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShareReport {
+    /// Entries visited.
+    pub visited: u64,
+    /// Own entries announced: a service's next table sends them elsewhere.
+    pub shared: u64,
+    /// Such entries the ring had no room for (walk again once it drained).
+    pub ring_full: u64,
+}
+
+/// Bytes of one (key, value) pair in a batch.
+pub const CT_BATCH_ENTRY: usize = 72;
+/// Pairs per batch (what one page of test-run packet holds).
+pub const CT_BATCH_MAX: usize = 48;
 
 /// A new flow as the datapath created it (`last_seen_ns == created_ns`).
 #[repr(C)]
@@ -429,6 +480,9 @@ unsafe impl aya::Pod for Backend {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtVal {}
 unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for CtBatch {}
+unsafe impl aya::Pod for SvcAlt {}
+unsafe impl aya::Pod for ShareReport {}
 unsafe impl aya::Pod for Meta {}
 unsafe impl aya::Pod for IfaceSlot {}
 unsafe impl aya::Pod for Stats {}

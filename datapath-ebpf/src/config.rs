@@ -57,6 +57,11 @@ pub struct DatapathOptions {
     pub snat_port_max: u16,
     /// Source-range CIDRs of all services together (an LPM trie).
     pub max_source_ranges: u32,
+    /// Divergent replication: announce to peers only the entries that a
+    /// peer's tables would not rebuild (SNAT entries, client affinity,
+    /// entries a prepared or previous table sends elsewhere), instead of
+    /// every new entry.
+    pub divergent: bool,
 }
 
 impl Default for DatapathOptions {
@@ -81,6 +86,7 @@ impl Default for DatapathOptions {
             snat_port_min: 1024,
             snat_port_max: 65535,
             max_source_ranges: 65_536,
+            divergent: false,
         }
     }
 }

@@ -15,16 +15,26 @@ use std::{
     time::Duration,
 };
 
+use std::mem::size_of;
+
 use crate::{
     abi::{
-        Backend, CtKey, CtVal, SnatAddr, SnatRev, Svc, SvcKey, SvcPolicy, BACKEND_EMPTY,
-        CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT, FAMILY_V4, IPPROTO_TCP, SNAT_F_V4, SNAT_F_V6,
-        SNAT_SLOTS, SVC_F_AFFINITY,
+        Backend, CtBatch, CtKey, CtVal, ShareReport, SnatAddr, SnatRev, Svc, SvcKey, SvcPolicy,
+        BACKEND_EMPTY, CT_BATCH_ENTRY, CT_BATCH_MAX, CT_F_AFFINITY, CT_F_CLOSING, CT_F_SNAT,
+        FAMILY_V4, IPPROTO_TCP, SNAT_F_V4, SNAT_F_V6, SNAT_SLOTS, SVC_F_AFFINITY,
     },
     error::{Error, Result},
     maps::{M_BACKENDS, M_SERVICES, M_SNAT_ADDRS, M_SNAT_HALF_OPEN, M_SNAT_REV, M_SVC_POLICY},
     sys,
+    testrun::{run_raw, XDP_PASS},
 };
+
+/// The bytes of a plain-old-data value (a `#[repr(C)]` ABI struct).
+fn pod_bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: T is Pod (repr(C), no padding the kernel could misread, every
+    // byte initialised by its constructors), so its bytes may be read.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
 
 const MAP: &str = crate::maps::M_CONNTRACK;
 
@@ -37,6 +47,10 @@ pub(crate) struct CtMaps {
     pub snat_addrs: OwnedFd,
     pub services: OwnedFd,
     pub svc_policy: OwnedFd,
+    /// The apply program (holdfast_ct_apply).
+    pub apply: OwnedFd,
+    /// The share walk (holdfast_ct_share).
+    pub share: OwnedFd,
 }
 
 pub struct Conntrack {
@@ -47,6 +61,8 @@ pub struct Conntrack {
     snat_addrs: OwnedFd,
     services: OwnedFd,
     svc_policy: OwnedFd,
+    apply: OwnedFd,
+    share: OwnedFd,
     tcp_idle: Duration,
     tcp_closing: Duration,
     udp_idle: Duration,
@@ -59,6 +75,17 @@ pub struct Conntrack {
 struct Sweep {
     stale: HashSet<CtKey>,
     half_open: HashSet<CtKey>,
+}
+
+/// What applying peers' entries did (see [`Conntrack::apply`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyCounts {
+    /// Written: new, or merged into an existing entry.
+    pub applied: u64,
+    /// Already equal.
+    pub unchanged: u64,
+    /// Refused: the local entry is newer.
+    pub rejected: u64,
 }
 
 /// What writing a replicated SNAT entry's binding did.
@@ -101,6 +128,8 @@ impl Conntrack {
             snat_addrs: maps.snat_addrs,
             services: maps.services,
             svc_policy: maps.svc_policy,
+            apply: maps.apply,
+            share: maps.share,
             tcp_idle,
             tcp_closing,
             udp_idle,
@@ -137,6 +166,74 @@ impl Conntrack {
             }
         }
         Ok((entries.len(), None))
+    }
+
+    /// Apply peers' entries under the merge rule (bpf/ct_apply.h) in the
+    /// kernel: one BPF_PROG_TEST_RUN of the apply program per
+    /// [`CT_BATCH_MAX`] entries, instead of a syscall or more per entry.
+    pub fn apply(&self, entries: &[(CtKey, CtVal)]) -> Result<ApplyCounts> {
+        let hdr = size_of::<CtBatch>();
+        let mut buf = Vec::with_capacity(hdr + CT_BATCH_MAX * CT_BATCH_ENTRY);
+        let mut out = vec![0u8; hdr + CT_BATCH_MAX * CT_BATCH_ENTRY];
+        let mut counts = ApplyCounts::default();
+        for chunk in entries.chunks(CT_BATCH_MAX) {
+            let head = CtBatch {
+                count: chunk.len() as u32,
+                ..Default::default()
+            };
+            buf.clear();
+            buf.extend_from_slice(pod_bytes(&head));
+            for (k, v) in chunk {
+                buf.extend_from_slice(pod_bytes(k));
+                buf.extend_from_slice(pod_bytes(v));
+            }
+            let (verdict, len, _) = run_raw(self.apply.as_fd(), &buf, &mut out, 0)?;
+            if verdict != XDP_PASS || len < hdr {
+                return Err(Error::invalid(
+                    "conntrack batch",
+                    format!(
+                        "the apply program refused a batch of {} (verdict {verdict})",
+                        chunk.len()
+                    ),
+                ));
+            }
+            // SAFETY: out holds at least hdr bytes written by the kernel;
+            // CtBatch is plain old data, read unaligned.
+            let done: CtBatch = unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) };
+            if done.failed > 0 {
+                return Err(Error::Syscall {
+                    call: "BPF_PROG_TEST_RUN (apply)",
+                    map: MAP,
+                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+            counts.applied += u64::from(done.applied);
+            counts.unchanged += u64::from(done.unchanged);
+            counts.rejected += u64::from(done.rejected);
+        }
+        Ok(counts)
+    }
+
+    /// The share walk of a table change (bpf/ct_share.h): every own entry
+    /// not yet shared that its service's other table (the prepared next
+    /// one) sends to another backend is marked shared and written on the
+    /// ring, all in one walk in the kernel. If the ring was full for some
+    /// (`ring_full`), run it again once the ring drained: those stay
+    /// unmarked.
+    pub fn share(&self) -> Result<ShareReport> {
+        // The report is written over the packet (at least 14 bytes).
+        let data = [0u8; size_of::<ShareReport>()];
+        let mut out = [0u8; size_of::<ShareReport>() + 64];
+        let (verdict, len, _) = run_raw(self.share.as_fd(), &data, &mut out, 0)?;
+        if verdict != XDP_PASS || len < size_of::<ShareReport>() {
+            return Err(Error::invalid(
+                "share walk",
+                format!("the share program returned verdict {verdict}"),
+            ));
+        }
+        // SAFETY: out holds a ShareReport written by the kernel; plain old
+        // data, read unaligned.
+        Ok(unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) })
     }
 
     /// Every entry, read in batches.

@@ -21,9 +21,9 @@ use tracing::{debug, info};
 use crate::{
     abi::{
         addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, SrcRangeKey, Stats,
-        Svc, SvcKey, SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_EMPTY,
-        IFACE_PROBES, IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_AFFINITY, SVC_F_SNAT,
-        VIPS_F_SNAT, VIP_FILTER_WORDS,
+        Svc, SvcAlt, SvcKey, SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING,
+        BACKEND_EMPTY, IFACE_PROBES, IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_AFFINITY,
+        SVC_F_DIVERGENT, SVC_F_SNAT, VIPS_F_SNAT, VIP_FILTER_WORDS,
     },
     config::{BackendState, DatapathConfig, DatapathOptions, Forwarding, ServiceSpec},
     conntrack::{Conntrack, CtMaps},
@@ -34,7 +34,7 @@ use crate::{
         ensure_bpffs_dir, map_data, monotonic_now, ALL_MAPS, CLOCK_PERIOD, M_BACKENDS, M_CLOCK,
         M_CONNTRACK, M_EVENTS, M_IFACE_SLOTS, M_MAGLEV, M_META, M_NH_CACHE, M_SERVICES,
         M_SNAT_ADDRS, M_SNAT_FILTER, M_SNAT_HALF_OPEN, M_SNAT_REV, M_SRC_RANGES, M_STATS,
-        M_SVC_POLICY, M_SVC_STATS, M_VIPS, M_VIP_FILTER,
+        M_SVC_ALT, M_SVC_POLICY, M_SVC_STATS, M_VIPS, M_VIP_FILTER,
     },
     prog::{self, ifindex, percpu_sum, xdp, xdp_mut, AttachMode},
     ranges::RangesState,
@@ -47,6 +47,12 @@ pub(crate) static LB_OBJ: &[u8] =
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "holdfast_lb";
+/// The share walk of a table change (bpf/ct_share.h), run by
+/// [`Conntrack::share`], never attached.
+pub const SHARE_PROGRAM: &str = "holdfast_ct_share";
+/// The program that applies peers' entries under the merge rule
+/// (bpf/ct_apply.h), run by [`Conntrack::apply`], never attached.
+pub const APPLY_PROGRAM: &str = "holdfast_ct_apply";
 
 /// Publishes CLOCK_MONOTONIC into the program's `lb_clock` every
 /// [`CLOCK_PERIOD`] from a thread of its own, until dropped.
@@ -142,7 +148,55 @@ pub struct Datapath {
     /// What the SNAT maps hold (see `snat.rs`).
     pub(crate) snat: SnatState,
     ranges: RangesState,
+    /// What `lb_svc_alt` holds, by service slot (see [`Datapath::prepare`]).
+    alts: HashMap<u32, Alt>,
     _clock: ClockPublisher,
+}
+
+/// A service's other table (`lb_svc_alt`) and why it is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Alt {
+    table: SvcAlt,
+    /// Prepared: the next table; else the previous one, until
+    /// [`Datapath::end_grace`].
+    prepared: bool,
+}
+
+/// A service's Maglev table: its active backends by weight.
+fn service_table(svc: &ServiceSpec) -> Result<Vec<u32>> {
+    build_table(
+        &svc.backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| MaglevBackend {
+                id: b.id,
+                weight: b.weight,
+            })
+            .collect::<Vec<_>>(),
+        svc.table_size,
+    )
+}
+
+/// A duplicate of a loaded program's file descriptor.
+fn prog_fd(prog: &Xdp, name: &'static str) -> Result<std::os::fd::OwnedFd> {
+    prog.fd()
+        .map_err(Error::program(name))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::Syscall {
+            call: "dup",
+            map: name,
+            source,
+        })
+}
+
+/// What one [`Datapath::prepare`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrepareReport {
+    /// Services whose next table is now their other table.
+    pub services: usize,
+    /// Maglev slots written.
+    pub slots_written: usize,
 }
 
 /// The VIP prefilter words with the bits of these addresses set.
@@ -195,6 +249,7 @@ impl Datapath {
             .map_max_entries(M_EVENTS, opts.ring_bytes)
             .map_max_entries(M_SVC_STATS, opts.max_services)
             .map_max_entries(M_SVC_POLICY, opts.max_services)
+            .map_max_entries(M_SVC_ALT, opts.max_services)
             .map_max_entries(M_SRC_RANGES, opts.max_source_ranges)
             .map_max_entries(M_SNAT_REV, opts.snat_size)
             .map_max_entries(M_SNAT_HALF_OPEN, opts.snat_half_open_size)
@@ -226,6 +281,12 @@ impl Datapath {
         })?;
         let lb = xdp_mut(&mut bpf, PROGRAM)?;
         prog::verify(PROGRAM, || lb.load())?;
+        let apply = xdp_mut(&mut bpf, APPLY_PROGRAM)?;
+        prog::verify(APPLY_PROGRAM, || apply.load())?;
+        let apply_fd = prog_fd(apply, APPLY_PROGRAM)?;
+        let share = xdp_mut(&mut bpf, SHARE_PROGRAM)?;
+        prog::verify(SHARE_PROGRAM, || share.load())?;
+        let share_fd = prog_fd(share, SHARE_PROGRAM)?;
         let maglev = sys::MmapU32Array::map(map_data(&bpf, M_MAGLEV)?.fd().as_fd(), maglev_slots)
             .map_err(|source| match (&opts.pin_dir, adopted) {
             (Some(dir), true) => Error::Pinned {
@@ -272,6 +333,8 @@ impl Datapath {
                 snat_addrs: dup(M_SNAT_ADDRS)?,
                 services: dup(M_SERVICES)?,
                 svc_policy: dup(M_SVC_POLICY)?,
+                apply: apply_fd,
+                share: share_fd,
             },
             opts.tcp_idle_timeout,
             opts.tcp_closing_timeout,
@@ -291,6 +354,7 @@ impl Datapath {
             vip_filter: Vec::new(),
             snat: SnatState::default(),
             ranges: RangesState::default(),
+            alts: HashMap::new(),
             _clock: clock,
         };
         if adopted {
@@ -299,6 +363,10 @@ impl Datapath {
         dp.init_meta()?;
         dp.check_array_sizes()?;
         dp.recover_state()?;
+        // No table change outlives the process that prepared it.
+        for slot in 0..dp.opts.max_services {
+            dp.write_alt(slot, SvcAlt::default())?;
+        }
         info!(
             adopted,
             services = dp.slots.len(),
@@ -473,6 +541,11 @@ impl Datapath {
         Ok(map_data(&self.bpf, map)?.fd().as_fd())
     }
 
+    /// The config this process last applied (None after load or adopt).
+    pub fn applied_config(&self) -> Option<&DatapathConfig> {
+        self.applied.as_ref()
+    }
+
     pub fn options(&self) -> &DatapathOptions {
         &self.opts
     }
@@ -487,6 +560,11 @@ impl Datapath {
     }
 
     /// The loaded XDP program (for BPF_PROG_TEST_RUN and pinning).
+    /// The apply program (tests run raw batches through it).
+    pub fn apply_program(&self) -> &Xdp {
+        xdp(&self.bpf, APPLY_PROGRAM)
+    }
+
     pub fn program(&self) -> &Xdp {
         xdp(&self.bpf, PROGRAM)
     }
@@ -707,6 +785,101 @@ impl Datapath {
         r
     }
 
+    /// Prepare a table change (divergent replication's first phase): each
+    /// service of `cfg` that exists now and whose table `cfg` changes gets
+    /// its next table written into its inactive region, which becomes the
+    /// service's other table (`lb_svc_alt`). Nothing is switched: packets
+    /// still follow the current tables, but from now on a new entry the
+    /// next table sends elsewhere is shared at once, and
+    /// [`Conntrack::share`] finds the existing ones. [`Datapath::apply`]
+    /// with the same config then switches without rewriting the tables.
+    pub fn prepare(&mut self, cfg: &DatapathConfig) -> Result<PrepareReport> {
+        cfg.validate(&self.opts)?;
+        let mut report = PrepareReport::default();
+        let prev: HashMap<SvcKey, &ServiceSpec> = self
+            .applied
+            .as_ref()
+            .map(|a| {
+                a.services
+                    .iter()
+                    .map(|s| (SvcKey::new(s.vip, s.port, s.proto.number()), s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut writes = Vec::new();
+        for svc in &cfg.services {
+            let key = SvcKey::new(svc.vip, svc.port, svc.proto.number());
+            // A new service has no entries to share.
+            let Some(slot) = self.slots.get(&key).copied() else {
+                continue;
+            };
+            let table = service_table(svc)?;
+            if prev.get(&key).is_some_and(|p| {
+                p.table_size == svc.table_size && service_table(p).ok().as_ref() == Some(&table)
+            }) {
+                continue; // the table does not change
+            }
+            let half = 1 - slot.half.min(1);
+            let base = (2 * slot.id + half) * self.opts.max_table_size;
+            writes.push((slot.id, base, svc.table_size, table));
+        }
+        for (id, base, size, table) in writes {
+            // Not the other table while it is rewritten.
+            if self.alts.get(&id).is_some_and(|a| a.table.base == base) {
+                self.write_alt(id, SvcAlt::default())?;
+            }
+            report.slots_written += self.maglev.write_diff(base, &table);
+            self.write_alt(id, SvcAlt { base, size })?;
+            self.alts.get_mut(&id).expect("just written").prepared = true;
+            report.services += 1;
+        }
+        Ok(report)
+    }
+
+    /// End the grace period after a switch: no service has an other table
+    /// but the prepared ones.
+    pub fn end_grace(&mut self) -> Result<()> {
+        let grace: Vec<u32> = self
+            .alts
+            .iter()
+            .filter(|(_, a)| !a.prepared)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in grace {
+            self.write_alt(id, SvcAlt::default())?;
+        }
+        Ok(())
+    }
+
+    /// Services with an other table: (prepared, previous).
+    pub fn alt_tables(&self) -> (usize, usize) {
+        let prepared = self.alts.values().filter(|a| a.prepared).count();
+        (prepared, self.alts.len() - prepared)
+    }
+
+    /// Set service slot `id`'s other table (size 0: none).
+    fn write_alt(&mut self, id: u32, alt: SvcAlt) -> Result<()> {
+        let mut arr: Array<&mut MapData, SvcAlt> = Array::try_from(
+            self.bpf
+                .map_mut(M_SVC_ALT)
+                .ok_or(Error::MissingMap { map: M_SVC_ALT })?,
+        )
+        .map_err(Error::map(M_SVC_ALT))?;
+        arr.set(id, alt, 0).map_err(Error::map(M_SVC_ALT))?;
+        if alt.size == 0 {
+            self.alts.remove(&id);
+        } else {
+            self.alts.insert(
+                id,
+                Alt {
+                    table: alt,
+                    prepared: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
     fn apply_validated(&mut self, cfg: &DatapathConfig) -> Result<ApplyReport> {
         let mut report = ApplyReport {
             epoch: cfg.epoch,
@@ -806,17 +979,7 @@ impl Datapath {
             if existing.is_some() && prev.get(&key) == Some(svc) {
                 continue; // unchanged since our last apply
             }
-            let table = build_table(
-                &svc.backends
-                    .iter()
-                    .filter(|b| b.state == BackendState::Active)
-                    .map(|b| MaglevBackend {
-                        id: b.id,
-                        weight: b.weight,
-                    })
-                    .collect::<Vec<_>>(),
-                svc.table_size,
-            )?;
+            let table = service_table(svc)?;
             let slot = match existing {
                 Some(s) => Slot {
                     id: s.id,
@@ -846,10 +1009,29 @@ impl Datapath {
                 crate::ranges::set_affinity(&mut self.bpf, slot.id, secs)?;
             }
             let base = (2 * slot.id + slot.half) * self.opts.max_table_size;
+            // The region may be the service's other table: the prepared
+            // one (then it holds this table already, and stays the other
+            // table up to the switch), or the previous one (no longer
+            // compared with once it is rewritten).
+            let prepared = SvcAlt {
+                base,
+                size: svc.table_size,
+            };
+            if self.alts.get(&slot.id).is_some_and(|a| {
+                a.table.base == base
+                    && (a.table != prepared || self.maglev.read(base, svc.table_size) != table)
+            }) {
+                self.write_alt(slot.id, SvcAlt::default())?;
+            }
             // Write only what differs from the region's current content
             // (Maglev moves ~1/N of the slots when a backend changes); the
             // region is not in use (the service points at the other half).
             report.slots_written += self.maglev.write_diff(base, &table);
+            let divergent = if self.opts.divergent {
+                SVC_F_DIVERGENT
+            } else {
+                0
+            };
             self.services_map()?
                 .insert(
                     key,
@@ -862,7 +1044,7 @@ impl Datapath {
                             SVC_F_AFFINITY
                         } else {
                             0
-                        },
+                        } | divergent,
                         ring_base: base,
                         ring_size: svc.table_size,
                     },
@@ -871,6 +1053,19 @@ impl Datapath {
                 .map_err(Error::map(M_SERVICES))?;
             if svc.affinity_timeout_s.is_none() {
                 crate::ranges::set_affinity(&mut self.bpf, slot.id, 0)?;
+            }
+            // Divergent: the table before stays the other table for a
+            // grace period (nodes switch a few milliseconds apart; a new
+            // entry that the previous table sends elsewhere is shared).
+            let previous = match (existing, prev.get(&key)) {
+                (Some(old), Some(old_svc)) if self.opts.divergent => SvcAlt {
+                    base: (2 * old.id + old.half) * self.opts.max_table_size,
+                    size: old_svc.table_size,
+                },
+                _ => SvcAlt::default(),
+            };
+            if previous.size > 0 || self.alts.contains_key(&slot.id) {
+                self.write_alt(slot.id, previous)?;
             }
             self.slots.insert(key, slot);
             report.tables_written += 1;
@@ -905,6 +1100,7 @@ impl Datapath {
                 .remove(&key)
                 .map_err(Error::map(M_SERVICES))?;
             self.slots.remove(&key);
+            self.write_alt(slot.id, SvcAlt::default())?;
             self.ranges
                 .set(&mut self.bpf, slot.id, Default::default())?;
             crate::ranges::set_affinity(&mut self.bpf, slot.id, 0)?;

@@ -32,13 +32,14 @@ pub(crate) const M_SNAT_OWN: &str = "lb_snat_own";
 pub(crate) const M_SNAT_FILTER: &str = "lb_snat_filter";
 pub(crate) const M_SRC_RANGES: &str = "lb_src_ranges";
 pub(crate) const M_SVC_POLICY: &str = "lb_svc_policy";
+pub(crate) const M_SVC_ALT: &str = "lb_svc_alt";
 /// Not pinned: each process publishes its own clock to its own program.
 pub(crate) const M_CLOCK: &str = "lb_clock";
 /// How often the agent publishes CLOCK_MONOTONIC into `lb_clock`.
 pub const CLOCK_PERIOD: Duration = Duration::from_millis(2);
 
 /// The maps pinned with `pin_dir` (a restart adopts them).
-pub(crate) const ALL_MAPS: [&str; 18] = [
+pub(crate) const ALL_MAPS: [&str; 19] = [
     M_SERVICES,
     M_VIPS,
     M_BACKENDS,
@@ -57,6 +58,7 @@ pub(crate) const ALL_MAPS: [&str; 18] = [
     M_SNAT_FILTER,
     M_SRC_RANGES,
     M_SVC_POLICY,
+    M_SVC_ALT,
 ];
 
 /// bpffs magic (statfs f_type).

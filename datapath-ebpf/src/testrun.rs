@@ -99,17 +99,35 @@ pub fn run_fd(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> Result<RunRes
         ));
     }
     let mut out = vec![0u8; frame.len() + 512];
+    let (verdict, len, duration) = run_raw(prog, frame, &mut out, ifindex)?;
+    out.truncate(len);
+    Ok(RunResult {
+        verdict,
+        frame: out,
+        duration,
+    })
+}
+
+/// One BPF_PROG_TEST_RUN of `prog` on `data` (at least 14 bytes), the
+/// packet as the program left it written to `out`: its verdict, the
+/// packet's length and the kernel's measured time.
+pub(crate) fn run_raw(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out: &mut [u8],
+    ifindex: u32,
+) -> Result<(u32, usize, Duration)> {
     let ctx = XdpMd {
         data: 0,
-        data_end: frame.len() as u32,
+        data_end: data.len() as u32,
         ingress_ifindex: ifindex,
         ..Default::default()
     };
     let mut attr = TestAttr {
         prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
+        data_size_in: data.len() as u32,
         data_size_out: out.len() as u32,
-        data_in: frame.as_ptr() as u64,
+        data_in: data.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
         repeat: 1,
         ..Default::default()
@@ -135,12 +153,11 @@ pub fn run_fd(prog: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> Result<RunRes
             source: std::io::Error::last_os_error(),
         });
     }
-    out.truncate(attr.data_size_out as usize);
-    Ok(RunResult {
-        verdict: attr.retval,
-        frame: out,
-        duration: Duration::from_nanos(u64::from(attr.duration)),
-    })
+    Ok((
+        attr.retval,
+        (attr.data_size_out as usize).min(out.len()),
+        Duration::from_nanos(u64::from(attr.duration)),
+    ))
 }
 
 /// A loaded trivial XDP program: the benchmark's baseline, and the program

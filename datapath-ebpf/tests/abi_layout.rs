@@ -180,6 +180,19 @@ fn check_all(obj: &[u8], structs: &[&str]) {
                 [key, backend_id, flags, origin, created_ns]
             ),
             "lb_meta" => check_struct!(btf, "lb_meta", Meta, [epoch, abi_version, max_table]),
+            "lb_svc_alt" => check_struct!(btf, "lb_svc_alt", SvcAlt, [base, size]),
+            "lb_share_report" => check_struct!(
+                btf,
+                "lb_share_report",
+                ShareReport,
+                [visited, shared, ring_full]
+            ),
+            "lb_ct_batch" => check_struct!(
+                btf,
+                "lb_ct_batch",
+                CtBatch,
+                [count, applied, unchanged, rejected, failed, pad]
+            ),
             "lb_iface_slot" => {
                 check_struct!(btf, "lb_iface_slot", IfaceSlot, [ifindex, mac, flags])
             }
@@ -226,6 +239,9 @@ fn lb_structs_match_btf() {
             "lb_ct_key",
             "lb_ct_val",
             "lb_flow_event",
+            "lb_ct_batch",
+            "lb_svc_alt",
+            "lb_share_report",
             "lb_meta",
             "lb_iface_slot",
             "lb_stats",

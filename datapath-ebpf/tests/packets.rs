@@ -7,7 +7,10 @@ mod common;
 
 use common::{Fixture, NODE_ID};
 use datapath_ebpf::{
-    abi::{stat, CtKey, CtVal, SvcKey, CT_F_CLOSING, CT_F_REMOTE, IPPROTO_TCP, IPPROTO_UDP},
+    abi::{
+        stat, CtKey, CtVal, SvcKey, CT_F_CLOSING, CT_F_REMOTE, CT_F_SHARED, IPPROTO_TCP,
+        IPPROTO_UDP,
+    },
     maps::monotonic_now,
     packet::{
         eth, ipip_frame, ipv4_header, ipv6_packet, Packet, CLIENT_MAC, ETH_P_ARP, ETH_P_IP,
@@ -408,7 +411,7 @@ fn t01_ipv4_table() {
         .expect("entry of the first flow");
     assert_eq!(entry.backend_id, pick);
     assert_eq!(entry.origin, NODE_ID);
-    assert_eq!(entry.flags, 0);
+    assert_eq!(entry.flags, CT_F_SHARED, "announced to peers (all mode)");
     let now = monotonic_now().as_nanos() as u64;
     assert!(entry.created_ns <= now && now - entry.created_ns < 60_000_000_000);
 }
@@ -942,7 +945,14 @@ fn t06_ring_events_match_conntrack() {
     for (ev, k) in drained.iter().zip(&keys) {
         assert_eq!(&ev.key, k);
         let entry = fx.dp.ct_get(k).expect("ct").expect("entry");
-        assert_eq!(ev.val(), entry, "event equals the conntrack entry");
+        assert_eq!(
+            ev.val(),
+            CtVal {
+                flags: entry.flags & !CT_F_SHARED,
+                ..entry
+            },
+            "event equals the conntrack entry (SHARED marks walk records only)"
+        );
         assert_eq!(ev.origin, NODE_ID);
     }
     // A client FIN turns the entry CLOSING: one event with the flag, once.

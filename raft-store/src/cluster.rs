@@ -336,6 +336,13 @@ pub enum Command {
     ReleaseSnat {
         node_id: u64,
     },
+    /// Divergent replication: every live node has prepared the Maglev
+    /// tables of this fingerprint (and shared the entries they move); the
+    /// nodes switch to them (committed by the leader from the nodes'
+    /// reports).
+    ActivateTables {
+        fingerprint: u64,
+    },
     /// Several commands applied atomically: all of them or none.
     Batch {
         commands: Vec<Command>,
@@ -402,6 +409,10 @@ pub struct ClusterState {
     /// SNAT pools and every node's SNAT address slot.
     #[serde(default)]
     pub snat: SnatPools,
+    /// Divergent replication: the fingerprint of the Maglev tables the
+    /// leader last switched the tier to (0: none yet).
+    #[serde(default)]
+    pub tables_active: u64,
 }
 
 impl Default for ClusterState {
@@ -417,6 +428,7 @@ impl Default for ClusterState {
             recent: VecDeque::new(),
             revoked: BTreeMap::new(),
             snat: SnatPools::default(),
+            tables_active: 0,
         }
     }
 }
@@ -702,6 +714,13 @@ impl ClusterState {
                 .remove(serial)
                 .map(|_| ())
                 .ok_or_else(|| format!("serial {serial} is not revoked")),
+            Command::ActivateTables { fingerprint } => {
+                if *fingerprint == 0 {
+                    return Err("tables fingerprint 0 names no tables".into());
+                }
+                self.tables_active = *fingerprint;
+                Ok(())
+            }
             Command::Batch { commands } => {
                 for (i, c) in commands.iter().enumerate() {
                     if matches!(c, Command::Batch { .. }) {

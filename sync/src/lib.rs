@@ -5,10 +5,11 @@
 //!
 //! - [`wire`]: the versioned, bounded wire format (bincode 2);
 //! - [`convert`]: kernel entries ↔ wire entries, monotonic ↔ Unix time;
-//! - [`merge`]: what is stored when a peer's entry meets a local one;
 //! - [`session`]: the sans-IO protocol core (batching, sequence numbers,
 //!   acks, resend, gap detection);
-//! - [`apply`]: batched, merged writes into the conntrack map.
+//! - [`apply`]: peers' entries written into the conntrack map under the
+//!   merge rule, a batch per syscall (the rule itself is the datapath's
+//!   `holdfast_ct_apply` program, bpf/ct_apply.h).
 //!
 //! - [`transport`]: the node's QUIC endpoint (mutual TLS with the cluster
 //!   CA, certificates from `holdfast-pki`), shared with Raft;
@@ -17,7 +18,6 @@
 
 pub mod apply;
 pub mod convert;
-pub mod merge;
 pub mod refresh;
 pub mod service;
 pub mod session;

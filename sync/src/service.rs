@@ -60,6 +60,8 @@ pub trait Membership: Send + Sync + 'static {
 pub struct SyncSection {
     /// Replicate new conntrack entries to peers (needs the datapath).
     pub enabled: bool,
+    /// Which entries are replicated (see [`SyncMode`]).
+    pub mode: SyncMode,
     /// Entries per batch at most.
     pub max_batch: usize,
     /// Longest an entry waits for its batch to fill.
@@ -76,6 +78,7 @@ impl Default for SyncSection {
     fn default() -> Self {
         Self {
             enabled: true,
+            mode: SyncMode::All,
             max_batch: 256,
             batch_delay_us: 100,
             max_unacked_entries: 1 << 18,
@@ -84,6 +87,33 @@ impl Default for SyncSection {
         }
     }
 }
+
+/// Which conntrack entries a node replicates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Every new entry, to every peer.
+    #[default]
+    All,
+    /// Only the entries a peer's Maglev tables would not rebuild: SNAT
+    /// entries, client affinity, and the entries a table change moves
+    /// (shared while the change is prepared, see the datapath's
+    /// `prepare` and `Conntrack::share`).
+    Divergent,
+}
+
+impl SyncMode {
+    /// Is entry `v` (of this node, `me`) one that peers hold? In `all`
+    /// mode every entry; in `divergent` mode peers' entries and own shared
+    /// ones (affinity entries are always shared).
+    pub fn replicated(self, v: &datapath_ebpf::abi::CtVal, me: u16) -> bool {
+        use datapath_ebpf::abi::{CT_F_AFFINITY, CT_F_SHARED};
+        self == SyncMode::All || v.origin != me || v.flags & (CT_F_SHARED | CT_F_AFFINITY) != 0
+    }
+}
+
+/// Ring records the consumer takes per drain at most.
+const RING_DRAIN_MAX: usize = 4096;
 
 pub const KIND_SYNC: u8 = 0x10;
 pub const KIND_SNAPSHOT: u8 = 0x11;
@@ -167,6 +197,24 @@ pub struct RefreshReport {
 enum PeerCmd {
     Entries(Arc<Vec<WireEntry>>),
     Refresh(Arc<Vec<WireEntry>>),
+    /// Answer once every entry queued before this command is acknowledged
+    /// (true), or at once if the peer is not connected (false).
+    Flush(tokio::sync::oneshot::Sender<bool>),
+}
+
+/// What [`SyncService::share_moved`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShareOutcome {
+    /// Entries the share walk announced.
+    pub shared: u64,
+    /// Entries the walk visited (all runs).
+    pub visited: u64,
+    /// Peers that acknowledged everything queued up to the walk.
+    pub acked_peers: usize,
+    /// Peers not connected (their entries wait in their queues).
+    pub away_peers: usize,
+    /// Peers that did not acknowledge within the time given.
+    pub late_peers: usize,
 }
 
 pub struct SyncService {
@@ -186,6 +234,10 @@ pub struct SyncService {
     pub metrics: SyncMetrics,
     ready: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// CLOCK_MONOTONIC (ns) at the start of the ring consumer's latest
+    /// drain that has been handed to every peer: each record written
+    /// before it is queued.
+    ring_drained_at: AtomicU64,
 }
 
 impl SyncService {
@@ -229,6 +281,7 @@ impl SyncService {
             metrics: SyncMetrics::default(),
             ready: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            ring_drained_at: AtomicU64::new(0),
         });
         let s = svc.clone();
         transport.set_stream_handler(Some(Arc::new(move |peer, kind, send, recv| {
@@ -334,7 +387,7 @@ impl SyncService {
         self.members.peers()
     }
 
-    fn broadcast(&self, cmd: impl Fn() -> PeerCmd) {
+    fn broadcast(&self, mut cmd: impl FnMut() -> PeerCmd) {
         for (peer, tx) in self.peers.lock().expect("peers").iter() {
             if tx.try_send(cmd()).is_err() {
                 // The peer's session is far behind: counted; the refresh
@@ -355,15 +408,25 @@ impl SyncService {
         let mut buf: Vec<FlowEvent> = Vec::with_capacity(4096);
         loop {
             buf.clear();
-            if let Err(e) = events.recv(&mut buf, 4096).await {
+            if let Err(e) = events.recv(&mut buf, RING_DRAIN_MAX).await {
                 warn!(error = %e, "ring buffer consumer stopped");
                 return;
             }
+            // recv may have waited: drain once more from a known time, so
+            // that `called` bounds what this batch holds.
+            let called = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
+            let room = RING_DRAIN_MAX.saturating_sub(buf.len());
+            events.drain(&mut buf, room);
             let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
             // Closing and affinity events announce an entry that saw
             // traffic just now (a FIN/RST; a client's new flow or a
-            // refresh), not a new flow's creation.
-            let announce = datapath_ebpf::abi::CT_F_CLOSING | datapath_ebpf::abi::CT_F_AFFINITY;
+            // refresh), and SHARED ones an entry made earlier that a table
+            // change moves (its last_seen is not in the record: now, which
+            // at worst keeps the peers' copy a little longer); none is a
+            // new flow's creation.
+            let announce = datapath_ebpf::abi::CT_F_CLOSING
+                | datapath_ebpf::abi::CT_F_AFFINITY
+                | datapath_ebpf::abi::CT_F_SHARED;
             self.metrics.stages.ring.observe_many(
                 buf.iter()
                     .filter(|ev| ev.flags & announce == 0)
@@ -381,7 +444,62 @@ impl SyncService {
                     .collect(),
             );
             self.broadcast(|| PeerCmd::Entries(entries.clone()));
+            // Fewer than asked for: the drain emptied the ring, so every
+            // record written before the call is queued now.
+            if buf.len() < RING_DRAIN_MAX {
+                self.ring_drained_at.store(called, Ordering::Release);
+            }
         }
+    }
+
+    /// A table change's first phase on this node, once the datapath holds
+    /// the next tables as the services' other tables (`Datapath::prepare`):
+    /// run the share walk (again while the ring had no room), wait until
+    /// the ring consumer has queued its records, then until every
+    /// connected peer has acknowledged everything queued so far, for at
+    /// most `timeout`.
+    pub async fn share_moved(&self, timeout: Duration) -> Result<ShareOutcome> {
+        let deadline = Instant::now() + timeout;
+        let mut outcome = ShareOutcome::default();
+        loop {
+            let ct = self.ct.clone();
+            let r = tokio::task::spawn_blocking(move || ct.share()).await??;
+            outcome.shared += r.shared;
+            outcome.visited += r.visited;
+            if r.ring_full == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the share walk found {} entries the ring had no room for within {timeout:?}",
+                    r.ring_full
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let walked = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
+        if outcome.shared > 0 {
+            while self.ring_drained_at.load(Ordering::Acquire) < walked {
+                if Instant::now() > deadline {
+                    bail!("the ring consumer did not take the share walk's records within {timeout:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let mut waits = Vec::new();
+        self.broadcast(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            waits.push(rx);
+            PeerCmd::Flush(tx)
+        });
+        for w in waits {
+            match tokio::time::timeout_at(deadline.into(), w).await {
+                Ok(Ok(true)) => outcome.acked_peers += 1,
+                Ok(Ok(false)) | Ok(Err(_)) => outcome.away_peers += 1,
+                Err(_) => outcome.late_peers += 1,
+            }
+        }
+        Ok(outcome)
     }
 
     /// Keep one outgoing session per member.
@@ -421,7 +539,12 @@ impl SyncService {
             },
         );
         let mut backoff = Duration::from_millis(100);
+        // Flushes waiting for the acknowledgements of what was queued.
+        let mut flushes: Vec<tokio::sync::oneshot::Sender<bool>> = Vec::new();
         loop {
+            for f in flushes.drain(..) {
+                let _ = f.send(false);
+            }
             let (mut send, recv) = match self.transport.open_stream(peer, addr, KIND_SYNC).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -439,6 +562,7 @@ impl SyncService {
                                     out.poll(now);
                                 }
                                 Some(PeerCmd::Refresh(_)) => {}
+                                Some(PeerCmd::Flush(tx)) => { let _ = tx.send(false); }
                                 None => return,
                             }
                         }
@@ -491,6 +615,7 @@ impl SyncService {
                                 ok = write_msg(&mut send, &Msg::Refresh { entries: chunk.to_vec() }, &self.metrics, version.load(Ordering::Relaxed)).await;
                             }
                         }
+                        Some(PeerCmd::Flush(tx)) => flushes.push(tx),
                         None => { reader.abort(); return; }
                     },
                     ack = ack_rx.recv() => match ack {
@@ -526,6 +651,11 @@ impl SyncService {
                     }
                 }
                 stats.queued.store(out.queued() as u64, Ordering::Relaxed);
+                if !flushes.is_empty() && out.queued() == 0 && out.unacked_entries() == 0 {
+                    for f in flushes.drain(..) {
+                        let _ = f.send(true);
+                    }
+                }
             }
             reader.abort();
             stats.connected.store(false, Ordering::Relaxed);
@@ -653,17 +783,16 @@ impl SyncService {
             return Ok(());
         }
         let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
-        let me = self.node_id as u16;
         // A small batch (the common case: new flows as they come) is one
         // batched map write of a few microseconds: done here, without the
         // hand-off to a blocking thread and back (two wake-ups, measured as a
         // large part of the lag's tail). Large ones (bursts, refresh rounds)
         // go to a blocking thread so the runtime's worker is not held.
         let st = if kv.len() <= INLINE_APPLY {
-            apply_remote(&self.ct, &kv, me)?
+            apply_remote(&self.ct, &kv)?
         } else {
             let ct = self.ct.clone();
-            tokio::task::spawn_blocking(move || apply_remote(&ct, &kv, me)).await??
+            tokio::task::spawn_blocking(move || apply_remote(&ct, &kv)).await??
         };
         let stats = self.peer_stats(peer);
         stats.applied.fetch_add(st.applied, Ordering::Relaxed);
@@ -701,7 +830,17 @@ impl SyncService {
             }
         }
         let ct = self.ct.clone();
-        let all = tokio::task::spawn_blocking(move || ct.dump()).await??;
+        let (mode, me) = (self.cfg.mode, self.node_id as u16);
+        // Divergent: only what peers hold (the joiner's tables rebuild the
+        // rest).
+        let all = tokio::task::spawn_blocking(move || {
+            ct.dump().map(|d| {
+                d.into_iter()
+                    .filter(|(_, v)| mode.replicated(v, me))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await??;
         let n = all.len();
         let mut chunks = all.chunks(SNAPSHOT_CHUNK).peekable();
         if chunks.peek().is_none() {
@@ -759,8 +898,7 @@ impl SyncService {
                 total += entries.len() as u64;
                 let kv: Vec<_> = entries.iter().map(|e| from_wire(e, &self.clock)).collect();
                 let ct = self.ct.clone();
-                let me = self.node_id as u16;
-                tokio::task::spawn_blocking(move || apply_remote(&ct, &kv, me)).await??;
+                tokio::task::spawn_blocking(move || apply_remote(&ct, &kv)).await??;
                 self.metrics
                     .snapshot_entries
                     .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -871,7 +1009,7 @@ impl SyncService {
     /// the last round, not only this round's slot (the bench measures
     /// both). Returns what was sent.
     pub async fn refresh_round(&self, full: bool) -> Result<RefreshReport> {
-        let me = self.node_id as u16;
+        let (me, mode) = (self.node_id as u16, self.cfg.mode);
         let start = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
         let lost = self.ring_lost();
         let ct = self.ct.clone();
@@ -883,7 +1021,7 @@ impl SyncService {
             .plan(start, lost, full);
         let live: Arc<Vec<WireEntry>> = Arc::new(
             all.iter()
-                .filter(|(k, v)| plan.wants(k, v, me))
+                .filter(|(k, v)| mode.replicated(v, me) && plan.wants(k, v, me))
                 .map(|(k, v)| to_wire(k, v, &self.clock))
                 .collect(),
         );

@@ -32,6 +32,7 @@
 #define LB_CT_F_SNAT 0x0004    /* forwarded with SNAT (snat_slot, snat_port), not DSR */
 #define LB_CT_F_AFFINITY 0x0008 /* not a flow: a client's affinity entry (see below) */
 #define LB_CT_F_AFFINE 0x0010   /* a flow of a service with client affinity: its refreshes refresh the client's affinity entry */
+#define LB_CT_F_SHARED 0x0020   /* announced to peers; a divergent service leaves it off entries any node's tables rebuild */
 
 /*
  * Client affinity (Kubernetes sessionAffinity: ClientIP). A client's
@@ -52,6 +53,7 @@
 /* Service flags (lb_svc.flags). */
 #define LB_SVC_F_SNAT 0x0001 /* new flows are forwarded with SNAT (else DSR over IPIP) */
 #define LB_SVC_F_AFFINITY 0x0002 /* client affinity: timeout in lb_svc_policy.affinity_s */
+#define LB_SVC_F_DIVERGENT 0x0004 /* replicate only entries the tables cannot rebuild (ct_share in ct.h) */
 
 /*
  * Service key: (VIP, port, protocol). An IPv4 address uses addr[0..4] and
@@ -195,6 +197,20 @@ struct lb_src_range_key {
 _Static_assert(sizeof(struct lb_src_range_key) == 28, "lb_src_range_key size");
 
 /*
+ * A service's other Maglev table during a table change (lb_svc_alt, indexed
+ * by its stats slot): the prepared next table before the switch, the
+ * previous one for a grace period after it; size 0: none. A divergent
+ * service replicates a new entry whose backend the other table would not
+ * pick, and the share program (holdfast_ct_share) finds the entries made
+ * before that the other table sends elsewhere.
+ */
+struct lb_svc_alt {
+	__u32 base;
+	__u32 size;
+};
+_Static_assert(sizeof(struct lb_svc_alt) == 8, "lb_svc_alt size");
+
+/*
  * A service's policy (lb_svc_policy, indexed by its stats slot).
  * ranges_gen: 0 when any source may reach it; else the generation of its
  * source ranges, new (never reused) each time they change. A conntrack
@@ -222,6 +238,38 @@ struct lb_flow_event {
 	__u64 created_ns;
 };
 _Static_assert(sizeof(struct lb_flow_event) == 56, "lb_flow_event size");
+
+/*
+ * A batch of peers' conntrack entries for the apply program
+ * (holdfast_ct_apply, run with BPF_PROG_TEST_RUN): this header, then
+ * `count` (key, value) pairs of struct lb_ct_key + struct lb_ct_val, 72
+ * bytes each, as the packet data. The program fills in the counts.
+ * LB_CT_BATCH_MAX pairs fit the one page a test run's packet gets.
+ */
+struct lb_ct_batch {
+	__u32 count;
+	__u32 applied;   /* written: new, or merged into an existing entry */
+	__u32 unchanged; /* already equal */
+	__u32 rejected;  /* the local entry is newer */
+	__u32 failed;    /* the map refused the write (memory) */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct lb_ct_batch) == 24, "lb_ct_batch size");
+#define LB_CT_BATCH_ENTRY 72
+#define LB_CT_BATCH_MAX 48
+
+/*
+ * What one run of the share program (holdfast_ct_share) did, written back
+ * into its packet: entries visited, own entries announced because a
+ * service's other table sends them elsewhere, and those it could not
+ * announce (the ring was full: run it again once the ring drained).
+ */
+struct lb_share_report {
+	__u64 visited;
+	__u64 shared;
+	__u64 ring_full;
+};
+_Static_assert(sizeof(struct lb_share_report) == 24, "lb_share_report size");
 
 /*
  * Loader metadata (not read by the datapath): lets a restarted agent check
@@ -383,6 +431,8 @@ _Static_assert(sizeof(struct lb_decap_stats) == 64, "lb_decap_stats size");
  */
 struct lb_abi_anchor {
 	struct lb_flow_event ev;
+	struct lb_ct_batch batch;
+	struct lb_share_report share;
 	enum lb_stat stat;
 	enum lb_svc_stat svc_stat;
 	enum lb_decap_stat decap_stat;

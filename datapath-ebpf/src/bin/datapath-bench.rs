@@ -234,6 +234,106 @@ struct Case {
     base: Vec<u64>,
 }
 
+/// New flows through `dp` (all mode) and `dv` (divergent), interleaved,
+/// with a thread blocked on each ring's epoll the way the agent's consumer
+/// is: SYN and UDP, four cases.
+fn live_consumers(
+    dp: &Datapath,
+    dv: &Datapath,
+    nop: &Nop,
+    ifindex: u32,
+    iters: usize,
+    events: datapath_ebpf::events::FlowEvents,
+    dv_events: datapath_ebpf::events::FlowEvents,
+) -> Result<Vec<Case>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumers: Vec<_> = [events, dv_events]
+        .into_iter()
+        .map(|mut ev| {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let mut buf = Vec::with_capacity(4096);
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        buf.clear();
+                        let got = tokio::time::timeout(
+                            std::time::Duration::from_millis(50),
+                            ev.recv(&mut buf, 4096),
+                        )
+                        .await;
+                        if let Ok(r) = got {
+                            n += r? as u64;
+                        }
+                    }
+                    Ok(n)
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut cases = [
+        (
+            "new flow (SYN), consumer waiting on the ring",
+            "new_flow_live_ns",
+        ),
+        (
+            "new flow (SYN), divergent, consumer waiting",
+            "new_flow_divergent_live_ns",
+        ),
+        (
+            "new flow (UDP), consumer waiting on the ring",
+            "new_flow_udp_live_ns",
+        ),
+        (
+            "new flow (UDP), divergent, consumer waiting",
+            "new_flow_udp_divergent_live_ns",
+        ),
+    ]
+    .map(|(name, key)| Case {
+        name,
+        key,
+        samples: Vec::with_capacity(iters),
+        base: Vec::with_capacity(iters),
+    });
+    for i in 0..iters as u32 {
+        let c = std::net::Ipv4Addr::from(0x0A40_0000u32 + i).to_string(); // 10.64.0.0/10
+        let syn = Packet::tcp(&c, 23456, "10.200.0.1", 80, TCP_SYN).frame();
+        let udp = Packet::udp(&c, 23456, "10.200.0.1", 53).frame();
+        for (ci, case) in cases.iter_mut().enumerate() {
+            let frame = if ci < 2 { &syn } else { &udp };
+            let prog = if ci % 2 == 0 {
+                dp.program()
+            } else {
+                dv.program()
+            };
+            let r = testrun::run(prog, frame, ifindex)?;
+            if r.verdict != XDP_TX {
+                bail!("{}: verdict {} instead of TX", case.name, r.verdict);
+            }
+            case.samples.push(r.duration.as_nanos() as u64);
+            let b = testrun::run(nop.program(), frame, ifindex)?;
+            case.base.push(b.duration.as_nanos() as u64);
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let got: Vec<u64> = consumers
+        .into_iter()
+        .map(|t| t.join().expect("consumer thread"))
+        .collect::<Result<_>>()?;
+    if got[1] != 0 {
+        bail!(
+            "divergent replication wrote {} ring records at steady state",
+            got[1]
+        );
+    }
+    Ok(cases.into())
+}
+
 fn main() -> Result<()> {
     let args = args()?;
     // SAFETY: geteuid has no preconditions.
@@ -261,6 +361,18 @@ fn main() -> Result<()> {
     })?;
     dp.apply(&config())?;
     let mut events = dp.take_flow_events()?;
+    // The same config with divergent replication, side by side: its new
+    // flows (at steady state, no table change) write no ring record.
+    let mut dv = Datapath::load(DatapathOptions {
+        max_services: 8,
+        conntrack_size: args.conntrack_size,
+        ring_bytes: 1 << 24,
+        syn_flood_rate: 100_000_000,
+        divergent: true,
+        ..Default::default()
+    })?;
+    dv.apply(&config())?;
+    let mut dv_events = dv.take_flow_events()?;
     let nop = Nop::load()?;
     let ifindex = net.ifindex;
 
@@ -409,6 +521,14 @@ fn main() -> Result<()> {
             "new flow (SYN) of a new client: affinity entry made",
             "new_flow_affinity_client_ns",
         ),
+        (
+            "new flow (SYN), divergent replication: no ring record",
+            "new_flow_divergent_ns",
+        ),
+        (
+            "new flow (UDP), divergent replication: no ring record",
+            "new_flow_udp_divergent_ns",
+        ),
     ]
     .map(|(name, key)| Case {
         name,
@@ -434,9 +554,12 @@ fn main() -> Result<()> {
                 10 => &refused,
                 11 => &affinity_hit,
                 12 => &new_affine[i],
-                _ => &new_affinity_client[i],
+                13 => &new_affinity_client[i],
+                14 => new_flow,
+                _ => &new_udp[i],
             };
-            let r = testrun::run(dp.program(), frame, ifindex)?;
+            let prog = if ci >= 14 { dv.program() } else { dp.program() };
+            let r = testrun::run(prog, frame, ifindex)?;
             let want = match ci {
                 2 => XDP_PASS,
                 10 => testrun::XDP_DROP,
@@ -452,8 +575,13 @@ fn main() -> Result<()> {
         if i % 1000 == 999 {
             drained.clear();
             events.drain(&mut drained, usize::MAX);
+            drained.clear();
+            if dv_events.drain(&mut drained, usize::MAX) != 0 {
+                bail!("divergent replication wrote ring records at steady state");
+            }
         }
     }
+
     let st = dp.stats()?;
     if st.c[stat::RING_LOST] != 0 {
         bail!(
@@ -468,16 +596,20 @@ fn main() -> Result<()> {
         None
     };
 
+    // New flows with the agent's consumer waiting on each ring (epoll, as
+    // the replication service does): a record then also wakes the
+    // consumer. Every new flow in `all` mode beside divergent's.
+    let mut live = live_consumers(&dp, &dv, &nop, ifindex, args.iters, events, dv_events)?;
+
     let flood = if args.syn_flood {
         // Its own datapaths (small conntrack, protection off and on).
-        drop(events);
         Some(syn_flood(&nop, ifindex)?)
     } else {
         None
     };
 
     let mut results = Vec::new();
-    for c in &mut cases {
+    for c in cases.iter_mut().chain(live.iter_mut()) {
         let lb = median(&mut c.samples);
         let base = median(&mut c.base);
         results.push((c.name, c.key, lb, base, lb.saturating_sub(base)));

@@ -48,6 +48,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     Endpoint { method: "POST", path: "/drain", write: true, needs: "operator, or this node itself", listener: Listener::Admin },
     Endpoint { method: "GET", path: "/health", write: false, needs: "viewer (answered by the leader)", listener: Listener::Admin },
     Endpoint { method: "POST", path: "/health/report", write: true, needs: "node N reporting as N", listener: Listener::Admin },
+    Endpoint { method: "POST", path: "/tables/report", write: true, needs: "node N reporting as N", listener: Listener::Admin },
 ];
 
 /// An error body of the admin API.
@@ -190,6 +191,17 @@ pub struct BackendView {
 pub struct HealthReport {
     pub node_id: u64,
     pub views: Vec<BackendView>,
+}
+
+/// A node's Maglev tables, for the leader's table-change gate (divergent
+/// replication): the fingerprint of the tables it forwards with, and of
+/// the next tables it has prepared and shared the moved entries of.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TablesReport {
+    pub node_id: u64,
+    pub live: u64,
+    pub prepared: Option<u64>,
 }
 
 /// A node's view in `GET /health`.

@@ -192,7 +192,7 @@ impl NodeConfig {
     }
 }
 
-pub use sync::service::SyncSection;
+pub use sync::service::{SyncMode, SyncSection};
 
 fn default_admin() -> SocketAddr {
     "127.0.0.1:7101".parse().expect("static")

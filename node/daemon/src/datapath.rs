@@ -14,10 +14,12 @@ use datapath_ebpf::{
 use raft_store::cluster::{BackendState, ClusterState, ForwardingMode, Health, OnDown, Proto};
 use tracing::{error, info, warn, Instrument};
 
-use crate::node::Node;
+use crate::node::{DatapathHandle, Node};
 
 /// How often the conntrack entries are counted.
 pub const CT_COUNT_EVERY: Duration = Duration::from_secs(2);
+/// How long a failed epoch waits before it is tried again.
+pub const APPLY_RETRY: Duration = Duration::from_secs(1);
 /// How often the datapath health check runs.
 pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
 
@@ -233,6 +235,9 @@ impl Node {
     pub(crate) async fn apply_loop(self: Arc<Self>) {
         let mut rx = self.sm.subscribe();
         loop {
+            // A failed epoch is tried again after a while (a table change
+            // whose moved entries could not be shared, a refused config).
+            let mut retry = false;
             let data = rx.borrow_and_update().clone();
             let epoch = data.state.epoch;
             let prev = self.applied_epoch.load(Ordering::Relaxed);
@@ -250,42 +255,282 @@ impl Node {
                 let ok = async {
                     match &self.datapath {
                         Some(h) => {
-                            let h = h.clone();
                             let cfg = to_datapath(&data.state, self.id());
-                            match tokio::task::spawn_blocking(move || {
-                                h.dp.lock().expect("dp").apply(&cfg)
-                            })
-                            .await
-                            {
-                                Ok(Ok(_)) => true,
-                                Ok(Err(e)) => {
-                                    error!(epoch, error = %e, "datapath refused config epoch");
-                                    false
-                                }
-                                Err(e) => {
-                                    error!(epoch, error = %e, "datapath apply task failed");
-                                    false
-                                }
-                            }
+                            self.program(h, cfg, &data.state).await
                         }
-                        None => true,
+                        None => Programmed::Yes,
                     }
                 }
                 .instrument(span)
                 .await;
-                if ok {
-                    self.metrics.datapath_apply.observe(t0.elapsed());
-                    self.applied_epoch.store(epoch, Ordering::Relaxed);
-                    self.applied_tx.send_replace(epoch);
-                } else {
-                    self.metrics
-                        .datapath_apply_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                match ok {
+                    Programmed::Yes => {
+                        self.metrics.datapath_apply.observe(t0.elapsed());
+                        self.applied_epoch.store(epoch, Ordering::Relaxed);
+                        self.applied_tx.send_replace(epoch);
+                    }
+                    // Prepared: the switch comes with the leader's
+                    // activation (a later epoch).
+                    Programmed::Prepared => {}
+                    Programmed::Failed => {
+                        self.metrics
+                            .datapath_apply_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        retry = true;
+                    }
                 }
             }
-            if rx.changed().await.is_err() {
+            if retry {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(APPLY_RETRY) => {}
+                }
+            } else if rx.changed().await.is_err() {
                 return;
             }
         }
     }
+
+    /// Program `cfg`: at once, or under divergent replication a table
+    /// change in two phases (see `tables`): prepared and shared here,
+    /// switched once the leader activated these tables.
+    async fn program(
+        &self,
+        h: &Arc<DatapathHandle>,
+        cfg: DatapathConfig,
+        state: &ClusterState,
+    ) -> Programmed {
+        let epoch = cfg.epoch;
+        let divergent = h.dp.lock().expect("dp").options().divergent;
+        if !divergent {
+            return self.switch(h, cfg, Switch::Plain).await;
+        }
+        let fp = crate::tables::fingerprint(&cfg);
+        let live = self.tables.live.load(Ordering::Relaxed);
+        if fp == live || state.tables_active == fp {
+            // No table change (or the tier switched to these tables).
+            return self.switch(h, cfg, Switch::Divergent).await;
+        }
+        if self.tables.prepared.load(Ordering::Relaxed) == fp {
+            return Programmed::Prepared; // waiting for the activation
+        }
+        // Prepare: the datapath takes the next tables as the other tables.
+        let dp = h.clone();
+        let c = cfg.clone();
+        let (report, immediate) = match tokio::task::spawn_blocking(move || {
+            let mut d = dp.dp.lock().expect("dp");
+            let live_cfg = d.applied_config().cloned();
+            d.prepare(&c).map(|r| (r, live_cfg))
+        })
+        .await
+        {
+            Ok(Ok((r, live_cfg))) => {
+                let immediate = r.services == 0
+                    || live_cfg.is_some_and(|l| crate::tables::only_lost_backends(&l, &cfg, state));
+                (r, immediate)
+            }
+            Ok(Err(e)) => {
+                error!(epoch, error = %e, "datapath refused config epoch");
+                return Programmed::Failed;
+            }
+            Err(e) => {
+                error!(epoch, error = %e, "datapath prepare task failed");
+                return Programmed::Failed;
+            }
+        };
+        if immediate {
+            let how = if report.services > 0 {
+                Switch::Lost
+            } else {
+                Switch::Divergent
+            };
+            return self.switch(h, cfg, how).await;
+        }
+        self.tables.prepares.fetch_add(1, Ordering::Relaxed);
+        let t0 = Instant::now();
+        if let Some(svc) = self.sync.get() {
+            match svc.share_moved(crate::tables::SHARE_TIMEOUT).await {
+                Ok(o) if o.late_peers > 0 => {
+                    // A connected peer that does not acknowledge: not
+                    // prepared; tried again (see APPLY_RETRY).
+                    warn!(
+                        epoch,
+                        late_peers = o.late_peers,
+                        "table change: peers did not acknowledge the moved entries"
+                    );
+                    return Programmed::Failed;
+                }
+                Ok(o) => {
+                    self.tables.shared.fetch_add(o.shared, Ordering::Relaxed);
+                    info!(
+                        epoch,
+                        services = report.services,
+                        shared = o.shared,
+                        visited = o.visited,
+                        acked_peers = o.acked_peers,
+                        away_peers = o.away_peers,
+                        late_peers = o.late_peers,
+                        took_ms = t0.elapsed().as_millis() as u64,
+                        "table change prepared: moved entries shared"
+                    );
+                }
+                Err(e) => {
+                    // Not reported as prepared: the next epoch (or the
+                    // next report round) tries again.
+                    warn!(epoch, error = %e, "table change: sharing the moved entries failed");
+                    return Programmed::Failed;
+                }
+            }
+        }
+        self.tables.prepared.store(fp, Ordering::Relaxed);
+        self.tables.changed.notify_one();
+        Programmed::Prepared
+    }
+
+    /// Switch to `cfg` (apply it); under divergent replication the tables
+    /// before stay the other tables for the grace period.
+    async fn switch(
+        &self,
+        h: &Arc<DatapathHandle>,
+        cfg: DatapathConfig,
+        how: Switch,
+    ) -> Programmed {
+        let epoch = cfg.epoch;
+        let fp = crate::tables::fingerprint(&cfg);
+        let dp = h.clone();
+        match tokio::task::spawn_blocking(move || dp.dp.lock().expect("dp").apply(&cfg)).await {
+            Ok(Ok(r)) => {
+                let before = self.tables.live.swap(fp, Ordering::Relaxed);
+                if how != Switch::Plain && before != fp {
+                    self.tables.prepared.store(0, Ordering::Relaxed);
+                    self.tables.changed.notify_one();
+                    if r.tables_written > 0 && before != 0 {
+                        self.tables.switches.fetch_add(1, Ordering::Relaxed);
+                        if how == Switch::Lost {
+                            self.tables.immediate.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let dp = h.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(crate::tables::GRACE).await;
+                            let _ = tokio::task::spawn_blocking(move || {
+                                dp.dp.lock().expect("dp").end_grace()
+                            })
+                            .await;
+                        });
+                    }
+                }
+                Programmed::Yes
+            }
+            Ok(Err(e)) => {
+                error!(epoch, error = %e, "datapath refused config epoch");
+                Programmed::Failed
+            }
+            Err(e) => {
+                error!(epoch, error = %e, "datapath apply task failed");
+                Programmed::Failed
+            }
+        }
+    }
+
+    /// Divergent replication: report this node's tables to the leader,
+    /// every `REPORT_EVERY` and at once when they change.
+    pub(crate) async fn tables_report_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_signal();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::tables::REPORT_EVERY) => {}
+                _ = self.tables.changed.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            let report = self.tables.report(self.id());
+            if self.role() == "leader" {
+                self.tables.record(report, Instant::now());
+                continue;
+            }
+            let Some((leader, admin)) = self.leader() else {
+                continue;
+            };
+            if admin.is_empty() {
+                continue;
+            }
+            if let Err(e) = self
+                .client()
+                .for_node(leader)
+                .post_async::<_, serde_json::Value>(
+                    &admin,
+                    "/tables/report",
+                    &report,
+                    Duration::from_millis(800),
+                )
+                .await
+            {
+                warn!(leader, error = %e, "tables report to the leader failed");
+            }
+        }
+    }
+
+    /// Divergent replication, on the leader: commit the switch to tables
+    /// every live node has prepared.
+    pub(crate) async fn tables_decide_loop(self: Arc<Self>) {
+        let mut shutdown = self.shutdown_signal();
+        let mut was_leader = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(crate::tables::DECIDE_EVERY) => {}
+                _ = self.tables.reported.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            if self.role() != "leader" {
+                if was_leader {
+                    self.tables.clear();
+                }
+                was_leader = false;
+                continue;
+            }
+            was_leader = true;
+            let active = self.sm.current().state.tables_active;
+            let Some(fingerprint) = self.tables.decide(active, Instant::now()) else {
+                continue;
+            };
+            match self
+                .write(raft_store::Request {
+                    id: None,
+                    command: raft_store::Command::ActivateTables { fingerprint },
+                    trace: None,
+                })
+                .await
+            {
+                Ok(r) if r.rejected.is_none() => {
+                    self.tables.activations.fetch_add(1, Ordering::Relaxed);
+                    info!(
+                        fingerprint,
+                        epoch = r.epoch,
+                        "tables activated: every live node prepared them"
+                    );
+                }
+                Ok(r) => warn!(fingerprint, reason = ?r.rejected, "table activation rejected"),
+                Err(e) => warn!(fingerprint, error = %e, "table activation not committed"),
+            }
+        }
+    }
+}
+
+/// How [`Node::switch`] switches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    /// `all` mode: an apply, nothing more.
+    Plain,
+    /// Divergent: the previous tables stay the other tables for the grace.
+    Divergent,
+    /// Divergent, at once: only backends that are down or gone left.
+    Lost,
+}
+
+/// What programming an epoch did.
+enum Programmed {
+    /// Applied: the datapath forwards with it.
+    Yes,
+    /// A table change prepared; the switch waits for the leader.
+    Prepared,
+    Failed,
 }

@@ -30,5 +30,6 @@ pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod raft_net;
+pub mod tables;
 pub mod telemetry;
 pub mod testing;

@@ -89,7 +89,9 @@ impl Node {
         ));
 
         let datapath = if cfg.datapath.enabled {
-            let opts = cfg.datapath.options(cfg.node_id);
+            let mut opts = cfg.datapath.options(cfg.node_id);
+            opts.divergent =
+                cfg.sync.enabled && cfg.sync.mode == sync::service::SyncMode::Divergent;
             let iface = cfg.datapath.interface.clone();
             let mode = match cfg.datapath.mode {
                 XdpMode::Native => AttachMode::Native,
@@ -127,6 +129,7 @@ impl Node {
             conntrack_entries: AtomicU64::new(0),
             health_error: Mutex::new(None),
             health: Default::default(),
+            tables: Default::default(),
             shutting_down: AtomicBool::new(false),
             shutdown_tx: tokio::sync::watch::channel(false).0,
             credentials,
@@ -154,6 +157,15 @@ impl Node {
                 }),
             )?;
             let _ = node.sync.set(svc);
+            if node.cfg.sync.mode == sync::service::SyncMode::Divergent {
+                let report = tokio::spawn(node.clone().tables_report_loop());
+                node.tasks.lock().expect("tasks").push(report);
+            }
+        }
+        // Whichever node leads commits the tier's table switches.
+        if node.cfg.sync.mode == sync::service::SyncMode::Divergent {
+            let decide = tokio::spawn(node.clone().tables_decide_loop());
+            node.tasks.lock().expect("tasks").push(decide);
         }
 
         if node.cfg.bootstrap && !node.raft.is_initialized().await? {

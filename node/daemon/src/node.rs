@@ -51,6 +51,8 @@ pub struct Node {
     pub health_error: Mutex<Option<String>>,
     /// Backend health checks: this node's views, the leader's tally.
     pub health: holdfast_health::HealthState,
+    /// Divergent replication's two-phase table changes (see `tables`).
+    pub tables: crate::tables::TablesGate,
     /// VIP routes announced over BGP right now.
     pub bgp_announced: Arc<AtomicBool>,
     /// Conntrack replication (datapath and `sync.enabled`).

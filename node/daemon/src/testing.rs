@@ -287,6 +287,8 @@ pub struct Cluster {
     pub max_services: u32,
     /// `[[service]]` seed of the bootstrap node.
     pub seed: Vec<crate::config::SeedService>,
+    /// `[sync] mode` of every node started from now on.
+    pub sync_mode: sync::service::SyncMode,
 }
 
 impl Cluster {
@@ -329,6 +331,41 @@ impl Cluster {
         max_services: u32,
         seed: Vec<crate::config::SeedService>,
     ) -> Self {
+        Self::start_opts(
+            n,
+            raft,
+            datapath,
+            kubernetes,
+            max_services,
+            seed,
+            Default::default(),
+        )
+        .await
+    }
+
+    /// Start `n` nodes with datapaths replicating in `mode`.
+    pub async fn start_sync_mode(n: u64, mode: sync::service::SyncMode) -> Self {
+        Self::start_opts(
+            n,
+            RaftTuning::default(),
+            true,
+            Default::default(),
+            64,
+            vec![],
+            mode,
+        )
+        .await
+    }
+
+    async fn start_opts(
+        n: u64,
+        raft: RaftTuning,
+        datapath: bool,
+        kubernetes: holdfast_k8s::K8sSection,
+        max_services: u32,
+        seed: Vec<crate::config::SeedService>,
+        sync_mode: sync::service::SyncMode,
+    ) -> Self {
         init_test_logging();
         if datapath {
             require_root();
@@ -349,6 +386,7 @@ impl Cluster {
             kubernetes,
             max_services,
             seed,
+            sync_mode,
         };
         for id in 1..=n {
             c.add_node(id).await;
@@ -396,6 +434,7 @@ impl Cluster {
             },
             sync: SyncSection {
                 refresh_interval_s: 2,
+                mode: self.sync_mode,
                 ..Default::default()
             },
             bgp: Default::default(),

@@ -44,6 +44,11 @@ fn body(path: &str) -> Vec<u8> {
             node_id: 2,
             views: Vec::new(),
         }),
+        "/tables/report" => serde_json::to_value(holdfast_api::wire::TablesReport {
+            node_id: 2,
+            live: 1,
+            prepared: Some(2),
+        }),
         other => panic!("no body for {other}"),
     };
     serde_json::to_vec(&v.expect("json")).expect("bytes")
@@ -200,7 +205,7 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
         .iter()
         .filter(|e| matches!(e.listener, Listener::Admin | Listener::Both))
         .collect();
-    assert_eq!(endpoints.len(), 12, "every endpoint is attacked");
+    assert_eq!(endpoints.len(), 13, "every endpoint is attacked");
     for (what, client, reason, text) in &cases {
         let before = refused(&c, target, reason);
         let mut calls = 0;
@@ -251,7 +256,7 @@ async fn t17_every_endpoint_refuses_bad_certificates_and_weak_roles() {
             }
         }
     }
-    assert_eq!(refused(&c, target, &forbidden) - before, 5);
+    assert_eq!(refused(&c, target, &forbidden) - before, 6);
     // An operator drains backends, not services or members.
     let admin_cmds = [
         Command::AddBackend {

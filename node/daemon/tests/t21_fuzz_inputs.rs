@@ -103,6 +103,10 @@ fn seeds() -> Vec<(&'static str, Value)> {
             json!({"node_id": 1, "views": [{"backend_id": 0, "service": "web", "addr": "10.0.0.1", "port": 80,
                 "up": false, "detail": "x", "latency_ms": 1.0, "checks": 1, "transitions": 1}]}),
         ),
+        (
+            "/tables/report",
+            json!({"node_id": 1, "live": 5, "prepared": 7}),
+        ),
     ]
 }
 

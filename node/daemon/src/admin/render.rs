@@ -179,6 +179,37 @@ pub fn render_metrics(node: &Node) -> String {
             &[],
             m.entries_in_batches.load(Ordering::Relaxed),
         );
+        let t = &node.tables;
+        w.counter(
+            "holdfast_tables_prepared_total",
+            "Divergent replication: table changes prepared here (next tables shared before the switch)",
+            &[],
+            t.prepares.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_tables_shared_total",
+            "Divergent replication: own entries a table change moved, shared by the share walk",
+            &[],
+            t.shared.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_tables_switches_total",
+            "Divergent replication: table switches made here",
+            &[],
+            t.switches.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_tables_switches_at_once_total",
+            "Divergent replication: switches made at once (only backends that are down or gone left)",
+            &[],
+            t.immediate.load(Ordering::Relaxed),
+        );
+        w.counter(
+            "holdfast_tables_activations_total",
+            "Divergent replication: table switches this node committed as the leader",
+            &[],
+            t.activations.load(Ordering::Relaxed),
+        );
         w.counter(
             "holdfast_sync_refused_total",
             "Replication streams refused: not a member, wrong origin, bad message",

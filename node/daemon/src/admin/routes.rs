@@ -20,7 +20,7 @@ use holdfast_api::{
     client::ClientError,
     wire::{
         ApiError, CtQuery, CtRow, DrainRequest, HealthReport, HealthTable, LocalStatus, MemberRow,
-        RemoveRequest, ON_BEHALF_HEADER,
+        RemoveRequest, TablesReport, ON_BEHALF_HEADER,
     },
 };
 
@@ -154,6 +154,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/conntrack", get(conntrack))
         .route("/health", get(health))
         .route("/health/report", post(health_report))
+        .route("/tables/report", post(tables_report))
         .layer(axum::middleware::from_fn_with_state(
             (node.clone(), limits),
             bound_body,
@@ -645,6 +646,38 @@ async fn health_report(
         ));
     }
     node.health.record(report);
+    Ok(Json(serde_json::json!({"recorded": true})))
+}
+
+/// A node's Maglev tables, for the leader's table-change gate (divergent
+/// replication).
+async fn tables_report(
+    State(node): State<Arc<Node>>,
+    Extension(call): Extension<CallInfo>,
+    body: Result<Json<TablesReport>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiErr> {
+    let Json(report) = body?;
+    if call.caller != Caller::Node(report.node_id) || call.forwarded {
+        return Err(refuse(
+            &node,
+            Some(call.peer),
+            Refusal::Forbidden {
+                caller: call.caller.to_string(),
+                why: format!(
+                    "table reports of node {} come from that node itself",
+                    report.node_id
+                ),
+            },
+        ));
+    }
+    if node.role() != "leader" {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "table reports go to the leader; this node is not",
+        ));
+    }
+    node.tables.record(report, std::time::Instant::now());
     Ok(Json(serde_json::json!({"recorded": true})))
 }
 

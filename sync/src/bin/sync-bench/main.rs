@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo run --release -p sync --bin sync-bench [-- --json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
+//! cargo run --release -p sync --bin sync-bench -- --apply [--entries N] [--rounds N] [--walk-entries N] [--json]
 //! cargo run --release -p sync --bin sync-bench -- --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
 //! ```
+//! `--apply` measures the receiver's CPU per applied entry, the in-kernel
+//! batch beside per-entry syscalls: see `apply.rs`.
 //! `--scale` is the million-flow bench (warm join, refresh, the rate curve
 //! to 4 peers): see `scale.rs`.
 //! Root. Each node is a datapath (the XDP program with its maps, not
@@ -25,6 +28,7 @@
 //! between two network namespaces replicates `--rate` × `--secs` new flows
 //! created at `--rate` (one node's phase-1 load); see `conntrackd.rs`.
 
+mod apply;
 mod conntrackd;
 mod flows;
 mod locks;
@@ -89,7 +93,8 @@ fn applied(n: &BenchNode) -> u64 {
 const USAGE: &str =
     "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
        sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
-       sync-bench --locks [--json]";
+       sync-bench --locks [--json]
+       sync-bench --apply [--entries N] [--rounds N] [--walk-entries N] [--json]";
 
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -104,6 +109,9 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("sync-bench loads BPF programs: run as root");
     }
+    if argv.iter().any(|a| a == "--apply") {
+        return apply::run(apply_args(&argv)?);
+    }
     if argv.iter().any(|a| a == "--scale") {
         return scale::run(scale_args(&argv)?);
     }
@@ -112,6 +120,34 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?
         .block_on(bench(argv))
+}
+
+fn apply_args(argv: &[String]) -> Result<apply::Args> {
+    let mut a = apply::Args {
+        entries: 200_000,
+        rounds: 3,
+        walk_entries: 1_000_000,
+        json: false,
+    };
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        let mut num = |n: &str| -> Result<usize> {
+            let v = it.next().with_context(|| format!("{n} needs a value"))?;
+            match v.parse::<usize>() {
+                Ok(x) if x > 0 => Ok(x),
+                _ => bail!("{n} needs a positive number, not {v:?}"),
+            }
+        };
+        match arg.as_str() {
+            "--apply" => {}
+            "--json" => a.json = true,
+            "--entries" => a.entries = num("--entries")?,
+            "--rounds" => a.rounds = num("--rounds")?,
+            "--walk-entries" => a.walk_entries = num("--walk-entries")?,
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(a)
 }
 
 fn scale_args(argv: &[String]) -> Result<scale::Args> {
