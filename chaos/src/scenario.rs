@@ -281,8 +281,27 @@ impl Ctx<'_> {
 
     /// With replication on: wait until every running node's conntrack
     /// holds at least `n` flows of the VIP.
+    /// Divergent replication holds a flow on its own node only (until a
+    /// table change moves it): then wait until the nodes together hold
+    /// `n` flows.
     fn wait_replicated(&self, n: usize, timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
+        if self.opts.sync_mode == holdfast_node::config::SyncMode::Divergent {
+            lab::wait_until(
+                &format!("the nodes' conntrack to hold all {n} flows between them"),
+                timeout,
+                || {
+                    let mut all = std::collections::HashSet::new();
+                    for i in self.lab.running() {
+                        for r in self.lab.conntrack(i)? {
+                            all.insert((r.client, r.vip, r.proto));
+                        }
+                    }
+                    Ok(all.len() >= n)
+                },
+            )?;
+            return Ok(t0.elapsed());
+        }
         for i in self.lab.running() {
             lab::wait_until(
                 &format!("node {i}'s conntrack to hold all {n} flows"),

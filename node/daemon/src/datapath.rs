@@ -312,7 +312,10 @@ impl Node {
             return self.switch(h, cfg, Switch::Divergent).await;
         }
         if self.tables.prepared.load(Ordering::Relaxed) == fp {
-            return Programmed::Prepared; // waiting for the activation
+            // Waiting for the activation (an epoch that changes nothing
+            // else: the prepared tables still stand for it).
+            self.tables.pending_epoch.store(epoch, Ordering::Relaxed);
+            return Programmed::Prepared;
         }
         // Prepare: the datapath takes the next tables as the other tables.
         let dp = h.clone();
@@ -347,6 +350,7 @@ impl Node {
             return self.switch(h, cfg, how).await;
         }
         self.tables.prepares.fetch_add(1, Ordering::Relaxed);
+        self.tables.pending_epoch.store(epoch, Ordering::Relaxed);
         let t0 = Instant::now();
         if let Some(svc) = self.sync.get() {
             match svc.share_moved(crate::tables::SHARE_TIMEOUT).await {

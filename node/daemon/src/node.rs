@@ -121,7 +121,12 @@ impl Node {
             leader_known: self.raft.metrics().borrow().current_leader.is_some(),
             config_epoch: cur.state.epoch,
             registered: cur.state.members.contains_key(&self.id()),
-            applied_epoch: self.applied_epoch.load(Ordering::Relaxed),
+            // A table change being prepared (divergent replication) keeps
+            // the node consistent with the tier: it counts as applied.
+            applied_epoch: match self.tables.pending_epoch.load(Ordering::Relaxed) {
+                p if p == cur.state.epoch => p,
+                _ => self.applied_epoch.load(Ordering::Relaxed),
+            },
             datapath_attached: attached,
             sync_ready: self.sync.get().is_none_or(|s| s.is_ready()),
             healthy: self.health_error.lock().expect("health").is_none(),

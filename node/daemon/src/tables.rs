@@ -156,6 +156,10 @@ pub struct TablesGate {
     pub live: AtomicU64,
     /// Fingerprint of the next tables prepared and shared (0: none).
     pub prepared: AtomicU64,
+    /// The epoch whose table change this node is preparing or has
+    /// prepared: it forwards consistently with the tier meanwhile, so its
+    /// readiness counts it as applied.
+    pub pending_epoch: AtomicU64,
     /// Woken when `live` or `prepared` changes (the report goes at once).
     pub changed: tokio::sync::Notify,
     /// Woken when a report arrives (the leader decides at once).
