@@ -400,6 +400,9 @@ pub fn run(name: &str, opts: &RunOpts) -> Result<ScenarioResult> {
     spec.sync_mode = opts.sync_mode;
     let res = run_in(name, opts, spec, t0);
     match &res {
+        Ok(_) if std::env::var_os("HOLDFAST_CHAOS_KEEP").is_some() => {
+            eprintln!("chaos: logs of the run are kept in {}", dir.display());
+        }
         Ok(_) => {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -1693,7 +1696,12 @@ fn kill_during_join(cx: &mut Ctx) -> Result<()> {
     let flows = cx.opts.tcp + cx.opts.udp + cx.opts.tcp6 + cx.opts.udp6;
     let have = cx.lab.conntrack(j)?.len();
     cx.counts.insert("joiner_flows".into(), have as u64);
-    if have < flows {
+    if cx.opts.sync_mode == holdfast_node::config::SyncMode::Divergent {
+        // The joiner pulls the shared entries only (its tables rebuild the rest).
+        if !shared_everywhere(cx, &all)? {
+            bail!("the joiner misses shared entries (it holds {have})");
+        }
+    } else if have < flows {
         bail!("the joiner holds {have} of the {flows} flows");
     }
     cx.say(format!(
@@ -2369,6 +2377,25 @@ fn agent_restart(cx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Divergent replication: whether every node in `nodes` holds every entry
+/// some node holds as a peer's (a shared entry).
+fn shared_everywhere(cx: &Ctx, nodes: &[usize]) -> Result<bool> {
+    let mut have = Vec::new();
+    let mut shared = BTreeSet::new();
+    for &i in nodes {
+        let rows = cx.lab.conntrack(i)?;
+        for r in rows.iter().filter(|r| r.remote) {
+            shared.insert((r.client.clone(), r.proto.clone(), r.backend_id));
+        }
+        have.push(
+            rows.into_iter()
+                .map(|r| (r.client, r.proto, r.backend_id))
+                .collect::<BTreeSet<_>>(),
+        );
+    }
+    Ok(have.iter().all(|h| shared.is_subset(h)))
+}
+
 fn flow_keys(cx: &Ctx, i: usize) -> Result<BTreeSet<(String, String, u32)>> {
     Ok(cx
         .lab
@@ -2394,7 +2421,16 @@ fn partition(cx: &mut Ctx) -> Result<()> {
     cx.lab.heal_partition(v)?;
     let t = Instant::now();
     cx.say(format!("healed node {v}"));
-    if cx.opts.sync {
+    if cx.opts.sync && cx.opts.sync_mode == holdfast_node::config::SyncMode::Divergent {
+        // Each node holds its own entries and every shared one.
+        let d = lab::wait_until(
+            "every node to hold every shared entry",
+            Duration::from_secs(30),
+            || shared_everywhere(cx, &cx.lab.running()),
+        )?;
+        cx.ms("repair", d);
+        cx.say(format!("replication repaired in {} ms", d.as_millis()));
+    } else if cx.opts.sync {
         let d = lab::wait_until(
             "conntrack to be identical on every node",
             Duration::from_secs(30),

@@ -78,6 +78,8 @@ static __always_inline int ct_share(const struct lb_svc *svc, __u32 bid, __u32 m
 
 	if (!alt || !alt->size)
 		return 0;
+	if (alt->size == LB_ALT_ALL)
+		return 1;
 	__u32 idx = alt->base + hash % alt->size;
 	const __u32 *slot = bpf_map_lookup_elem(&lb_maglev, &idx);
 

@@ -44,10 +44,12 @@ static long ct_share_entry(struct bpf_map *map, const struct lb_ct_key *key, str
 	const struct lb_svc_alt *alt = bpf_map_lookup_elem(&lb_svc_alt, &sid);
 	if (!alt || !alt->size)
 		return 0;
-	__u32 idx = alt->base + lb_flow_hash(key, lb_hash_seed) % alt->size;
-	const __u32 *slot = bpf_map_lookup_elem(&lb_maglev, &idx);
-	if (slot && *slot == bid)
-		return 0;
+	if (alt->size != LB_ALT_ALL) {
+		__u32 idx = alt->base + lb_flow_hash(key, lb_hash_seed) % alt->size;
+		const __u32 *slot = bpf_map_lookup_elem(&lb_maglev, &idx);
+		if (slot && *slot == bid)
+			return 0;
+	}
 	struct lb_flow_event ev = {
 		.key = *key,
 		.backend_id = bid,

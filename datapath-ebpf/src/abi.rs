@@ -234,6 +234,10 @@ pub struct SvcAlt {
     pub size: u32,
 }
 
+/// `SvcAlt::size`: every entry of the service diverges (client affinity or
+/// the forwarding mode switched: a pick no table shows).
+pub const ALT_ALL: u32 = 0xFFFF_FFFF;
+
 /// What one run of the share walk did (`struct lb_share_report`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use tracing::{debug, info};
 use crate::{
     abi::{
         addr_bytes, vip_filter_bit, Backend, CtKey, CtVal, IfaceSlot, Meta, Nh, SrcRangeKey, Stats,
-        Svc, SvcAlt, SvcKey, SvcStats, ABI_VERSION, BACKEND_ACTIVE, BACKEND_DRAINING,
+        Svc, SvcAlt, SvcKey, SvcStats, ABI_VERSION, ALT_ALL, BACKEND_ACTIVE, BACKEND_DRAINING,
         BACKEND_EMPTY, IFACE_PROBES, IFACE_SLOTS, IFACE_TOMBSTONE, SNAT_SLOTS, SVC_F_AFFINITY,
         SVC_F_DIVERGENT, SVC_F_SNAT, VIPS_F_SNAT, VIP_FILTER_WORDS,
     },
@@ -807,12 +807,24 @@ impl Datapath {
             })
             .unwrap_or_default();
         let mut writes = Vec::new();
+        let mut everything = Vec::new();
         for svc in &cfg.services {
             let key = SvcKey::new(svc.vip, svc.port, svc.proto.number());
             // A new service has no entries to share.
             let Some(slot) = self.slots.get(&key).copied() else {
                 continue;
             };
+            // Client affinity or the forwarding mode switched: a peer
+            // without an entry would pick differently in ways no table
+            // shows (the client's backend; SNAT for a DSR flow), so every
+            // entry of the service is shared.
+            if prev.get(&key).is_some_and(|p| {
+                p.affinity_timeout_s.is_some() != svc.affinity_timeout_s.is_some()
+                    || p.forwarding != svc.forwarding
+            }) {
+                everything.push(slot.id);
+                continue;
+            }
             let table = service_table(svc)?;
             if prev.get(&key).is_some_and(|p| {
                 p.table_size == svc.table_size && service_table(p).ok().as_ref() == Some(&table)
@@ -822,6 +834,17 @@ impl Datapath {
             let half = 1 - slot.half.min(1);
             let base = (2 * slot.id + half) * self.opts.max_table_size;
             writes.push((slot.id, base, svc.table_size, table));
+        }
+        for id in everything {
+            self.write_alt(
+                id,
+                SvcAlt {
+                    base: 0,
+                    size: ALT_ALL,
+                },
+            )?;
+            self.alts.get_mut(&id).expect("just written").prepared = true;
+            report.services += 1;
         }
         for (id, base, size, table) in writes {
             // Not the other table while it is rewritten.
@@ -1018,7 +1041,8 @@ impl Datapath {
                 size: svc.table_size,
             };
             if self.alts.get(&slot.id).is_some_and(|a| {
-                a.table.base == base
+                a.table.size != ALT_ALL
+                    && a.table.base == base
                     && (a.table != prepared || self.maglev.read(base, svc.table_size) != table)
             }) {
                 self.write_alt(slot.id, SvcAlt::default())?;

@@ -264,6 +264,39 @@ fn a_prepared_change_shares_what_it_moves_and_the_grace_what_it_moved() {
     );
 }
 
+/// Client affinity switched on: a peer would follow the client's affinity
+/// entry, which no table shows, so every entry of the service is shared.
+#[test]
+fn a_pick_no_table_shows_shares_every_entry() {
+    let mut fx = Fixture::with_options("hfdiv5", divergent());
+    let mut events = fx.dp.take_flow_events().expect("ring");
+    let ports: Vec<u16> = (21_000..21_300).collect();
+    for p in &ports {
+        syn(&fx, *p);
+    }
+    assert!(drain(&mut events).is_empty());
+    let mut cfg = fx.cfg.clone();
+    cfg.epoch += 1;
+    cfg.services
+        .iter_mut()
+        .find(|s| s.vip.to_string() == VIP && s.port == 80)
+        .expect("VIP:80")
+        .affinity_timeout_s = Some(600);
+    assert_eq!(fx.dp.prepare(&cfg).expect("prepare").services, 1);
+    let walk = fx.dp.conntrack().share().expect("walk");
+    assert_eq!(walk.shared as usize, ports.len(), "{walk:?}");
+    assert_eq!(
+        shared_ports(&drain(&mut events)),
+        ports.iter().copied().collect()
+    );
+    // And every new entry while prepared.
+    for p in 22_000..22_050 {
+        syn(&fx, p);
+    }
+    assert_eq!(drain(&mut events).len(), 50);
+    fx.apply(cfg);
+}
+
 #[test]
 fn a_prepare_that_changes_nothing_prepares_nothing() {
     let mut fx = Fixture::with_options("hfdiv4", divergent());

@@ -112,9 +112,6 @@ impl SyncMode {
     }
 }
 
-/// Ring records the consumer takes per drain at most.
-const RING_DRAIN_MAX: usize = 4096;
-
 pub const KIND_SYNC: u8 = 0x10;
 pub const KIND_SNAPSHOT: u8 = 0x11;
 const SNAPSHOT_CHUNK: usize = 1024;
@@ -234,10 +231,9 @@ pub struct SyncService {
     pub metrics: SyncMetrics,
     ready: AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// CLOCK_MONOTONIC (ns) at the start of the ring consumer's latest
-    /// drain that has been handed to every peer: each record written
-    /// before it is queued.
-    ring_drained_at: AtomicU64,
+    /// Share-walk records (flagged SHARED) the ring consumer has handed
+    /// to every peer.
+    walk_records_queued: AtomicU64,
 }
 
 impl SyncService {
@@ -281,7 +277,7 @@ impl SyncService {
             metrics: SyncMetrics::default(),
             ready: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
-            ring_drained_at: AtomicU64::new(0),
+            walk_records_queued: AtomicU64::new(0),
         });
         let s = svc.clone();
         transport.set_stream_handler(Some(Arc::new(move |peer, kind, send, recv| {
@@ -408,15 +404,10 @@ impl SyncService {
         let mut buf: Vec<FlowEvent> = Vec::with_capacity(4096);
         loop {
             buf.clear();
-            if let Err(e) = events.recv(&mut buf, RING_DRAIN_MAX).await {
+            if let Err(e) = events.recv(&mut buf, 4096).await {
                 warn!(error = %e, "ring buffer consumer stopped");
                 return;
             }
-            // recv may have waited: drain once more from a known time, so
-            // that `called` bounds what this batch holds.
-            let called = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
-            let room = RING_DRAIN_MAX.saturating_sub(buf.len());
-            events.drain(&mut buf, room);
             let now = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
             // Closing and affinity events announce an entry that saw
             // traffic just now (a FIN/RST; a client's new flow or a
@@ -444,10 +435,13 @@ impl SyncService {
                     .collect(),
             );
             self.broadcast(|| PeerCmd::Entries(entries.clone()));
-            // Fewer than asked for: the drain emptied the ring, so every
-            // record written before the call is queued now.
-            if buf.len() < RING_DRAIN_MAX {
-                self.ring_drained_at.store(called, Ordering::Release);
+            let walked = buf
+                .iter()
+                .filter(|ev| ev.flags & datapath_ebpf::abi::CT_F_SHARED != 0)
+                .count() as u64;
+            if walked > 0 {
+                self.walk_records_queued
+                    .fetch_add(walked, Ordering::Release);
             }
         }
     }
@@ -457,10 +451,18 @@ impl SyncService {
     /// run the share walk (again while the ring had no room), wait until
     /// the ring consumer has queued its records, then until every
     /// connected peer has acknowledged everything queued so far, for at
-    /// most `timeout`.
-    pub async fn share_moved(&self, timeout: Duration) -> Result<ShareOutcome> {
+    /// most `timeout` in all and `ack_timeout` for the acknowledgements: a
+    /// peer that does not acknowledge by then (dead, its connection not
+    /// yet timed out; or overloaded) is counted late, and keeps the
+    /// entries queued like a peer that is away.
+    pub async fn share_moved(
+        &self,
+        timeout: Duration,
+        ack_timeout: Duration,
+    ) -> Result<ShareOutcome> {
         let deadline = Instant::now() + timeout;
         let mut outcome = ShareOutcome::default();
+        let queued0 = self.walk_records_queued.load(Ordering::Acquire);
         loop {
             let ct = self.ct.clone();
             let r = tokio::task::spawn_blocking(move || ct.share()).await??;
@@ -477,9 +479,11 @@ impl SyncService {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let walked = datapath_ebpf::maps::monotonic_now().as_nanos() as u64;
+        // Every record the walk wrote is queued to the peers once the
+        // consumer has counted as many (walks run one at a time: the
+        // datapath's apply loop runs them).
         if outcome.shared > 0 {
-            while self.ring_drained_at.load(Ordering::Acquire) < walked {
+            while self.walk_records_queued.load(Ordering::Acquire) < queued0 + outcome.shared {
                 if Instant::now() > deadline {
                     bail!("the ring consumer did not take the share walk's records within {timeout:?}");
                 }
@@ -492,8 +496,9 @@ impl SyncService {
             waits.push(rx);
             PeerCmd::Flush(tx)
         });
+        let acks_by = (Instant::now() + ack_timeout).min(deadline);
         for w in waits {
-            match tokio::time::timeout_at(deadline.into(), w).await {
+            match tokio::time::timeout_at(acks_by.into(), w).await {
                 Ok(Ok(true)) => outcome.acked_peers += 1,
                 Ok(Ok(false)) | Ok(Err(_)) => outcome.away_peers += 1,
                 Err(_) => outcome.late_peers += 1,

@@ -208,6 +208,9 @@ struct lb_svc_alt {
 	__u32 base;
 	__u32 size;
 };
+/* lb_svc_alt.size: every entry of the service diverges (its pick changes in
+ * a way no table shows: client affinity or the forwarding mode switched). */
+#define LB_ALT_ALL 0xFFFFFFFFu
 _Static_assert(sizeof(struct lb_svc_alt) == 8, "lb_svc_alt size");
 
 /*

@@ -265,13 +265,16 @@ impl Node {
                 .await;
                 match ok {
                     Programmed::Yes => {
+                        *self.datapath_moved_at.lock().expect("moved") = Instant::now();
                         self.metrics.datapath_apply.observe(t0.elapsed());
                         self.applied_epoch.store(epoch, Ordering::Relaxed);
                         self.applied_tx.send_replace(epoch);
                     }
                     // Prepared: the switch comes with the leader's
                     // activation (a later epoch).
-                    Programmed::Prepared => {}
+                    Programmed::Prepared => {
+                        *self.datapath_moved_at.lock().expect("moved") = Instant::now();
+                    }
                     Programmed::Failed => {
                         self.metrics
                             .datapath_apply_errors
@@ -353,18 +356,18 @@ impl Node {
         self.tables.pending_epoch.store(epoch, Ordering::Relaxed);
         let t0 = Instant::now();
         if let Some(svc) = self.sync.get() {
-            match svc.share_moved(crate::tables::SHARE_TIMEOUT).await {
-                Ok(o) if o.late_peers > 0 => {
-                    // A connected peer that does not acknowledge: not
-                    // prepared; tried again (see APPLY_RETRY).
-                    warn!(
-                        epoch,
-                        late_peers = o.late_peers,
-                        "table change: peers did not acknowledge the moved entries"
-                    );
-                    return Programmed::Failed;
-                }
+            match svc
+                .share_moved(crate::tables::SHARE_TIMEOUT, crate::tables::ACK_TIMEOUT)
+                .await
+            {
                 Ok(o) => {
+                    if o.late_peers > 0 {
+                        warn!(
+                            epoch,
+                            late_peers = o.late_peers,
+                            "table change: peers did not acknowledge the moved entries in time; they stay queued for them"
+                        );
+                    }
                     self.tables.shared.fetch_add(o.shared, Ordering::Relaxed);
                     info!(
                         epoch,

@@ -130,6 +130,7 @@ impl Node {
             health_error: Mutex::new(None),
             health: Default::default(),
             tables: Default::default(),
+            datapath_moved_at: Mutex::new(std::time::Instant::now()),
             shutting_down: AtomicBool::new(false),
             shutdown_tx: tokio::sync::watch::channel(false).0,
             credentials,

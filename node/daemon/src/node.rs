@@ -53,6 +53,9 @@ pub struct Node {
     pub health: holdfast_health::HealthState,
     /// Divergent replication's two-phase table changes (see `tables`).
     pub tables: crate::tables::TablesGate,
+    /// When the datapath last moved to a newer epoch (applied, or began
+    /// preparing a table change): readiness tolerates a short lag.
+    pub(crate) datapath_moved_at: Mutex<std::time::Instant>,
     /// VIP routes announced over BGP right now.
     pub bgp_announced: Arc<AtomicBool>,
     /// Conntrack replication (datapath and `sync.enabled`).
@@ -67,6 +70,10 @@ pub struct Node {
     /// Background tasks, aborted at shutdown.
     pub(crate) tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
+
+/// How long readiness tolerates a datapath behind the committed epoch
+/// while it keeps moving (see `Node::epoch_for_readiness`).
+pub const EPOCH_LAG_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Outcome of a write, for the admin API.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +113,26 @@ impl Node {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// The epoch readiness compares with the committed one: the applied
+    /// epoch; the committed one while a table change for it is being
+    /// prepared (divergent replication: the node forwards consistently
+    /// with the tier meanwhile); and the committed one while the node
+    /// falls behind only as a churning config does (its datapath moved on
+    /// within [`EPOCH_LAG_GRACE`]), so a change every few hundred
+    /// milliseconds does not withdraw it between two applies. A node whose
+    /// datapath stopped following is not ready after the grace.
+    fn epoch_for_readiness(&self, committed: u64) -> u64 {
+        let applied = self.applied_epoch.load(Ordering::Relaxed);
+        if applied == committed || self.tables.pending_epoch.load(Ordering::Relaxed) == committed {
+            return committed;
+        }
+        let moved = *self.datapath_moved_at.lock().expect("moved");
+        if applied > 0 && moved.elapsed() < EPOCH_LAG_GRACE {
+            return committed;
+        }
+        applied
+    }
+
     /// What announcing depends on, now.
     pub fn readiness(&self) -> holdfast_bgp::Readiness {
         let attached = match &self.datapath {
@@ -121,12 +148,7 @@ impl Node {
             leader_known: self.raft.metrics().borrow().current_leader.is_some(),
             config_epoch: cur.state.epoch,
             registered: cur.state.members.contains_key(&self.id()),
-            // A table change being prepared (divergent replication) keeps
-            // the node consistent with the tier: it counts as applied.
-            applied_epoch: match self.tables.pending_epoch.load(Ordering::Relaxed) {
-                p if p == cur.state.epoch => p,
-                _ => self.applied_epoch.load(Ordering::Relaxed),
-            },
+            applied_epoch: self.epoch_for_readiness(cur.state.epoch),
             datapath_attached: attached,
             sync_ready: self.sync.get().is_none_or(|s| s.is_ready()),
             healthy: self.health_error.lock().expect("health").is_none(),

@@ -49,8 +49,13 @@ pub const REPORT_EVERY: Duration = Duration::from_millis(500);
 pub const DECIDE_EVERY: Duration = Duration::from_millis(200);
 /// How long the previous tables stay each service's other table after a switch.
 pub const GRACE: Duration = Duration::from_secs(2);
-/// How long a node waits for its peers' acknowledgements of the moved entries.
+/// How long a node's share may take in all (the walk again while the ring
+/// is full, the consumer queueing the records).
 pub const SHARE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a node waits for its peers' acknowledgements of the moved
+/// entries: a peer that takes longer (dead before its connection timed
+/// out, or overloaded) gets them later, as a peer that is away does.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// FNV-1a, 64 bits: a fingerprint every build computes alike.
 fn fnv(h: &mut u64, bytes: &[u8]) {
@@ -63,12 +68,15 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
 /// A service as its Maglev table sees it.
 type SvcId = (std::net::IpAddr, u16, u8);
 
-/// What a service's table is built from: its size and its active backends
-/// with their weights (sorted).
+/// What a service's picks depend on: its table's size and active
+/// backends with their weights (sorted), and whether client affinity or
+/// SNAT decides beside the table.
 #[derive(PartialEq, Eq)]
 struct TableInputs {
     size: u32,
     backends: Vec<(u32, u32)>,
+    affinity: bool,
+    snat: bool,
 }
 
 fn tables_of(cfg: &DatapathConfig) -> BTreeMap<SvcId, TableInputs> {
@@ -87,6 +95,8 @@ fn tables_of(cfg: &DatapathConfig) -> BTreeMap<SvcId, TableInputs> {
                 TableInputs {
                     size: s.table_size,
                     backends,
+                    affinity: s.affinity_timeout_s.is_some(),
+                    snat: s.forwarding == datapath_ebpf::Forwarding::Snat,
                 },
             )
         })
@@ -112,6 +122,7 @@ pub fn fingerprint(cfg: &DatapathConfig) -> u64 {
         fnv(&mut h, &port.to_le_bytes());
         fnv(&mut h, &[proto]);
         fnv(&mut h, &t.size.to_le_bytes());
+        fnv(&mut h, &[u8::from(t.affinity), u8::from(t.snat)]);
         fnv(&mut h, &(t.backends.len() as u32).to_le_bytes());
         for (id, w) in &t.backends {
             fnv(&mut h, &id.to_le_bytes());
@@ -134,7 +145,7 @@ pub fn only_lost_backends(
     tables_of(next).iter().all(|(k, t)| match old.get(k) {
         None => true, // a new service: nothing to share
         Some(o) => {
-            o.size == t.size
+            (o.size, o.affinity, o.snat) == (t.size, t.affinity, t.snat)
                 && t.backends.iter().all(|b| o.backends.contains(b))
                 && o.backends
                     .iter()

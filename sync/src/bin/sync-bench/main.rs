@@ -6,6 +6,9 @@
 //! cargo run --release -p sync --bin sync-bench -- --apply [--entries N] [--rounds N] [--walk-entries N] [--json]
 //! cargo run --release -p sync --bin sync-bench -- --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
 //! ```
+//! `--mode divergent` runs phase 1 with divergent replication (nothing is
+//! replicated at steady state: it reports entries sent per new flow and
+//! the process's CPU, which `all` mode reports beside its lag).
 //! `--apply` measures the receiver's CPU per applied entry, the in-kernel
 //! batch beside per-entry syscalls: see `apply.rs`.
 //! `--scale` is the million-flow bench (warm join, refresh, the rate curve
@@ -49,7 +52,7 @@ use datapath_ebpf::{Datapath, DatapathOptions};
 use flows::{config, generate};
 use holdfast_pki::{self as tls, Identity};
 use sync::{
-    service::{Membership, SyncSection, SyncService},
+    service::{Membership, SyncMode, SyncSection, SyncService},
     transport::{BoxFuture, Transport},
 };
 
@@ -91,7 +94,7 @@ fn applied(n: &BenchNode) -> u64 {
 }
 
 const USAGE: &str =
-    "usage: sync-bench [--json] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
+    "usage: sync-bench [--json] [--mode all|divergent] [--rate N] [--secs S] [--burst N] [--batch-delay-us N] [--no-conntrackd]
        sync-bench --scale [--entries N] [--rates R1,R2,..] [--secs S] [--json]
        sync-bench --locks [--json]
        sync-bench --apply [--entries N] [--rounds N] [--walk-entries N] [--json]";
@@ -148,6 +151,45 @@ fn apply_args(argv: &[String]) -> Result<apply::Args> {
         }
     }
     Ok(a)
+}
+
+/// Divergent mode: phase 1 only (nothing to measure a lag on at steady
+/// state): entries sent per new flow and peer, the process's CPU.
+async fn divergent_report(
+    nodes: &[BenchNode],
+    json: bool,
+    rate: u32,
+    secs: u64,
+    created: u64,
+    cpu0: f64,
+    sent: impl Fn(&[BenchNode]) -> u64,
+) -> Result<()> {
+    // Time for anything queued to leave.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = cpu_seconds() - cpu0;
+    let per_flow = sent(nodes) as f64 / (created * 2) as f64;
+    let cpu_per_100k_new = cpu / created as f64 * 100_000.0;
+    for n in nodes {
+        n.svc.stop().await;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": "divergent",
+                "rate_per_node": rate,
+                "new_flows": created,
+                "replicated_per_new_flow": per_flow,
+                "cpu_s_per_100k_new_flows": cpu_per_100k_new,
+            })
+        );
+    } else {
+        println!("3 nodes on loopback, real BPF maps, divergent replication");
+        println!("phase 1: {rate} new flows/s per node for {secs} s ({created} new flows, no table change)");
+        println!("  entries sent per new flow and peer: {per_flow:.4}");
+        println!("  CPU per 100k new flows (whole process, incl. the 0.5 s after): {cpu_per_100k_new:.3} s");
+    }
+    Ok(())
 }
 
 fn scale_args(argv: &[String]) -> Result<scale::Args> {
@@ -208,6 +250,13 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             "--burst" => burst = num("--burst")? as u32,
             "--batch-delay-us" => cfg.batch_delay_us = num("--batch-delay-us")?,
             "--no-conntrackd" => with_conntrackd = false,
+            "--mode" => {
+                cfg.mode = match args.next().as_deref() {
+                    Some("all") => SyncMode::All,
+                    Some("divergent") => SyncMode::Divergent,
+                    other => bail!("--mode is all or divergent, not {other:?}"),
+                }
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -242,6 +291,7 @@ async fn bench(argv: Vec<String>) -> Result<()> {
             // Flows are made by SYN frames alone at rates a CPU would call a
             // flood: every SYN must enter conntrack (and replication).
             syn_flood_rate: 0,
+            divergent: cfg.mode == SyncMode::Divergent,
             ..Default::default()
         })?;
         dp.apply(&config())?;
@@ -285,6 +335,18 @@ async fn bench(argv: Vec<String>) -> Result<()> {
     for g in gens {
         g.join().expect("generator")?;
     }
+    let sent = |nodes: &[BenchNode]| -> u64 {
+        nodes
+            .iter()
+            .map(|n| n.svc.status().peers.iter().map(|p| p.sent).sum::<u64>())
+            .sum()
+    };
+    let created = u64::from(per_node) * 3;
+    if cfg.mode == SyncMode::Divergent {
+        let r = divergent_report(&nodes, json, rate, secs, created, cpu0, sent).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
     let want = u64::from(per_node) * 2; // each node receives the two others' flows
     let deadline = Instant::now() + Duration::from_secs(30);
     while nodes.iter().any(|n| applied(n) < want) {
@@ -298,6 +360,8 @@ async fn bench(argv: Vec<String>) -> Result<()> {
     }
     let cpu = cpu_seconds() - cpu0;
     let replicated = want * 3;
+    let replicated_per_new_flow = sent(&nodes) as f64 / (created * 2) as f64;
+    let cpu_per_100k_new = cpu / created as f64 * 100_000.0;
     let q = |f: f64| {
         nodes
             .iter()
@@ -391,6 +455,9 @@ async fn bench(argv: Vec<String>) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
+                "mode": "all",
+                "replicated_per_new_flow": replicated_per_new_flow,
+                "cpu_s_per_100k_new_flows": cpu_per_100k_new,
                 "applied_per_s": applied_per_s,
                 "lag_p50_ms": lag50,
                 "lag_p99_ms": lag99,
@@ -423,6 +490,7 @@ async fn bench(argv: Vec<String>) -> Result<()> {
         }
         println!("  bytes on the wire per entry: {bytes_per_entry:.1}");
         println!("  CPU time per 100k replicated entries (whole process): {cpu_per_100k:.3} s");
+        println!("  entries sent per new flow and peer: {replicated_per_new_flow:.3}; CPU per 100k new flows (whole process): {cpu_per_100k_new:.3} s");
         println!("phase 2: {burst} flows as fast as one node creates them");
         println!("  applied per receiver: {applied_per_s:.0} entries/s (slower receiver, incl. generation)");
         println!("  ring-buffer events lost: {ring_lost}");
