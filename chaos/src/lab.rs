@@ -1301,6 +1301,14 @@ impl Lab {
         Ok(v)
     }
 
+    /// Process ids of the running nodes' holdfast-node.
+    pub fn node_pids(&self) -> Vec<u32> {
+        self.lbs
+            .iter()
+            .filter_map(|n| n.process.as_ref().map(|c| c.id()))
+            .collect()
+    }
+
     /// Indexes of the nodes whose holdfast-node runs.
     pub fn running(&self) -> Vec<usize> {
         self.lbs

@@ -8,6 +8,7 @@
 //! - `traffic`: the client's traffic generator; `servers`: the backends'.
 //! - `scenario`: the fault scenarios of `chaos run`.
 
+pub mod dnsload;
 pub mod dplab;
 pub mod impair;
 pub mod lab;

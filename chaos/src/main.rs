@@ -160,6 +160,20 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "on")]
         sync: SyncMode,
     },
+    /// A DNS-like load (one UDP query per new source port) through a lab,
+    /// and the CPU the node processes spend on it above idle.
+    LoadDns {
+        /// Queries per second.
+        #[arg(long, default_value_t = 3000)]
+        rate: u32,
+        /// Seconds of load (and of the idle measurement before it).
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        size: Size,
+    },
     /// holdfast-node (used by the lab to run LB nodes).
     #[command(name = "_node", hide = true)]
     Node {
@@ -251,6 +265,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             LabCmd::Status { name, json } => lab_status(&name, json),
         },
         Cmd::Demo { size, sync } => demo(&size, sync != SyncMode::Off),
+        Cmd::LoadDns {
+            rate,
+            secs,
+            json,
+            size,
+        } => load_dns(&size, rate, secs, json),
         Cmd::Keeper { name, size } => keeper(&name, &size),
         Cmd::Node { .. } | Cmd::Decap { .. } => unreachable!("handled in main"),
     }
@@ -606,6 +626,38 @@ fn lab_up(name: &str, size: &Size) -> Result<ExitCode> {
     }
     println!("lab {name} is up in {:.1} s", t0.elapsed().as_secs_f64());
     lab_status(name, false)
+}
+
+fn load_dns(size: &Size, rate: u32, secs: u64, json: bool) -> Result<ExitCode> {
+    if rate == 0 || secs == 0 {
+        bail!("--rate and --secs must be above 0");
+    }
+    let dir = std::env::temp_dir().join(format!("holdfast-load-{}", std::process::id()));
+    let mut spec = LabSpec::new("hfq", dir.clone(), exe()?);
+    spec.nodes = size.nodes;
+    spec.backends = size.backends;
+    spec.forwarding = size.forwarding;
+    spec.bgp = size.bgp;
+    spec.router = size.router;
+    spec.sync_mode = size.sync_mode;
+    let mode = match size.sync_mode {
+        holdfast_node::config::SyncMode::All => "all",
+        holdfast_node::config::SyncMode::Divergent => "divergent",
+    };
+    let lab = Lab::up(spec)?;
+    lab.wait_ready(Duration::from_secs(30))?;
+    let r = chaos::dnsload::run(&lab, mode, rate, secs)?;
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} nodes, {mode} replication: {} queries at {}/s, {} answered ({:.0}/s); node processes {:.3} cores idle, {:.3} under load: {:.3} cores above idle, {:.1} µs per query; {} entries sent to peers",
+            r.nodes, r.queries, r.rate_per_s, r.answered, r.answered_per_s, r.idle_cores, r.load_cores, r.above_idle_cores, r.us_per_query, r.entries_sent
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

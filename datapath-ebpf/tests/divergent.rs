@@ -88,6 +88,15 @@ fn with_backends(fx: &Fixture, backends: &[u32]) -> DatapathConfig {
     cfg
 }
 
+/// The ports among `ports` whose flows `next` sends elsewhere than `now`.
+fn moved(ports: &[u16], now: &[u32], next: &[u32]) -> BTreeSet<u16> {
+    ports
+        .iter()
+        .copied()
+        .filter(|p| pick(next, *p) != pick(now, *p))
+        .collect()
+}
+
 fn shared_ports(got: &[FlowEvent]) -> BTreeSet<u16> {
     got.iter().map(|e| u16::from_be(e.key.sport)).collect()
 }
@@ -169,19 +178,15 @@ fn a_prepared_change_shares_what_it_moves_and_the_grace_what_it_moved() {
     let rep = fx.dp.prepare(&cfg).expect("prepare");
     assert_eq!(rep.services, 1, "one service's table changes");
     assert_eq!(fx.dp.alt_tables(), (1, 0));
-    let moved: BTreeSet<u16> = old_ports
-        .iter()
-        .copied()
-        .filter(|p| pick(&next, *p) != pick(&now, *p))
-        .collect();
+    let walked = moved(&old_ports, &now, &next);
     assert!(
-        !moved.is_empty() && moved.len() < old_ports.len() / 2,
+        !walked.is_empty() && walked.len() < old_ports.len() / 2,
         "about a quarter moves: {}",
-        moved.len()
+        walked.len()
     );
     let ct = fx.dp.conntrack();
     let walk = ct.share().expect("share walk");
-    assert_eq!(walk.shared as usize, moved.len(), "{walk:?}");
+    assert_eq!(walk.shared as usize, walked.len(), "{walk:?}");
     assert_eq!(walk.ring_full, 0);
     assert!(walk.visited as usize >= old_ports.len());
     let got = drain(&mut events);
@@ -189,10 +194,10 @@ fn a_prepared_change_shares_what_it_moves_and_the_grace_what_it_moved() {
         got.iter().all(|e| e.flags & CT_F_SHARED != 0),
         "walk records are marked"
     );
-    assert_eq!(shared_ports(&got), moved, "exactly the moved entries");
+    assert_eq!(shared_ports(&got), walked, "exactly the moved entries");
     for p in &old_ports {
         let v = ct.get(&key(*p)).expect("get").expect("entry");
-        assert_eq!(v.flags & CT_F_SHARED != 0, moved.contains(p), "port {p}");
+        assert_eq!(v.flags & CT_F_SHARED != 0, walked.contains(p), "port {p}");
         assert_eq!(v.backend_id, pick(&now, *p), "still the current table's");
     }
     assert_eq!(ct.share().expect("again").shared, 0, "each entry once");
@@ -204,11 +209,7 @@ fn a_prepared_change_shares_what_it_moves_and_the_grace_what_it_moved() {
     for p in &new_ports {
         syn(&fx, *p);
     }
-    let want: BTreeSet<u16> = new_ports
-        .iter()
-        .copied()
-        .filter(|p| pick(&next, *p) != pick(&now, *p))
-        .collect();
+    let want = moved(&new_ports, &now, &next);
     assert_eq!(
         shared_ports(&drain(&mut events)),
         want,
@@ -232,11 +233,7 @@ fn a_prepared_change_shares_what_it_moves_and_the_grace_what_it_moved() {
     for p in &grace_ports {
         syn(&fx, *p);
     }
-    let want: BTreeSet<u16> = grace_ports
-        .iter()
-        .copied()
-        .filter(|p| pick(&next, *p) != pick(&now, *p))
-        .collect();
+    let want = moved(&grace_ports, &now, &next);
     assert_eq!(
         shared_ports(&drain(&mut events)),
         want,

@@ -563,6 +563,28 @@ impl Cluster {
             .collect()
     }
 
+    /// Wait until node `id`'s replication is ready (its warm join done).
+    pub async fn wait_sync_ready(&self, id: u64) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.node(id).sync.get().expect("sync on").is_ready() {
+            assert!(Instant::now() < deadline, "node {id} never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Node `id`'s conntrack entry for `key`.
+    pub fn ct_entry(&self, id: u64, key: &CtKey) -> Option<datapath_ebpf::abi::CtVal> {
+        self.node(id)
+            .datapath
+            .as_ref()
+            .expect("datapath")
+            .dp
+            .lock()
+            .expect("dp")
+            .ct_get(key)
+            .expect("lookup")
+    }
+
     /// Wait until node `id` holds every key as a replicated entry of
     /// `origin` with the origin's backend.
     pub async fn wait_entries(&self, id: u64, keys: &[CtKey], origin: u16) {

@@ -26,14 +26,6 @@ use sync::wire::{frame, Msg, WireEntry, VERSION};
 
 const VIP: &str = "10.200.0.1";
 
-async fn wait_ready(c: &Cluster, id: u64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !c.node(id).sync.get().expect("sync on").is_ready() {
-        assert!(Instant::now() < deadline, "node {id} never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t08_flows_replicate_warm_join_and_members_only() {
     let mut c = Cluster::start(3).await;
@@ -43,7 +35,7 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
     }
     c.wait_converged(Duration::from_secs(5)).await;
     for id in 1..=3 {
-        wait_ready(&c, id).await;
+        c.wait_sync_ready(id).await;
     }
 
     let first = c.open_flows(1, VIP, 20_000, 50);
@@ -57,7 +49,7 @@ async fn t08_flows_replicate_warm_join_and_members_only() {
     let second = c.open_flows(1, VIP, 30_000, 50);
     c.wait_entries(2, &second, 1).await;
     c.restart(3).await;
-    wait_ready(&c, 3).await;
+    c.wait_sync_ready(3).await;
     let st = c.node(3).sync.get().expect("sync").status();
     assert!(
         st.snapshot_entries >= 100,

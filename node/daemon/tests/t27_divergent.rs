@@ -22,14 +22,6 @@ use sync::service::SyncMode;
 
 const VIP: &str = "10.200.0.1";
 
-async fn wait_ready(c: &Cluster, id: u64) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !c.node(id).sync.get().expect("sync on").is_ready() {
-        assert!(Instant::now() < deadline, "node {id} never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn sent_by(c: &Cluster, id: u64) -> u64 {
     c.node(id)
         .sync
@@ -40,18 +32,6 @@ fn sent_by(c: &Cluster, id: u64) -> u64 {
         .iter()
         .map(|p| p.sent)
         .sum()
-}
-
-fn entry(c: &Cluster, id: u64, k: &CtKey) -> Option<datapath_ebpf::abi::CtVal> {
-    c.node(id)
-        .datapath
-        .as_ref()
-        .expect("dp")
-        .dp
-        .lock()
-        .expect("dp")
-        .ct_get(k)
-        .expect("lookup")
 }
 
 /// Node `id`'s live table of VIP:80 and its hash seed.
@@ -80,7 +60,7 @@ async fn t27_divergent_replicates_only_what_a_table_change_moves() {
     }
     c.wait_converged(Duration::from_secs(5)).await;
     for id in 1..=3 {
-        wait_ready(&c, id).await;
+        c.wait_sync_ready(id).await;
     }
     // The backends came one by one: each a table change, whose grace
     // period (new flows the previous tables send elsewhere are shared)
@@ -108,10 +88,10 @@ async fn t27_divergent_replicates_only_what_a_table_change_moves() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sent_by(&c, 1) - sent0, 0, "no entry sent at steady state");
     for k in &flows {
-        let v = entry(&c, 1, k).expect("own entry");
+        let v = c.ct_entry(1, k).expect("own entry");
         assert_eq!(v.flags & CT_F_SHARED, 0, "not shared");
         assert!(
-            entry(&c, 2, k).is_none() && entry(&c, 3, k).is_none(),
+            c.ct_entry(2, k).is_none() && c.ct_entry(3, k).is_none(),
             "not replicated"
         );
     }
@@ -175,14 +155,14 @@ async fn t27_divergent_replicates_only_what_a_table_change_moves() {
         flows.len()
     );
     for k in &flows {
-        let own = entry(&c, 1, k).expect("own entry");
+        let own = c.ct_entry(1, k).expect("own entry");
         assert_eq!(
             own.backend_id,
             pick(&before, k),
             "the flow keeps its backend"
         );
         for id in 2..=3 {
-            let peer = entry(&c, id, k);
+            let peer = c.ct_entry(id, k);
             if moved.contains(k) {
                 let v = peer.unwrap_or_else(|| panic!("node {id}: a moved entry is missing"));
                 assert_eq!((v.backend_id, v.origin), (own.backend_id, 1), "node {id}");

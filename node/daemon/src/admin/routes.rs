@@ -605,6 +605,34 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
+/// A node's report to the leader: only from that node itself (not
+/// forwarded), and only to the leader.
+fn leader_report_check(
+    node: &Node,
+    call: &CallInfo,
+    node_id: u64,
+    what: &str,
+) -> Result<(), ApiErr> {
+    if call.caller != Caller::Node(node_id) || call.forwarded {
+        return Err(refuse(
+            node,
+            Some(call.peer),
+            Refusal::Forbidden {
+                caller: call.caller.to_string(),
+                why: format!("{what} of node {node_id} come from that node itself"),
+            },
+        ));
+    }
+    if node.role() != "leader" {
+        return Err(err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            format!("{what} go to the leader; this node is not"),
+        ));
+    }
+    Ok(())
+}
+
 /// Most backend views one health report may carry.
 pub const MAX_REPORT_VIEWS: usize = 65_536;
 
@@ -615,19 +643,7 @@ async fn health_report(
     body: Result<Json<HealthReport>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiErr> {
     let Json(report) = body?;
-    if call.caller != Caller::Node(report.node_id) || call.forwarded {
-        return Err(refuse(
-            &node,
-            Some(call.peer),
-            Refusal::Forbidden {
-                caller: call.caller.to_string(),
-                why: format!(
-                    "health reports of node {} come from that node itself",
-                    report.node_id
-                ),
-            },
-        ));
-    }
+    leader_report_check(&node, &call, report.node_id, "health reports")?;
     if report.views.len() > MAX_REPORT_VIEWS {
         return Err(err(
             StatusCode::BAD_REQUEST,
@@ -636,13 +652,6 @@ async fn health_report(
                 "{} views in one report; at most {MAX_REPORT_VIEWS}",
                 report.views.len()
             ),
-        ));
-    }
-    if node.role() != "leader" {
-        return Err(err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_leader",
-            "health reports go to the leader; this node is not",
         ));
     }
     node.health.record(report);
@@ -657,26 +666,7 @@ async fn tables_report(
     body: Result<Json<TablesReport>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiErr> {
     let Json(report) = body?;
-    if call.caller != Caller::Node(report.node_id) || call.forwarded {
-        return Err(refuse(
-            &node,
-            Some(call.peer),
-            Refusal::Forbidden {
-                caller: call.caller.to_string(),
-                why: format!(
-                    "table reports of node {} come from that node itself",
-                    report.node_id
-                ),
-            },
-        ));
-    }
-    if node.role() != "leader" {
-        return Err(err(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_leader",
-            "table reports go to the leader; this node is not",
-        ));
-    }
+    leader_report_check(&node, &call, report.node_id, "table reports")?;
     node.tables.record(report, std::time::Instant::now());
     Ok(Json(serde_json::json!({"recorded": true})))
 }
