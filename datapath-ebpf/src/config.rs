@@ -346,6 +346,20 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// What the service's Maglev table is built from: its size and its
+    /// active backends with their weights, by id. Equal inputs, equal
+    /// tables (`build_table` orders backends by id itself).
+    pub fn table_inputs(&self) -> (u32, Vec<(u32, u32)>) {
+        let mut backends: Vec<(u32, u32)> = self
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| (b.id, b.weight))
+            .collect();
+        backends.sort_unstable();
+        (self.table_size, backends)
+    }
+
     /// A service from textual input; a VIP that is not an address is an error.
     pub fn parse(vip: &str, port: u16, proto: &str) -> Result<Self> {
         let vip: IpAddr = vip

@@ -825,12 +825,13 @@ impl Datapath {
                 everything.push(slot.id);
                 continue;
             }
-            let table = service_table(svc)?;
-            if prev.get(&key).is_some_and(|p| {
-                p.table_size == svc.table_size && service_table(p).ok().as_ref() == Some(&table)
-            }) {
+            if prev
+                .get(&key)
+                .is_some_and(|p| p.table_inputs() == svc.table_inputs())
+            {
                 continue; // the table does not change
             }
+            let table = service_table(svc)?;
             let half = 1 - slot.half.min(1);
             let base = (2 * slot.id + half) * self.opts.max_table_size;
             writes.push((slot.id, base, svc.table_size, table));

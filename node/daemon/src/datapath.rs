@@ -412,13 +412,18 @@ impl Node {
                     self.tables.prepared.store(0, Ordering::Relaxed);
                     self.tables.changed.notify_one();
                     if r.tables_written > 0 && before != 0 {
-                        self.tables.switches.fetch_add(1, Ordering::Relaxed);
+                        let switch = self.tables.switches.fetch_add(1, Ordering::Relaxed) + 1;
                         if how == Switch::Lost {
                             self.tables.immediate.fetch_add(1, Ordering::Relaxed);
                         }
-                        let dp = h.clone();
+                        // The grace ends GRACE after the latest switch: an
+                        // earlier switch's timer must not cut a later one's.
+                        let (dp, switches) = (h.clone(), self.tables.switches.clone());
                         tokio::spawn(async move {
                             tokio::time::sleep(crate::tables::GRACE).await;
+                            if switches.load(Ordering::Relaxed) != switch {
+                                return;
+                            }
                             let _ = tokio::task::spawn_blocking(move || {
                                 dp.dp.lock().expect("dp").end_grace()
                             })

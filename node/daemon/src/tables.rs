@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_ebpf::{BackendState as DpState, DatapathConfig};
+use datapath_ebpf::DatapathConfig;
 use holdfast_api::wire::TablesReport;
 use raft_store::cluster::{ClusterState, Health};
 
@@ -83,17 +83,11 @@ fn tables_of(cfg: &DatapathConfig) -> BTreeMap<SvcId, TableInputs> {
     cfg.services
         .iter()
         .map(|s| {
-            let mut backends: Vec<(u32, u32)> = s
-                .backends
-                .iter()
-                .filter(|b| b.state == DpState::Active)
-                .map(|b| (b.id, b.weight))
-                .collect();
-            backends.sort_unstable();
+            let (size, backends) = s.table_inputs();
             (
                 (s.vip, s.port, s.proto.number()),
                 TableInputs {
-                    size: s.table_size,
+                    size,
                     backends,
                     affinity: s.affinity_timeout_s.is_some(),
                     snat: s.forwarding == datapath_ebpf::Forwarding::Snat,
@@ -179,8 +173,9 @@ pub struct TablesGate {
     /// Table changes prepared here, and entries their share walks announced.
     pub prepares: AtomicU64,
     pub shared: AtomicU64,
-    /// Switches made here; of them, those made at once (lost backends).
-    pub switches: AtomicU64,
+    /// Switches made here (each one's grace ends only if it is still the
+    /// latest); of them, those made at once (lost backends).
+    pub switches: std::sync::Arc<AtomicU64>,
     pub immediate: AtomicU64,
     /// Activations this node committed as the leader.
     pub activations: AtomicU64,
@@ -236,6 +231,7 @@ impl TablesGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datapath_ebpf::BackendState as DpState;
 
     fn rep(node_id: u64, live: u64, prepared: Option<u64>) -> TablesReport {
         TablesReport {
